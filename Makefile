@@ -1,0 +1,39 @@
+# rcdet: `make demo` (the main job on the built-in dataset) and `make test` work on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rcdet-setup-done
+SHAPES_ROOT ?= datasets/rcdet_shapes
+export RCDET_SHAPES_ROOT ?= $(SHAPES_ROOT)
+
+.PHONY: setup data demo test compare compare-quick bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when the pins or the package metadata change.
+$(STAMP): requirements.txt setup.py tools/setup_venv.sh
+	bash tools/setup_venv.sh $(VENV)
+	touch $@
+
+data: setup
+	@if [ -f $(SHAPES_ROOT)/ImageSets/Main/test.txt ]; then echo "[data] $(SHAPES_ROOT) exists"; \
+	else $(PY) datasets/generate_shapes.py --out $(SHAPES_ROOT); fi
+
+demo: data
+	$(PY) tools/demo.py --output output/demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+compare: data
+	$(PY) tools/compare_methods.py
+
+compare-quick: data
+	$(PY) tools/compare_methods.py --quick
+
+bench: setup
+	$(PY) tools/benchmark_loss.py --json output/bench/loss.json
+	$(PY) tools/benchmark_overhead.py --json output/bench/overhead.json
+
+clean:
+	rm -rf output

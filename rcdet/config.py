@@ -1,0 +1,67 @@
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_rcdet_config", "ConfigError"]
+
+
+def add_rcdet_config(cfg):
+    """Add the rcdet keys (``MODEL.RCDET``, ``MODEL.TINYNET``) to a detectron2 config."""
+    _C = cfg
+
+    _C.MODEL.RCDET = CN()
+    # Contrastive loss on the box features: rince_in, rince_out, rince_out_in, supcon_in,
+    # supcon_out, or none (the branch is not built; the model equals StandardROIHeads).
+    _C.MODEL.RCDET.LOSS = "rince_out_in"
+    # Ranking YAML (see rcdet/ranking.py); required by the rince_* losses.
+    _C.MODEL.RCDET.RANKING_FILE = ""
+    # Accept a ranking that leaves some dataset classes out (they get no similar classes).
+    _C.MODEL.RCDET.RANKING_ALLOW_UNCOVERED = False
+    # Truncate the ranking to this many ranks (0: use every rank in the file).
+    _C.MODEL.RCDET.MAX_RANK = 0
+    # Explicit per-rank temperatures tau_1 < tau_2 < ...; empty: derive from TAU_MIN/TAU_MAX.
+    _C.MODEL.RCDET.TEMPERATURES = []
+    # tau_k = TAU_MIN + (1 - s_k)(TAU_MAX - TAU_MIN), s_1 = 1; s_k from the ranking file's
+    # thresholds when it has them, else evenly spaced down to 0 at rank r.
+    _C.MODEL.RCDET.TAU_MIN = 0.1
+    _C.MODEL.RCDET.TAU_MAX = 0.3
+    # Projection MLP: box-head feature -> hidden (0: same as input) -> ReLU -> EMBED_DIM, L2-normalised.
+    _C.MODEL.RCDET.PROJ_HIDDEN_DIM = 1024
+    _C.MODEL.RCDET.EMBED_DIM = 128
+    # loss_contrast = LOSS_WEIGHT * decay(iter) * L.
+    _C.MODEL.RCDET.LOSS_WEIGHT = 0.5
+    # The weight is multiplied by DECAY_RATE at each of these iterations (empty: no decay).
+    _C.MODEL.RCDET.DECAY_STEPS = []
+    _C.MODEL.RCDET.DECAY_RATE = 0.5
+    # Anchors are foreground proposals whose IoU with their matched GT is >= this.
+    _C.MODEL.RCDET.IOU_THRESHOLD = 0.7
+    # Per-anchor IoU reweighting: none, linear (u) or exp (e^u - 1), as in FSCE.
+    _C.MODEL.RCDET.REWEIGHT = "none"
+    # Memory queue of past embeddings used as extra keys (0 disables it).
+    _C.MODEL.RCDET.QUEUE_SIZE = 4096
+    # Only foreground proposals with IoU >= this are enqueued.
+    _C.MODEL.RCDET.QUEUE_IOU_THRESHOLD = 0.7
+    # One ring of QUEUE_SIZE per class instead of a single shared ring.
+    _C.MODEL.RCDET.QUEUE_CLASS_BALANCED = False
+    # All-gather embeddings across workers so the keys are the global batch.
+    _C.MODEL.RCDET.GATHER = True
+    # At test time, attach pred_embeddings and pred_logits to every predicted instance.
+    _C.MODEL.RCDET.EMBED_AT_TEST = False
+
+    _C.MODEL.RCDET.OOD = CN()
+    # Classes left out of training; they are the OOD objects at test time.
+    _C.MODEL.RCDET.OOD.HELD_OUT_CLASSES = []
+    # drop_images: remove training images that contain a held-out object;
+    # drop_annotations: keep the images, remove the held-out boxes.
+    _C.MODEL.RCDET.OOD.HOLD_OUT_MODE = "drop_images"
+
+    # A small VGG-style backbone with GroupNorm, for from-scratch CPU training.
+    _C.MODEL.TINYNET = CN()
+    # Output channels of the stride-4, 8, 16 and 32 stages (s2..s5).
+    _C.MODEL.TINYNET.CHANNELS = [32, 64, 128, 192]
+    # 3x3 convolutions per stage after its strided one.
+    _C.MODEL.TINYNET.DEPTH = [1, 1, 2, 1]
+    _C.MODEL.TINYNET.NORM = "GN"
+    _C.MODEL.TINYNET.OUT_FEATURES = ["s2", "s3", "s4", "s5"]
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent config; the message names the config key and the fix."""

@@ -1,0 +1,109 @@
+"""
+Held-out-class splits for OOD detection: train on the known classes only, test on everything.
+
+The training split keeps the known classes in the base order (``drop_images`` removes every
+image with a held-out object, ``drop_annotations`` removes only those boxes). The test split is
+the full test set: known objects carry their known-class index, held-out objects carry
+``category_id = num_known + j`` (j indexes ``held_out_classes``) and ``"ood": True``.
+"""
+
+import difflib
+from typing import List, Sequence
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+from ..config import ConfigError
+
+__all__ = ["HOLD_OUT_MODES", "register_held_out_split", "apply_held_out_config", "known_classes"]
+
+HOLD_OUT_MODES = ("drop_images", "drop_annotations")
+
+
+def known_classes(all_classes: Sequence[str], held_out: Sequence[str]) -> List[str]:
+    unknown = [c for c in held_out if c not in all_classes]
+    if unknown:
+        hints = []
+        for c in unknown:
+            match = difflib.get_close_matches(c, list(all_classes), n=1)
+            hints.append(f"'{c}'" + (f" (did you mean '{match[0]}'?)" if match else ""))
+        raise ConfigError(
+            f"MODEL.RCDET.OOD.HELD_OUT_CLASSES: {', '.join(hints)} not in the dataset classes "
+            f"{list(all_classes)}."
+        )
+    if len(set(held_out)) != len(held_out):
+        raise ConfigError(f"MODEL.RCDET.OOD.HELD_OUT_CLASSES lists a class twice: {list(held_out)}.")
+    known = [c for c in all_classes if c not in held_out]
+    if not known:
+        raise ConfigError("MODEL.RCDET.OOD.HELD_OUT_CLASSES holds out every class; keep at least one known class.")
+    return known
+
+
+def _load_split(base_name, all_classes, held_out, mode, role):
+    known = [c for c in all_classes if c not in held_out]
+    remap = {all_classes.index(c): i for i, c in enumerate(known)}
+    ood_index = {all_classes.index(c): len(known) + j for j, c in enumerate(held_out)}
+    out = []
+    for record in DatasetCatalog.get(base_name):
+        annos = record.get("annotations", [])
+        has_ood = any(a["category_id"] in ood_index for a in annos)
+        if role == "train" and has_ood and mode == "drop_images":
+            continue
+        new_annos = []
+        for a in annos:
+            a = dict(a)
+            if a["category_id"] in ood_index:
+                if role == "train":
+                    continue
+                a["category_id"], a["ood"] = ood_index[a["category_id"]], True
+            else:
+                a["category_id"] = remap[a["category_id"]]
+            new_annos.append(a)
+        out.append(dict(record, annotations=new_annos))
+    return out
+
+
+def register_held_out_split(base_name: str, held_out: Sequence[str], mode: str, role: str) -> str:
+    """Register (once) and return the name of the held-out ``role`` ("train" or "test") split."""
+    if mode not in HOLD_OUT_MODES:
+        raise ConfigError(f"MODEL.RCDET.OOD.HOLD_OUT_MODE = '{mode}'; choose one of {HOLD_OUT_MODES}.")
+    if role not in ("train", "test"):
+        raise ValueError(role)
+    base_meta = MetadataCatalog.get(base_name)
+    all_classes = list(base_meta.get("all_classes", base_meta.thing_classes))
+    known = known_classes(all_classes, held_out)
+    suffix = f"minus_{'+'.join(held_out)}" + (f"_{mode}" if role == "train" else "_ood_test")
+    name = f"{base_name}__{suffix}"
+    if name in DatasetCatalog.list():
+        return name
+    DatasetCatalog.register(
+        name, lambda b=base_name, a=tuple(all_classes), h=tuple(held_out), m=mode, r=role: _load_split(b, list(a), list(h), m, r)
+    )
+    MetadataCatalog.get(name).set(
+        thing_classes=known,
+        all_classes=all_classes,
+        held_out_classes=list(held_out),
+        hold_out_mode=mode,
+        base_dataset=base_name,
+        dirname=base_meta.dirname,
+        split=base_meta.split,
+        year=base_meta.year,
+        evaluator_type=base_meta.get("evaluator_type", "pascal_voc"),
+    )
+    return name
+
+
+def apply_held_out_config(cfg):
+    """Swap DATASETS.TRAIN/TEST for their held-out splits and check NUM_CLASSES; cfg must be unfrozen."""
+    held_out = list(cfg.MODEL.RCDET.OOD.HELD_OUT_CLASSES)
+    if held_out:
+        mode = cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE
+        cfg.DATASETS.TRAIN = tuple(register_held_out_split(n, held_out, mode, "train") for n in cfg.DATASETS.TRAIN)
+        cfg.DATASETS.TEST = tuple(register_held_out_split(n, held_out, mode, "test") for n in cfg.DATASETS.TEST)
+    if cfg.DATASETS.TRAIN and cfg.DATASETS.TRAIN[0] in MetadataCatalog.list():
+        classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
+        if classes is not None and cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(classes):
+            what = f"the {len(classes)} known classes" if held_out else f"the {len(classes)} dataset classes"
+            raise ConfigError(
+                f"MODEL.ROI_HEADS.NUM_CLASSES = {cfg.MODEL.ROI_HEADS.NUM_CLASSES}, but DATASETS.TRAIN "
+                f"'{cfg.DATASETS.TRAIN[0]}' has {what}: set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}."
+            )

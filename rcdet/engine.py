@@ -1,0 +1,95 @@
+"""The trainer and config setup shared by tools/train_net.py and the other tools."""
+
+import json
+import logging
+import os
+import sys
+import tempfile
+
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+
+from .config import ConfigError, add_rcdet_config
+from .data.datasets import DatasetError
+from .ranking import RankingError
+
+__all__ = ["Trainer", "setup_cfg", "check_datasets_exist", "write_json_atomic", "USER_ERRORS", "exit_on_user_error"]
+
+logger = logging.getLogger("rcdet")
+
+# Errors caused by the user's files or config: reported as one clear line, no traceback.
+USER_ERRORS = (ConfigError, DatasetError, RankingError)
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with the evaluator chosen from the dataset's ``evaluator_type``."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        if evaluator_type == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        if evaluator_type == "coco":
+            return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
+        raise NotImplementedError(f"No evaluator for dataset '{dataset_name}' (evaluator_type={evaluator_type}).")
+
+
+def check_datasets_exist(cfg):
+    """Fail before building anything if a configured dataset's folder is missing."""
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        if name not in MetadataCatalog.list():
+            raise ConfigError(f"DATASETS: '{name}' is not a registered dataset.")
+        dirname = MetadataCatalog.get(name).get("dirname", None)
+        if dirname and not os.path.isdir(dirname):
+            hint = (
+                "Run `make data` (built-in dataset) or set $RCDET_SHAPES_ROOT."
+                if name.startswith("rcdet_shapes")
+                else "Set $DETECTRON2_DATASETS to the folder that contains VOC2007 (see datasets/README.md)."
+            )
+            raise DatasetError(f"Dataset '{name}': folder {os.path.abspath(dirname)} does not exist. {hint}")
+
+
+def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True):
+    """get_cfg -> add_rcdet_config -> merge file -> merge opts -> (held-out splits) -> freeze -> default_setup."""
+    cfg = get_cfg()
+    add_rcdet_config(cfg)
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"--config-file {config_file}: file not found.")
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    from .data.held_out import apply_held_out_config
+
+    apply_held_out_config(cfg)
+    check_datasets_exist(cfg)
+    if freeze:
+        cfg.freeze()
+    if args is not None:
+        default_setup(cfg, args)
+    return cfg
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Write JSON through a temporary file and rename, so a crash never leaves half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def exit_on_user_error(fn, *args, **kwargs):
+    """Run ``fn``; a user error becomes one 'error: ...' line on stderr and exit code 2."""
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+import yaml
+
+from rcdet.data.shapes import CLASS_NAMES as SHAPES
+from rcdet.ranking import NEGATIVE_RANK, RankingError, load_ranking, ranking_from_dict, ranks_from_similarity
+
+N = NEGATIVE_RANK
+VOC = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+ABC = ("a", "b", "c", "d")
+
+
+def write(tmp_path, data, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(p)
+
+
+def test_ordered_lists_and_ties():
+    r = ranking_from_dict({"ranks": {"a": [["b"], ["c", "d"]], "b": ["a"], "c": [], "d": ["c", "a"]}}, ABC)
+    assert r.matrix.tolist() == [[1, 2, 3, 3], [2, 1, N, N], [N, N, 1, N], [3, N, 2, 1]]
+    assert r.num_ranks == 3
+
+
+def test_symmetric_fills_only_missing_direction():
+    data = {"symmetric": True, "ranks": {"a": ["b", "c"], "b": ["d"], "c": ["a", "b"], "d": []}}
+    r = ranking_from_dict(data, ABC)
+    # a->b given (2), b->a not given -> copied; a->c = 3 and c->a = 2 both given -> kept.
+    assert r.matrix[1, 0] == 2 and r.matrix[0, 2] == 3 and r.matrix[2, 0] == 2
+    assert r.matrix[3, 1] == 2  # b->d copied to d->b
+
+
+def test_max_rank_truncates_to_negative():
+    r = ranking_from_dict({"ranks": {"a": ["b", "c", "d"], "b": [], "c": [], "d": []}}, ABC, max_rank=2)
+    assert r.matrix[0].tolist() == [1, 2, N, N]
+    r1 = ranking_from_dict({"max_rank": 1, "ranks": {"a": ["b"], "b": [], "c": [], "d": []}}, ABC)
+    assert (r1.matrix == np.where(np.eye(4, dtype=bool), 1, N)).all()
+
+
+def test_hierarchy_levels():
+    data = {"levels": [{"g1": ["a", "b"], "g2": ["c"], "g3": ["d"]}, {"top": ["a", "b", "c"], "other": ["d"]}]}
+    r = ranking_from_dict(data, ABC)
+    assert r.matrix.tolist() == [[1, 2, 3, N], [2, 1, 3, N], [3, 3, 1, N], [N, N, N, 1]]
+    assert r.group_labels(0) == ["g1", "g1", "g2", "g3"]
+    assert r.group_labels(1) == ["top", "top", "top", "other"]
+
+
+def test_similarity_matrix_and_pairs():
+    sims = [[1, 0.6, 0.4, 0.1], [0.6, 1, 0.2, 0.5], [0.4, 0.2, 1, 0.36], [0.1, 0.5, 0.36, 1]]
+    r = ranking_from_dict({"thresholds": [0.5, 0.35], "similarities": {"classes": list(ABC), "matrix": sims}}, ABC)
+    assert r.matrix.tolist() == [[1, 2, 3, N], [2, 1, N, 2], [3, N, 1, 3], [N, 2, 3, 1]]
+    assert r.rank_similarities == (0.5, 0.35)
+    pairs = {"thresholds": [0.5, 0.35], "symmetric": True, "similarities": {"pairs": [["a", "b", 0.6], ["c", "d", 0.4]]},
+             "allow_uncovered": True}
+    r2 = ranking_from_dict(pairs, ABC)
+    assert r2.matrix[0, 1] == r2.matrix[1, 0] == 2 and r2.matrix[2, 3] == r2.matrix[3, 2] == 3
+
+
+def test_ranks_from_similarity_hand_made():
+    s = np.array([[1.0, 0.7, 0.45, 0.2], [0.7, 1.0, 0.5, 0.35], [0.45, 0.5, 1.0, 0.0], [0.2, 0.35, 0.0, 1.0]])
+    assert ranks_from_similarity(s, [0.5, 0.35]).tolist() == [[1, 2, 3, N], [2, 1, 2, 3], [3, 2, 1, N], [N, 3, N, 1]]
+
+
+def test_subset_and_permuted():
+    r = ranking_from_dict({"ranks": {"a": ["b", "c"], "b": ["a"], "c": ["d"], "d": []}}, ABC)
+    s = r.subset(["c", "a"])
+    assert s.matrix.tolist() == [[1, N], [3, 1]]
+    p = r.permuted(seed=3)
+    assert sorted(p.matrix.flatten().tolist()) == sorted(r.matrix.flatten().tolist())
+    assert not np.array_equal(p.matrix, r.matrix)
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ({"ranks": {"a": ["bb"], "b": [], "c": [], "d": []}}, "unknown class name 'bb'"),
+        ({"ranks": {"aa": ["b"], "b": [], "c": [], "d": []}}, "did you mean 'a'?"),
+        ({"ranks": {"a": ["a"], "b": [], "c": [], "d": []}}, "lists itself"),
+        ({"ranks": {"a": ["b", ["c", "b"]], "b": [], "c": [], "d": []}}, "appears more than once"),
+        ({"levels": [{"x": ["a", "b"], "y": ["b", "c", "d"]}]}, "appears more than once in this level"),
+        ({"thresholds": [0.3, 0.5], "similarities": {"pairs": [["a", "b", 0.6]]}}, "strictly decreasing"),
+        ({"ranks": {"a": ["b"], "b": []}}, "does not cover the dataset classes ['c', 'd']"),
+        ({"ranks": {}, "levels": []}, "exactly one of"),
+        ({"thresholds": [0.5], "similarities": {"classes": ["a", "b"], "matrix": [[1, 0.5]]}}, "must be 2x2"),
+    ],
+)
+def test_errors_name_file_and_entry(tmp_path, content, expected):
+    path = write(tmp_path, content)
+    with pytest.raises(RankingError) as e:
+        load_ranking(path, ABC)
+    assert expected in str(e.value)
+    assert path in str(e.value)
+
+
+def test_error_messages_name_the_entry(tmp_path):
+    path = write(tmp_path, {"ranks": {"a": ["b"], "b": ["brid"], "c": [], "d": []}})
+    with pytest.raises(RankingError, match=r"entry 'ranks.b': unknown class name 'brid'"):
+        load_ranking(path, ABC)
+
+
+def test_empty_file_and_missing_file(tmp_path):
+    path = write(tmp_path, "")
+    with pytest.raises(RankingError, match="the ranking file is empty"):
+        load_ranking(path, ABC)
+    with pytest.raises(RankingError, match="ranking file not found"):
+        load_ranking(str(tmp_path / "nope.yaml"), ABC)
+
+
+def test_uncovered_allowed_explicitly():
+    r = ranking_from_dict({"ranks": {"a": ["b"], "b": []}}, ABC, allow_uncovered=True)
+    assert r.uncovered == ("c", "d")
+    assert r.matrix[2].tolist() == [N, N, 1, N]
+
+
+@pytest.mark.parametrize("name, classes", [("voc_human.yaml", VOC), ("voc_groups.yaml", VOC), ("shapes_families.yaml", SHAPES)])
+def test_shipped_rankings_load(repo_path, name, classes):
+    r = load_ranking(repo_path("configs", "rankings", name), classes)
+    assert r.num_ranks >= 2
+    assert (np.diag(r.matrix) == 1).all()
+
+
+def test_voc_human_ranks_bird_before_ship(repo_path):
+    r = load_ranking(repo_path("configs", "rankings", "voc_human.yaml"), VOC)
+    a = VOC.index("aeroplane")
+    assert r.matrix[a, VOC.index("bird")] == 2
+    assert r.matrix[a, VOC.index("boat")] == 3
+
+
+def test_shapes_ranking_matches_families(repo_path):
+    from rcdet.data.shapes import FAMILIES
+
+    r = load_ranking(repo_path("configs", "rankings", "shapes_families.yaml"), SHAPES)
+    for members in FAMILIES.values():
+        for x in members:
+            for y in members:
+                if x != y:
+                    assert r.matrix[SHAPES.index(x), SHAPES.index(y)] == 2
