@@ -15,3 +15,32 @@ def free_port() -> int:
 @pytest.fixture
 def repo_path():
     return lambda *p: os.path.join(REPO, *p)
+
+
+TINY_SIZES = {"train": 12, "val": 4, "test": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory):
+    """A tiny built-in dataset, registered as rcdet_shapes_* for the whole session."""
+    from rcdet.data import register_rcdet_shapes
+    from rcdet.data.shapes import generate
+
+    root = str(tmp_path_factory.mktemp("rcdet_shapes"))
+    generate(root, seed=0, split_sizes=TINY_SIZES, workers=1)
+    register_rcdet_shapes(root)
+    return root
+
+
+def tiny_cfg(config="configs/shapes_rince.yaml", *opts, output_dir=None):
+    """A frozen-free config on the tiny dataset with a very small schedule."""
+    from rcdet.engine import setup_cfg
+
+    base = [
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
+        "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
+        "MODEL.RCDET.QUEUE_SIZE", "64",
+    ]
+    if output_dir:
+        base += ["OUTPUT_DIR", str(output_dir)]
+    return setup_cfg(os.path.join(REPO, config), base + list(opts), freeze=False)
