@@ -3,8 +3,9 @@ Held-out-class splits for OOD detection: train on the known classes only, test o
 
 The training split keeps the known classes in the base order (``drop_images`` removes every
 image with a held-out object, ``drop_annotations`` removes only those boxes). The test split is
-the full test set: known objects carry their known-class index, held-out objects carry
-``category_id = num_known + j`` (j indexes ``held_out_classes``) and ``"ood": True``.
+the full test set: known objects stay in ``annotations`` with their known-class index, and
+held-out objects go to ``ood_annotations`` (``category_id`` indexes ``held_out_classes``), a
+field detectron2's loaders and evaluators never read, so known-class AP is unaffected.
 """
 
 import difflib
@@ -41,24 +42,20 @@ def known_classes(all_classes: Sequence[str], held_out: Sequence[str]) -> List[s
 def _load_split(base_name, all_classes, held_out, mode, role):
     known = [c for c in all_classes if c not in held_out]
     remap = {all_classes.index(c): i for i, c in enumerate(known)}
-    ood_index = {all_classes.index(c): len(known) + j for j, c in enumerate(held_out)}
+    ood_index = {all_classes.index(c): j for j, c in enumerate(held_out)}
     out = []
     for record in DatasetCatalog.get(base_name):
         annos = record.get("annotations", [])
         has_ood = any(a["category_id"] in ood_index for a in annos)
         if role == "train" and has_ood and mode == "drop_images":
             continue
-        new_annos = []
-        for a in annos:
-            a = dict(a)
-            if a["category_id"] in ood_index:
-                if role == "train":
-                    continue
-                a["category_id"], a["ood"] = ood_index[a["category_id"]], True
-            else:
-                a["category_id"] = remap[a["category_id"]]
-            new_annos.append(a)
-        out.append(dict(record, annotations=new_annos))
+        known_annos = [dict(a, category_id=remap[a["category_id"]]) for a in annos if a["category_id"] not in ood_index]
+        record = dict(record, annotations=known_annos)
+        if role == "test":
+            record["ood_annotations"] = [
+                dict(a, category_id=ood_index[a["category_id"]]) for a in annos if a["category_id"] in ood_index
+            ]
+        out.append(record)
     return out
 
 

@@ -185,7 +185,8 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         return F.normalize(self.projection(box_features), dim=1)
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        if self.contrastive_loss is None:
+        branch_needed = self.contrastive_loss is not None if self.training else self.embed_at_test
+        if not branch_needed:
             return super()._forward_box(features, proposals)
         features = [features[f] for f in self.box_in_features]
         box_features = self.box_pooler(features, [x.proposal_boxes for x in proposals])
@@ -204,10 +205,12 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         return pred_instances
 
     def _attach_embeddings(self, features, logits, proposals, pred_instances, kept):
-        """pred_embeddings from each final box, pred_logits from its proposal."""
+        """pred_logits from each detection's proposal; pred_embeddings (branch only) from its final box."""
         per_image_logits = logits.split([len(p) for p in proposals])
         for inst, img_logits, idx in zip(pred_instances, per_image_logits, kept):
             inst.pred_logits = img_logits[idx]
+        if self.projection is None:
+            return
         pooled = self.box_pooler(features, [x.pred_boxes for x in pred_instances])
         emb = self.embed(self.box_head(pooled)) if pooled.shape[0] else pooled.new_zeros((0, self.projection[-1].out_features))
         for inst, e in zip(pred_instances, emb.split([len(x) for x in pred_instances])):

@@ -1,0 +1,1 @@
+from .ood import ALL_SCORES, EMBEDDING_SCORES, LOGIT_SCORES, EmbeddingStatistics, logit_scores, match_detections, ood_metrics
