@@ -57,8 +57,19 @@ def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True):
     add_rcdet_config(cfg)
     if not os.path.isfile(config_file):
         raise ConfigError(f"--config-file {config_file}: file not found.")
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    try:
+        cfg.merge_from_file(config_file)
+    except (AssertionError, KeyError, ValueError) as e:
+        raise ConfigError(f"--config-file {config_file}: {e} (is add_rcdet_config's key spelled right?)") from None
+    opts = list(opts)
+    if len(opts) % 2:
+        raise ConfigError(f"config overrides must be KEY VALUE pairs, got an odd list: {opts}")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        try:
+            cfg.merge_from_list([key, value])
+        except (AssertionError, KeyError, ValueError, TypeError) as e:
+            hint = " Tool options go before the KEY VALUE overrides." if key.startswith("-") else ""
+            raise ConfigError(f"config override {key} {value}: {e}.{hint}") from None
     from .data.held_out import apply_held_out_config
 
     apply_held_out_config(cfg)

@@ -435,3 +435,22 @@ def load_ranking(
     return ranking_from_dict(
         data, class_names, source=path, allow_uncovered=allow_uncovered, max_rank=max_rank
     )
+
+
+def similarity_ranking_yaml(class_names: Sequence[str], similarity: np.ndarray, thresholds: Sequence[float], source: str = "") -> str:
+    """A ranking file in the similarity-score form, headed by a readable summary of its ranks."""
+    similarity = np.asarray(similarity, dtype=np.float64)
+    k = len(class_names)
+    if similarity.shape != (k, k):
+        raise RankingError(f"similarity matrix must be {k}x{k}, got {similarity.shape}.")
+    data = {
+        "thresholds": [float(t) for t in thresholds],
+        "similarities": {"classes": list(class_names), "matrix": np.round(similarity, 4).tolist()},
+    }
+    ranking = ranking_from_dict(data, class_names, source="<generated>")
+    header = [f"# Ranking generated from class-name similarities ({source})." if source else "# Generated ranking.",
+              f"# Score >= {thresholds[0]} -> rank 2" + "".join(f", >= {t} -> rank {i}" for i, t in enumerate(thresholds[1:], start=3)) + ".",
+              "# Ranks it produced (edit the scores or thresholds to change them):"]
+    header += [f"#   {line}" for line in ranking.describe().splitlines()]
+    body = yaml.safe_dump(data, default_flow_style=None, sort_keys=False, width=200)
+    return "\n".join(header) + "\n" + body

@@ -44,3 +44,20 @@ def tiny_cfg(config="configs/shapes_rince.yaml", *opts, output_dir=None):
     if output_dir:
         base += ["OUTPUT_DIR", str(output_dir)]
     return setup_cfg(os.path.join(REPO, config), base + list(opts), freeze=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_shapes, tmp_path_factory):
+    """2-iteration RINCE and softmax models trained on the tiny held-out split."""
+    from rcdet.engine import Trainer
+
+    out = {}
+    for name in ("rince", "softmax"):
+        d = tmp_path_factory.mktemp(name)
+        cfg = tiny_cfg(f"configs/shapes_{name}_ood.yaml", "DATASETS.TEST", "()", output_dir=d)
+        cfg.freeze()
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        out[name] = str(d / "model_final.pth")
+    return out

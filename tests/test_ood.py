@@ -164,23 +164,6 @@ def test_held_out_config_errors(tiny_shapes):
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_models(tiny_shapes, tmp_path_factory):
-    """2-iteration RINCE and softmax models trained on the tiny held-out split."""
-    from rcdet.engine import Trainer
-
-    out = {}
-    for name in ("rince", "softmax"):
-        d = tmp_path_factory.mktemp(name)
-        cfg = tiny_cfg(f"configs/shapes_{name}_ood.yaml", "DATASETS.TEST", "()", output_dir=d)
-        cfg.freeze()
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=False)
-        trainer.train()
-        out[name] = str(d / "model_final.pth")
-    return out
-
-
 def _bench(name, weights, out, *opts, **kw):
     from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 

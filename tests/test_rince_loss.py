@@ -11,7 +11,7 @@ from rcdet.modeling.rince import (
     temperatures_from_similarity,
     validate_temperatures,
 )
-from rince_reference import reference_rince
+from rcdet.modeling.rince_reference import reference_rince
 
 RANK = torch.tensor([[1, 2, 3, -1], [2, 1, -1, 3], [3, -1, 1, 2], [-1, -1, 2, 1]])
 BG = 4

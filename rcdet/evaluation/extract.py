@@ -41,19 +41,19 @@ def _gt_mapper(cfg):
 
 
 @torch.no_grad()
-def embed_ground_truth(model, cfg, dataset_name: str, with_features: bool = False, desc: str = "") -> Dict[str, np.ndarray]:
+def embed_ground_truth(model, cfg, dataset, with_features: bool = False, desc: str = "") -> Dict[str, np.ndarray]:
     """
-    Pool every GT box of ``dataset_name`` through the box head (and the projection, if the model
-    has one). Returns ``labels`` (category ids as in the dataset), ``embeddings`` (or None) and,
-    with ``with_features``, the box-head ``features``.
+    Pool every GT box of ``dataset`` (a registered name or a list of dataset dicts) through the
+    box head (and the projection, if the model has one). Returns ``labels`` (category ids as in
+    the dataset), ``embeddings`` (or None) and, with ``with_features``, the box-head ``features``.
     """
     heads = model.roi_heads
-    dicts = DatasetCatalog.get(dataset_name)
+    dicts = DatasetCatalog.get(dataset) if isinstance(dataset, str) else dataset
     loader = build_detection_test_loader(dicts, mapper=_gt_mapper(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS)
     labels, embeddings, features = [], [], []
     was_training = model.training
     model.eval()
-    for batch in tqdm.tqdm(loader, total=len(dicts), desc=desc or f"embedding GT boxes of {dataset_name}", mininterval=2.0):
+    for batch in tqdm.tqdm(loader, total=len(dicts), desc=desc or "embedding GT boxes", mininterval=2.0):
         instances = [b["instances"].to(model.device) for b in batch]
         if sum(len(i) for i in instances) == 0:
             continue

@@ -17,9 +17,8 @@ Variants (``ell_k``, per anchor):
 ``ell_k`` is averaged over the anchors that have at least one rank-k positive (optionally
 weighted per anchor) and ``L = sum_k mean_i ell_k(i)``. SupCon is r = 1.
 
-The per-rank terms are evaluated by :class:`_RankedInfoNCEFunction`, whose backward is written
-out and recomputes the N x M work rank by rank, so that memory stays at a few N x M matrices
-whatever r is, instead of autograd keeping every rank's intermediates alive.
+The terms are evaluated by :class:`_RankedInfoNCEFunction` on keys grouped by class, with a
+written-out backward, so that time and memory stay close to one SupCon pass for any r.
 """
 
 import math
@@ -28,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = [
     "VARIANTS",
@@ -95,115 +95,138 @@ class RankedInfoNCEOutput:
     mean_similarity: torch.Tensor  # (r + 1,) mean s of rank-1..r positives, then negatives (nan if none)
 
 
-def _masked_logsumexp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Row-wise log-sum-exp over ``mask``; ``-inf`` for rows with an empty mask."""
-    masked = logits.masked_fill(~mask, float("-inf"))
-    row_max = masked.amax(dim=1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    total = masked.sub_(row_max).exp_().sum(dim=1)
-    return total.log() + row_max.squeeze(1)
-
-
-def _masked_softmax(logits: torch.Tensor, lse: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``exp(logits - lse)`` on ``mask`` and exactly 0 elsewhere (also for empty rows)."""
-    return (logits - lse.unsqueeze(1)).masked_fill_(~mask, float("-inf")).exp_()
-
-
 class _RankedInfoNCEFunction(torch.autograd.Function):
-    """similarities (N, M) -> per-rank mean losses (r,), with a hand-written backward."""
+    """
+    (anchors, keys grouped by class) -> per-rank mean losses, with a hand-written backward.
+
+    Keys arrive grouped by class, so each class is a contiguous column block of the N x M
+    similarity matrix. A rank only decides which *classes* are positives, denominators or
+    negatives of an anchor, so one exp pass over the blocks per rank gives a log-sum-exp per
+    (anchor, class), each shifted by its own block max (exact even at tau = 0.01), and every set
+    sum of the definition becomes a small log-sum-exp over classes. Only the ``out`` form needs
+    per-positive terms, evaluated on the positive blocks alone. The backward rebuilds the
+    gradient block by block straight into the two matmuls, so no N x M gradient is ever held.
+    """
 
     @staticmethod
-    def forward(ctx, sim, rho, taus, forms, weights):
-        # rho: (N, M) int8; 0 = excluded (self), 1..r = rank, r + 1 = negative.
+    def forward(ctx, anchors, keys, class_codes, offsets, self_index, self_class, taus, forms, weights):
+        # class_codes: (N, C) rank code of each key class for each anchor: 1..r = rank,
+        # r + 1 = negative. The keys of class c are keys[offsets[c]:offsets[c + 1]].
+        n, num_cls = class_codes.shape
         r = len(taus)
-        per_rank = sim.new_zeros(r)
-        counts = sim.new_zeros(r)
-        # Sums and counts of s per rank code, for logging: [rank 1..r, negatives].
-        sim_sums, sim_counts = sim.new_zeros(r + 1), sim.new_zeros(r + 1)
-        saved = []
+        sim = anchors @ keys.t()
+        blocks = [(c, offsets[c], offsets[c + 1]) for c in range(num_cls) if offsets[c + 1] > offsets[c]]
+        has_self = self_index >= 0
+        rows, cols = torch.nonzero(has_self).squeeze(1), self_index[has_self]
+
+        # Per-(anchor, class) key counts and similarity sums without the self pair (logging, |P|).
+        counts = sim.new_zeros(n, num_cls)
+        block_sum = sim.new_zeros(n, num_cls)
+        for c, a, b in blocks:
+            counts[:, c] = b - a
+            block_sum[:, c] = sim[:, a:b].sum(dim=1)
+        counts[rows, self_class[has_self]] -= 1
+        block_sum[rows, self_class[has_self]] -= sim[rows, cols]
+        codes = [class_codes == code for code in range(1, r + 2)]
+        mean_sim = torch.stack([(block_sum * m).sum() / (counts * m).sum() for m in codes])
+
+        # Self pairs take part in nothing: at -inf every exp below is exactly 0 there.
+        sim[rows, cols] = float("-inf")
+        block_max = sim.new_zeros(n, num_cls)
+        for c, a, b in blocks:
+            block_max[:, c] = sim[:, a:b].amax(dim=1)
+        block_max = torch.where(torch.isfinite(block_max), block_max, torch.zeros_like(block_max))
+
+        per_rank, anchor_counts, saved = sim.new_zeros(r), sim.new_zeros(r), []
         for k in range(1, r + 1):
-            pos = rho == k
-            n_pos = pos.sum(dim=1)
-            valid = n_pos > 0
+            t = 1.0 / taus[k - 1]
+            class_lse = sim.new_full((n, num_cls), float("-inf"))
+            for c, a, b in blocks:
+                total = sim[:, a:b].sub(block_max[:, c : c + 1]).mul_(t).exp_().sum(dim=1)
+                class_lse[:, c] = total.log() + t * block_max[:, c]
+            pos_cls = codes[k - 1]
+            lse_pos = class_lse.masked_fill(~pos_cls, float("-inf")).logsumexp(dim=1)
+            valid = torch.isfinite(lse_pos)
             n_valid = int(valid.sum())
-            counts[k - 1] = n_valid
-            sim_sums[k - 1] = sim.masked_select(pos).sum()
-            sim_counts[k - 1] = n_pos.sum()
+            anchor_counts[k - 1] = n_valid
             if n_valid == 0:
                 saved.append(None)
                 continue
-            logits = sim / taus[k - 1]
             if forms[k - 1] == "in":
-                lse_den = _masked_logsumexp(logits, rho >= k)
-                lse_pos = _masked_logsumexp(logits, pos)
+                lse_den = class_lse.masked_fill(class_codes < k, float("-inf")).logsumexp(dim=1)
                 ell = lse_den - lse_pos
-                saved.append((lse_den, lse_pos))
+                saved.append(("in", valid, lse_den, lse_pos, None))
             else:
-                lse_neg = _masked_logsumexp(logits, rho > k)
-                # log(e^p + e^N) - p = softplus(N - p); exactly 0 when N_k is empty.
-                gap = (lse_neg.unsqueeze(1) - logits).masked_fill_(~pos, float("-inf"))
-                ell = nn.functional.softplus(gap).sum(dim=1) / n_pos.clamp(min=1)
-                saved.append((lse_neg, None))
-            # Anchors without a rank-k positive are left out (their ell_k is inf, not 0).
+                n_pos = (counts * pos_cls).sum(dim=1).clamp(min=1)
+                lse_neg = class_lse.masked_fill(class_codes <= k, float("-inf")).logsumexp(dim=1)
+                # ell = mean_p softplus(N - t s_p); the backward also needs mean_p sigmoid(N - t s_p).
+                ell, sig_mean = sim.new_zeros(n), sim.new_zeros(n)
+                for c, a, b in blocks:
+                    members = torch.nonzero(pos_cls[:, c] & valid).squeeze(1)
+                    if members.numel() == 0:
+                        continue
+                    gap = lse_neg[members, None] - t * sim[members, a:b]
+                    finite = torch.isfinite(gap)  # drops the self pair
+                    ell[members] += F.softplus(gap).masked_fill_(~finite, 0.0).sum(dim=1)
+                    sig_mean[members] += torch.sigmoid(gap).masked_fill_(~finite, 0.0).sum(dim=1)
+                saved.append(("out", valid, lse_neg, sig_mean / n_pos, n_pos))
+                ell = ell / n_pos
             ell = torch.where(valid, ell, torch.zeros_like(ell))
             per_rank[k - 1] = (weights * ell).sum() / n_valid
-        excluded = (rho == 0).sum()
-        sim_counts[r] = rho.numel() - sim_counts[:r].sum() - excluded
-        sim_sums[r] = sim.sum() - sim_sums[:r].sum() - sim.masked_select(rho == 0).sum()
-        ctx.save_for_backward(sim, rho, weights, counts)
-        ctx.taus, ctx.forms, ctx.saved_lse = taus, forms, saved
-        mean_sim = sim_sums / sim_counts
-        ctx.mark_non_differentiable(counts, mean_sim)
-        return per_rank, counts, mean_sim
+
+        ctx.save_for_backward(anchors, keys, sim, block_max, class_codes, weights, anchor_counts)
+        ctx.meta = (blocks, taus, saved)
+        ctx.mark_non_differentiable(anchor_counts, mean_sim)
+        return per_rank, anchor_counts, mean_sim
 
     @staticmethod
     def backward(ctx, grad_per_rank, _grad_counts, _grad_mean_sim):
-        sim, rho, weights, counts = ctx.saved_tensors
-        grad_sim = torch.zeros_like(sim)
-        for k, saved in enumerate(ctx.saved_lse, start=1):
-            if saved is None:
+        anchors, keys, sim, block_max, class_codes, weights, anchor_counts = ctx.saved_tensors
+        blocks, taus, saved = ctx.meta
+        zeros = torch.zeros_like(block_max)
+        # Per rank: a (N, C) scale of exp(t (s - block_max)) per class block, and for the out
+        # form the per-positive sigmoid terms. coef_i = d(per_rank_k)/d(ell_k(i)) * t.
+        terms = []
+        for k, entry in enumerate(saved, start=1):
+            if entry is None:
                 continue
-            lse_a, lse_b = saved
-            tau = ctx.taus[k - 1]
-            logits = sim / tau
-            pos = rho == k
-            n_pos = pos.sum(dim=1, keepdim=True)
-            # d(per_rank_k)/d(ell_k(i)) = w_i / n_k (0 for anchors without positives);
-            # d(logits)/d(sim) = 1 / tau.
-            coef = torch.where(n_pos.squeeze(1) > 0, weights, torch.zeros_like(weights))
-            coef = (coef * (grad_per_rank[k - 1] / (counts[k - 1] * tau))).unsqueeze(1)
-            if ctx.forms[k - 1] == "in":
-                grad = _masked_softmax(logits, lse_a, rho >= k)
-                grad -= _masked_softmax(logits, lse_b, pos)
+            form, valid, lse_a, b_vec, n_pos = entry
+            t = 1.0 / taus[k - 1]
+            coef = torch.where(valid, weights, torch.zeros_like(weights)) * (grad_per_rank[k - 1] * t / anchor_counts[k - 1])
+            # A row whose set is empty contributes nothing; +inf makes its exp factor 0, not inf * 0.
+            lse_safe = torch.where(torch.isfinite(lse_a), lse_a, torch.full_like(lse_a, float("inf")))[:, None]
+            if form == "in":
+                # d ell / d logit_j = 1[j in D] softmax_D(j) - 1[j in P] softmax_P(j)
+                lse_pos = b_vec[:, None]
+                den = torch.where(class_codes >= k, torch.exp(t * block_max - lse_safe), zeros)
+                pos = torch.where(class_codes == k, torch.exp(t * block_max - lse_pos), zeros)
+                terms.append((t, coef[:, None] * (den - pos), None))
             else:
-                # d ell/d s_p = -sigmoid(N - p)/|P|;  d ell/d s_n = softmax_N(n) * sum_p sigmoid(N - p)/|P|
-                sig = torch.sigmoid(lse_a.unsqueeze(1) - logits).masked_fill_(~pos, 0.0)
-                sig /= n_pos.clamp(min=1)
-                grad = _masked_softmax(logits, lse_a, rho > k)
-                grad *= sig.sum(dim=1, keepdim=True)
-                grad -= sig
-            grad *= coef
-            grad_sim += grad
-        return grad_sim, None, None, None, None
-
-
-def _rank_codes(anchor_labels, key_labels, rank_matrix, num_ranks, self_index):
-    """(N, M) int8 codes: 0 = excluded, 1..r = rank, r + 1 = negative or background."""
-    num_classes = rank_matrix.shape[0]
-    neg = num_ranks + 1
-    table = rank_matrix.to(torch.int64)
-    table = torch.where((table >= 1) & (table <= num_ranks), table, torch.full_like(table, neg))
-    # One extra column for every non-class key label (background, ignore, ...).
-    table = torch.cat([table, table.new_full((num_classes, 1), neg)], dim=1)
-    key_col = torch.where(
-        (key_labels >= 0) & (key_labels < num_classes), key_labels, torch.full_like(key_labels, num_classes)
-    )
-    rho = table[anchor_labels][:, key_col].to(torch.int8)
-    if self_index is not None:
-        has_self = self_index >= 0
-        rows = torch.nonzero(has_self).squeeze(1)
-        rho[rows, self_index[has_self]] = 0
-    return rho
+                # negatives: mean_p sigmoid(N - logit_p) * softmax_N(j); positives: -sigmoid(N - logit_p) / |P|
+                neg = torch.where(class_codes > k, torch.exp(t * block_max - lse_safe), zeros)
+                terms.append((t, (coef * b_vec)[:, None] * neg, (k, coef / n_pos, lse_a, valid)))
+        grad_anchors, grad_keys = torch.zeros_like(anchors), torch.zeros_like(keys)
+        for c, a, b in blocks:
+            blk = sim[:, a:b]
+            grad = None
+            for t, row_scale, positives in terms:
+                scale = row_scale[:, c : c + 1]
+                if bool(torch.any(scale != 0)):
+                    part = blk.sub(block_max[:, c : c + 1]).mul_(t).exp_().mul_(scale)
+                    grad = part if grad is None else grad.add_(part)
+                if positives is not None:
+                    k, pos_coef, lse_neg, valid = positives
+                    members = torch.nonzero((class_codes[:, c] == k) & valid).squeeze(1)
+                    if members.numel():
+                        gap = lse_neg[members, None] - t * blk[members]
+                        sig = torch.sigmoid(gap).masked_fill_(~torch.isfinite(gap), 0.0)
+                        if grad is None:
+                            grad = torch.zeros_like(blk)
+                        grad[members] -= sig * pos_coef[members, None]
+            if grad is not None:
+                grad_anchors += grad @ keys[a:b]
+                grad_keys[a:b] += grad.t() @ anchors
+        return grad_anchors, grad_keys, None, None, None, None, None, None, None
 
 
 def ranked_info_nce(
@@ -234,27 +257,44 @@ def ranked_info_nce(
         raise ValueError(f"variant must be one of {_FORMS}, got '{variant}'.")
     taus = validate_temperatures(temperatures)
     r = len(taus)
-    if r > 126:
-        raise ValueError(f"At most 126 ranks are supported, got {r}.")
     if anchors.dim() != 2 or keys.dim() != 2 or anchors.shape[1] != keys.shape[1]:
         raise ValueError(f"anchors (N, d) and keys (M, d) must share d; got {tuple(anchors.shape)}, {tuple(keys.shape)}.")
     forms = tuple(("out" if k == 1 else "in") if variant == "out_in" else variant for k in range(1, r + 1))
 
     # Half-precision inputs are scored in float32: exp(s / 0.01) overflows float16.
     dtype = torch.promote_types(anchors.dtype, torch.float32)
-    sim = anchors.to(dtype) @ keys.to(dtype).t()
-    n = anchors.shape[0]
-    with torch.no_grad():
-        rho = _rank_codes(anchor_labels, key_labels, rank_matrix.to(anchor_labels.device), r, self_index)
-        weights = anchor_weights.to(dtype) if anchor_weights is not None else sim.new_ones(n)
+    z, k_all = anchors.to(dtype), keys.to(dtype)
+    n, m = anchors.shape[0], keys.shape[0]
+    if n == 0 or m == 0:
+        zero = z.sum() * 0.0 + k_all.sum() * 0.0
+        nan = z.new_full((r + 1,), float("nan"))
+        return RankedInfoNCEOutput(loss=zero, per_rank=z.new_zeros(r), anchor_counts=z.new_zeros(r), mean_similarity=nan)
 
-    if n == 0 or keys.shape[0] == 0:
-        per_rank, counts = sim.new_zeros(r), sim.new_zeros(r)
-        mean_sim = sim.new_full((r + 1,), float("nan"))
-    else:
-        per_rank, counts, mean_sim = _RankedInfoNCEFunction.apply(sim, rho, taus, forms, weights)
+    with torch.no_grad():
+        num_classes = rank_matrix.shape[0]
+        device = anchor_labels.device
+        table = rank_matrix.to(device=device, dtype=torch.int64)
+        table = torch.where((table >= 1) & (table <= r), table, torch.full_like(table, r + 1))
+        # One extra key class for every non-class label (background, ignore, ...): always negative.
+        table = torch.cat([table, table.new_full((num_classes, 1), r + 1)], dim=1)
+        key_cls = torch.where((key_labels >= 0) & (key_labels < num_classes), key_labels, torch.full_like(key_labels, num_classes))
+        order = torch.argsort(key_cls, stable=True)
+        offsets = [0] + torch.bincount(key_cls, minlength=num_classes + 1).cumsum(0).tolist()
+        position = torch.empty_like(order)
+        position[order] = torch.arange(m, device=order.device)
+        if self_index is None:
+            self_index = torch.full((n,), -1, dtype=torch.int64, device=device)
+        has_self = self_index >= 0
+        safe = self_index.clamp(min=0)
+        self_sorted = torch.where(has_self, position[safe], self_index)
+        self_class = torch.where(has_self, key_cls[safe], torch.zeros_like(self_index))
+        weights = anchor_weights.to(dtype) if anchor_weights is not None else z.new_ones(n)
+
+    per_rank, counts, mean_sim = _RankedInfoNCEFunction.apply(
+        z, k_all[order], table[anchor_labels], offsets, self_sorted, self_class, taus, forms, weights
+    )
     # Connected to the graph even when no anchor has a positive, so DDP sees every parameter.
-    loss = per_rank.sum() + anchors.sum() * 0.0 + keys.sum() * 0.0
+    loss = per_rank.sum() + z.sum() * 0.0 + k_all.sum() * 0.0
     return RankedInfoNCEOutput(loss=loss, per_rank=per_rank, anchor_counts=counts, mean_similarity=mean_sim)
 
 

@@ -1,4 +1,8 @@
-"""Brute-force RINCE written as per-anchor, per-key Python loops straight from the definitions."""
+"""
+Brute-force RINCE: per-anchor, per-key Python loops written straight from the definitions in
+rince.py. Slow on purpose; the tests and tools/benchmark_loss.py check the vectorised loss
+against it.
+"""
 
 import math
 

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""
+Does the learned embedding follow the ranking? Pools the ground-truth boxes of a dataset split
+through the trained box head and projection (streamed), then writes to --output:
+
+  analysis.json               all numbers (outliers per level, R@1, ranking fidelity, Spearman)
+  tsne_class.png              t-SNE coloured by class, marker by group (held-out classes: black x)
+  tsne_group.png              t-SNE coloured by group
+  centroid_similarity.png     class-centroid cosine similarity, ordered by group
+  box_features_*.png          the same for the box-head features (--pre-projection)
+
+    python tools/analyze_embeddings.py --config-file configs/shapes_rince_ood.yaml \
+        MODEL.WEIGHTS output/demo/train/model_final.pth --output output/analysis/rince
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+from rcdet.analysis import analyse, plot_centroid_similarity, plot_tsne, tsne_2d
+from rcdet.config import ConfigError
+from rcdet.engine import USER_ERRORS, setup_cfg, write_json_atomic
+from rcdet.evaluation.extract import embed_ground_truth
+from rcdet.evaluation.ood_benchmark import check_weights_match
+from rcdet.ranking import load_ranking
+
+
+def dataset_with_held_out(name):
+    """Dicts whose annotations include held-out objects (labels K + j), and the class names."""
+    meta = MetadataCatalog.get(name)
+    known, held = list(meta.thing_classes), list(meta.get("held_out_classes", []))
+    dicts = []
+    for d in DatasetCatalog.get(name):
+        extra = [dict(a, category_id=len(known) + a["category_id"]) for a in d.get("ood_annotations", [])]
+        dicts.append(dict(d, annotations=list(d.get("annotations", [])) + extra))
+    return dicts, known, held
+
+
+def run(cfg, output, dataset=None, pre_projection=False, max_tsne=2000, tsne=True, title=""):
+    dataset = dataset or cfg.DATASETS.TEST[0]
+    check_weights_match(cfg.MODEL.WEIGHTS, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    dicts, known, held = dataset_with_held_out(dataset)
+    names = known + held
+    ranking, group_levels, groups0 = None, [], list(names)
+    meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+    if cfg.MODEL.RCDET.RANKING_FILE:
+        all_classes = list(meta.get("all_classes", meta.thing_classes))
+        try:
+            full = load_ranking(cfg.MODEL.RCDET.RANKING_FILE, all_classes, allow_uncovered=cfg.MODEL.RCDET.RANKING_ALLOW_UNCOVERED or None)
+        except ValueError as e:
+            raise ConfigError(f"MODEL.RCDET.RANKING_FILE: {e}") from None
+        ranking = full.subset(known)
+        ordered = full.subset(names)
+        group_levels = [ordered.group_labels(level) for level in range(len(ordered.groups))]
+        if group_levels:
+            groups0 = group_levels[0]
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    gt = embed_ground_truth(model, cfg, dicts, with_features=pre_projection or model.roi_heads.projection is None)
+    spaces = {}
+    if gt["embeddings"] is not None:
+        spaces["projection"] = gt["embeddings"]
+    if gt["features"] is not None:
+        spaces["box_features"] = gt["features"]
+    labels = gt["labels"]
+    report = {
+        "dataset": dataset,
+        "weights": cfg.MODEL.WEIGHTS,
+        "class_names": names,
+        "held_out_classes": held,
+        "group_levels": group_levels,
+        "ranking_file": cfg.MODEL.RCDET.RANKING_FILE,
+        "num_boxes_per_class": {n: int((labels == i).sum()) for i, n in enumerate(names)},
+        "spaces": {},
+    }
+    os.makedirs(output, exist_ok=True)
+    for space, values in spaces.items():
+        report["spaces"][space] = analyse(values, labels, known, ranking.matrix if ranking else None,
+                                          [np.asarray(level)[: len(known)] for level in group_levels])
+        prefix = "" if space == "projection" else "box_features_"
+        fid = report["spaces"][space]["ranking_fidelity"]
+        if fid is not None:
+            plot_centroid_similarity(np.asarray(fid["centroid_similarity"]), known, groups0[: len(known)],
+                                     os.path.join(output, f"{prefix}centroid_similarity.png"), f"{title} {space}".strip())
+        if tsne and len(labels) > 5:
+            pts, idx = tsne_2d(values, max_points=max_tsne)
+            plot_tsne(pts, labels[idx], names, groups0, os.path.join(output, f"{prefix}tsne_class.png"),
+                      os.path.join(output, f"{prefix}tsne_group.png"), held_out=held, title=f"{title} {space}".strip())
+            np.savez(os.path.join(output, f"{prefix}tsne_points.npz"), points=pts, labels=labels[idx])
+    write_json_atomic(os.path.join(output, "analysis.json"), report)
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--output", default="", help="default: OUTPUT_DIR/analysis")
+    parser.add_argument("--dataset", default=None, help="dataset split to embed (default: DATASETS.TEST[0])")
+    parser.add_argument("--pre-projection", action="store_true", help="also analyse the box-head features")
+    parser.add_argument("--max-tsne", type=int, default=2000, help="t-SNE subsample size")
+    parser.add_argument("--no-tsne", action="store_true")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    setup_logger(name="rcdet")
+    try:
+        cfg = setup_cfg(args.config_file, args.opts)
+        out = args.output or os.path.join(cfg.OUTPUT_DIR, "analysis")
+        report = run(cfg, out, args.dataset, args.pre_projection, args.max_tsne, not args.no_tsne)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for space, res in report["spaces"].items():
+        fid = res["ranking_fidelity"]
+        print(f"[{space}] outliers: " + ", ".join(f"{k} {v['count']} ({100 * v['fraction']:.1f}%)" for k, v in res["outliers"].items()))
+        print(f"[{space}] R@1: " + ", ".join(f"{k} {v:.3f}" for k, v in res["retrieval_r1"].items()))
+        if fid:
+            print(f"[{space}] mean similarity: " + ", ".join(f"{k} {v:.3f}" for k, v in fid["mean_similarity"].items() if v is not None)
+                  + f"; Spearman {fid['spearman']}")
+    print(f"Wrote {out}/analysis.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

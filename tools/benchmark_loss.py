@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""
+Forward + backward time and peak extra memory of the vectorised RINCE loss, against one plain
+SupCon pass over the same inputs and (small case only) the brute-force reference.
+
+    python tools/benchmark_loss.py --json output/bench/loss.json
+
+Peak extra memory: on CUDA, torch.cuda.max_memory_allocated above the inputs; on the CPU, the
+peak resident size of a fresh process that runs one step, above its size before the step. Prints a table and, with --json, writes
+every row plus ``rince_r3_over_supcon`` (time ratio at N=1024, M=8192, d=128, r=3).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+from rcdet.modeling.rince import ranked_info_nce
+from rcdet.modeling.rince_reference import reference_rince
+
+
+def supcon_out(z, y, k, ky, tau, self_index):
+    """Plain SupCon (Khosla et al., L_out) with an explicit key set: the usual autograd code."""
+    logits = z @ k.t() / tau
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(len(z)), self_index] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    pos = (y[:, None] == ky[None, :]) & ~self_mask
+    n_pos = pos.sum(1)
+    valid = n_pos > 0
+    loss = -(log_prob.masked_fill(~pos, 0.0).sum(1)[valid] / n_pos[valid]).mean()
+    return loss
+
+
+def make_inputs(n, m, d, num_classes, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    keys = F.normalize(torch.randn(m, d, generator=g), dim=1).to(device)
+    key_labels = torch.randint(0, num_classes + 1, (m,), generator=g).to(device)  # +1: background
+    anchors = keys[:n].clone()
+    labels = key_labels[:n].clone() % num_classes
+    key_labels[:n] = labels
+    return anchors, labels, keys, key_labels, torch.arange(n, device=device)
+
+
+def rank_matrix(num_classes, r, device):
+    """Classes on a ring: rank 1 + distance, so every rank up to r is populated."""
+    idx = torch.arange(num_classes)
+    dist = (idx[:, None] - idx[None, :]).abs()
+    dist = torch.minimum(dist, num_classes - dist)
+    return torch.where(dist + 1 <= r, dist + 1, torch.full_like(dist, -1)).to(device)
+
+
+def measure(fn, device, repeats):
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first call warms up
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_bytes(variant, n, m, r, args, device):
+    """Peak memory of one forward + backward above the inputs."""
+    if device.type == "cuda":
+        step = _make_step(variant, n, m, r, args, device)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    # CPU: the peak resident size of a fresh process, which has done nothing else, above its
+    # size just before the step (large blocks are mmap'ed, so frees show up in the RSS).
+    code = (
+        "import resource, sys, torch; sys.argv = sys.argv[:1]; "
+        "import benchmark_loss as b; "
+        f"step = b._make_step({variant!r}, {n}, {m}, {r}, b._Args({args.dim}, {args.num_classes}), torch.device('cpu')); "
+        "base = b._rss_bytes(); step(); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+class _Args:
+    def __init__(self, dim, num_classes):
+        self.dim, self.num_classes = dim, num_classes
+
+
+def _make_step(variant, n, m, r, args, device):
+    z, y, k, ky, self_idx = make_inputs(n, m, args.dim, args.num_classes, device)
+    z.requires_grad_(True)
+    k.requires_grad_(True)
+    if variant == "supcon":
+        return lambda: supcon_out(z, y, k, ky, 0.1, self_idx).backward()
+    ranks = rank_matrix(args.num_classes, r, device)
+    taus = [0.1 + 0.1 * i for i in range(r)]
+    return lambda: ranked_info_nce(z, y, k, ky, ranks, taus, variant, self_idx).loss.backward()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--num-classes", type=int, default=20)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--sizes", nargs="+", default=["512x4096", "1024x8192"], help="NxM pairs")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 3, 4])
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory probes")
+    parser.add_argument("--json", default="")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+
+    def run(variant, n, m, r):
+        seconds = measure(_make_step(variant, n, m, r, args, device), device, args.repeats)
+        peak = peak_extra_bytes(variant, n, m, r, args, device) if args.memory else 0
+        matrix = n * m * 4
+        rows.append({"loss": "supcon_out" if variant == "supcon" else f"rince_{variant}", "N": n, "M": m, "d": args.dim,
+                     "r": r, "ms": seconds * 1e3, "peak_extra_MiB": peak / 2**20, "peak_in_NxM_f32": peak / matrix})
+
+    for size in args.sizes:
+        n, m = (int(v) for v in size.split("x"))
+        run("supcon", n, m, 1)
+        for r in args.ranks:
+            for variant in ("out_in", "in", "out"):
+                run(variant, n, m, r)
+
+    z, y, k, ky, self_idx = make_inputs(16, 64, 16, 5, torch.device("cpu"))
+    t = time.perf_counter()
+    reference_rince(z.tolist(), y.tolist(), k.tolist(), ky.tolist(), rank_matrix(5, 3, "cpu").tolist(), [0.1, 0.2, 0.3], "out_in", self_idx.tolist())
+    ref_ms = (time.perf_counter() - t) * 1e3
+    zr = z.clone().requires_grad_(True)
+    vec_ms = measure(lambda: ranked_info_nce(zr, y, k, ky, rank_matrix(5, 3, "cpu"), [0.1, 0.2, 0.3], "out_in", self_idx).loss.backward(), torch.device("cpu"), args.repeats) * 1e3
+
+    print(f"device: {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(f"{'loss':>14} {'N':>5} {'M':>5} {'r':>2} {'fwd+bwd ms':>11} {'peak MiB':>9} {'x N*M f32':>9}")
+    for row in rows:
+        print(f"{row['loss']:>14} {row['N']:>5} {row['M']:>5} {row['r']:>2} {row['ms']:>11.1f} {row['peak_extra_MiB']:>9.1f} {row['peak_in_NxM_f32']:>9.2f}")
+    print(f"brute-force reference (N=16, M=64, d=16, r=3, forward only): {ref_ms:.1f} ms; vectorised fwd+bwd: {vec_ms:.2f} ms")
+
+    def pick(loss, n, m, r):
+        return next((x for x in rows if x["loss"] == loss and x["N"] == n and x["M"] == m and x["r"] == r), None)
+
+    summary = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+               "reference_small_ms": ref_ms, "vectorised_small_ms": vec_ms}
+    r3, sc = pick("rince_out_in", 1024, 8192, 3), pick("supcon_out", 1024, 8192, 1)
+    if r3 and sc:
+        summary["rince_r3_over_supcon"] = r3["ms"] / sc["ms"]
+        summary["rince_r3_peak_in_NxM_f32"] = r3["peak_in_NxM_f32"]
+        print(f"rince_r3_over_supcon (N=1024, M=8192): {summary['rince_r3_over_supcon']:.2f}x time; "
+              f"peak extra memory {r3['peak_in_NxM_f32']:.2f} N*M float32 matrices")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
