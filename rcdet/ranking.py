@@ -454,3 +454,23 @@ def similarity_ranking_yaml(class_names: Sequence[str], similarity: np.ndarray, 
     header += [f"#   {line}" for line in ranking.describe().splitlines()]
     body = yaml.safe_dump(data, default_flow_style=None, sort_keys=False, width=200)
     return "\n".join(header) + "\n" + body
+
+
+def ranking_to_yaml(ranking: ClassRanking, comment: str = "") -> str:
+    """The ranking in the ordered-list form (ties as nested lists), loadable by load_ranking."""
+    ranks = {}
+    for a, name in enumerate(ranking.class_names):
+        levels = []
+        for r in range(2, ranking.num_ranks + 1):
+            similar = [ranking.class_names[b] for b in np.flatnonzero(ranking.matrix[a] == r)]
+            if similar:
+                levels.append(similar)
+            elif any((ranking.matrix[a] > r).tolist()):
+                # An empty rank with higher ranks after it cannot be written as a list position.
+                raise RankingError(f"{ranking.source}: '{name}' has no class at rank {r} but has higher ranks.")
+        ranks[name] = levels
+    data = {"ranks": ranks}
+    if ranking.groups:
+        data["groups"] = {g: list(m) for g, m in ranking.groups[0].items()}
+    header = "".join(f"# {line}\n" for line in comment.splitlines()) if comment else ""
+    return header + yaml.safe_dump(data, default_flow_style=None, sort_keys=False, width=200)

@@ -6,7 +6,8 @@ SupCon pass over the same inputs and (small case only) the brute-force reference
     python tools/benchmark_loss.py --json output/bench/loss.json
 
 Peak extra memory: on CUDA, torch.cuda.max_memory_allocated above the inputs; on the CPU, the
-peak resident size of a fresh process that runs one step, above its size before the step. Prints a table and, with --json, writes
+peak resident size of a fresh process that runs one step, above its size before the step
+(glibc's mmap threshold fixed, so freed blocks leave the resident set). Prints a table and, with --json, writes
 every row plus ``rince_r3_over_supcon`` (time ratio at N=1024, M=8192, d=128, r=3).
 """
 
@@ -77,6 +78,20 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak over fork+exec.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _reset_peak_rss():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    except OSError:
+        pass
+
+
 def peak_extra_bytes(variant, n, m, r, args, device):
     """Peak memory of one forward + backward above the inputs."""
     if device.type == "cuda":
@@ -90,14 +105,19 @@ def peak_extra_bytes(variant, n, m, r, args, device):
     # CPU: the peak resident size of a fresh process, which has done nothing else, above its
     # size just before the step (large blocks are mmap'ed, so frees show up in the RSS).
     code = (
-        "import resource, sys, torch; sys.argv = sys.argv[:1]; "
+        "import sys, torch; sys.argv = sys.argv[:1]; "
         "import benchmark_loss as b; "
+        # A tiny warm-up call first, so that loading kernels and thread pools is not counted.
+        f"b._make_step({variant!r}, 16, 128, {r}, b._Args({args.dim}, {args.num_classes}), torch.device('cpu'))(); "
         f"step = b._make_step({variant!r}, {n}, {m}, {r}, b._Args({args.dim}, {args.num_classes}), torch.device('cpu')); "
-        "base = b._rss_bytes(); step(); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)"
+        "b._reset_peak_rss(); base = b._rss_bytes(); step(); "
+        "print(b._peak_rss_bytes() - base)"
     )
+    # A fixed mmap threshold: glibc otherwise raises it after large frees, serves later blocks
+    # from the heap and keeps them resident, which inflates the peak.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+                         cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
     return int(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""
+Overhead of RankedContrastiveROIHeads (RINCE, r = 3, queue 4096) over StandardROIHeads on the
+same model: median train-step time ratio, inference-time ratio with EMBED_AT_TEST off and on,
+and peak memory. The two models are stepped alternately in one run, so machine noise hits both.
+
+    python tools/benchmark_overhead.py --json output/bench/overhead.json                   # CPU demo config
+    python tools/benchmark_overhead.py --config-file configs/voc_rince.yaml --synthetic    # R50-FPN, on a GPU
+
+Without the dataset on disk (or with --synthetic) it uses random images with random boxes.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from rcdet.engine import USER_ERRORS, check_datasets_exist
+from rcdet.config import add_rcdet_config
+
+
+def build_cfg(config_file, mode, device, opts=()):
+    """mode: standard | rince (r = 3, queue 4096)."""
+    from detectron2.config import get_cfg
+
+    cfg = get_cfg()
+    add_rcdet_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.MODEL.DEVICE = device
+    cfg.MODEL.WEIGHTS = ""
+    if mode == "standard":
+        cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    else:
+        cfg.MODEL.ROI_HEADS.NAME = "RankedContrastiveROIHeads"
+        cfg.MODEL.RCDET.LOSS = "rince_out_in"
+        cfg.MODEL.RCDET.MAX_RANK = 3
+        cfg.MODEL.RCDET.QUEUE_SIZE = 4096
+    return cfg
+
+
+def synthetic_batches(cfg, count, batch_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = cfg.INPUT.MIN_SIZE_TEST
+    out = []
+    for _ in range(count):
+        batch = []
+        for _ in range(batch_size):
+            h, w = size, int(size * 1.2)
+            inst = Instances((h, w))
+            n = int(torch.randint(1, 7, (1,), generator=g))
+            xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+            wh = (0.1 + 0.3 * torch.rand(n, 2, generator=g)) * torch.tensor([w, h])
+            inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], 1))
+            inst.gt_classes = torch.randint(0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (n,), generator=g)
+            img = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+            batch.append({"image": img, "instances": inst, "height": h, "width": w})
+        out.append(batch)
+    return out
+
+
+def real_batches(cfg, count):
+    from detectron2.data import build_detection_train_loader
+
+    it = iter(build_detection_train_loader(cfg))
+    return [next(it) for _ in range(count)]
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_step(model, opt, batch, device):
+    sync(device)
+    t = time.perf_counter()
+    losses = model(batch)
+    sum(losses.values()).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - t
+
+
+@torch.no_grad()
+def infer(model, batch, device):
+    sync(device)
+    t = time.perf_counter()
+    model([{k: v for k, v in x.items() if k != "instances"} for x in batch])
+    sync(device)
+    return time.perf_counter() - t
+
+
+def models_and_data(args):
+    cfgs = {m: build_cfg(args.config_file, m, args.device, args.opts) for m in ("standard", "rince")}
+    torch.manual_seed(0)
+    models = {}
+    for m, cfg in cfgs.items():
+        torch.manual_seed(0)
+        models[m] = build_model(cfg)
+    cfg = cfgs["rince"]
+    use_real = not args.synthetic and cfg.DATASETS.TRAIN and _dataset_exists(cfg)
+    batches = real_batches(cfg, args.batches) if use_real else synthetic_batches(cfg, args.batches, cfg.SOLVER.IMS_PER_BATCH)
+    return cfgs, models, batches, use_real
+
+
+def _dataset_exists(cfg):
+    try:
+        check_datasets_exist(cfg)
+        return True
+    except USER_ERRORS:
+        return False
+
+
+def peak_memory_probe(mode, args):
+    """Peak memory of `steps` training steps of one model, in a fresh process on the CPU."""
+    if args.device.startswith("cuda"):
+        return None
+    cmd = [sys.executable, os.path.abspath(__file__), "--probe-memory", mode, "--config-file", args.config_file,
+           "--batches", "3", "--device", args.device] + (["--synthetic"] if args.synthetic else []) + list(args.opts)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", default="configs/shapes_rince.yaml")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=30, help="timed train steps per model")
+    parser.add_argument("--batches", type=int, default=6, help="distinct batches cycled through")
+    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--json", default="")
+    parser.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+
+    if args.probe_memory:
+        import resource
+
+        cfgs, models, batches, _ = models_and_data(args)
+        model = models[args.probe_memory].train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with EventStorage(0):
+            for b in batches:
+                train_step(model, opt, b, args.device)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        return 0
+
+    cfgs, models, batches, use_real = models_and_data(args)
+    opts = {m: torch.optim.SGD(models[m].parameters(), lr=1e-3, momentum=0.9) for m in models}
+    times = {m: [] for m in models}
+    peaks = {m: 0 for m in models}
+    with EventStorage(0) as storage:
+        for m in models:  # warm-up, and fill the RINCE queue as in steady-state training
+            models[m].train()
+            for b in batches:
+                train_step(models[m], opts[m], b, args.device)
+        for i in range(args.steps):
+            order = ("standard", "rince") if i % 2 == 0 else ("rince", "standard")
+            for m in order:
+                if args.device.startswith("cuda"):
+                    torch.cuda.reset_peak_memory_stats()
+                storage.iter = i
+                times[m].append(train_step(models[m], opts[m], batches[i % len(batches)], args.device))
+                if args.device.startswith("cuda"):
+                    peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated())
+    train_ratio = statistics.median(r / s for r, s in zip(times["rince"], times["standard"]))
+
+    inf = {"standard": [], "embed_off": [], "embed_on": []}
+    for m in models.values():
+        m.eval()
+    heads = models["rince"].roi_heads
+    for i in range(args.steps):
+        b = batches[i % len(batches)]
+        keys = ["standard", "embed_off", "embed_on"]
+        for key in keys if i % 2 == 0 else reversed(keys):
+            heads.embed_at_test = key == "embed_on"
+            inf[key].append(infer(models["standard" if key == "standard" else "rince"], b, args.device))
+    heads.embed_at_test = False
+    ratio_off = statistics.median(o / s for o, s in zip(inf["embed_off"], inf["standard"]))
+    ratio_on = statistics.median(o / s for o, s in zip(inf["embed_on"], inf["standard"]))
+
+    if not args.device.startswith("cuda"):
+        peaks = {m: peak_memory_probe(m, args) for m in models}
+    result = {
+        "config": args.config_file,
+        "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
+        "threads": torch.get_num_threads(),
+        "data": "built-in dataset" if use_real else "synthetic",
+        "images_per_batch": len(batches[0]),
+        "steps": args.steps,
+        "train_step_ms": {m: 1e3 * statistics.median(t) for m, t in times.items()},
+        "train_step_ratio": train_ratio,
+        "inference_ms": {k: 1e3 * statistics.median(v) for k, v in inf.items()},
+        "inference_ratio_embed_off": ratio_off,
+        "inference_ratio_embed_on": ratio_on,
+        "peak_memory_MiB": {m: (None if p is None else p / 2**20) for m, p in peaks.items()},
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
