@@ -73,25 +73,6 @@ def measure(fn, device, repeats):
     return statistics.median(times)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    # VmHWM belongs to this address space; ru_maxrss would carry the parent's peak over fork+exec.
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-def _reset_peak_rss():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-    except OSError:
-        pass
-
-
 def peak_extra_bytes(variant, n, m, r, args, device):
     """Peak memory of one forward + backward above the inputs."""
     if device.type == "cuda":
@@ -110,8 +91,8 @@ def peak_extra_bytes(variant, n, m, r, args, device):
         # A tiny warm-up call first, so that loading kernels and thread pools is not counted.
         f"b._make_step({variant!r}, 16, 128, {r}, b._Args({args.dim}, {args.num_classes}), torch.device('cpu'))(); "
         f"step = b._make_step({variant!r}, {n}, {m}, {r}, b._Args({args.dim}, {args.num_classes}), torch.device('cpu')); "
-        "b._reset_peak_rss(); base = b._rss_bytes(); step(); "
-        "print(b._peak_rss_bytes() - base)"
+        "from rcdet.benchmark_utils import reset_peak_rss, rss_bytes, peak_rss_bytes; "
+        "reset_peak_rss(); base = rss_bytes(); step(); print(peak_rss_bytes() - base)"
     )
     # A fixed mmap threshold: glibc otherwise raises it after large frees, serves later blocks
     # from the heap and keeps them resident, which inflates the peak.

@@ -122,12 +122,14 @@ def _dataset_exists(cfg):
 
 
 def peak_memory_probe(mode, args):
-    """Peak memory of `steps` training steps of one model, in a fresh process on the CPU."""
+    """Peak memory above the model and data over a few training steps, in a fresh process (CPU)."""
     if args.device.startswith("cuda"):
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--probe-memory", mode, "--config-file", args.config_file,
            "--batches", "3", "--device", args.device] + (["--synthetic"] if args.synthetic else []) + list(args.opts)
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    # A fixed mmap threshold, so freed blocks leave the resident set.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -145,16 +147,18 @@ def main(argv=None):
     torch.manual_seed(0)
 
     if args.probe_memory:
-        import resource
+        from rcdet.benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes
 
         cfgs, models, batches, _ = models_and_data(args)
         model = models[args.probe_memory].train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-        base = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         with EventStorage(0):
+            train_step(model, opt, batches[0], args.device)  # warm-up: kernels, thread pools
+            reset_peak_rss()
+            base = rss_bytes()
             for b in batches:
                 train_step(model, opt, b, args.device)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+        print(peak_rss_bytes() - base)
         return 0
 
     cfgs, models, batches, use_real = models_and_data(args)
