@@ -15,3 +15,4 @@ from . import data  # noqa: F401  (registers the datasets)
 from . import modeling  # noqa: F401  (registers the backbone and ROI heads)
 
 __version__ = "0.1.0"
+__all__ = ["ConfigError", "add_rcdet_config", "data", "modeling", "__version__"]

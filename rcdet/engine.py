@@ -1,7 +1,6 @@
 """The trainer and config setup shared by tools/train_net.py and the other tools."""
 
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -17,7 +16,6 @@ from .ranking import RankingError
 
 __all__ = ["Trainer", "setup_cfg", "check_datasets_exist", "write_json_atomic", "USER_ERRORS", "exit_on_user_error"]
 
-logger = logging.getLogger("rcdet")
 
 # Errors caused by the user's files or config: reported as one clear line, no traceback.
 USER_ERRORS = (ConfigError, DatasetError, RankingError)

@@ -91,7 +91,7 @@ def test_analyze_embeddings_tool_writes_its_files(tiny_models, tmp_path):
 
     cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["rince"])
     cfg.freeze()
-    report = analyze_embeddings.run(cfg, str(tmp_path), pre_projection=True, max_tsne=200)
+    analyze_embeddings.run(cfg, str(tmp_path), pre_projection=True, max_tsne=200)
     for f in ("analysis.json", "tsne_class.png", "tsne_group.png", "centroid_similarity.png",
               "box_features_tsne_class.png", "box_features_centroid_similarity.png"):
         assert (tmp_path / f).is_file(), f

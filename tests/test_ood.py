@@ -174,7 +174,7 @@ def _bench(name, weights, out, *opts, **kw):
 
 def test_end_to_end_report_files(tiny_models, tmp_path):
     # A 2-iteration model barely localises: a loose matching IoU gives both ID and OOD matches.
-    report = _bench("rince", tiny_models["rince"], tmp_path / "rince", score_threshold=0.0, match_iou=0.1)
+    _bench("rince", tiny_models["rince"], tmp_path / "rince", score_threshold=0.0, match_iou=0.1)
     for f in ("ood_report.json", "ood_report.csv", "roc.png", "score_hist.png"):
         assert (tmp_path / "rince" / f).is_file(), f
     with open(tmp_path / "rince" / "ood_report.json") as f:
@@ -189,7 +189,9 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
     # The statistics are cached next to the weights, keyed by their checksum.
     assert any(n.startswith("ood_stats_") for n in os.listdir(os.path.dirname(tiny_models["rince"])))
 
-    softmax = _bench("softmax", tiny_models["softmax"], tmp_path / "softmax", score_threshold=0.0, match_iou=0.1)
+    softmax = _bench("softmax", tiny_models["softmax"], tmp_path / "softmax", score_threshold=0.0, match_iou=0.1,
+                     time_plain_inference=True)
+    assert softmax["timing_seconds"]["plain_inference"] > 0 and "overhead_vs_plain_inference" in softmax
     for s in ("cosine", "knn", "gaussian"):
         assert softmax["scores"][s]["available"] is False and softmax["scores"][s]["auroc"] is None
     assert softmax["scores"]["msp"]["available"] is True

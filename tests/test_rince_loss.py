@@ -102,6 +102,23 @@ def test_empty_rank_and_uneven_positive_counts():
         assert out.loss.item() == pytest.approx(total, abs=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["in", "out", "out_in"])
+def test_ranked_class_without_any_key(variant):
+    # Class 1 is rank 2 for class-0 anchors, but no key has class 1; class 2 (rank 3) has only
+    # the anchors' own keys. Those ranks are empty: finite loss, finite and exact gradients.
+    z, _, k, _, _, _ = _random_case(13, n=3, m=8, self_exclude=False)
+    y = torch.tensor([0, 0, 2])
+    k[:3] = z
+    ky = torch.tensor([0, 0, 2, 3, 3, 4, 4, 0])
+    si = torch.tensor([0, 1, 2])
+    taus = [0.1, 0.2, 0.3]
+    out = ranked_info_nce(z, y, k, ky, RANK, taus, variant, si)
+    total, per_rank, counts = reference_rince(z.tolist(), y.tolist(), k.tolist(), ky.tolist(), RANK.tolist(), taus, variant, si.tolist())
+    assert out.loss.item() == pytest.approx(total, abs=1e-9) and out.anchor_counts.tolist() == counts
+    zz, kk = z.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ranked_info_nce(a, y, b, ky, RANK, taus, variant, si).loss, (zz, kk))
+
+
 def test_self_exclusion_is_by_index_not_value():
     # A genuine key that scores exactly 0 must stay; only the anchor's own index is removed.
     z = torch.tensor([[1.0, 0.0]], dtype=torch.float64)

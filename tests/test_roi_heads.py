@@ -64,7 +64,7 @@ def test_branch_on_keeps_standard_initialisation_and_losses():
     sd_std, sd_on = std.state_dict(), on.state_dict()
     assert all(torch.equal(sd_std[k], sd_on[k]) for k in sd_std)
     assert {k for k in sd_on if k not in sd_std} == {
-        k for k in sd_on if k.startswith("roi_heads.projection") or k.startswith("roi_heads.queue")
+        k for k in sd_on if k.startswith("roi_heads.projection") or k.startswith("roi_heads.contrast.queue")
     }
     batch = _inputs()
     l_std, l_on = _train_losses(std, batch), _train_losses(on, batch)

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser
 
 from conftest import REPO, tiny_cfg
@@ -66,7 +65,7 @@ def test_resume_restores_the_queue_exactly(tiny_shapes, tmp_path):
     for key, value in resumed.model.roi_heads.queue.state_dict().items():
         assert torch.equal(value, queue[key]), key
     saved = torch.load(tmp_path / "model_final.pth", map_location="cpu")["model"]
-    assert torch.equal(saved["roi_heads.queue.embeddings"], queue["embeddings"])
+    assert torch.equal(saved["roi_heads.contrast.queue.embeddings"], queue["embeddings"])
 
 
 def test_cli_reports_config_errors_without_traceback(tiny_shapes):

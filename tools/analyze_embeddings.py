@@ -14,7 +14,6 @@ through the trained box head and projection (streamed), then writes to --output:
 """
 
 import argparse
-import json
 import os
 import sys
 

@@ -30,6 +30,7 @@ def main(argv=None):
     parser.add_argument("--per-class-covariance", action="store_true", help="one Gaussian covariance per class")
     parser.add_argument("--energy-temperature", type=float, default=1.0)
     parser.add_argument("--name", default=None, help="run name in merged tables (default: output folder name)")
+    parser.add_argument("--time-plain", action="store_true", help="also time plain inference and report the overhead")
     parser.add_argument("--compare", nargs="+", metavar="DIR", help="merge existing reports instead of running")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS path.pth")
     args = parser.parse_args(argv)
@@ -45,13 +46,16 @@ def main(argv=None):
             parser.error("--config-file is required unless --compare is given")
         cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.RCDET.EMBED_AT_TEST", "True"])
         out = args.output or f"{cfg.OUTPUT_DIR}/ood"
-        report = run_ood_benchmark(cfg, out, args.score_thresh, args.knn_k, args.per_class_covariance, args.energy_temperature, args.name, args.match_iou)
+        report = run_ood_benchmark(cfg, out, args.score_thresh, args.knn_k, args.per_class_covariance, args.energy_temperature, args.name, args.match_iou, args.time_plain)
     except (FileNotFoundError,) + USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, entry in report["scores"].items():
         auroc = "n/a" if not entry["available"] else ("undefined" if entry["auroc"] is None else f"{entry['auroc']:.3f}")
         print(f"{name:>10}: AUROC {auroc}")
+    if "overhead_vs_plain_inference" in report:
+        print(f"Overhead over plain inference: {100 * report['overhead_vs_plain_inference']:+.1f}% "
+              f"(statistics cached), {100 * report['overhead_vs_plain_inference_with_fit']:+.1f}% (fitting them)")
     print(f"Report: {out}/ood_report.json; ROC plot: {out}/roc.png")
     return 0
 

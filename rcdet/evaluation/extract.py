@@ -5,8 +5,7 @@ holds the images in memory; each keeps only small per-box arrays.
 """
 
 import hashlib
-import logging
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -18,7 +17,6 @@ from detectron2.evaluation import DatasetEvaluator
 
 __all__ = ["file_checksum", "embed_ground_truth", "DetectionCollector"]
 
-logger = logging.getLogger(__name__)
 
 
 def file_checksum(path: str, chunk: int = 1 << 20) -> str:

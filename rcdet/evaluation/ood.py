@@ -16,7 +16,6 @@ as not available (``None``), never as zeros.
 
 import csv
 import io
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -38,7 +37,6 @@ __all__ = [
     "merge_reports",
 ]
 
-logger = logging.getLogger(__name__)
 
 LOGIT_SCORES = ("msp", "max_logit", "energy")
 EMBEDDING_SCORES = ("cosine", "knn", "gaussian")

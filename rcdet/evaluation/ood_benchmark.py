@@ -1,6 +1,7 @@
 """One OOD benchmark run: load a model, fit (or load cached) embedding statistics, run inference
 once for both AP and per-detection scores, match, and write the reports."""
 
+import io
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from detectron2.modeling import build_model
 
 from ..config import ConfigError
 from .extract import DetectionCollector, embed_ground_truth, file_checksum
-from .ood import ALL_SCORES, EMBEDDING_SCORES, ID, OOD, UNMATCHED, EmbeddingStatistics, logit_scores, match_detections, score_report, write_report_files
+from .ood import _atomic_write, ALL_SCORES, EMBEDDING_SCORES, ID, OOD, UNMATCHED, EmbeddingStatistics, logit_scores, match_detections, score_report, write_report_files
 
 __all__ = ["run_ood_benchmark", "check_weights_match", "A_OSE_SCORE"]
 
@@ -63,6 +64,7 @@ def run_ood_benchmark(
     energy_temperature: float = 1.0,
     name: Optional[str] = None,
     match_iou: float = 0.5,
+    time_plain_inference: bool = False,
 ) -> Dict:
     """``cfg`` must be frozen with MODEL.RCDET.EMBED_AT_TEST True and MODEL.WEIGHTS set."""
     if not cfg.MODEL.RCDET.EMBED_AT_TEST:
@@ -83,6 +85,15 @@ def run_ood_benchmark(
     t0 = time.perf_counter()
     stats = _fit_statistics(model, cfg, cfg.MODEL.WEIGHTS, knn_k, per_class_covariance, num_known) if has_branch else None
     fit_seconds = time.perf_counter() - t0
+
+    plain_seconds = None
+    if time_plain_inference:
+        # The reference: the same model's ordinary inference + VOC evaluation, EMBED_AT_TEST off.
+        model.roi_heads.embed_at_test = False
+        t0 = time.perf_counter()
+        inference_on_dataset(model, build_detection_test_loader(cfg, test_name), PascalVOCDetectionEvaluator(test_name))
+        plain_seconds = time.perf_counter() - t0
+        model.roi_heads.embed_at_test = True
 
     collector = DetectionCollector(score_threshold)
     evaluators = [collector]
@@ -161,8 +172,14 @@ def run_ood_benchmark(
         "scores": score_report(table, status),
         "timing_seconds": {"fit_statistics": fit_seconds, "inference": inference_seconds, "scoring": scoring_seconds},
     }
+    if plain_seconds:
+        report["timing_seconds"]["plain_inference"] = plain_seconds
+        report["overhead_vs_plain_inference"] = (inference_seconds + scoring_seconds) / plain_seconds - 1.0
+        report["overhead_vs_plain_inference_with_fit"] = (fit_seconds + inference_seconds + scoring_seconds) / plain_seconds - 1.0
     os.makedirs(output_dir, exist_ok=True)
     raw = {k: v for k, v in table.items() if v is not None}
-    np.savez(os.path.join(output_dir, "ood_scores.npz"), status=status, detection_score=np.concatenate(det_scores) if det_scores else np.zeros(0), **raw)
+    buf = io.BytesIO()
+    np.savez(buf, status=status, detection_score=np.concatenate(det_scores) if det_scores else np.zeros(0), **raw)
+    _atomic_write(os.path.join(output_dir, "ood_scores.npz"), buf.getvalue())
     write_report_files(output_dir, report, table, status, title=f"OOD ROC: {report['name']} (held out: {', '.join(held_out)})")
     return report

@@ -93,6 +93,7 @@ class RankedInfoNCEOutput:
     per_rank: torch.Tensor  # (r,) mean ell_k; 0 where no anchor has a rank-k positive
     anchor_counts: torch.Tensor  # (r,) anchors with at least one rank-k positive
     mean_similarity: torch.Tensor  # (r + 1,) mean s of rank-1..r positives, then negatives (nan if none)
+    num_keys: int = 0  # set by RankedInfoNCEWithMemory: batch keys of every worker + queue
 
 
 class _RankedInfoNCEFunction(torch.autograd.Function):
@@ -194,10 +195,13 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
             t = 1.0 / taus[k - 1]
             coef = torch.where(valid, weights, torch.zeros_like(weights)) * (grad_per_rank[k - 1] * t / anchor_counts[k - 1])
             # A row whose set is empty contributes nothing; +inf makes its exp factor 0, not inf * 0.
-            lse_safe = torch.where(torch.isfinite(lse_a), lse_a, torch.full_like(lse_a, float("inf")))[:, None]
+            def finite_or_inf(v):
+                return torch.where(torch.isfinite(v), v, torch.full_like(v, float("inf")))[:, None]
+
+            lse_safe = finite_or_inf(lse_a)
             if form == "in":
                 # d ell / d logit_j = 1[j in D] softmax_D(j) - 1[j in P] softmax_P(j)
-                lse_pos = b_vec[:, None]
+                lse_pos = finite_or_inf(b_vec)
                 den = torch.where(class_codes >= k, torch.exp(t * block_max - lse_safe), zeros)
                 pos = torch.where(class_codes == k, torch.exp(t * block_max - lse_pos), zeros)
                 terms.append((t, coef[:, None] * (den - pos), None))

@@ -1,7 +1,6 @@
 """RankedContrastiveROIHeads: StandardROIHeads plus a RINCE projection branch on the box features."""
 
 import bisect
-import logging
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -12,19 +11,18 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from ..config import ConfigError
-from ..distributed import all_gather_variable, all_reduce_sum, gather_with_local_grad, get_world_size
 from ..ranking import NEGATIVE_RANK, RankingError, load_ranking
+from .contrastive_memory import RankedInfoNCEWithMemory
 from .memory_queue import EmbeddingQueue
 from .rince import RankedInfoNCELoss, iou_reweight, parse_variant, temperatures_from_similarity, validate_temperatures
 
 __all__ = ["RankedContrastiveROIHeads", "build_contrastive_loss"]
 
-logger = logging.getLogger(__name__)
 
 
 def _dataset_classes(cfg):
@@ -119,17 +117,15 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.contrastive_loss = contrastive_loss
         self.loss_weight = loss_weight
         self.decay_steps = sorted(decay_steps)
         self.decay_rate = decay_rate
         self.iou_threshold = iou_threshold
         self.reweight = reweight
         self.queue_iou_threshold = queue_iou_threshold
-        self.gather = gather
         self.embed_at_test = embed_at_test
         self.projection = None
-        self.queue = None
+        self.contrast = None
         if contrastive_loss is None:
             return
         iou_reweight(torch.zeros(1), reweight)  # fails early on an unknown mode
@@ -139,8 +135,12 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         # after us initialises exactly as it would with StandardROIHeads.
         with torch.random.fork_rng(devices=[]):
             self.projection = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim))
-        if queue_size > 0:
-            self.queue = EmbeddingQueue(queue_size, embed_dim, self.num_classes, queue_class_balanced)
+        queue = EmbeddingQueue(queue_size, embed_dim, self.num_classes, queue_class_balanced) if queue_size > 0 else None
+        self.contrast = RankedInfoNCEWithMemory(contrastive_loss, queue, gather)
+
+    @property
+    def queue(self) -> Optional[EmbeddingQueue]:
+        return self.contrast.queue if self.contrast is not None else None
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -172,7 +172,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
         proposals = super().label_and_sample_proposals(proposals, targets)
-        if self.contrastive_loss is not None:
+        if self.contrast is not None:
             # The IoU of each sampled proposal with the GT it was matched to.
             for p in proposals:
                 if p.has("gt_boxes"):
@@ -185,7 +185,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         return F.normalize(self.projection(box_features), dim=1)
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        branch_needed = self.contrastive_loss is not None if self.training else self.embed_at_test
+        branch_needed = self.contrast is not None if self.training else self.embed_at_test
         if not branch_needed:
             return super()._forward_box(features, proposals)
         features = [features[f] for f in self.box_in_features]
@@ -226,52 +226,22 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         labels = torch.cat([p.gt_classes for p in proposals])
         ious = torch.cat([p.gt_iou for p in proposals])
         foreground = (labels >= 0) & (labels < self.num_classes)
-        anchor_idx = torch.nonzero(foreground & (ious >= self.iou_threshold)).squeeze(1)
-
-        if self.gather:
-            keys, offset = gather_with_local_grad(embeddings)
-            key_labels, _ = all_gather_variable(labels)
-        else:
-            keys, offset, key_labels = embeddings, 0, labels
-        num_batch_keys = keys.shape[0]
-        if self.queue is not None:
-            queue_emb, queue_labels = self.queue.keys()
-            keys = torch.cat([keys, queue_emb.to(keys.dtype)])
-            key_labels = torch.cat([key_labels, queue_labels])
-
-        out = self.contrastive_loss(
-            embeddings[anchor_idx],
-            labels[anchor_idx],
-            keys,
-            key_labels,
-            self_index=anchor_idx + offset,
-            anchor_weights=iou_reweight(ious[anchor_idx], self.reweight),
+        out = self.contrast(
+            embeddings,
+            labels,
+            anchor_mask=foreground & (ious >= self.iou_threshold),
+            anchor_weights=iou_reweight(ious, self.reweight),
+            enqueue_mask=foreground & (ious >= self.queue_iou_threshold),
         )
-        # Each rank is a mean over the anchors of the whole (global) batch: rescale this
-        # worker's mean by n_local * world / n_global, so that the average of loss_contrast over
-        # workers (what DDP and the logs see) equals the single-process loss on the full batch.
-        local_counts = out.anchor_counts
-        if self.gather and get_world_size() > 1:
-            global_counts = all_reduce_sum(local_counts)
-            scale = torch.where(global_counts > 0, local_counts * get_world_size() / global_counts.clamp(min=1), torch.zeros_like(local_counts))
-            loss = (out.per_rank * scale).sum() + embeddings.sum() * 0.0
-        else:
-            loss = out.loss + embeddings.sum() * 0.0
-
-        if self.queue is not None:
-            self.queue.enqueue(embeddings, labels, foreground & (ious >= self.queue_iou_threshold), gather=self.gather)
-
-        storage.put_scalar("rcdet/num_anchors", float(anchor_idx.numel()))
-        storage.put_scalar("rcdet/num_keys", float(keys.shape[0]))
-        storage.put_scalar("rcdet/batch_keys", float(num_batch_keys))
+        storage.put_scalar("rcdet/num_anchors", float((foreground & (ious >= self.iou_threshold)).sum()))
+        storage.put_scalar("rcdet/num_keys", float(out.num_keys))
         if self.queue is not None:
             storage.put_scalar("rcdet/queue_fill", self.queue.fill_fraction())
-        r = self.contrastive_loss.num_ranks
-        for k in range(r):
+        for k in range(self.contrast.num_ranks):
             storage.put_scalar(f"rcdet/loss_rank{k + 1}", float(out.per_rank[k]))
             storage.put_scalar(f"rcdet/anchors_rank{k + 1}", float(out.anchor_counts[k]))
-        names = [f"sim_rank{k + 1}" for k in range(r)] + ["sim_negative"]
+        names = [f"sim_rank{k + 1}" for k in range(self.contrast.num_ranks)] + ["sim_negative"]
         for name, value in zip(names, out.mean_similarity.tolist()):
             if np.isfinite(value):
                 storage.put_scalar(f"rcdet/{name}", value)
-        return {"loss_contrast": loss * self.current_loss_weight(storage.iter)}
+        return {"loss_contrast": out.loss * self.current_loss_weight(storage.iter)}
