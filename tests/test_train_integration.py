@@ -77,3 +77,32 @@ def test_cli_reports_config_errors_without_traceback(tiny_shapes):
     assert proc.returncode == 2
     assert "error: MODEL.RCDET.TEMPERATURES" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("config", ["configs/voc_softmax.yaml", "configs/voc_supcon.yaml", "configs/voc_rince.yaml", "configs/voc_rince_text.yaml"])
+def test_voc_configs_build_and_train_one_iteration(tiny_shapes, tmp_path, config):
+    """The R50-FPN VOC configs, from scratch, on the tiny built-in data instead of VOC2007."""
+    cfg = tiny_cfg(
+        config, "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('rcdet_shapes_trainval',)", "DATASETS.TEST", "()",
+        "MODEL.ROI_HEADS.NUM_CLASSES", "9", "MODEL.RCDET.RANKING_FILE", "configs/rankings/shapes_families.yaml",
+        "SOLVER.MAX_ITER", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", output_dir=tmp_path,
+    )
+    trainer = _train(cfg)
+    assert trainer.iter == 1 and (tmp_path / "model_final.pth").is_file()
+
+
+@pytest.mark.parametrize("config", ["configs/voc_rince.yaml", "configs/voc_rince_text.yaml", "configs/voc_supcon.yaml"])
+def test_voc_configs_load_their_rankings_for_voc_classes(config):
+    from detectron2.config import get_cfg
+    from detectron2.data.datasets.pascal_voc import CLASS_NAMES
+
+    from rcdet.config import add_rcdet_config
+    from rcdet.modeling.roi_heads import build_contrastive_loss
+
+    cfg = get_cfg()
+    add_rcdet_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, config))
+    loss = build_contrastive_loss(cfg)  # voc_2007_trainval metadata exists without the images
+    assert loss.rank_matrix.shape == (len(CLASS_NAMES), len(CLASS_NAMES))
+    assert loss.num_ranks == (1 if "supcon" in config else 3)
