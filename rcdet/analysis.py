@@ -129,6 +129,8 @@ def _plt():
 
 
 _MARKERS = "osD^vP*Xhp<>"
+# Held-out classes: black line markers, one per class, unlike any known class's filled marker.
+_HELD_OUT_MARKERS = "x+1234"
 
 
 def plot_tsne(
@@ -141,7 +143,7 @@ def plot_tsne(
     held_out: Sequence[str] = (),
     title: str = "",
 ):
-    """Two PNGs: colour by class with marker by group, and colour by group; held-out classes as black-edged x."""
+    """Two PNGs: colour by class with marker by group, and colour by group; held-out classes in black line markers."""
     plt = _plt()
     group_names = sorted(set(groups))
     cmap = plt.get_cmap("tab20")
@@ -154,7 +156,8 @@ def plot_tsne(
             g = group_names.index(groups[c])
             color = cmap(g % 20) if by_group else cmap(c % 20)
             if name in held_out:
-                ax.scatter(points_2d[sel, 0], points_2d[sel, 1], s=22, marker="x", c="black", linewidths=1.0, label=f"{name} (held out)")
+                marker = _HELD_OUT_MARKERS[list(held_out).index(name) % len(_HELD_OUT_MARKERS)]
+                ax.scatter(points_2d[sel, 0], points_2d[sel, 1], s=24, marker=marker, c="black", linewidths=1.0, label=f"{name} (held out)")
             else:
                 ax.scatter(points_2d[sel, 0], points_2d[sel, 1], s=9, marker=_MARKERS[g % len(_MARKERS)], color=color, alpha=0.75,
                            label=(groups[c] if by_group else f"{name} [{groups[c]}]"))

@@ -279,7 +279,7 @@ def _figures(runs: List[Run], output: str, rows):
     fig.savefig(os.path.join(output, "roc.png"), dpi=110)
     plt.close(fig)
 
-    from rcdet.analysis import _MARKERS
+    from rcdet.analysis import _HELD_OUT_MARKERS, _MARKERS
 
     panels = [(n, r) for n, r in first.items() if os.path.isfile(os.path.join(r.run_dir, "analysis", "tsne_points.npz"))
               or os.path.isfile(os.path.join(r.run_dir, "analysis", "box_features_tsne_points.npz"))]
@@ -301,19 +301,23 @@ def _figures(runs: List[Run], output: str, rows):
             for c, cname in enumerate(names):
                 sel = lab == c
                 if cname in held:
-                    ax.scatter(pts[sel, 0], pts[sel, 1], s=10, marker="x", c="black", linewidths=0.7)
+                    marker = _HELD_OUT_MARKERS[held.index(cname) % len(_HELD_OUT_MARKERS)]
+                    ax.scatter(pts[sel, 0], pts[sel, 1], s=12, marker=marker, c="black", linewidths=0.7, label=f"{cname} (held out)")
                 else:
                     ax.scatter(pts[sel, 0], pts[sel, 1], s=4, color=cmap(c % 10), marker=_MARKERS[gnames.index(groups[c]) % len(_MARKERS)])
             ax.set_title(name + ("" if "tsne_points.npz" == os.path.basename(path) else " (box features)"), fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.suptitle("t-SNE of GT-box embeddings (colour: class, marker: family, black x: held out)", fontsize=8)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        if handles:
+            axes[0][-1].legend(handles, labels, fontsize=6, loc="lower right")
+        fig.suptitle("t-SNE of GT-box embeddings of the test split (colour: class, marker: family, black: held out)", fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(output, "tsne_panel.png"), dpi=100)
         plt.close(fig)
 
 
-def aggregate(runs: List[Run], output: str, wall_seconds: Optional[float], args) -> str:
+def aggregate(runs: List[Run], output: str, wall_seconds: Optional[float], args, previous_meta: Optional[dict] = None) -> str:
     per_method: Dict[str, List[Dict]] = {}
     for run in runs:
         per_method.setdefault(run.method.name, []).append(run_metrics(run.run_dir))
@@ -339,6 +343,9 @@ def aggregate(runs: List[Run], output: str, wall_seconds: Optional[float], args)
         commit, dirty = "unknown", False
     import torch
 
+    if previous_meta and wall_seconds == previous_meta.get("wall_seconds"):
+        # Nothing was re-run: the runs still come from the commit that made them.
+        commit, dirty = previous_meta["commit"], previous_meta["uncommitted_changes"]
     meta = {
         "commit": commit, "uncommitted_changes": dirty, "quick": args.quick, "seeds": sorted({r.seed for r in runs}),
         "methods": list(per_method), "command": shlex.join(["python", "tools/compare_methods.py"] + (args.argv or [])),
@@ -377,11 +384,13 @@ def main(argv=None):
     start = time.perf_counter()
     counts = execute(runs, args.voc)
     wall = time.perf_counter() - start if counts["ran"] else None
-    previous = os.path.join(args.output, "meta.json")
-    if wall is None and os.path.isfile(previous):
-        with open(previous) as f:
-            wall = json.load(f).get("wall_seconds")
-    md = aggregate(runs, args.output, wall, args)
+    previous_path, previous = os.path.join(args.output, "meta.json"), None
+    if os.path.isfile(previous_path):
+        with open(previous_path) as f:
+            previous = json.load(f)
+    if wall is None and previous:
+        wall = previous.get("wall_seconds")
+    md = aggregate(runs, args.output, wall, args, previous if counts["ran"] == 0 else None)
     print(md)
     print(f"[compare] {counts['ran']} stages run, {counts['skipped']} skipped; results in {args.output}/")
     return 0
