@@ -52,7 +52,11 @@ def _run(head, image_slice):
     return losses
 
 
-def _worker(rank, world_size, out_dir):
+def _worker(rank, world_size, out_dir, shapes_root):
+    from rcdet.data import register_rcdet_shapes
+
+    # A spawned process imports rcdet afresh: point it at the test's dataset again.
+    register_rcdet_shapes(shapes_root)
     head = _head()
     losses = _run(head, slice(rank, rank + 1))
     torch.save({"losses": losses, "queue": head.queue.state_dict()}, os.path.join(out_dir, f"rank{rank}.pth"))
@@ -61,7 +65,7 @@ def _worker(rank, world_size, out_dir):
 def test_two_workers_average_to_single_worker_loss(tmp_path, tiny_shapes):
     single_head = _head()
     single = _run(single_head, slice(0, 2))
-    run_distributed(_worker, 2, str(tmp_path))
+    run_distributed(_worker, 2, str(tmp_path), tiny_shapes)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pth") for r in (0, 1))
     for step in range(STEPS):
         # Each worker's loss is its anchors' share rescaled by world size, so the mean over
