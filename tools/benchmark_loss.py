@@ -12,7 +12,6 @@ every row plus ``rince_r3_over_supcon`` (time ratio at N=1024, M=8192, d=128, r=
 """
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -23,6 +22,7 @@ import time
 import torch
 from torch.nn import functional as F
 
+from rcdet.engine import write_json_atomic
 from rcdet.modeling.rince import ranked_info_nce
 from rcdet.modeling.rince_reference import reference_rince
 
@@ -171,9 +171,7 @@ def main(argv=None):
         print(f"rince_r3_over_supcon (N=1024, M=8192): {summary['rince_r3_over_supcon']:.2f}x time; "
               f"peak extra memory {r3['peak_in_NxM_f32']:.2f} N*M float32 matrices")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
+        write_json_atomic(args.json, summary)
     return 0
 
 

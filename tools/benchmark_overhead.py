@@ -24,7 +24,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from rcdet.engine import USER_ERRORS, check_datasets_exist
+from rcdet.engine import USER_ERRORS, check_datasets_exist, write_json_atomic
 from rcdet.config import add_rcdet_config
 
 
@@ -213,9 +213,7 @@ def main(argv=None):
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json_atomic(args.json, result)
     return 0
 
 
