@@ -134,7 +134,30 @@ def write_shuffled_ranking(run: Run, voc: bool):
                                 f"Shuffled control for {true.source} (seed {1000 + run.seed}): deliberately wrong."))
 
 
-def execute(runs: List[Run], voc: bool, log=print) -> Dict[str, int]:
+def git_state():
+    """(commit, whether tracked files have uncommitted changes) of the checkout the study runs from."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown", False
+    return commit or "unknown", bool(dirty.strip())
+
+
+def record_stage(run_dir: str, stage: str, seconds: float, commit: str, dirty: bool):
+    """Each run keeps the commit and time of its own stages, since a resumed study mixes invocations."""
+    path = os.path.join(run_dir, "provenance.json")
+    info = {"stages": {}}
+    if os.path.isfile(path):
+        with open(path) as f:
+            info = json.load(f)
+    info["stages"][stage] = {"seconds": round(seconds, 1), "commit": commit, "uncommitted_changes": dirty}
+    with open(path, "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def execute(runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = None) -> Dict[str, int]:
+    """Run every stage whose output is missing. ``commit``: (sha, dirty) to record in each run's provenance."""
     done = {"skipped": 0, "ran": 0}
     for run in runs:
         for name, marker, argv in run.stages(voc):
@@ -145,8 +168,11 @@ def execute(runs: List[Run], voc: bool, log=print) -> Dict[str, int]:
             if name == "train" and run.ranking_file and not os.path.isfile(run.ranking_file):
                 write_shuffled_ranking(run, voc)
             log(f"[compare] {run.method.name} seed {run.seed}: {name}: {shlex.join(argv)}")
+            t0 = time.perf_counter()
             subprocess.run(argv, cwd=REPO, check=True)
             done["ran"] += 1
+            if commit is not None:
+                record_stage(run.run_dir, name, time.perf_counter() - t0, *commit)
     return done
 
 
@@ -317,7 +343,24 @@ def _figures(runs: List[Run], output: str, rows):
         plt.close(fig)
 
 
-def aggregate(runs: List[Run], output: str, wall_seconds: Optional[float], args, previous_meta: Optional[dict] = None) -> str:
+def study_invocations(previous_meta: Optional[dict], invocation: Optional[dict]) -> List[dict]:
+    """The invocations whose runs make up the table: the previous ones that this one resumed, plus this one."""
+    previous = []
+    if previous_meta:
+        previous = previous_meta.get("invocations") or [{
+            # meta.json from before invocations were recorded: one invocation.
+            "commit": previous_meta.get("commit", "unknown"),
+            "uncommitted_changes": previous_meta.get("uncommitted_changes", False),
+            "seeds": previous_meta.get("seeds"), "wall_seconds": previous_meta.get("wall_seconds")}]
+    return previous + ([invocation] if invocation else [])
+
+
+def aggregate(runs: List[Run], output: str, args, invocation: Optional[dict] = None, previous_meta: Optional[dict] = None) -> str:
+    """Write the tables, figures, configs and meta.json.
+
+    ``invocation``: commit, seeds and wall time of this call when it ran stages (None when it ran none).
+    ``previous_meta``: meta.json of the invocations whose finished runs this call resumed.
+    """
     per_method: Dict[str, List[Dict]] = {}
     for run in runs:
         per_method.setdefault(run.method.name, []).append(run_metrics(run.run_dir))
@@ -336,22 +379,31 @@ def aggregate(runs: List[Run], output: str, wall_seconds: Optional[float], args,
             shutil.copy(os.path.join(run.run_dir, "config.yaml"), os.path.join(cfg_dir, f"{run.method.name}.yaml"))
             if run.ranking_file and os.path.isfile(run.ranking_file):
                 shutil.copy(run.ranking_file, os.path.join(cfg_dir, f"{run.method.name}_ranking.yaml"))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = "unknown", False
     import torch
 
-    if previous_meta and wall_seconds == previous_meta.get("wall_seconds"):
-        # Nothing was re-run: the runs still come from the commit that made them.
-        commit, dirty = previous_meta["commit"], previous_meta["uncommitted_changes"]
     meta = {
-        "commit": commit, "uncommitted_changes": dirty, "quick": args.quick, "seeds": sorted({r.seed for r in runs}),
+        "commit": invocation["commit"] if invocation else (previous_meta or {}).get("commit", "unknown"),
+        "uncommitted_changes": invocation["uncommitted_changes"] if invocation else (previous_meta or {}).get("uncommitted_changes", False),
+        "quick": args.quick, "seeds": sorted({r.seed for r in runs}),
         "methods": list(per_method), "command": shlex.join(["python", "tools/compare_methods.py"] + (args.argv or [])),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "wall_seconds": wall_seconds,
     }
+    meta["invocations"] = study_invocations(previous_meta, invocation)
+    meta["commits"] = sorted({i["commit"] for i in meta["invocations"]})
+    # Summed over the invocations that contributed runs. One interrupted before it wrote meta.json is not
+    # counted; the stage times of its runs are still in their provenance.json.
+    walls = [i.get("wall_seconds") for i in meta["invocations"]]
+    meta["wall_seconds"] = sum(walls) if walls and None not in walls else None
+    meta["runs"] = []
+    for run in runs:
+        entry = {"method": run.method.name, "seed": run.seed}
+        path = os.path.join(run.run_dir, "provenance.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                stages = json.load(f)["stages"]
+            entry["commits"] = sorted({st["commit"] for st in stages.values()})
+            entry["stage_seconds"] = {k: st["seconds"] for k, st in stages.items()}
+        meta["runs"].append(entry)
     with open(os.path.join(output, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return md
@@ -381,16 +433,20 @@ def main(argv=None):
             for name, marker, argv_ in run.stages(args.voc):
                 print(f"  {name}{' (done)' if os.path.isfile(marker) else ''}: {shlex.join(argv_)}")
         return 0
+    commit, dirty = git_state()
     start = time.perf_counter()
-    counts = execute(runs, args.voc)
-    wall = time.perf_counter() - start if counts["ran"] else None
+    counts = execute(runs, args.voc, commit=(commit, dirty))
+    wall = time.perf_counter() - start
     previous_path, previous = os.path.join(args.output, "meta.json"), None
-    if os.path.isfile(previous_path):
+    if os.path.isfile(previous_path) and counts["skipped"]:
+        # Only a resumed study inherits the earlier invocations: a fresh one re-ran everything they made.
         with open(previous_path) as f:
             previous = json.load(f)
-    if wall is None and previous:
-        wall = previous.get("wall_seconds")
-    md = aggregate(runs, args.output, wall, args, previous if counts["ran"] == 0 else None)
+    invocation = None
+    if counts["ran"]:
+        invocation = {"commit": commit, "uncommitted_changes": dirty,
+                      "seeds": sorted({r.seed for r in runs}), "stages_run": counts["ran"], "wall_seconds": round(wall, 1)}
+    md = aggregate(runs, args.output, args, invocation, previous)
     print(md)
     print(f"[compare] {counts['ran']} stages run, {counts['skipped']} skipped; results in {args.output}/")
     return 0
