@@ -50,6 +50,46 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     assert not any(a[1] == "tools/train_net.py" and partial.run_dir in " ".join(a) for a in calls)
 
 
+def test_execute_records_each_stage_in_the_run_provenance(tmp_path, monkeypatch):
+    args = cm.argparse.Namespace(quick=True, quick_iters=10, seeds=[0], methods=["softmax"], voc=False, runs_dir=str(tmp_path), opts=[])
+    (run,) = cm.plan(args)
+    monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: None)
+    cm.execute([run], voc=False, log=lambda *a: None, commit=("abc123", True))
+    with open(os.path.join(run.run_dir, "provenance.json")) as f:
+        stages = json.load(f)["stages"]
+    assert set(stages) == {"train", "ood", "analysis"}
+    assert all(s["commit"] == "abc123" and s["uncommitted_changes"] is True and s["seconds"] >= 0 for s in stages.values())
+
+
+def test_resumed_study_names_every_commit_and_sums_wall_time():
+    # meta.json written before invocations were recorded: it stands for one invocation.
+    legacy = {"commit": "a" * 40, "uncommitted_changes": True, "seeds": [0], "wall_seconds": 100.0}
+    now = {"commit": "b" * 40, "uncommitted_changes": False, "seeds": [0, 1, 2], "stages_run": 30, "wall_seconds": 200.04}
+    prov = cm.study_provenance(legacy, now)
+    assert prov["commit"] == "b" * 40 and prov["uncommitted_changes"] is False
+    assert prov["commits"] == ["a" * 40, "b" * 40]
+    assert prov["wall_seconds"] == 300.0
+    assert [i["wall_seconds"] for i in prov["invocations"]] == [100.0, 200.04]
+    # Re-aggregating without running anything keeps the study as it was.
+    again = cm.study_provenance({**prov, "wall_seconds": 300.0}, None)
+    assert again["commits"] == prov["commits"] and again["wall_seconds"] == 300.0 and again["commit"] == "b" * 40
+    assert cm.study_provenance(None, None)["wall_seconds"] is None
+
+
+@pytest.mark.parametrize("skipped,inherits", [(0, False), (5, True)])
+def test_only_a_resumed_study_inherits_the_previous_invocations(tmp_path, monkeypatch, skipped, inherits):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"commit": "a" * 40, "uncommitted_changes": False, "wall_seconds": 7.0}))
+    seen = {}
+    monkeypatch.setattr(cm, "git_state", lambda: ("b" * 40, False))
+    monkeypatch.setattr(cm, "execute", lambda runs, voc, commit=None: {"skipped": skipped, "ran": 3})
+    monkeypatch.setattr(cm, "aggregate", lambda runs, output, args, invocation, previous: seen.update(inv=invocation, prev=previous) or "")
+    assert cm.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--output", str(out)]) == 0
+    assert seen["inv"]["commit"] == "b" * 40 and seen["inv"]["stages_run"] == 3
+    assert (seen["prev"] is not None) == inherits
+
+
 def test_table_builder_mean_and_sample_std():
     def res(ap, msp, cos, knn, out_c, rho):
         return {"AP": ap, "AP50": ap + 10, "AP75": ap - 10, "msp_auroc": msp, "msp_fpr95": 1 - msp,
@@ -89,5 +129,6 @@ def test_readme_results_table_matches_the_committed_results():
             assert table.strip() in readme, f"README.md does not quote {path} verbatim"
             with open(os.path.join(REPO, "results", kind, "meta.json")) as f:
                 meta = json.load(f)
-            assert meta["commit"][:7] in readme
+            for commit in meta.get("commits", [meta["commit"]]):
+                assert commit[:7] in readme, f"README.md does not name commit {commit[:7]} of {kind}"
     assert found, "no committed comparison results to check the README against"

@@ -146,6 +146,7 @@ def git_state():
 
 def record_stage(run_dir: str, stage: str, seconds: float, commit: str, dirty: bool):
     """Each run keeps the commit and time of its own stages, since a resumed study mixes invocations."""
+    os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, "provenance.json")
     info = {"stages": {}}
     if os.path.isfile(path):
@@ -343,16 +344,26 @@ def _figures(runs: List[Run], output: str, rows):
         plt.close(fig)
 
 
-def study_invocations(previous_meta: Optional[dict], invocation: Optional[dict]) -> List[dict]:
-    """The invocations whose runs make up the table: the previous ones that this one resumed, plus this one."""
-    previous = []
+def study_provenance(previous_meta: Optional[dict], invocation: Optional[dict]) -> dict:
+    """Commit and wall time of the study: the earlier invocations this one resumed, plus this one if it ran stages."""
+    invocations = []
     if previous_meta:
-        previous = previous_meta.get("invocations") or [{
+        invocations = previous_meta.get("invocations") or [{
             # meta.json from before invocations were recorded: one invocation.
             "commit": previous_meta.get("commit", "unknown"),
             "uncommitted_changes": previous_meta.get("uncommitted_changes", False),
             "seeds": previous_meta.get("seeds"), "wall_seconds": previous_meta.get("wall_seconds")}]
-    return previous + ([invocation] if invocation else [])
+    invocations = invocations + ([invocation] if invocation else [])
+    latest = invocations[-1] if invocations else {"commit": "unknown", "uncommitted_changes": False}
+    # Summed over the invocations that contributed runs. One interrupted before it wrote meta.json is not
+    # counted; the stage times of its runs are still in their provenance.json.
+    walls = [i.get("wall_seconds") for i in invocations]
+    return {
+        "commit": latest["commit"], "uncommitted_changes": latest["uncommitted_changes"],
+        "commits": sorted({i["commit"] for i in invocations}),
+        "invocations": invocations,
+        "wall_seconds": round(sum(walls), 1) if walls and None not in walls else None,
+    }
 
 
 def aggregate(runs: List[Run], output: str, args, invocation: Optional[dict] = None, previous_meta: Optional[dict] = None) -> str:
@@ -381,19 +392,14 @@ def aggregate(runs: List[Run], output: str, args, invocation: Optional[dict] = N
                 shutil.copy(run.ranking_file, os.path.join(cfg_dir, f"{run.method.name}_ranking.yaml"))
     import torch
 
+    prov = study_provenance(previous_meta, invocation)
     meta = {
-        "commit": invocation["commit"] if invocation else (previous_meta or {}).get("commit", "unknown"),
-        "uncommitted_changes": invocation["uncommitted_changes"] if invocation else (previous_meta or {}).get("uncommitted_changes", False),
+        "commit": prov["commit"], "uncommitted_changes": prov["uncommitted_changes"], "commits": prov["commits"],
         "quick": args.quick, "seeds": sorted({r.seed for r in runs}),
         "methods": list(per_method), "command": shlex.join(["python", "tools/compare_methods.py"] + (args.argv or [])),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "wall_seconds": prov["wall_seconds"], "invocations": prov["invocations"],
     }
-    meta["invocations"] = study_invocations(previous_meta, invocation)
-    meta["commits"] = sorted({i["commit"] for i in meta["invocations"]})
-    # Summed over the invocations that contributed runs. One interrupted before it wrote meta.json is not
-    # counted; the stage times of its runs are still in their provenance.json.
-    walls = [i.get("wall_seconds") for i in meta["invocations"]]
-    meta["wall_seconds"] = sum(walls) if walls and None not in walls else None
     meta["runs"] = []
     for run in runs:
         entry = {"method": run.method.name, "seed": run.seed}
