@@ -1,9 +1,18 @@
+import importlib.util
 import os
 import socket
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name: str):
+    """tools/ holds scripts, not a package: load one by its path instead of editing sys.path."""
+    spec = importlib.util.spec_from_file_location(f"rcdet_tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

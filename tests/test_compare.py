@@ -1,13 +1,11 @@
 import json
 import os
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, load_tool
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import compare_methods as cm  # noqa: E402
+cm = load_tool("compare_methods")
 
 METHODS = ["softmax", "supcon_out", "rince_in", "rince_out_in", "rince_out_in_shuffled"]
 

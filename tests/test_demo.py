@@ -1,10 +1,8 @@
 """tools/demo.py, the `make demo` job, end to end on the tiny built-in data with a 2-iteration schedule."""
 
 import json
-import os
-import sys
 
-from conftest import REPO
+from conftest import load_tool
 
 TINY = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
         "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160", "MODEL.RCDET.QUEUE_SIZE", "64"]
@@ -12,8 +10,7 @@ TINY = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()
 
 def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RCDET_SHAPES_ROOT", tiny_shapes)  # the data exists: no generation
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import demo
+    demo = load_tool("demo")
 
     assert demo.main(["--output", str(tmp_path)] + TINY) == 0
     with open(tmp_path / "metrics.json") as f:

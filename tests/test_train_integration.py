@@ -9,7 +9,7 @@ import torch
 
 from detectron2.engine import default_argument_parser
 
-from conftest import REPO, tiny_cfg
+from conftest import REPO, load_tool, tiny_cfg
 from rcdet.engine import Trainer
 
 
@@ -36,8 +36,7 @@ def test_train_checkpoint_then_eval_only_reports_ap(tiny_shapes, tmp_path):
     weights = out / "model_final.pth"
     assert weights.is_file()
     # --eval-only through the real CLI entry point, in-process.
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import train_net
+    train_net = load_tool("train_net")
 
     args = default_argument_parser().parse_args(
         ["--config-file", os.path.join(REPO, "configs/shapes_rince.yaml"), "--eval-only",
