@@ -42,7 +42,7 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
     monkeypatch.setattr(cm, "write_shuffled_ranking", lambda run, voc: None)
     counts = cm.execute(runs, voc=False, log=lambda *a: None)
-    assert counts == {"skipped": 4, "ran": 11}
+    assert counts == {"skipped": 4, "ran": 11, "seeds_run": [0]}
     ran_dirs = {a[a.index("--output") + 1] if "--output" in a else a[-1] for a in calls}
     assert not any(finished.run_dir in d for d in ran_dirs)
     assert not any(a[1] == "tools/train_net.py" and partial.run_dir in " ".join(a) for a in calls)
@@ -62,7 +62,7 @@ def test_execute_records_each_stage_in_the_run_provenance(tmp_path, monkeypatch)
 def test_resumed_study_names_every_commit_and_sums_wall_time():
     # meta.json written before invocations were recorded: it stands for one invocation.
     legacy = {"commit": "a" * 40, "uncommitted_changes": True, "seeds": [0], "wall_seconds": 100.0}
-    now = {"commit": "b" * 40, "uncommitted_changes": False, "seeds": [0, 1, 2], "stages_run": 30, "wall_seconds": 200.04}
+    now = {"commit": "b" * 40, "uncommitted_changes": False, "seeds_run": [1, 2], "stages_run": 30, "wall_seconds": 200.04}
     prov = cm.study_provenance(legacy, now)
     assert prov["commit"] == "b" * 40 and prov["uncommitted_changes"] is False
     assert prov["commits"] == ["a" * 40, "b" * 40]
@@ -81,10 +81,10 @@ def test_only_a_resumed_study_inherits_the_previous_invocations(tmp_path, monkey
     (out / "meta.json").write_text(json.dumps({"commit": "a" * 40, "uncommitted_changes": False, "wall_seconds": 7.0}))
     seen = {}
     monkeypatch.setattr(cm, "git_state", lambda: ("b" * 40, False))
-    monkeypatch.setattr(cm, "execute", lambda runs, voc, commit=None: {"skipped": skipped, "ran": 3})
+    monkeypatch.setattr(cm, "execute", lambda runs, voc, commit=None: {"skipped": skipped, "ran": 3, "seeds_run": [0]})
     monkeypatch.setattr(cm, "aggregate", lambda runs, output, args, invocation, previous: seen.update(inv=invocation, prev=previous) or "")
     assert cm.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--output", str(out)]) == 0
-    assert seen["inv"]["commit"] == "b" * 40 and seen["inv"]["stages_run"] == 3
+    assert seen["inv"]["commit"] == "b" * 40 and seen["inv"]["stages_run"] == 3 and seen["inv"]["seeds_run"] == [0]
     assert (seen["prev"] is not None) == inherits
 
 

@@ -159,7 +159,7 @@ def record_stage(run_dir: str, stage: str, seconds: float, commit: str, dirty: b
 
 def execute(runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = None) -> Dict[str, int]:
     """Run every stage whose output is missing. ``commit``: (sha, dirty) to record in each run's provenance."""
-    done = {"skipped": 0, "ran": 0}
+    done = {"skipped": 0, "ran": 0, "seeds_run": []}
     for run in runs:
         for name, marker, argv in run.stages(voc):
             if os.path.isfile(marker):
@@ -172,6 +172,8 @@ def execute(runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = Non
             t0 = time.perf_counter()
             subprocess.run(argv, cwd=REPO, check=True)
             done["ran"] += 1
+            if run.seed not in done["seeds_run"]:
+                done["seeds_run"].append(run.seed)
             if commit is not None:
                 record_stage(run.run_dir, name, time.perf_counter() - t0, *commit)
     return done
@@ -352,7 +354,7 @@ def study_provenance(previous_meta: Optional[dict], invocation: Optional[dict]) 
             # meta.json from before invocations were recorded: one invocation.
             "commit": previous_meta.get("commit", "unknown"),
             "uncommitted_changes": previous_meta.get("uncommitted_changes", False),
-            "seeds": previous_meta.get("seeds"), "wall_seconds": previous_meta.get("wall_seconds")}]
+            "seeds_run": previous_meta.get("seeds"), "wall_seconds": previous_meta.get("wall_seconds")}]
     invocations = invocations + ([invocation] if invocation else [])
     latest = invocations[-1] if invocations else {"commit": "unknown", "uncommitted_changes": False}
     # Summed over the invocations that contributed runs. One interrupted before it wrote meta.json is not
@@ -451,7 +453,7 @@ def main(argv=None):
     invocation = None
     if counts["ran"]:
         invocation = {"commit": commit, "uncommitted_changes": dirty,
-                      "seeds": sorted({r.seed for r in runs}), "stages_run": counts["ran"], "wall_seconds": round(wall, 1)}
+                      "seeds_run": sorted(counts["seeds_run"]), "stages_run": counts["ran"], "wall_seconds": round(wall, 1)}
     md = aggregate(runs, args.output, args, invocation, previous)
     print(md)
     print(f"[compare] {counts['ran']} stages run, {counts['skipped']} skipped; results in {args.output}/")
