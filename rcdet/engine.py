@@ -1,9 +1,7 @@
 """The trainer and config setup shared by tools/train_net.py and the other tools."""
 
-import json
 import os
 import sys
-import tempfile
 
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
@@ -14,7 +12,7 @@ from .config import ConfigError, add_rcdet_config
 from .data.datasets import DatasetError
 from .ranking import RankingError
 
-__all__ = ["Trainer", "setup_cfg", "check_datasets_exist", "write_json_atomic", "USER_ERRORS", "exit_on_user_error"]
+__all__ = ["Trainer", "setup_cfg", "check_datasets_exist", "USER_ERRORS", "exit_on_user_error"]
 
 
 # Errors caused by the user's files or config: reported as one clear line, no traceback.
@@ -77,22 +75,6 @@ def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True):
     if args is not None:
         default_setup(cfg, args)
     return cfg
-
-
-def write_json_atomic(path: str, data) -> None:
-    """Write JSON through a temporary file and rename, so a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def exit_on_user_error(fn, *args, **kwargs):

@@ -26,7 +26,8 @@ from detectron2.utils.logger import setup_logger
 
 from rcdet.analysis import analyse, plot_centroid_similarity, plot_tsne, tsne_2d
 from rcdet.config import ConfigError
-from rcdet.engine import USER_ERRORS, setup_cfg, write_json_atomic
+from rcdet.engine import USER_ERRORS, setup_cfg
+from rcdet.file_io import write_json_atomic
 from rcdet.evaluation.extract import embed_ground_truth
 from rcdet.evaluation.ood_benchmark import check_weights_match
 from rcdet.ranking import load_ranking

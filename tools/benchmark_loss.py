@@ -22,7 +22,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from rcdet.engine import write_json_atomic
+from rcdet.file_io import write_json_atomic
 from rcdet.modeling.rince import ranked_info_nce
 from rcdet.modeling.rince_reference import reference_rince
 

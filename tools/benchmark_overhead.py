@@ -24,7 +24,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from rcdet.engine import USER_ERRORS, check_datasets_exist, write_json_atomic
+from rcdet.engine import USER_ERRORS, check_datasets_exist
+from rcdet.file_io import write_json_atomic
 from rcdet.config import add_rcdet_config
 
 

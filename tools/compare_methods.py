@@ -89,7 +89,7 @@ class Run:
         if self.ranking_file:
             eval_opts += ["MODEL.RCDET.RANKING_FILE", self.ranking_file]
         # The analysis always measures against the true ranking, also for the shuffled control.
-        analysis_opts = [o for o in eval_opts]
+        analysis_opts = list(eval_opts)
         if self.ranking_file:
             analysis_opts[analysis_opts.index(self.ranking_file)] = true_ranking_file(voc)
         return [

@@ -15,7 +15,8 @@ import time
 from detectron2.engine import default_argument_parser
 
 from rcdet.data.shapes import default_root, generate
-from rcdet.engine import USER_ERRORS, Trainer, setup_cfg, write_json_atomic
+from rcdet.engine import USER_ERRORS, Trainer, setup_cfg
+from rcdet.file_io import write_json_atomic
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 
 DEFAULT_CONFIG = "configs/shapes_rince_ood.yaml"

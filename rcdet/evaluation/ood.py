@@ -17,12 +17,13 @@ as not available (``None``), never as zeros.
 import csv
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
+
+from ..file_io import atomic_write, save_npz_atomic, write_json_atomic
 
 __all__ = [
     "LOGIT_SCORES",
@@ -128,13 +129,8 @@ class EmbeddingStatistics:
         return {"cosine": cosine, "knn": knn, "gaussian": np.max(np.stack(loglik, axis=1), axis=1)}
 
     def save(self, path: str):
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, prototypes=self.prototypes, bank=self.bank, means=self.means,
-                 precisions=self.precisions, log_dets=self.log_dets, knn_k=self.knn_k)
-        os.replace(tmp, path)
+        save_npz_atomic(path, prototypes=self.prototypes, bank=self.bank, means=self.means,
+                        precisions=self.precisions, log_dets=self.log_dets, knn_k=self.knn_k)
 
     @classmethod
     def load(cls, path: str):
@@ -207,20 +203,6 @@ def score_report(score_table: Dict[str, Optional[np.ndarray]], status: np.ndarra
     return report
 
 
-def _atomic_write(path: str, data: bytes):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 CSV_FIELDS = ("score", "available", "auroc", "fpr95", "aupr_in", "aupr_out")
 
 
@@ -264,12 +246,11 @@ def _save_figure(fig, path: str):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def write_report_files(output_dir: str, report: Dict, score_table: Dict[str, Optional[np.ndarray]], status: np.ndarray, title: str = ""):
     """ood_report.json/.csv, roc.png and score_hist.png, each written atomically."""
-    import json
 
     import matplotlib
 
@@ -299,8 +280,8 @@ def write_report_files(output_dir: str, report: Dict, score_table: Dict[str, Opt
         ax.set_title(name)
     fig.tight_layout()
     _save_figure(fig, os.path.join(output_dir, "score_hist.png"))
-    _atomic_write(os.path.join(output_dir, "ood_report.csv"), report_csv(report).encode())
-    _atomic_write(os.path.join(output_dir, "ood_report.json"), (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write(os.path.join(output_dir, "ood_report.csv"), report_csv(report).encode())
+    write_json_atomic(os.path.join(output_dir, "ood_report.json"), report)
 
 
 def merge_reports(run_dirs: Sequence[str], output_dir: str):
@@ -336,8 +317,8 @@ def merge_reports(run_dirs: Sequence[str], output_dir: str):
     md += "".join("| " + " | ".join(r) + " |\n" for r in table)
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows([header] + table)
-    _atomic_write(os.path.join(output_dir, "ood_comparison.md"), md.encode())
-    _atomic_write(os.path.join(output_dir, "ood_comparison.csv"), buf.getvalue().encode())
+    atomic_write(os.path.join(output_dir, "ood_comparison.md"), md.encode())
+    atomic_write(os.path.join(output_dir, "ood_comparison.csv"), buf.getvalue().encode())
     if curves:
         _save_figure(_roc_figure(curves, "OOD detection ROC, all runs"), os.path.join(output_dir, "roc_comparison.png"))
     return md

@@ -1,7 +1,6 @@
 """One OOD benchmark run: load a model, fit (or load cached) embedding statistics, run inference
 once for both AP and per-detection scores, match, and write the reports."""
 
-import io
 import logging
 import os
 import time
@@ -17,7 +16,8 @@ from detectron2.modeling import build_model
 
 from ..config import ConfigError
 from .extract import DetectionCollector, embed_ground_truth, file_checksum
-from .ood import _atomic_write, ALL_SCORES, EMBEDDING_SCORES, ID, OOD, UNMATCHED, EmbeddingStatistics, logit_scores, match_detections, score_report, write_report_files
+from ..file_io import save_npz_atomic
+from .ood import ALL_SCORES, EMBEDDING_SCORES, ID, OOD, UNMATCHED, EmbeddingStatistics, logit_scores, match_detections, score_report, write_report_files
 
 __all__ = ["run_ood_benchmark", "check_weights_match", "A_OSE_SCORE"]
 
@@ -178,8 +178,7 @@ def run_ood_benchmark(
         report["overhead_vs_plain_inference_with_fit"] = (fit_seconds + inference_seconds + scoring_seconds) / plain_seconds - 1.0
     os.makedirs(output_dir, exist_ok=True)
     raw = {k: v for k, v in table.items() if v is not None}
-    buf = io.BytesIO()
-    np.savez(buf, status=status, detection_score=np.concatenate(det_scores) if det_scores else np.zeros(0), **raw)
-    _atomic_write(os.path.join(output_dir, "ood_scores.npz"), buf.getvalue())
+    save_npz_atomic(os.path.join(output_dir, "ood_scores.npz"), status=status,
+                    detection_score=np.concatenate(det_scores) if det_scores else np.zeros(0), **raw)
     write_report_files(output_dir, report, table, status, title=f"OOD ROC: {report['name']} (held out: {', '.join(held_out)})")
     return report

@@ -51,6 +51,11 @@ VARIANTS = {
 _FORMS = ("in", "out", "out_in")
 
 
+def _finite_or_inf(lse: torch.Tensor) -> torch.Tensor:
+    """A row whose set is empty (lse = -inf) contributes nothing: +inf makes its exp factor 0, not inf * 0."""
+    return torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))[:, None]
+
+
 def parse_variant(name: str):
     """``"rince_out_in"`` -> ``("out_in", None)``; ``"supcon_out"`` -> ``("out", 1)``."""
     if name not in VARIANTS:
@@ -194,14 +199,10 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
             form, valid, lse_a, b_vec, n_pos = entry
             t = 1.0 / taus[k - 1]
             coef = torch.where(valid, weights, torch.zeros_like(weights)) * (grad_per_rank[k - 1] * t / anchor_counts[k - 1])
-            # A row whose set is empty contributes nothing; +inf makes its exp factor 0, not inf * 0.
-            def finite_or_inf(v):
-                return torch.where(torch.isfinite(v), v, torch.full_like(v, float("inf")))[:, None]
-
-            lse_safe = finite_or_inf(lse_a)
+            lse_safe = _finite_or_inf(lse_a)
             if form == "in":
                 # d ell / d logit_j = 1[j in D] softmax_D(j) - 1[j in P] softmax_P(j)
-                lse_pos = finite_or_inf(b_vec)
+                lse_pos = _finite_or_inf(b_vec)
                 den = torch.where(class_codes >= k, torch.exp(t * block_max - lse_safe), zeros)
                 pos = torch.where(class_codes == k, torch.exp(t * block_max - lse_pos), zeros)
                 terms.append((t, coef[:, None] * (den - pos), None))

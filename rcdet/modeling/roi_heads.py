@@ -226,21 +226,23 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         labels = torch.cat([p.gt_classes for p in proposals])
         ious = torch.cat([p.gt_iou for p in proposals])
         foreground = (labels >= 0) & (labels < self.num_classes)
+        anchor_mask = foreground & (ious >= self.iou_threshold)
         out = self.contrast(
             embeddings,
             labels,
-            anchor_mask=foreground & (ious >= self.iou_threshold),
+            anchor_mask=anchor_mask,
             anchor_weights=iou_reweight(ious, self.reweight),
             enqueue_mask=foreground & (ious >= self.queue_iou_threshold),
         )
-        storage.put_scalar("rcdet/num_anchors", float((foreground & (ious >= self.iou_threshold)).sum()))
+        storage.put_scalar("rcdet/num_anchors", float(anchor_mask.sum()))
         storage.put_scalar("rcdet/num_keys", float(out.num_keys))
         if self.queue is not None:
             storage.put_scalar("rcdet/queue_fill", self.queue.fill_fraction())
-        for k in range(self.contrast.num_ranks):
+        r = self.contrast.num_ranks
+        for k in range(r):
             storage.put_scalar(f"rcdet/loss_rank{k + 1}", float(out.per_rank[k]))
             storage.put_scalar(f"rcdet/anchors_rank{k + 1}", float(out.anchor_counts[k]))
-        names = [f"sim_rank{k + 1}" for k in range(self.contrast.num_ranks)] + ["sim_negative"]
+        names = [f"sim_rank{k + 1}" for k in range(r)] + ["sim_negative"]
         for name, value in zip(names, out.mean_similarity.tolist()):
             if np.isfinite(value):
                 storage.put_scalar(f"rcdet/{name}", value)

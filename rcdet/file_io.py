@@ -1,0 +1,38 @@
+"""Writes that never leave half a file: a crash mid-write keeps the previous file, or none.
+
+Reports, caches and run markers are read back by resumable tools (the OOD statistics cache,
+tools/compare_methods.py), so a truncated file would be taken for a finished one.
+"""
+
+import io
+import json
+import os
+import tempfile
+
+import numpy as np
+
+__all__ = ["atomic_write", "write_json_atomic", "save_npz_atomic"]
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str, data) -> None:
+    atomic_write(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def save_npz_atomic(path: str, **arrays) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
