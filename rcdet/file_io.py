@@ -14,12 +14,22 @@ import numpy as np
 __all__ = ["atomic_write", "write_json_atomic", "save_npz_atomic"]
 
 
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; put it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp creates the file 0600; reports and caches must be as readable as any
+            # file open() would create, so give it the mode the umask allows.
+            os.fchmod(f.fileno(), 0o666 & ~_current_umask())
             f.write(data)
         os.replace(tmp, path)
     except BaseException:

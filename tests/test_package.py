@@ -26,3 +26,14 @@ def test_setup_py_does_not_require_detectron2():
         text = f.read()
     requires = text[text.index("install_requires") : text.index("extras_require")]
     assert "detectron2" not in requires and "torch" not in requires
+
+
+def test_detectron2_model_zoo_and_testing_import():
+    """Both import pkg_resources, which only the pinned setuptools still ships without a warning."""
+    code = (
+        "from detectron2 import model_zoo; import detectron2.utils.testing; "
+        "print(model_zoo.get_config_file('COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml'))"
+    )
+    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert os.path.isfile(proc.stdout.strip())

@@ -31,7 +31,8 @@ else
   rm -rf "$VENV"
   "$PY" -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools wheel
+# setuptools is pinned in requirements.txt (detectron2 needs its pkg_resources): not upgraded here.
+"$VENV/bin/python" -m pip install --quiet --upgrade pip wheel
 "$VENV/bin/python" -m pip install -r requirements.txt
 "$VENV/bin/python" -m pip install --no-deps --no-build-isolation -e .
 "$VENV/bin/python" -c "import rcdet, detectron2, torch; print(f'[setup] ok: torch {torch.__version__}, detectron2 {detectron2.__version__}, rcdet {rcdet.__version__}')"
