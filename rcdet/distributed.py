@@ -4,12 +4,12 @@ Python objects and is for metadata only). Everything here is a no-op with one pr
 without an initialised process group.
 """
 
-from typing import List, Tuple
+from typing import List
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["get_world_size", "get_rank", "all_gather_variable", "gather_with_local_grad", "all_reduce_sum"]
+__all__ = ["get_world_size", "get_rank", "gather_sizes", "pad_rows", "all_gather_padded", "all_gather_with_grad"]
 
 
 def get_world_size() -> int:
@@ -20,46 +20,59 @@ def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def all_gather_variable(tensor: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
-    """
-    Concatenate ``tensor`` (sizes may differ along dim 0) from every worker in rank order.
-    Pads to the largest size for the collective and drops the padding. No gradient.
-    Returns the gathered tensor and the per-worker sizes.
-    """
-    world = get_world_size()
-    if world == 1:
-        return tensor.detach(), [tensor.shape[0]]
-    size = torch.tensor([tensor.shape[0]], device=tensor.device, dtype=torch.int64)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
+def gather_sizes(n: int, device) -> List[int]:
+    """Every worker's row count. Reads them back to the host: one sync, so not for a training step."""
+    size = torch.tensor([n], device=device, dtype=torch.int64)
+    sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
     dist.all_gather(sizes, size)
-    sizes = [int(s.item()) for s in sizes]
-    longest = max(sizes)
-    padded = tensor.detach().new_zeros((longest,) + tuple(tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor.detach()
-    chunks = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(chunks, padded)
-    return torch.cat([c[:n] for c, n in zip(chunks, sizes)], dim=0), sizes
+    return torch.cat(sizes).tolist()
 
 
-def gather_with_local_grad(tensor: torch.Tensor) -> Tuple[torch.Tensor, int]:
+def pad_rows(tensor: torch.Tensor, rows: int, fill: torch.Tensor) -> torch.Tensor:
+    """``tensor`` followed by copies of the row ``fill`` up to ``rows`` rows (differentiable)."""
+    missing = rows - tensor.shape[0]
+    if missing < 0:
+        raise ValueError(f"Cannot pad {tensor.shape[0]} rows down to {rows}.")
+    if missing == 0:
+        return tensor
+    return torch.cat([tensor, fill.to(tensor.dtype).expand(missing, -1)], dim=0)
+
+
+def all_gather_padded(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every worker) from every worker in rank order. No gradient."""
+    if get_world_size() == 1:
+        return tensor.detach()
+    chunks = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(chunks, tensor.detach().contiguous())
+    return torch.cat(chunks, dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
     """
-    Like :func:`all_gather_variable`, but the local slice of the result is ``tensor`` itself,
-    so gradients flow into this worker's inputs. Returns the gathered tensor and the offset
-    of the local slice in it.
+    All-gather whose backward sums the gathered tensor's gradient over workers and returns
+    this worker's slice: every worker's loss uses every worker's rows, so the gradient with
+    respect to this worker's rows is the sum of all those losses' gradients.
     """
-    gathered, sizes = all_gather_variable(tensor)
-    if len(sizes) == 1:
-        return tensor, 0
-    rank = get_rank()
-    offset = sum(sizes[:rank])
-    parts = [gathered[:offset], tensor, gathered[offset + sizes[rank] :]]
-    return torch.cat(parts, dim=0), offset
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.rows = tensor.shape[0]
+        return all_gather_padded(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over workers (a copy); identity with one process."""
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """
+    Concatenate ``tensor`` (same shape on every worker; pad first) from every worker, with a
+    gradient that reaches every worker's rows. After DDP's averaging, a loss summed over
+    workers then gets exactly the gradient of one process holding the global batch.
+    """
     if get_world_size() == 1:
         return tensor
-    tensor = tensor.detach().clone()
-    dist.all_reduce(tensor)
-    return tensor
+    return _AllGatherWithGrad.apply(tensor)

@@ -6,23 +6,46 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..distributed import all_gather_variable, all_reduce_sum, gather_with_local_grad, get_world_size
+from ..distributed import all_gather_with_grad, gather_sizes, get_rank, get_world_size, pad_rows
 from .memory_queue import EmbeddingQueue
-from .rince import RankedInfoNCELoss, RankedInfoNCEOutput
+from .rince import RankedInfoNCELoss, RankedInfoNCEOutput, positive_anchor_counts
 
-__all__ = ["RankedInfoNCEWithMemory"]
+__all__ = ["RankedInfoNCEWithMemory", "compact_indices"]
+
+
+def compact_indices(mask: torch.Tensor, capacity: int):
+    """
+    The indices of the True entries of ``mask``, in order, in a tensor of fixed length
+    ``capacity`` (no ``nonzero``: its output size would need a sync). Returns ``(index,
+    valid, kept)``: ``index[valid]`` are the first ``capacity`` True positions, the other
+    entries point at row 0; ``kept`` marks the rows of ``mask`` that made it in.
+    """
+    capacity = min(int(capacity), mask.shape[0])
+    position = mask.to(torch.int64).cumsum(0) - 1
+    kept = mask & (position < capacity)
+    slot = torch.where(kept, position, torch.full_like(position, capacity))  # the rest land in a spare slot
+    index = torch.zeros(capacity + 1, dtype=torch.int64, device=mask.device)
+    index.scatter_(0, slot, torch.arange(mask.shape[0], device=mask.device))
+    valid = torch.arange(capacity, device=mask.device) < kept.sum()
+    return torch.where(valid, index[:capacity], torch.zeros_like(index[:capacity])), valid, kept
 
 
 class RankedInfoNCEWithMemory(nn.Module):
     """
     Anchors are the rows of this worker's ``embeddings`` selected by ``anchor_mask``. Keys are
-    all rows of every worker's ``embeddings`` (all-gathered; gradients flow through the local
-    slice) followed by the queue; each anchor's own key is excluded by index. After the loss,
-    the rows selected by ``enqueue_mask`` (from every worker) enter the queue.
+    all rows of every worker's ``embeddings`` followed by the queue; each anchor's own key is
+    excluded by index. After the loss, the rows selected by ``enqueue_mask`` (from every
+    worker) enter the queue, so every worker holds the same queue.
 
-    Each rank's mean runs over the anchors of the whole global batch: this worker's mean is
-    rescaled by ``n_local * world_size / n_global``, so the average of ``loss`` over workers
-    (what DDP averages and detectron2 logs) equals the loss of one worker holding the whole batch.
+    Multi-GPU: embeddings, labels and both masks travel in one all-gather whose backward sums
+    the key gradients over workers. Each rank's mean runs over the anchors of the global batch
+    (counted from the gathered labels, no second collective) and each worker's loss is its
+    share times the world size. So the average of ``loss`` over workers, and the gradient after
+    DDP's averaging, equal those of one process holding the whole batch.
+
+    Sync-free: anchors are compacted into ``max_anchors`` rows and every worker's rows are padded
+    to ``pad_to`` rows, both static bounds from the config, so no tensor shape depends on data.
+    Without ``pad_to`` the per-worker sizes are gathered first (one sync).
     """
 
     def __init__(self, loss: RankedInfoNCELoss, queue: Optional[EmbeddingQueue] = None, gather: bool = True):
@@ -35,6 +58,7 @@ class RankedInfoNCEWithMemory(nn.Module):
     def num_ranks(self) -> int:
         return self.loss.num_ranks
 
+    @torch.jit.unused
     def forward(
         self,
         embeddings: torch.Tensor,
@@ -42,27 +66,58 @@ class RankedInfoNCEWithMemory(nn.Module):
         anchor_mask: torch.Tensor,
         anchor_weights: Optional[torch.Tensor] = None,
         enqueue_mask: Optional[torch.Tensor] = None,
+        max_anchors: Optional[int] = None,
+        pad_to: Optional[int] = None,
     ) -> RankedInfoNCEOutput:
-        anchor_idx = torch.nonzero(anchor_mask).squeeze(1)
-        if self.gather:
-            keys, offset = gather_with_local_grad(embeddings)
-            key_labels, _ = all_gather_variable(labels)
-        else:
-            keys, offset, key_labels = embeddings, 0, labels
-        if self.queue is not None:
-            queue_emb, queue_labels = self.queue.keys()
-            keys = torch.cat([keys, queue_emb.to(keys.dtype)])
-            key_labels = torch.cat([key_labels, queue_labels])
-        weights = anchor_weights[anchor_idx] if anchor_weights is not None else None
-        out = self.loss(embeddings[anchor_idx], labels[anchor_idx], keys, key_labels, anchor_idx + offset, weights)
-        if self.gather and get_world_size() > 1:
-            local = out.anchor_counts
-            total = all_reduce_sum(local)
-            scale = torch.where(total > 0, local * get_world_size() / total.clamp(min=1), torch.zeros_like(local))
-            out.loss = (out.per_rank * scale).sum() + embeddings.sum() * 0.0
-        else:
-            out.loss = out.loss + embeddings.sum() * 0.0
-        if self.queue is not None and enqueue_mask is not None:
-            self.queue.enqueue(embeddings, labels, enqueue_mask, gather=self.gather)
-        out.num_keys = keys.shape[0]
+        n, dim = embeddings.shape
+        device = embeddings.device
+        # Float32 whatever the autocast state: the gathered rows carry labels and masks too.
+        with torch.autocast(device_type=device.type, enabled=False):
+            emb = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32))
+            anchor_idx, anchor_valid, is_anchor = compact_indices(anchor_mask, n if max_anchors is None else max_anchors)
+            if enqueue_mask is None:
+                enqueue_mask = torch.zeros_like(anchor_mask)
+            world = get_world_size() if self.gather else 1
+            rows = emb
+            flags = torch.stack([labels.to(emb.dtype), is_anchor.to(emb.dtype), enqueue_mask.to(emb.dtype)], dim=1)
+            offset = 0
+            if world > 1:
+                packed = torch.cat([emb, flags], dim=1)
+                width = pad_to if pad_to is not None else max(gather_sizes(n, device))
+                if n > width:
+                    raise ValueError(f"{n} regions on this worker, more than pad_to = {width}.")
+                # Padding rows have label -1: "no key", never an anchor, never enqueued.
+                padding = torch.cat([emb.new_zeros(dim), emb.new_tensor([-1.0, 0.0, 0.0])])[None]
+                packed = all_gather_with_grad(pad_rows(packed, width, padding))
+                rows, flags = packed[:, :dim], packed[:, dim:]
+                offset = get_rank() * width
+            key_labels = flags[:, 0].round().long()
+
+            keys, all_labels = rows, key_labels
+            if self.queue is not None:
+                queue_emb, queue_labels = self.queue.all_slots()
+                keys = torch.cat([rows, queue_emb.to(rows.dtype)])
+                all_labels = torch.cat([key_labels, queue_labels])
+            normalizer = None
+            if world > 1:
+                # Anchor counts of the global batch, from the gathered labels alone.
+                normalizer = positive_anchor_counts(key_labels, flags[:, 1] > 0.5, all_labels, self.loss.rank_matrix, self.num_ranks)
+            weights = anchor_weights.index_select(0, anchor_idx) if anchor_weights is not None else None
+            out = self.loss(
+                emb.index_select(0, anchor_idx),
+                labels.index_select(0, anchor_idx),
+                keys,
+                all_labels,
+                self_index=anchor_idx + offset,
+                anchor_weights=weights,
+                anchor_valid=anchor_valid,
+                normalizer=normalizer,
+                check_inputs=False,
+            )
+            # Connected to every row (and, across workers, to the gather's backward, which
+            # all workers must reach) even when this worker has no anchor.
+            out.loss = world * out.loss + rows.sum() * 0.0
+            out.per_rank = out.per_rank * world
+            if self.queue is not None:
+                self.queue.enqueue(rows, key_labels, flags[:, 2] > 0.5, gather=False)
         return out

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ..distributed import all_gather_variable
+from ..distributed import all_gather_padded, gather_sizes, get_world_size, pad_rows
 
 __all__ = ["EmbeddingQueue"]
 
@@ -13,9 +13,10 @@ class EmbeddingQueue(nn.Module):
     Ring buffer of ``size`` embeddings (or ``size`` per class when ``class_balanced``).
 
     Every piece of state is a registered buffer, so detectron2's checkpointer saves it and a
-    resumed run continues with the same queue. Slots never filled are never returned as keys
-    (no random initial vectors acting as fake negatives). ``enqueue`` gathers the selected rows
-    from every worker first, so all workers hold the same queue.
+    resumed run continues with the same queue. Slots never filled hold label -1, which the loss
+    reads as "no key" (no random initial vectors acting as fake negatives), so the training step
+    uses the whole buffer as keys with a shape that never depends on the data. ``enqueue`` makes
+    no device-to-host sync either.
     """
 
     def __init__(self, size: int, dim: int, num_classes: int = 0, class_balanced: bool = False):
@@ -35,6 +36,7 @@ class EmbeddingQueue(nn.Module):
         self.register_buffer("pointer", torch.zeros(rings, dtype=torch.int64))
 
     def __len__(self) -> int:
+        """Filled slots. Reads a count back from the device: not for the training step."""
         return int(self.filled.sum())
 
     @property
@@ -44,42 +46,67 @@ class EmbeddingQueue(nn.Module):
     def fill_fraction(self) -> float:
         return len(self) / self.capacity
 
+    def fill_ratio(self) -> torch.Tensor:
+        """Fraction of filled slots as a device scalar (no sync)."""
+        return self.filled.float().mean()
+
+    def all_slots(self):
+        """(embeddings, labels) of every slot; empty ones have label -1. Fixed shape, no sync."""
+        return self.embeddings.view(-1, self.dim), self.labels.view(-1)
+
     def keys(self):
-        """(embeddings, labels) of the filled slots, oldest ring order not guaranteed."""
+        """(embeddings, labels) of the filled slots only (boolean indexing: a sync; for analysis)."""
         mask = self.filled.view(-1)
         return self.embeddings.view(-1, self.dim)[mask], self.labels.view(-1)[mask]
 
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor = None, gather: bool = True):
-        """Append the rows selected by ``mask`` (all rows if None), from every worker if ``gather``."""
+        """
+        Append the rows selected by ``mask`` (all rows if None). With ``gather``, the rows of
+        every worker are gathered first (sizes may differ: one sync to learn them), so that all
+        workers hold the same queue; the training step gathers once itself and passes False.
+        """
         embeddings = embeddings.detach()
-        if mask is not None:
-            embeddings, labels = embeddings[mask], labels[mask]
-        if gather:
-            embeddings, _ = all_gather_variable(embeddings)
-            labels, _ = all_gather_variable(labels)
+        labels = labels.to(torch.int64)
+        take = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+        if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"Queue holds {self.dim}-d embeddings, got shape {tuple(embeddings.shape)}.")
+        if gather and get_world_size() > 1:
+            rows = max(gather_sizes(embeddings.shape[0], embeddings.device))
+            packed = torch.cat([embeddings.float(), labels[:, None].float(), take[:, None].float()], dim=1)
+            packed = all_gather_padded(pad_rows(packed, rows, packed.new_zeros(1, self.dim + 2)))
+            embeddings, labels, take = packed[:, : self.dim], packed[:, self.dim].long(), packed[:, self.dim + 1] > 0
         if embeddings.shape[0] == 0:
             return
-        if embeddings.shape[1] != self.dim:
-            raise ValueError(f"Queue holds {self.dim}-d embeddings, got {embeddings.shape[1]}-d.")
-        embeddings = embeddings.to(self.embeddings.dtype)
-        labels = labels.to(torch.int64)
-        if self.class_balanced:
-            keep = (labels >= 0) & (labels < self.num_classes)
-            for c in labels[keep].unique().tolist():
-                self._write(c, embeddings[labels == c], labels[labels == c])
-        else:
-            self._write(0, embeddings, labels)
+        self._write(embeddings.to(self.embeddings.dtype), labels, take)
 
-    def _write(self, ring: int, embeddings: torch.Tensor, labels: torch.Tensor):
-        # Only the newest `size` rows can survive one write.
-        embeddings, labels = embeddings[-self.size :], labels[-self.size :]
-        n = embeddings.shape[0]
-        slots = (self.pointer[ring] + torch.arange(n, device=self.pointer.device)) % self.size
-        self.embeddings[ring, slots] = embeddings
-        self.labels[ring, slots] = labels
-        self.filled[ring, slots] = True
-        self.pointer[ring] = (self.pointer[ring] + n) % self.size
+    def _write(self, embeddings, labels, take):
+        rings = self.pointer.shape[0]
+        if self.class_balanced:
+            take = take & (labels >= 0) & (labels < self.num_classes)
+            ring = labels.clamp(0, rings - 1)
+        else:
+            ring = torch.zeros_like(labels)
+        # Position of each taken row among this write's rows of its ring; only the newest
+        # `size` rows of a ring can survive one write.
+        per_ring = (ring[:, None] == torch.arange(rings, device=ring.device)) & take[:, None]
+        seen = per_ring.cumsum(dim=0)
+        position = (seen * per_ring).sum(dim=1) - 1
+        total = seen[-1]
+        keep = take & (position >= total.index_select(0, ring) - self.size)
+        slot = ring * self.size + (self.pointer.index_select(0, ring) + position).remainder(self.size)
+
+        # Rows that are not kept rewrite the last kept row's slot with that row's value (or, when
+        # nothing is kept, slot 0 with its own content): a single fixed-size write, no sync.
+        flat_emb, flat_lab, flat_fill = self.embeddings.view(-1, self.dim), self.labels.view(-1), self.filled.view(-1)
+        last = (keep * torch.arange(1, keep.shape[0] + 1, device=keep.device)).argmax()
+        any_keep = keep.any()
+        target = torch.where(any_keep, slot[last], torch.zeros_like(slot[last]))
+        index = torch.where(keep, slot, target)
+        flat_emb.index_copy_(0, index, torch.where(keep[:, None], embeddings, torch.where(any_keep, embeddings[last], flat_emb[0])))
+        flat_lab.index_copy_(0, index, torch.where(keep, labels, torch.where(any_keep, labels[last], flat_lab[0])))
+        flat_fill.index_copy_(0, index, keep | torch.where(any_keep, any_keep, flat_fill[0]))
+        self.pointer.add_(total).remainder_(self.size)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, class_balanced={self.class_balanced}"

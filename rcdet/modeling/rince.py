@@ -17,13 +17,17 @@ Variants (``ell_k``, per anchor):
 ``ell_k`` is averaged over the anchors that have at least one rank-k positive (optionally
 weighted per anchor) and ``L = sum_k mean_i ell_k(i)``. SupCon is r = 1.
 
-The terms are evaluated by :class:`_RankedInfoNCEFunction` on keys grouped by class, with a
-written-out backward, so that time and memory stay close to one SupCon pass for any r.
+Key labels: ``[0, K)`` are classes, ``>= K`` background (a negative of every anchor), and
+``< 0`` "no key": padding and empty queue slots, excluded from every set.
+
+:class:`_RankedInfoNCEFunction` evaluates the sets per (anchor, key class) with a written-out
+backward. It makes no device-to-host synchronisation and launches a number of operators that
+depends on r only, never on the number of classes, so it runs at full speed on a GPU.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,11 +37,14 @@ __all__ = [
     "VARIANTS",
     "RankedInfoNCEOutput",
     "ranked_info_nce",
+    "rank_code_table",
+    "key_classes",
     "parse_variant",
     "temperatures_from_similarity",
     "validate_temperatures",
     "iou_reweight",
     "RankedInfoNCELoss",
+    "positive_anchor_counts",
 ]
 
 # Public loss names -> (per-rank form, forced max rank). SupCon is RINCE with r = 1.
@@ -49,11 +56,7 @@ VARIANTS = {
     "supcon_out": ("out", 1),
 }
 _FORMS = ("in", "out", "out_in")
-
-
-def _finite_or_inf(lse: torch.Tensor) -> torch.Tensor:
-    """A row whose set is empty (lse = -inf) contributes nothing: +inf makes its exp factor 0, not inf * 0."""
-    return torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))[:, None]
+_INF = float("inf")
 
 
 def parse_variant(name: str):
@@ -63,7 +66,7 @@ def parse_variant(name: str):
     return VARIANTS[name]
 
 
-def validate_temperatures(temperatures: Sequence[float]) -> tuple:
+def validate_temperatures(temperatures: List[float]) -> tuple:
     taus = tuple(float(t) for t in temperatures)
     if not taus:
         raise ValueError("At least one temperature is needed (tau_1 for rank 1).")
@@ -74,7 +77,7 @@ def validate_temperatures(temperatures: Sequence[float]) -> tuple:
     return taus
 
 
-def temperatures_from_similarity(similarities: Sequence[float], tau_min: float, tau_max: float) -> tuple:
+def temperatures_from_similarity(similarities: List[float], tau_min: float, tau_max: float) -> tuple:
     """``tau_k = tau_min + (1 - s_k)(tau_max - tau_min)`` with ``s_1 = 1`` (the first entry)."""
     if not (tau_min > 0 and tau_max > tau_min):
         raise ValueError(f"Need 0 < tau_min < tau_max, got tau_min={tau_min}, tau_max={tau_max}.")
@@ -98,140 +101,172 @@ class RankedInfoNCEOutput:
     per_rank: torch.Tensor  # (r,) mean ell_k; 0 where no anchor has a rank-k positive
     anchor_counts: torch.Tensor  # (r,) anchors with at least one rank-k positive
     mean_similarity: torch.Tensor  # (r + 1,) mean s of rank-1..r positives, then negatives (nan if none)
-    num_keys: int = 0  # set by RankedInfoNCEWithMemory: batch keys of every worker + queue
+    num_keys: Optional[torch.Tensor] = None  # () keys that take part (labels >= 0), on the device
+
+
+def rank_code_table(rank_matrix: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """
+    (K, K + 2) code of every key class for every anchor class: 1..r = rank, r + 1 = negative
+    (ranks above r, negative ranks, and column K = background), 0 = no key (column K + 1).
+    """
+    table = rank_matrix.to(torch.int64)
+    num_classes = table.shape[0]
+    table = torch.where((table >= 1) & (table <= num_ranks), table, torch.full_like(table, num_ranks + 1))
+    extra = torch.tensor([num_ranks + 1, 0], dtype=torch.int64, device=table.device).expand(num_classes, 2)
+    return torch.cat([table, extra], dim=1)
+
+
+def key_classes(key_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Column of each key in the code table: its class, K for background, K + 1 for no key."""
+    cls = torch.where(key_labels >= num_classes, torch.full_like(key_labels, num_classes), key_labels)
+    return torch.where(key_labels < 0, torch.full_like(key_labels, num_classes + 1), cls)
+
+
+def _one_hot(index: torch.Tensor, num: int, dtype: torch.dtype) -> torch.Tensor:
+    # F.one_hot reads min and max back to the host to validate them (on the CPU): two syncs.
+    return (index[..., None] == torch.arange(num, device=index.device)).to(dtype)
+
+
+def _set_logsumexp(class_lse: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    return class_lse.masked_fill(~member, -_INF).logsumexp(dim=1)
 
 
 class _RankedInfoNCEFunction(torch.autograd.Function):
     """
-    (anchors, keys grouped by class) -> per-rank mean losses, with a hand-written backward.
+    (anchors, keys) -> per-rank *sums* of ``w_i * ell_k(i)``, anchor counts and mean similarities.
 
-    Keys arrive grouped by class, so each class is a contiguous column block of the N x M
-    similarity matrix. A rank only decides which *classes* are positives, denominators or
-    negatives of an anchor, so one exp pass over the blocks per rank gives a log-sum-exp per
-    (anchor, class), each shifted by its own block max (exact even at tau = 0.01), and every set
-    sum of the definition becomes a small log-sum-exp over classes. Only the ``out`` form needs
-    per-positive terms, evaluated on the positive blocks alone. The backward rebuilds the
-    gradient block by block straight into the two matmuls, so no N x M gradient is ever held.
+    A rank only decides which key *classes* are positives, denominators or negatives of an
+    anchor. So per rank one exp pass over the N x M similarities, shifted by the max of each
+    (anchor, class) block, and one matmul with the keys' one-hot classes give a log-sum-exp per
+    (anchor, class); every set sum of the definition is then a log-sum-exp over at most K + 2
+    classes, each set shifted by its own maximum (exact at tau = 0.01). Only the ``out`` form
+    needs per-positive terms. Everything is dense and masked: no host syncs, no Python loop
+    over classes. The backward is written out and rebuilds the N x M gradient once, rank by
+    rank, for the two final matmuls.
     """
 
     @staticmethod
-    def forward(ctx, anchors, keys, class_codes, offsets, self_index, self_class, taus, forms, weights):
-        # class_codes: (N, C) rank code of each key class for each anchor: 1..r = rank,
-        # r + 1 = negative. The keys of class c are keys[offsets[c]:offsets[c + 1]].
-        n, num_cls = class_codes.shape
-        r = len(taus)
-        sim = anchors @ keys.t()
-        blocks = [(c, offsets[c], offsets[c + 1]) for c in range(num_cls) if offsets[c + 1] > offsets[c]]
-        has_self = self_index >= 0
-        rows, cols = torch.nonzero(has_self).squeeze(1), self_index[has_self]
+    def forward(ctx, anchors, keys, key_cls, class_codes, self_index, anchor_valid, weights, taus, forms):
+        with torch.autocast(device_type=anchors.device.type, enabled=False):
+            n, num_cls = class_codes.shape
+            r = len(taus)
+            dtype = anchors.dtype
+            onehot = _one_hot(key_cls, num_cls, dtype)  # (M, C)
+            sim = anchors @ keys.t()
 
-        # Per-(anchor, class) key counts and similarity sums without the self pair (logging, |P|).
-        counts = sim.new_zeros(n, num_cls)
-        block_sum = sim.new_zeros(n, num_cls)
-        for c, a, b in blocks:
-            counts[:, c] = b - a
-            block_sum[:, c] = sim[:, a:b].sum(dim=1)
-        counts[rows, self_class[has_self]] -= 1
-        block_sum[rows, self_class[has_self]] -= sim[rows, cols]
-        codes = [class_codes == code for code in range(1, r + 2)]
-        mean_sim = torch.stack([(block_sum * m).sum() / (counts * m).sum() for m in codes])
+            # The anchor's own key takes part in nothing: -inf makes every exp below exactly 0.
+            has_self = self_index >= 0
+            self_col = self_index.clamp(min=0)[:, None]
+            self_sim = sim.gather(1, self_col).squeeze(1)
+            self_onehot = _one_hot(key_cls.index_select(0, self_col.squeeze(1)), num_cls, dtype) * has_self[:, None]
+            sim.scatter_(1, self_col, torch.where(has_self, torch.full_like(self_sim, -_INF), self_sim)[:, None])
+            avail = onehot.sum(dim=0)[None, :] - self_onehot  # (N, C) keys of each class, self excluded
 
-        # Self pairs take part in nothing: at -inf every exp below is exactly 0 there.
-        sim[rows, cols] = float("-inf")
-        block_max = sim.new_zeros(n, num_cls)
-        for c, a, b in blocks:
-            block_max[:, c] = sim[:, a:b].amax(dim=1)
-        block_max = torch.where(torch.isfinite(block_max), block_max, torch.zeros_like(block_max))
+            # Per-code key counts and similarity sums (logging, |P|), from (K+2) x d class sums
+            # of the keys rather than another pass over N x M.
+            block_sum = anchors @ (onehot.t() @ keys).t() - self_onehot * torch.where(has_self, self_sim, torch.zeros_like(self_sim))[:, None]
+            codes_1h = _one_hot(class_codes, r + 2, dtype) * anchor_valid[:, None, None].to(dtype)  # (N, C, r + 2)
+            per_code_count = (codes_1h * avail[:, :, None]).sum(dim=1)  # (N, r + 2)
+            mean_sim = (codes_1h * block_sum[:, :, None]).sum(dim=(0, 1))[1:] / per_code_count.sum(dim=0)[1:]
+            has_pos = per_code_count[:, 1 : r + 1] > 0  # (N, r); invalid anchors count nothing
+            anchor_counts = has_pos.sum(dim=0).to(dtype)
+            n_pos = per_code_count[:, 1 : r + 1].clamp(min=1)
 
-        per_rank, anchor_counts, saved = sim.new_zeros(r), sim.new_zeros(r), []
-        for k in range(1, r + 1):
-            t = 1.0 / taus[k - 1]
-            class_lse = sim.new_full((n, num_cls), float("-inf"))
-            for c, a, b in blocks:
-                total = sim[:, a:b].sub(block_max[:, c : c + 1]).mul_(t).exp_().sum(dim=1)
-                class_lse[:, c] = total.log() + t * block_max[:, c]
-            pos_cls = codes[k - 1]
-            lse_pos = class_lse.masked_fill(~pos_cls, float("-inf")).logsumexp(dim=1)
-            valid = torch.isfinite(lse_pos)
-            n_valid = int(valid.sum())
-            anchor_counts[k - 1] = n_valid
-            if n_valid == 0:
-                saved.append(None)
-                continue
-            if forms[k - 1] == "in":
-                lse_den = class_lse.masked_fill(class_codes < k, float("-inf")).logsumexp(dim=1)
-                ell = lse_den - lse_pos
-                saved.append(("in", valid, lse_den, lse_pos, None))
-            else:
-                n_pos = (counts * pos_cls).sum(dim=1).clamp(min=1)
-                lse_neg = class_lse.masked_fill(class_codes <= k, float("-inf")).logsumexp(dim=1)
-                # ell = mean_p softplus(N - t s_p); the backward also needs mean_p sigmoid(N - t s_p).
-                ell, sig_mean = sim.new_zeros(n), sim.new_zeros(n)
-                for c, a, b in blocks:
-                    members = torch.nonzero(pos_cls[:, c] & valid).squeeze(1)
-                    if members.numel() == 0:
-                        continue
-                    gap = lse_neg[members, None] - t * sim[members, a:b]
-                    finite = torch.isfinite(gap)  # drops the self pair
-                    ell[members] += F.softplus(gap).masked_fill_(~finite, 0.0).sum(dim=1)
-                    sig_mean[members] += torch.sigmoid(gap).masked_fill_(~finite, 0.0).sum(dim=1)
-                saved.append(("out", valid, lse_neg, sig_mean / n_pos, n_pos))
-                ell = ell / n_pos
-            ell = torch.where(valid, ell, torch.zeros_like(ell))
-            per_rank[k - 1] = (weights * ell).sum() / n_valid
+            block_max = torch.full((n, num_cls), -_INF, dtype=dtype, device=sim.device)
+            block_max.scatter_reduce_(1, key_cls.expand(n, -1), sim, "amax")
+            block_max = torch.where(torch.isfinite(block_max), block_max, torch.zeros_like(block_max))
+            shifted = sim.sub_(_per_key(block_max, key_cls))  # <= 0, -inf at self
+            del sim
 
-        ctx.save_for_backward(anchors, keys, sim, block_max, class_codes, weights, anchor_counts)
-        ctx.meta = (blocks, taus, saved)
+            per_rank_sum, saved = [], []
+            for k in range(1, r + 1):
+                t = 1.0 / taus[k - 1]
+                class_lse = (shifted * t).exp_().matmul(onehot).log_() + t * block_max
+                valid_k = has_pos[:, k - 1]
+                lse_pos = _set_logsumexp(class_lse, class_codes == k)
+                if forms[k - 1] == "in":
+                    lse_other = _set_logsumexp(class_lse, class_codes >= k)
+                    ell = lse_other - lse_pos
+                else:
+                    lse_other = _set_logsumexp(class_lse, class_codes > k)
+                    # -inf outside P_k makes softplus (and the backward's sigmoid) exactly 0 there.
+                    gap = _positive_gaps(shifted, block_max, key_cls, lse_other, t, class_codes == k)
+                    ell = _drop_self(F.softplus(gap), self_col, has_self).sum(dim=1) / n_pos[:, k - 1]
+                    del gap
+                ell = torch.where(valid_k, ell, torch.zeros_like(ell))
+                per_rank_sum.append((weights * ell).sum())
+                saved.append((lse_pos, lse_other))
+            per_rank_sum = torch.stack(per_rank_sum)
+
+        ctx.save_for_backward(anchors, keys, key_cls, class_codes, shifted, block_max, onehot, weights, has_pos, n_pos, self_col, has_self, avail)
+        ctx.meta = (taus, forms, saved)
         ctx.mark_non_differentiable(anchor_counts, mean_sim)
-        return per_rank, anchor_counts, mean_sim
+        return per_rank_sum, anchor_counts, mean_sim
 
     @staticmethod
-    def backward(ctx, grad_per_rank, _grad_counts, _grad_mean_sim):
-        anchors, keys, sim, block_max, class_codes, weights, anchor_counts = ctx.saved_tensors
-        blocks, taus, saved = ctx.meta
-        zeros = torch.zeros_like(block_max)
-        # Per rank: a (N, C) scale of exp(t (s - block_max)) per class block, and for the out
-        # form the per-positive sigmoid terms. coef_i = d(per_rank_k)/d(ell_k(i)) * t.
-        terms = []
-        for k, entry in enumerate(saved, start=1):
-            if entry is None:
-                continue
-            form, valid, lse_a, b_vec, n_pos = entry
-            t = 1.0 / taus[k - 1]
-            coef = torch.where(valid, weights, torch.zeros_like(weights)) * (grad_per_rank[k - 1] * t / anchor_counts[k - 1])
-            lse_safe = _finite_or_inf(lse_a)
-            if form == "in":
-                # d ell / d logit_j = 1[j in D] softmax_D(j) - 1[j in P] softmax_P(j)
-                lse_pos = _finite_or_inf(b_vec)
-                den = torch.where(class_codes >= k, torch.exp(t * block_max - lse_safe), zeros)
-                pos = torch.where(class_codes == k, torch.exp(t * block_max - lse_pos), zeros)
-                terms.append((t, coef[:, None] * (den - pos), None))
-            else:
-                # negatives: mean_p sigmoid(N - logit_p) * softmax_N(j); positives: -sigmoid(N - logit_p) / |P|
-                neg = torch.where(class_codes > k, torch.exp(t * block_max - lse_safe), zeros)
-                terms.append((t, (coef * b_vec)[:, None] * neg, (k, coef / n_pos, lse_a, valid)))
-        grad_anchors, grad_keys = torch.zeros_like(anchors), torch.zeros_like(keys)
-        for c, a, b in blocks:
-            blk = sim[:, a:b]
+    def backward(ctx, grad_sum, _grad_counts, _grad_mean_sim):
+        anchors, keys, key_cls, class_codes, shifted, block_max, onehot, weights, has_pos, n_pos, self_col, has_self, avail = ctx.saved_tensors
+        taus, forms, saved = ctx.meta
+        present = avail > 0
+        with torch.autocast(device_type=anchors.device.type, enabled=False):
             grad = None
-            for t, row_scale, positives in terms:
-                scale = row_scale[:, c : c + 1]
-                if bool(torch.any(scale != 0)):
-                    part = blk.sub(block_max[:, c : c + 1]).mul_(t).exp_().mul_(scale)
-                    grad = part if grad is None else grad.add_(part)
-                if positives is not None:
-                    k, pos_coef, lse_neg, valid = positives
-                    members = torch.nonzero((class_codes[:, c] == k) & valid).squeeze(1)
-                    if members.numel():
-                        gap = lse_neg[members, None] - t * blk[members]
-                        sig = torch.sigmoid(gap).masked_fill_(~torch.isfinite(gap), 0.0)
-                        if grad is None:
-                            grad = torch.zeros_like(blk)
-                        grad[members] -= sig * pos_coef[members, None]
-            if grad is not None:
-                grad_anchors += grad @ keys[a:b]
-                grad_keys[a:b] += grad.t() @ anchors
+
+            def add(part, row_scale):
+                nonlocal grad
+                if grad is None:
+                    grad = part.mul_(row_scale[:, None])
+                else:
+                    grad.addcmul_(part, row_scale[:, None])
+
+            def add_softmax_part(t, log_factor, row_scale):
+                # exp(t s_ij + log_factor_ic - t block_max_ic): the per-class factor goes into the
+                # exponent, so each part is one gather, one exp and one multiply-add.
+                add(_per_key(log_factor, key_cls).add_(shifted, alpha=t).exp_(), row_scale)
+
+            for k in range(1, len(taus) + 1):
+                t = 1.0 / taus[k - 1]
+                lse_pos, lse_other = saved[k - 1]
+                valid_k = has_pos[:, k - 1]
+                coef = torch.where(valid_k, weights * grad_sum[k - 1] * t, torch.zeros_like(weights))
+                live = present & valid_k[:, None]
+                if forms[k - 1] == "in":
+                    # d ell / d(t s_ij) = 1[j in D] softmax_D(j) - 1[j in P] softmax_P(j)
+                    add_softmax_part(t, _log_softmax_factor(live & (class_codes >= k), block_max, lse_other, t), coef)
+                    add_softmax_part(t, _log_softmax_factor(live & (class_codes == k), block_max, lse_pos, t), -coef)
+                else:
+                    # positives: -sigmoid(N - t s_p) / |P|; negatives: mean_p sigmoid(N - t s_p) softmax_N(j)
+                    sig = torch.sigmoid_(_positive_gaps(shifted, block_max, key_cls, lse_other, t, class_codes == k))
+                    sig = _drop_self(sig, self_col, has_self)
+                    sig_mean = sig.sum(dim=1) / n_pos[:, k - 1]
+                    add(sig, -coef / n_pos[:, k - 1])
+                    del sig
+                    add_softmax_part(t, _log_softmax_factor(live & (class_codes > k), block_max, lse_other, t), coef * sig_mean)
+            grad_anchors = grad @ keys
+            grad_keys = grad.t() @ anchors
         return grad_anchors, grad_keys, None, None, None, None, None, None, None
+
+
+def _per_key(table, key_cls):
+    """(N, C) per-(anchor, class) table -> (N, M) per-(anchor, key) (a gather: faster than index_select on dim 1)."""
+    return table.gather(1, key_cls.expand(table.shape[0], -1))
+
+
+def _log_softmax_factor(member, block_max, lse, t):
+    """log(softmax over the set at j) - t (s_ij - block_max_ic) per (anchor, class); -inf outside the set."""
+    inside = t * block_max - torch.where(member, lse[:, None], torch.zeros_like(block_max))
+    return torch.where(member, inside, torch.full_like(block_max, -_INF))
+
+
+def _drop_self(x, self_col, has_self):
+    """Zero each row's entry at its own key (the anchor's self pair), in place."""
+    own = x.gather(1, self_col)
+    return x.scatter_(1, self_col, torch.where(has_self[:, None], torch.zeros_like(own), own))
+
+
+def _positive_gaps(shifted, block_max, key_cls, lse_neg, t, positive):
+    """``lse_N(i) - t s_ij`` where key j is a positive of anchor i, -inf elsewhere (NaN or +inf at self)."""
+    base = torch.where(positive, lse_neg[:, None] - t * block_max, torch.full_like(block_max, -_INF))
+    return _per_key(base, key_cls).sub_(shifted, alpha=t)
 
 
 def ranked_info_nce(
@@ -240,23 +275,35 @@ def ranked_info_nce(
     keys: torch.Tensor,
     key_labels: torch.Tensor,
     rank_matrix: torch.Tensor,
-    temperatures: Sequence[float],
+    temperatures: List[float],
     variant: str = "out_in",
     self_index: Optional[torch.Tensor] = None,
     anchor_weights: Optional[torch.Tensor] = None,
+    anchor_valid: Optional[torch.Tensor] = None,
+    normalizer: Optional[torch.Tensor] = None,
+    check_inputs: bool = True,
 ) -> RankedInfoNCEOutput:
     """
     Args:
         anchors: (N, d) L2-normalised anchor embeddings.
         anchor_labels: (N,) class indices in ``[0, K)``.
         keys: (M, d) L2-normalised key embeddings.
-        key_labels: (M,) labels; anything outside ``[0, K)`` (background) is a negative.
+        key_labels: (M,) labels; ``>= K`` is background (a negative), ``< 0`` no key at all.
         rank_matrix: (K, K) integer ranks: 1 on the diagonal, 2..r similar, others negative.
         temperatures: tau_1 < ... < tau_r, one per rank; r = len(temperatures), and ranks
             above r in ``rank_matrix`` count as negatives.
         variant: ``in``, ``out`` or ``out_in``.
         self_index: (N,) index of each anchor's own key in ``keys``, or -1; excluded by index.
         anchor_weights: (N,) optional per-anchor weights (e.g. IoU reweighting).
+        anchor_valid: (N,) bool; rows that are False are padding and count nowhere.
+        normalizer: (r,) anchor counts to average each rank over (the global batch's, when
+            each worker holds a share of the anchors); default: this call's counts.
+        check_inputs: check on the host that the valid anchor labels lie in ``[0, K)``. That
+            reads a value back from the device; training passes False because its labels
+            are correct by construction, so the loss makes no sync at all.
+
+    Half-precision inputs, and calls under autocast, are computed in float32: e^(s / 0.01)
+    overflows float16.
     """
     if variant not in _FORMS:
         raise ValueError(f"variant must be one of {_FORMS}, got '{variant}'.")
@@ -265,48 +312,67 @@ def ranked_info_nce(
     if anchors.dim() != 2 or keys.dim() != 2 or anchors.shape[1] != keys.shape[1]:
         raise ValueError(f"anchors (N, d) and keys (M, d) must share d; got {tuple(anchors.shape)}, {tuple(keys.shape)}.")
     forms = tuple(("out" if k == 1 else "in") if variant == "out_in" else variant for k in range(1, r + 1))
-
-    # Half-precision inputs are scored in float32: exp(s / 0.01) overflows float16.
-    dtype = torch.promote_types(anchors.dtype, torch.float32)
-    z, k_all = anchors.to(dtype), keys.to(dtype)
+    num_classes = rank_matrix.shape[0]
     n, m = anchors.shape[0], keys.shape[0]
-    if n == 0 or m == 0:
-        zero = z.sum() * 0.0 + k_all.sum() * 0.0
-        nan = z.new_full((r + 1,), float("nan"))
-        return RankedInfoNCEOutput(loss=zero, per_rank=z.new_zeros(r), anchor_counts=z.new_zeros(r), mean_similarity=nan)
+    device = anchors.device
+    if anchor_valid is None:
+        anchor_valid = torch.ones(n, dtype=torch.bool, device=device)
+    if check_inputs and n:
+        bad = anchor_valid & ((anchor_labels < 0) | (anchor_labels >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(
+                f"anchor_labels must lie in [0, {num_classes}) (the rank matrix is {num_classes} x {num_classes}); "
+                f"got {sorted(set(anchor_labels[bad].tolist()))}. Background or ignored regions are keys, never anchors."
+            )
 
-    with torch.no_grad():
-        num_classes = rank_matrix.shape[0]
-        device = anchor_labels.device
-        table = rank_matrix.to(device=device, dtype=torch.int64)
-        table = torch.where((table >= 1) & (table <= r), table, torch.full_like(table, r + 1))
-        # One extra key class for every non-class label (background, ignore, ...): always negative.
-        table = torch.cat([table, table.new_full((num_classes, 1), r + 1)], dim=1)
-        key_cls = torch.where((key_labels >= 0) & (key_labels < num_classes), key_labels, torch.full_like(key_labels, num_classes))
-        order = torch.argsort(key_cls, stable=True)
-        offsets = [0] + torch.bincount(key_cls, minlength=num_classes + 1).cumsum(0).tolist()
-        position = torch.empty_like(order)
-        position[order] = torch.arange(m, device=order.device)
-        if self_index is None:
-            self_index = torch.full((n,), -1, dtype=torch.int64, device=device)
-        has_self = self_index >= 0
-        safe = self_index.clamp(min=0)
-        self_sorted = torch.where(has_self, position[safe], self_index)
-        self_class = torch.where(has_self, key_cls[safe], torch.zeros_like(self_index))
-        weights = anchor_weights.to(dtype) if anchor_weights is not None else z.new_ones(n)
+    dtype = torch.promote_types(anchors.dtype, torch.float32)
+    with torch.autocast(device_type=device.type, enabled=False):
+        z, k_all = anchors.to(dtype), keys.to(dtype)
+        if n == 0 or m == 0:
+            zero = z.sum() * 0.0 + k_all.sum() * 0.0
+            return RankedInfoNCEOutput(
+                loss=zero, per_rank=z.new_zeros(r), anchor_counts=z.new_zeros(r),
+                mean_similarity=z.new_full((r + 1,), float("nan")), num_keys=(key_labels >= 0).sum(),
+            )
+        with torch.no_grad():
+            table = rank_code_table(rank_matrix.to(device), r)
+            safe_labels = torch.where(anchor_valid, anchor_labels, torch.zeros_like(anchor_labels))
+            class_codes = table.index_select(0, safe_labels)
+            key_cls = key_classes(key_labels, num_classes)
+            if self_index is None:
+                self_index = torch.full((n,), -1, dtype=torch.int64, device=device)
+            self_index = torch.where(anchor_valid, self_index, torch.full_like(self_index, -1))
+            weights = anchor_weights.to(dtype) if anchor_weights is not None else z.new_ones(n)
+            weights = weights * anchor_valid.to(dtype)
 
-    per_rank, counts, mean_sim = _RankedInfoNCEFunction.apply(
-        z, k_all[order], table[anchor_labels], offsets, self_sorted, self_class, taus, forms, weights
-    )
-    # Connected to the graph even when no anchor has a positive, so DDP sees every parameter.
-    loss = per_rank.sum() + z.sum() * 0.0 + k_all.sum() * 0.0
-    return RankedInfoNCEOutput(loss=loss, per_rank=per_rank, anchor_counts=counts, mean_similarity=mean_sim)
+        sums, counts, mean_sim = _RankedInfoNCEFunction.apply(z, k_all, key_cls, class_codes, self_index, anchor_valid, weights, taus, forms)
+        per_rank = sums / (counts if normalizer is None else normalizer.to(dtype)).clamp(min=1)
+        # Connected to the graph even when no anchor has a positive, so DDP sees every parameter.
+        loss = per_rank.sum() + z.sum() * 0.0 + k_all.sum() * 0.0
+    return RankedInfoNCEOutput(loss=loss, per_rank=per_rank, anchor_counts=counts, mean_similarity=mean_sim, num_keys=(key_labels >= 0).sum())
+
+
+def positive_anchor_counts(anchor_labels, anchor_valid, key_labels, rank_matrix, num_ranks) -> torch.Tensor:
+    """
+    (r,) number of valid anchors with at least one rank-k positive among ``key_labels``, each
+    anchor's own key (which must be among them) excluded. Depends on labels only, so every
+    worker can count the anchors of the global batch from gathered labels, without the loss.
+    """
+    num_classes = rank_matrix.shape[0]
+    num_cls = num_classes + 2
+    table = rank_code_table(rank_matrix.to(anchor_labels.device), num_ranks)
+    safe = torch.where(anchor_valid, anchor_labels, torch.zeros_like(anchor_labels)).clamp(0, num_classes - 1)
+    key_count = _one_hot(key_classes(key_labels, num_classes), num_cls, torch.int64).sum(dim=0)
+    avail = key_count[None, :] - _one_hot(safe, num_cls, torch.int64)
+    codes_1h = _one_hot(table.index_select(0, safe), num_ranks + 2, torch.int64)  # (N, C, r + 2)
+    has_pos = (codes_1h * avail[:, :, None]).sum(dim=1)[:, 1 : num_ranks + 1] > 0
+    return (has_pos & anchor_valid[:, None]).sum(dim=0)
 
 
 class RankedInfoNCELoss(nn.Module):
     """RINCE with a fixed rank matrix and temperatures; SupCon for the ``supcon_*`` names."""
 
-    def __init__(self, rank_matrix: torch.Tensor, temperatures: Sequence[float], loss_name: str = "rince_out_in"):
+    def __init__(self, rank_matrix: torch.Tensor, temperatures: List[float], loss_name: str = "rince_out_in"):
         super().__init__()
         form, forced_r = parse_variant(loss_name)
         taus = validate_temperatures(temperatures)
@@ -321,7 +387,13 @@ class RankedInfoNCELoss(nn.Module):
     def num_ranks(self) -> int:
         return len(self.temperatures)
 
-    def forward(self, anchors, anchor_labels, keys, key_labels, self_index=None, anchor_weights=None):
+    @property
+    def num_classes(self) -> int:
+        return self.rank_matrix.shape[0]
+
+    @torch.jit.unused
+    def forward(self, anchors, anchor_labels, keys, key_labels, self_index=None, anchor_weights=None,
+                anchor_valid=None, normalizer=None, check_inputs=True):
         return ranked_info_nce(
             anchors,
             anchor_labels,
@@ -332,6 +404,9 @@ class RankedInfoNCELoss(nn.Module):
             variant=self.form,
             self_index=self_index,
             anchor_weights=anchor_weights,
+            anchor_valid=anchor_valid,
+            normalizer=normalizer,
+            check_inputs=check_inputs,
         )
 
     def extra_repr(self) -> str:

@@ -1,6 +1,7 @@
 """RankedContrastiveROIHeads: StandardROIHeads plus a RINCE projection branch on the box features."""
 
 import bisect
+import math
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -227,23 +228,44 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         ious = torch.cat([p.gt_iou for p in proposals])
         foreground = (labels >= 0) & (labels < self.num_classes)
         anchor_mask = foreground & (ious >= self.iou_threshold)
+        # Static bounds from the sampler (at most batch_size_per_image regions and
+        # positive_fraction of them foreground per image) keep every shape data-independent.
         out = self.contrast(
             embeddings,
             labels,
             anchor_mask=anchor_mask,
             anchor_weights=iou_reweight(ious, self.reweight),
             enqueue_mask=foreground & (ious >= self.queue_iou_threshold),
+            max_anchors=len(proposals) * int(self.batch_size_per_image * self.positive_fraction),
+            pad_to=len(proposals) * self.batch_size_per_image,
         )
-        storage.put_scalar("rcdet/num_anchors", float(anchor_mask.sum()))
-        storage.put_scalar("rcdet/num_keys", float(out.num_keys))
-        if self.queue is not None:
-            storage.put_scalar("rcdet/queue_fill", self.queue.fill_fraction())
-        r = self.contrast.num_ranks
-        for k in range(r):
-            storage.put_scalar(f"rcdet/loss_rank{k + 1}", float(out.per_rank[k]))
-            storage.put_scalar(f"rcdet/anchors_rank{k + 1}", float(out.anchor_counts[k]))
-        names = [f"sim_rank{k + 1}" for k in range(r)] + ["sim_negative"]
-        for name, value in zip(names, out.mean_similarity.tolist()):
-            if np.isfinite(value):
-                storage.put_scalar(f"rcdet/{name}", value)
+        self._log_branch_statistics(storage, out, anchor_mask, embeddings)
         return {"loss_contrast": out.loss * self.current_loss_weight(storage.iter)}
+
+    def _log_branch_statistics(self, storage, out, anchor_mask, embeddings):
+        """Every rcdet/* scalar in one device-to-host transfer: the step's only sync from rcdet."""
+        r = self.contrast.num_ranks
+        fill = self.queue.fill_ratio() if self.queue is not None else out.per_rank.new_zeros(())
+        stats = torch.cat([
+            out.per_rank.detach().float(),
+            out.anchor_counts.float(),
+            out.mean_similarity.float(),
+            torch.stack([anchor_mask.sum().float(), out.num_keys.float(), fill.float(), torch.isfinite(embeddings).all().float()]),
+        ]).tolist()
+        per_rank, counts, sims, (num_anchors, num_keys, fill, finite) = stats[:r], stats[r : 2 * r], stats[2 * r : 3 * r + 1], stats[3 * r + 1 :]
+        if not finite:
+            raise FloatingPointError(
+                f"rcdet: the contrastive branch's box embeddings contain Inf/NaN at iteration={storage.iter}. "
+                "The box head diverged: lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS, or check the input data."
+            )
+        storage.put_scalar("rcdet/num_anchors", num_anchors)
+        storage.put_scalar("rcdet/num_keys", num_keys)
+        if self.queue is not None:
+            storage.put_scalar("rcdet/queue_fill", fill)
+        for k in range(r):
+            storage.put_scalar(f"rcdet/loss_rank{k + 1}", per_rank[k])
+            storage.put_scalar(f"rcdet/anchors_rank{k + 1}", counts[k])
+        names = [f"sim_rank{k + 1}" for k in range(r)] + ["sim_negative"]
+        for name, value in zip(names, sims):
+            if math.isfinite(value):
+                storage.put_scalar(f"rcdet/{name}", value)
