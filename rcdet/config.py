@@ -46,6 +46,9 @@ def add_rcdet_config(cfg):
     # At test time, attach pred_logits (and, with the branch, pred_embeddings) to every
     # predicted instance. Off: inference is exactly StandardROIHeads, at no extra cost.
     _C.MODEL.RCDET.EMBED_AT_TEST = False
+    # Start training from MODEL.WEIGHTS of a model with another class count: its class-specific
+    # box predictor layers are skipped and start from scratch. Off: that mismatch is an error.
+    _C.MODEL.RCDET.FINETUNE_FROM_OTHER_CLASSES = False
 
     _C.MODEL.RCDET.OOD = CN()
     # Classes left out of training; they are the OOD objects at test time.

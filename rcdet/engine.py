@@ -8,6 +8,7 @@ from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
+from .checkpoint import load_training_weights
 from .config import ConfigError, add_rcdet_config
 from .data.datasets import DatasetError
 from .ranking import RankingError
@@ -20,7 +21,11 @@ USER_ERRORS = (ConfigError, DatasetError, RankingError)
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer with the evaluator chosen from the dataset's ``evaluator_type``."""
+    """DefaultTrainer with the evaluator chosen from the dataset's ``evaluator_type``, whose
+    MODEL.WEIGHTS must fit the model (rcdet.checkpoint)."""
+
+    def resume_or_load(self, resume=True):
+        load_training_weights(self, resume)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

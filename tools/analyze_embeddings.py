@@ -19,17 +19,16 @@ import sys
 
 import numpy as np
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from rcdet.analysis import analyse, plot_centroid_similarity, plot_tsne, tsne_2d
+from rcdet.checkpoint import load_trained_weights
 from rcdet.config import ConfigError
 from rcdet.engine import USER_ERRORS, setup_cfg
 from rcdet.file_io import write_json_atomic
 from rcdet.evaluation.extract import embed_ground_truth
-from rcdet.evaluation.ood_benchmark import check_weights_match
 from rcdet.ranking import load_ranking
 
 
@@ -46,7 +45,8 @@ def dataset_with_held_out(name):
 
 def run(cfg, output, dataset=None, pre_projection=False, max_tsne=2000, tsne=True, title=""):
     dataset = dataset or cfg.DATASETS.TEST[0]
-    check_weights_match(cfg.MODEL.WEIGHTS, cfg.MODEL.ROI_HEADS.NUM_CLASSES)
+    model = build_model(cfg)
+    load_trained_weights(model, cfg)
     dicts, known, held = dataset_with_held_out(dataset)
     names = known + held
     ranking, group_levels, groups0 = None, [], list(names)
@@ -62,8 +62,6 @@ def run(cfg, output, dataset=None, pre_projection=False, max_tsne=2000, tsne=Tru
         group_levels = [ordered.group_labels(level) for level in range(len(ordered.groups))]
         if group_levels:
             groups0 = group_levels[0]
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     gt = embed_ground_truth(model, cfg, dicts, with_features=pre_projection or model.roi_heads.projection is None)
     spaces = {}
     if gt["embeddings"] is not None:

@@ -7,11 +7,11 @@ Train or evaluate a Faster R-CNN with rcdet's ranked contrastive ROI heads.
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
 """
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
+from rcdet.checkpoint import load_trained_weights
 from rcdet.engine import Trainer, exit_on_user_error, setup_cfg
 
 
@@ -23,7 +23,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        load_trained_weights(model, cfg, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -9,15 +9,24 @@ field detectron2's loaders and evaluators never read, so known-class AP is unaff
 """
 
 import difflib
-from typing import List, Sequence
+import re
+from typing import List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import ConfigError
 
-__all__ = ["HOLD_OUT_MODES", "register_held_out_split", "apply_held_out_config", "known_classes"]
+__all__ = [
+    "HOLD_OUT_MODES",
+    "register_held_out_split",
+    "parse_held_out_split",
+    "apply_held_out_config",
+    "known_classes",
+]
 
 HOLD_OUT_MODES = ("drop_images", "drop_annotations")
+# "<base>__minus_<a>+<b>_<mode>" (train role) or "<base>__minus_<a>+<b>_ood_test" (test role).
+_SPLIT_NAME = re.compile(r"^(?P<base>.+?)__minus_(?P<held>.+)_(?P<suffix>drop_images|drop_annotations|ood_test)$")
 
 
 def known_classes(all_classes: Sequence[str], held_out: Sequence[str]) -> List[str]:
@@ -65,6 +74,8 @@ def register_held_out_split(base_name: str, held_out: Sequence[str], mode: str, 
         raise ConfigError(f"MODEL.RCDET.OOD.HOLD_OUT_MODE = '{mode}'; choose one of {HOLD_OUT_MODES}.")
     if role not in ("train", "test"):
         raise ValueError(role)
+    if base_name not in DatasetCatalog.list():
+        raise ConfigError(f"DATASETS: '{base_name}' is not a registered dataset.")
     base_meta = MetadataCatalog.get(base_name)
     all_classes = list(base_meta.get("all_classes", base_meta.thing_classes))
     known = known_classes(all_classes, held_out)
@@ -89,13 +100,46 @@ def register_held_out_split(base_name: str, held_out: Sequence[str], mode: str, 
     return name
 
 
+def parse_held_out_split(name: str) -> Optional[Tuple[str, List[str], Optional[str], str]]:
+    """``(base_name, held_out, mode, role)`` of a name made by register_held_out_split, else None.
+
+    ``mode`` is None for the test role, whose name does not record it.
+    """
+    m = _SPLIT_NAME.match(name)
+    if m is None:
+        return None
+    suffix = m.group("suffix")
+    role = "test" if suffix == "ood_test" else "train"
+    return m.group("base"), m.group("held").split("+"), (suffix if role == "train" else None), role
+
+
+def _held_out_split(name: str, held_out: List[str], mode: str, role: str, key: str) -> str:
+    parsed = parse_held_out_split(name)
+    if parsed is None:
+        return register_held_out_split(name, held_out, mode, role) if held_out else name
+    # The config that training saved (OUTPUT_DIR/config.yaml) already names the derived split.
+    # A new process has only the base splits registered: derive it again from its base rather
+    # than holding the classes out a second time from a name that does not exist yet.
+    base, name_held, name_mode, name_role = parsed
+    if held_out and (name_held != held_out or (name_mode is not None and name_mode != mode)):
+        raise ConfigError(
+            f"{key} '{name}' is '{base}' with {'+'.join(name_held)} held out"
+            + (f" ({name_mode})" if name_mode else "")
+            + f", but MODEL.RCDET.OOD.HELD_OUT_CLASSES = {held_out} (HOLD_OUT_MODE '{mode}'). "
+            f"Name the base split '{base}': the held-out split is derived from it."
+        )
+    return register_held_out_split(base, name_held, name_mode or mode, name_role)
+
+
 def apply_held_out_config(cfg):
-    """Swap DATASETS.TRAIN/TEST for their held-out splits and check NUM_CLASSES; cfg must be unfrozen."""
+    """Swap DATASETS.TRAIN/TEST for their held-out splits and check NUM_CLASSES; cfg must be unfrozen.
+
+    Idempotent: names that already are held-out splits are registered and kept.
+    """
     held_out = list(cfg.MODEL.RCDET.OOD.HELD_OUT_CLASSES)
-    if held_out:
-        mode = cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE
-        cfg.DATASETS.TRAIN = tuple(register_held_out_split(n, held_out, mode, "train") for n in cfg.DATASETS.TRAIN)
-        cfg.DATASETS.TEST = tuple(register_held_out_split(n, held_out, mode, "test") for n in cfg.DATASETS.TEST)
+    mode = cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE
+    cfg.DATASETS.TRAIN = tuple(_held_out_split(n, held_out, mode, "train", "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN)
+    cfg.DATASETS.TEST = tuple(_held_out_split(n, held_out, mode, "test", "DATASETS.TEST") for n in cfg.DATASETS.TEST)
     if cfg.DATASETS.TRAIN and cfg.DATASETS.TRAIN[0] in MetadataCatalog.list():
         classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
         if classes is not None and cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(classes):

@@ -7,38 +7,22 @@ import time
 from typing import Dict, Optional
 
 import numpy as np
-import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
 from detectron2.evaluation import DatasetEvaluators, PascalVOCDetectionEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
 
+from ..checkpoint import load_trained_weights
 from ..config import ConfigError
 from .extract import DetectionCollector, embed_ground_truth, file_checksum
 from ..file_io import save_npz_atomic
 from .ood import ALL_SCORES, EMBEDDING_SCORES, ID, OOD, UNMATCHED, EmbeddingStatistics, logit_scores, match_detections, score_report, write_report_files
 
-__all__ = ["run_ood_benchmark", "check_weights_match", "A_OSE_SCORE"]
+__all__ = ["run_ood_benchmark", "A_OSE_SCORE"]
 
 logger = logging.getLogger(__name__)
 # A held-out object counts as an open-set error when a known-class detection scores at least this.
 A_OSE_SCORE = 0.5
-
-
-def check_weights_match(weights: str, num_classes: int):
-    """Fail clearly when a checkpoint was trained for a different number of classes."""
-    if not weights or not os.path.isfile(weights):
-        raise ConfigError(f"MODEL.WEIGHTS = '{weights}': file not found; pass the trained model's .pth.")
-    state = torch.load(weights, map_location="cpu")
-    state = state.get("model", state)
-    key = "roi_heads.box_predictor.cls_score.weight"
-    if key in state and state[key].shape[0] != num_classes + 1:
-        raise ConfigError(
-            f"MODEL.WEIGHTS = '{weights}' was trained for {state[key].shape[0] - 1} classes, but "
-            f"MODEL.ROI_HEADS.NUM_CLASSES = {num_classes}. Use the weights of a model trained with this "
-            f"config (same MODEL.RCDET.OOD.HELD_OUT_CLASSES)."
-        )
 
 
 def _fit_statistics(model, cfg, weights, knn_k, per_class_cov, num_known):
@@ -73,12 +57,11 @@ def run_ood_benchmark(
         raise ConfigError("DATASETS.TEST is empty; the OOD benchmark needs a test split.")
     test_name = cfg.DATASETS.TEST[0]
     num_known = cfg.MODEL.ROI_HEADS.NUM_CLASSES
-    check_weights_match(cfg.MODEL.WEIGHTS, num_known)
     meta = MetadataCatalog.get(test_name)
     warnings = []
 
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_trained_weights(model, cfg)
     model.eval()
     has_branch = getattr(model.roi_heads, "projection", None) is not None
 
