@@ -72,6 +72,8 @@ def test_two_workers_average_to_single_worker_loss(tmp_path, tiny_shapes):
         # workers (what DDP averages and detectron2 logs) equals the single-worker loss.
         assert abs((r0["losses"][step] + r1["losses"][step]) / 2 - single[step]) < 1e-5
     assert r0["losses"][0] != r1["losses"][0]
+    # Identical on both workers (they write the same gathered rows); equal to the one-process
+    # queue up to float rounding, since the embeddings come from differently shaped matmuls.
     for key, value in single_head.queue.state_dict().items():
         assert torch.equal(r0["queue"][key], r1["queue"][key]), key
-        assert torch.equal(r0["queue"][key], value), key
+        torch.testing.assert_close(r0["queue"][key], value, atol=1e-6, rtol=1e-6)

@@ -99,13 +99,16 @@ class EmbeddingQueue(nn.Module):
         # Rows that are not kept rewrite the last kept row's slot with that row's value (or, when
         # nothing is kept, slot 0 with its own content): a single fixed-size write, no sync.
         flat_emb, flat_lab, flat_fill = self.embeddings.view(-1, self.dim), self.labels.view(-1), self.filled.view(-1)
-        last = (keep * torch.arange(1, keep.shape[0] + 1, device=keep.device)).argmax()
+        # (an index tensor of shape (1,), not a 0-d one: indexing with a 0-d tensor reads it on the host)
+        last = (keep * torch.arange(1, keep.shape[0] + 1, device=keep.device)).argmax().view(1)
         any_keep = keep.any()
-        target = torch.where(any_keep, slot[last], torch.zeros_like(slot[last]))
-        index = torch.where(keep, slot, target)
-        flat_emb.index_copy_(0, index, torch.where(keep[:, None], embeddings, torch.where(any_keep, embeddings[last], flat_emb[0])))
-        flat_lab.index_copy_(0, index, torch.where(keep, labels, torch.where(any_keep, labels[last], flat_lab[0])))
-        flat_fill.index_copy_(0, index, keep | torch.where(any_keep, any_keep, flat_fill[0]))
+        index = torch.where(keep, slot, torch.where(any_keep, slot.index_select(0, last), torch.zeros_like(last)))
+        fallback_emb = torch.where(any_keep, embeddings.index_select(0, last), flat_emb[:1])
+        fallback_lab = torch.where(any_keep, labels.index_select(0, last), flat_lab[:1])
+        fallback_fill = any_keep | flat_fill[:1]
+        flat_emb.index_copy_(0, index, torch.where(keep[:, None], embeddings, fallback_emb))
+        flat_lab.index_copy_(0, index, torch.where(keep, labels, fallback_lab))
+        flat_fill.index_copy_(0, index, keep | fallback_fill)
         self.pointer.add_(total).remainder_(self.size)
 
     def extra_repr(self) -> str:
