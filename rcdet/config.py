@@ -66,6 +66,10 @@ def add_rcdet_config(cfg):
     _C.MODEL.TINYNET.NORM = "GN"
     _C.MODEL.TINYNET.OUT_FEATURES = ["s2", "s3", "s4", "s5"]
 
+    # detectron2's AMPTrainer (SOLVER.AMP.ENABLED) computes in float16 with grad scaling;
+    # "bfloat16" selects bfloat16 instead. The RINCE similarities are float32 either way.
+    _C.SOLVER.AMP.PRECISION = "float16"
+
 
 class ConfigError(ValueError):
     """An impossible or inconsistent config; the message names the config key and the fix."""

@@ -3,6 +3,8 @@
 import os
 import sys
 
+import torch
+
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultTrainer, default_setup
@@ -24,6 +26,12 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with the evaluator chosen from the dataset's ``evaluator_type``, whose
     MODEL.WEIGHTS must fit the model (rcdet.checkpoint)."""
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.SOLVER.AMP.ENABLED:
+            # DefaultTrainer builds AMPTrainer with its default, float16.
+            self._trainer.precision = amp_precision(cfg)
+
     def resume_or_load(self, resume=True):
         load_training_weights(self, resume)
 
@@ -35,6 +43,14 @@ class Trainer(DefaultTrainer):
         if evaluator_type == "coco":
             return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
         raise NotImplementedError(f"No evaluator for dataset '{dataset_name}' (evaluator_type={evaluator_type}).")
+
+
+def amp_precision(cfg) -> torch.dtype:
+    """The autocast dtype named by SOLVER.AMP.PRECISION."""
+    choices = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+    if cfg.SOLVER.AMP.PRECISION not in choices:
+        raise ConfigError(f"SOLVER.AMP.PRECISION = '{cfg.SOLVER.AMP.PRECISION}'; choose float16 or bfloat16.")
+    return choices[cfg.SOLVER.AMP.PRECISION]
 
 
 def check_datasets_exist(cfg):
@@ -75,6 +91,7 @@ def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True):
 
     apply_held_out_config(cfg)
     check_datasets_exist(cfg)
+    amp_precision(cfg)  # an unknown name fails here, not after the model is built
     if freeze:
         cfg.freeze()
     if args is not None:
