@@ -3,8 +3,11 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rcdet-setup-done
-SHAPES_ROOT ?= datasets/rcdet_shapes
-export RCDET_SHAPES_ROOT ?= $(SHAPES_ROOT)
+# The built-in dataset's root, in the order rcdet.data.shapes.default_root() uses, so that
+# `make data` writes where the tools look: $RCDET_SHAPES_ROOT, else
+# $DETECTRON2_DATASETS/rcdet_shapes, else datasets/rcdet_shapes.
+SHAPES_ROOT ?= $(or $(RCDET_SHAPES_ROOT),$(if $(DETECTRON2_DATASETS),$(DETECTRON2_DATASETS)/rcdet_shapes,datasets/rcdet_shapes))
+export RCDET_SHAPES_ROOT := $(SHAPES_ROOT)
 
 .PHONY: setup data demo test compare compare-quick bench clean
 

@@ -12,7 +12,7 @@ from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
 from .checkpoint import load_training_weights
 from .config import ConfigError, add_rcdet_config
-from .data.datasets import DatasetError
+from .data.datasets import SHAPES_HINT, DatasetError
 from .ranking import RankingError
 
 __all__ = ["Trainer", "setup_cfg", "check_datasets_exist", "USER_ERRORS", "exit_on_user_error"]
@@ -61,7 +61,7 @@ def check_datasets_exist(cfg):
         dirname = MetadataCatalog.get(name).get("dirname", None)
         if dirname and not os.path.isdir(dirname):
             hint = (
-                "Run `make data` (built-in dataset) or set $RCDET_SHAPES_ROOT."
+                SHAPES_HINT
                 if name.startswith("rcdet_shapes")
                 else "Set $DETECTRON2_DATASETS to the folder that contains VOC2007 (see datasets/README.md)."
             )

@@ -22,6 +22,7 @@ __all__ = [
     "register_voc_dataset",
     "register_rcdet_shapes",
     "SHAPES_SPLITS",
+    "SHAPES_HINT",
 ]
 
 SHAPES_SPLITS = ("train", "val", "trainval", "test")
@@ -29,9 +30,10 @@ _VOC_HINT = (
     "Put VOCdevkit's VOC2007 folder there, or set $DETECTRON2_DATASETS to the folder that "
     "contains VOC2007 (see datasets/README.md)."
 )
-_SHAPES_HINT = (
-    "Generate it with `make data` (or `python datasets/generate_shapes.py --out DIR`), or set "
-    "$RCDET_SHAPES_ROOT to where it is."
+SHAPES_HINT = (
+    "The built-in dataset's root is $RCDET_SHAPES_ROOT, else $DETECTRON2_DATASETS/rcdet_shapes, "
+    "else datasets/rcdet_shapes; `make data` (or `python datasets/generate_shapes.py`) generates it "
+    "there. Or set $RCDET_SHAPES_ROOT to where it is."
 )
 
 
@@ -122,7 +124,7 @@ def register_rcdet_shapes(root: str = None):
         if name in DatasetCatalog.list():
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        register_voc_dataset(name, root, split, 2007, SHAPES_CLASSES, _SHAPES_HINT)
+        register_voc_dataset(name, root, split, 2007, SHAPES_CLASSES, SHAPES_HINT)
 
 
 register_rcdet_shapes()

@@ -38,10 +38,14 @@ SPLIT_SIZES = {"train": 600, "val": 200, "test": 300}
 
 
 def default_root() -> str:
-    """``$RCDET_SHAPES_ROOT``, else ``$DETECTRON2_DATASETS/rcdet_shapes`` (default ``datasets/``)."""
+    """``$RCDET_SHAPES_ROOT``, else ``$DETECTRON2_DATASETS/rcdet_shapes``, else ``datasets/rcdet_shapes``.
+
+    The Makefile's SHAPES_ROOT (``make data``) resolves the same order; an empty variable counts
+    as unset in both.
+    """
     if os.environ.get("RCDET_SHAPES_ROOT"):
         return os.environ["RCDET_SHAPES_ROOT"]
-    return os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "rcdet_shapes")
+    return os.path.join(os.environ.get("DETECTRON2_DATASETS") or "datasets", "rcdet_shapes")
 
 
 def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
