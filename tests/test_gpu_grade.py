@@ -227,3 +227,25 @@ def test_voc_amp_config_runs_one_float16_step(tiny_shapes, tmp_path):
         (sum(losses.values()) * 1024.0).backward()
     assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_contrast"] > 0
     assert all(torch.isfinite(p.grad).all() for p in amp.model.roi_heads.projection.parameters())
+
+
+def test_benchmark_tools_report_syncs_and_operators(tmp_path):
+    overhead = load_tool("benchmark_overhead")
+    out = tmp_path / "overhead.json"
+    assert overhead.main(["--synthetic", "--steps", "1", "--batches", "1", "--no-memory", "--json", str(out),
+                          "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TEST", "128"]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["lr"] == 0.0 and result["amp"] == "off"
+    assert result["syncs_added_by_rcdet"] == {"Tensor.tolist": 1}
+    assert result["syncs_per_step"]["rince"] == result["syncs_per_step"]["standard"] + 1
+    assert result["ops_per_step"]["rince"] > result["ops_per_step"]["standard"]
+
+    loss_json = tmp_path / "loss.json"
+    assert bench.main(["--sizes", "64x256", "--ranks", "2", "--no-memory", "--repeats", "1", "--json", str(loss_json)]) == 0
+    rows = json.loads(loss_json.read_text())["syncs_and_operators"]
+    rince = [r for r in rows if r["loss"] != "supcon_out"]
+    assert rince and all(r["syncs"] == 0 for r in rince)
+    by_key = {(r["loss"], r["r"], r["classes"]): r["ops"] for r in rows}
+    assert by_key["rince_out_in", 3, 20] == by_key["rince_out_in", 3, 80]

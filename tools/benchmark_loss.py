@@ -5,6 +5,9 @@ SupCon pass over the same inputs and (small case only) the brute-force reference
 
     python tools/benchmark_loss.py --json output/bench/loss.json
 
+Also counts, per forward + backward call, the device-to-host syncs and the aten operators
+(rcdet.sync_counter), at 20 and 80 classes: they are the same on every device.
+
 Peak extra memory: on CUDA, torch.cuda.max_memory_allocated above the inputs; on the CPU, the
 peak resident size of a fresh process that runs one step, above its size before the step
 (glibc's mmap threshold fixed, so freed blocks leave the resident set). Prints a table and, with --json, writes
@@ -23,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from rcdet.file_io import write_json_atomic
+from rcdet.sync_counter import SyncCounter
 from rcdet.modeling.rince import ranked_info_nce
 from rcdet.modeling.rince_reference import reference_rince
 
@@ -118,6 +122,20 @@ def _make_step(variant, n, m, r, args, device):
     return lambda: ranked_info_nce(z, y, k, ky, ranks, taus, variant, self_idx).loss.backward()
 
 
+def count_call(variant, n, m, r, dim, num_classes, device):
+    """(syncs, operators) of one forward + backward, as the training step calls the loss."""
+    z, y, k, ky, self_idx = make_inputs(n, m, dim, num_classes, device)
+    z.requires_grad_(True)
+    k.requires_grad_(True)
+    with SyncCounter() as counter:
+        if variant == "supcon":
+            supcon_out(z, y, k, ky, 0.1, self_idx).backward()
+        else:
+            taus = [0.1 + 0.1 * i for i in range(r)]
+            ranked_info_nce(z, y, k, ky, rank_matrix(num_classes, r, device), taus, variant, self_idx, check_inputs=False).loss.backward()
+    return counter.syncs, counter.ops
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -170,6 +188,15 @@ def main(argv=None):
         summary["rince_r3_peak_in_NxM_f32"] = r3["peak_in_NxM_f32"]
         print(f"rince_r3_over_supcon (N=1024, M=8192): {summary['rince_r3_over_supcon']:.2f}x time; "
               f"peak extra memory {r3['peak_in_NxM_f32']:.2f} N*M float32 matrices")
+    counts = []
+    for num_classes in (20, 80):
+        for variant, r in [("supcon", 1), ("out_in", 1), ("out_in", 3), ("in", 3), ("out", 3), ("out_in", 4)]:
+            syncs, ops = count_call(variant, 256, 2048, r, args.dim, num_classes, device)
+            counts.append({"loss": "supcon_out" if variant == "supcon" else f"rince_{variant}", "r": r, "classes": num_classes, "syncs": syncs, "ops": ops})
+    print(f"{'loss':>14} {'r':>2} {'classes':>7} {'syncs':>5} {'operators':>9}   (one forward + backward)")
+    for row in counts:
+        print(f"{row['loss']:>14} {row['r']:>2} {row['classes']:>7} {row['syncs']:>5} {row['ops']:>9}")
+    summary["syncs_and_operators"] = counts
     if args.json:
         write_json_atomic(args.json, summary)
     return 0

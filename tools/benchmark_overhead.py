@@ -6,8 +6,12 @@ and peak memory. The two models are stepped alternately in one run, so machine n
 
     python tools/benchmark_overhead.py --json output/bench/overhead.json                   # CPU demo config
     python tools/benchmark_overhead.py --config-file configs/voc_rince.yaml --synthetic    # R50-FPN, on a GPU
+    python tools/benchmark_overhead.py --config-file configs/voc_rince.yaml --synthetic --amp float16
 
 Without the dataset on disk (or with --synthetic) it uses random images with random boxes.
+The optimizer runs with --lr 0 by default: the step is timed, not the training, and a randomly
+initialised R50 with frozen BatchNorm diverges at any useful learning rate. It also counts the
+device-to-host syncs of one training step of each model (rcdet.sync_counter).
 """
 
 import argparse
@@ -25,6 +29,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from rcdet.engine import USER_ERRORS, check_datasets_exist
+from rcdet.sync_counter import SyncCounter
 from rcdet.file_io import write_json_atomic
 from rcdet.config import add_rcdet_config
 
@@ -81,15 +86,38 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_step(model, opt, batch, device):
+def train_step(model, opt, batch, device, amp=None):
+    """One step; ``amp``: None or (dtype, GradScaler or None), as detectron2's AMPTrainer does it."""
     sync(device)
     t = time.perf_counter()
-    losses = model(batch)
-    sum(losses.values()).backward()
-    opt.step()
+    with torch.autocast(device_type=torch.device(device).type, dtype=amp[0] if amp else None, enabled=amp is not None):
+        losses = model(batch)
+    loss = sum(losses.values())
+    scaler = amp[1] if amp else None
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
     opt.zero_grad(set_to_none=True)
     sync(device)
     return time.perf_counter() - t
+
+
+def make_amp(name, device):
+    if name == "off":
+        return None
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    scaler = torch.cuda.amp.GradScaler() if device.startswith("cuda") and dtype == torch.float16 else None
+    return dtype, scaler
+
+
+def count_step_syncs(model, opt, batch, device, amp):
+    with EventStorage(0), SyncCounter() as counter:
+        train_step(model, opt, batch, device, amp)
+    return counter
 
 
 @torch.no_grad()
@@ -127,7 +155,7 @@ def peak_memory_probe(mode, args):
     if args.device.startswith("cuda"):
         return None
     cmd = [sys.executable, os.path.abspath(__file__), "--probe-memory", mode, "--config-file", args.config_file,
-           "--batches", "3", "--device", args.device] + (["--synthetic"] if args.synthetic else []) + list(args.opts)
+           "--batches", "3", "--device", args.device, "--lr", str(args.lr)] + (["--synthetic"] if args.synthetic else []) + list(args.opts)
     # A fixed mmap threshold, so freed blocks leave the resident set.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -141,6 +169,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30, help="timed train steps per model")
     parser.add_argument("--batches", type=int, default=6, help="distinct batches cycled through")
     parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument("--lr", type=float, default=0.0, help="SGD learning rate of the timed steps (0: time the step only)")
+    parser.add_argument("--amp", choices=["off", "float16", "bfloat16"], default="off", help="autocast the train step (float16 with GradScaler on CUDA)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the CPU memory probes")
     parser.add_argument("--json", default="")
     parser.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER)
@@ -152,7 +183,7 @@ def main(argv=None):
 
         cfgs, models, batches, _ = models_and_data(args)
         model = models[args.probe_memory].train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
         with EventStorage(0):
             train_step(model, opt, batches[0], args.device)  # warm-up: kernels, thread pools
             reset_peak_rss()
@@ -163,24 +194,27 @@ def main(argv=None):
         return 0
 
     cfgs, models, batches, use_real = models_and_data(args)
-    opts = {m: torch.optim.SGD(models[m].parameters(), lr=1e-3, momentum=0.9) for m in models}
+    opts = {m: torch.optim.SGD(models[m].parameters(), lr=args.lr, momentum=0.9) for m in models}
+    amp = {m: make_amp(args.amp, args.device) for m in models}
     times = {m: [] for m in models}
     peaks = {m: 0 for m in models}
     with EventStorage(0) as storage:
         for m in models:  # warm-up, and fill the RINCE queue as in steady-state training
             models[m].train()
             for b in batches:
-                train_step(models[m], opts[m], b, args.device)
+                train_step(models[m], opts[m], b, args.device, amp[m])
         for i in range(args.steps):
             order = ("standard", "rince") if i % 2 == 0 else ("rince", "standard")
             for m in order:
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
                 storage.iter = i
-                times[m].append(train_step(models[m], opts[m], batches[i % len(batches)], args.device))
+                times[m].append(train_step(models[m], opts[m], batches[i % len(batches)], args.device, amp[m]))
                 if args.device.startswith("cuda"):
                     peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated())
     train_ratio = statistics.median(r / s for r, s in zip(times["rince"], times["standard"]))
+    syncs = {m: count_step_syncs(models[m], opts[m], batches[0], args.device, amp[m]) for m in models}
+    added = syncs["rince"].sync_ops - syncs["standard"].sync_ops
 
     inf = {"standard": [], "embed_off": [], "embed_on": []}
     for m in models.values():
@@ -197,7 +231,7 @@ def main(argv=None):
     ratio_on = statistics.median(o / s for o, s in zip(inf["embed_on"], inf["standard"]))
 
     if not args.device.startswith("cuda"):
-        peaks = {m: peak_memory_probe(m, args) for m in models}
+        peaks = {m: peak_memory_probe(m, args) if args.memory else None for m in models}
     result = {
         "config": args.config_file,
         "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
@@ -207,6 +241,11 @@ def main(argv=None):
         "steps": args.steps,
         "train_step_ms": {m: 1e3 * statistics.median(t) for m, t in times.items()},
         "train_step_ratio": train_ratio,
+        "lr": args.lr,
+        "amp": args.amp,
+        "syncs_per_step": {m: c.syncs for m, c in syncs.items()},
+        "syncs_added_by_rcdet": dict(added),
+        "ops_per_step": {m: c.ops for m, c in syncs.items()},
         "inference_ms": {k: 1e3 * statistics.median(v) for k, v in inf.items()},
         "inference_ratio_embed_off": ratio_off,
         "inference_ratio_embed_on": ratio_on,
