@@ -1,25 +1,35 @@
 """The trainer and config setup shared by tools/train_net.py and the other tools."""
 
+import logging
 import os
 import sys
 
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
 from .checkpoint import load_training_weights
 from .config import ConfigError, add_rcdet_config
-from .data.datasets import SHAPES_HINT, DatasetError
+from .data.datasets import SHAPES_HINT, CheckedDatasetMapper, DatasetError
 from .ranking import RankingError
 
-__all__ = ["Trainer", "setup_cfg", "check_datasets_exist", "USER_ERRORS", "exit_on_user_error"]
+__all__ = ["Trainer", "setup_cfg", "check_datasets_exist", "USER_ERRORS", "user_error_message", "exit_on_user_error"]
 
 
 # Errors caused by the user's files or config: reported as one clear line, no traceback.
 USER_ERRORS = (ConfigError, DatasetError, RankingError)
+
+
+def _not_a_user_error(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], USER_ERRORS))
+
+
+# TrainerBase.train logs every exception with its traceback before re-raising it. A user error
+# met mid-training (an unreadable image) is reported as one line by exit_on_user_error instead.
+logging.getLogger("detectron2.engine.train_loop").addFilter(_not_a_user_error)
 
 
 class Trainer(DefaultTrainer):
@@ -34,6 +44,14 @@ class Trainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         load_training_weights(self, resume)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -99,10 +117,27 @@ def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True):
     return cfg
 
 
+def user_error_message(e: BaseException) -> str:
+    """The message of a user error, as one line."""
+    msg = str(e).strip()
+    # torch re-raises an exception from a DataLoader worker with the worker's formatted traceback
+    # as its message; the original message is on its last line, after "module.Class: ".
+    if "\nOriginal Traceback" in msg:
+        msg = msg.splitlines()[-1].split(": ", 1)[-1]
+    return msg
+
+
 def exit_on_user_error(fn, *args, **kwargs):
-    """Run ``fn``; a user error becomes one 'error: ...' line on stderr and exit code 2."""
+    """
+    Run ``fn``. A user error becomes one 'error: ...' line on stderr and exit code 2; Ctrl-C one
+    line and exit code 130 (128 + SIGINT), as a shell reports it. rcdet's reports and caches are
+    written atomically (rcdet.file_io), so an interrupted run leaves each complete or absent.
+    """
     try:
         return fn(*args, **kwargs)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_error_message(e)}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -9,11 +9,12 @@ through the trained box head and projection (streamed), then writes to --output:
   centroid_similarity.png     class-centroid cosine similarity, ordered by group
   box_features_*.png          the same for the box-head features (--pre-projection)
 
-    python tools/analyze_embeddings.py --config-file configs/shapes_rince_ood.yaml \
-        MODEL.WEIGHTS output/demo/train/model_final.pth --output output/analysis/rince
+    python tools/analyze_embeddings.py --config-file configs/shapes_rince_ood.yaml --output output/analysis/rince \
+        MODEL.WEIGHTS output/demo/train/model_final.pth
 """
 
 import argparse
+import difflib
 import os
 import sys
 
@@ -26,7 +27,8 @@ from detectron2.utils.logger import setup_logger
 from rcdet.analysis import analyse, plot_centroid_similarity, plot_tsne, tsne_2d
 from rcdet.checkpoint import load_trained_weights
 from rcdet.config import ConfigError
-from rcdet.engine import USER_ERRORS, setup_cfg
+from rcdet.data.held_out import parse_held_out_split, register_held_out_split
+from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
 from rcdet.file_io import write_json_atomic
 from rcdet.evaluation.extract import embed_ground_truth
 from rcdet.ranking import load_ranking
@@ -43,8 +45,33 @@ def dataset_with_held_out(name):
     return dicts, known, held
 
 
+def resolve_dataset(cfg, name=None):
+    """The registered split to embed: ``name`` (--dataset), else DATASETS.TEST[0]."""
+    if name is None:
+        if not cfg.DATASETS.TEST:
+            raise ConfigError("DATASETS.TEST is empty: name the split to embed with --dataset.")
+        return cfg.DATASETS.TEST[0]
+    parsed = parse_held_out_split(name)
+    if parsed is not None:
+        # A held-out split (as analysis.json or a saved config names it) is derived on demand.
+        base, held_out, mode, role = parsed
+        return register_held_out_split(base, held_out, mode or cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE, role)
+    if name in DatasetCatalog.list():
+        return name
+    registered = sorted(DatasetCatalog.list())
+    match = difflib.get_close_matches(name, registered, n=1)
+    meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+    classes = list(meta.get("all_classes", meta.thing_classes))
+    same = [n for n in registered if MetadataCatalog.get(n).get("all_classes", MetadataCatalog.get(n).get("thing_classes", None)) == classes]
+    raise ConfigError(
+        f"--dataset '{name}' is not a registered dataset."
+        + (f" Did you mean '{match[0]}'?" if match else "")
+        + f" Registered splits with the classes of DATASETS.TRAIN: {', '.join(same)}."
+    )
+
+
 def run(cfg, output, dataset=None, pre_projection=False, max_tsne=2000, tsne=True, title=""):
-    dataset = dataset or cfg.DATASETS.TEST[0]
+    dataset = resolve_dataset(cfg, dataset)
     model = build_model(cfg)
     load_trained_weights(model, cfg)
     dicts, known, held = dataset_with_held_out(dataset)
@@ -113,7 +140,7 @@ def main(argv=None):
         out = args.output or os.path.join(cfg.OUTPUT_DIR, "analysis")
         report = run(cfg, out, args.dataset, args.pre_projection, args.max_tsne, not args.no_tsne)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_error_message(e)}", file=sys.stderr)
         return 2
     for space, res in report["spaces"].items():
         fid = res["ranking_fidelity"]
@@ -127,4 +154,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -2,8 +2,8 @@
 """
 Held-out-class OOD detection benchmark (higher scores mean "more in-distribution").
 
-    python tools/benchmark_ood.py --config-file configs/shapes_rince_ood.yaml \
-        MODEL.WEIGHTS output/shapes_rince_ood/model_final.pth --output output/ood/rince
+    python tools/benchmark_ood.py --config-file configs/shapes_rince_ood.yaml --output output/ood/rince \
+        MODEL.WEIGHTS output/shapes_rince_ood/model_final.pth
     python tools/benchmark_ood.py --compare output/ood/softmax output/ood/supcon output/ood/rince \
         --output output/ood/comparison
 
@@ -15,7 +15,7 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
-from rcdet.engine import USER_ERRORS, setup_cfg
+from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
 from rcdet.evaluation.ood import merge_reports
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 
@@ -48,7 +48,7 @@ def main(argv=None):
         out = args.output or f"{cfg.OUTPUT_DIR}/ood"
         report = run_ood_benchmark(cfg, out, args.score_thresh, args.knn_k, args.per_class_covariance, args.energy_temperature, args.name, args.match_iou, args.time_plain)
     except (FileNotFoundError,) + USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_error_message(e)}", file=sys.stderr)
         return 2
     for name, entry in report["scores"].items():
         auroc = "n/a" if not entry["available"] else ("undefined" if entry["auroc"] is None else f"{entry['auroc']:.3f}")
@@ -61,4 +61,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -15,7 +15,7 @@ import time
 from detectron2.engine import default_argument_parser
 
 from rcdet.data.shapes import default_root, generate
-from rcdet.engine import USER_ERRORS, Trainer, setup_cfg
+from rcdet.engine import USER_ERRORS, Trainer, exit_on_user_error, setup_cfg, user_error_message
 from rcdet.file_io import write_json_atomic
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 
@@ -55,7 +55,7 @@ def main(argv=None):
         ood_dir = os.path.join(args.output, "ood")
         report = run_ood_benchmark(ood_cfg, ood_dir, name="demo")
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_error_message(e)}", file=sys.stderr)
         return 2
 
     bbox = report["detection"]
@@ -88,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -1,7 +1,8 @@
 """
 Registration of VOC-layout datasets through detectron2's own loader, with a validation pass
 first, so that a missing folder, an empty split file, a corrupt XML, an unknown class name or a
-missing image is reported with the file and the fix instead of a deep traceback.
+missing image is reported with the file and the fix instead of a deep traceback. Images are
+only decoded by the data loader; CheckedDatasetMapper names one that cannot be.
 """
 
 import difflib
@@ -9,7 +10,7 @@ import os
 from typing import Iterable, List, Sequence
 from xml.etree import ElementTree as ET
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances, register_pascal_voc
 
 from .shapes import CLASS_NAMES as SHAPES_CLASSES
@@ -17,6 +18,7 @@ from .shapes import default_root as shapes_default_root
 
 __all__ = [
     "DatasetError",
+    "CheckedDatasetMapper",
     "check_voc_split",
     "load_checked_voc_instances",
     "register_voc_dataset",
@@ -39,6 +41,21 @@ SHAPES_HINT = (
 
 class DatasetError(RuntimeError):
     """A dataset on disk is missing or malformed; the message names the file and the fix."""
+
+
+class CheckedDatasetMapper(DatasetMapper):
+    """DatasetMapper for which an image that cannot be decoded (zero bytes, truncated, not an
+    image) is a DatasetError naming the file, not a PIL error from inside the data loader."""
+
+    def __call__(self, dataset_dict):
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, SyntaxError) as e:  # PIL's errors for a broken or unknown image file
+            raise DatasetError(
+                f"{dataset_dict['file_name']}: cannot read the image ({e}). The file is empty, "
+                "truncated or not an image: replace it (for the built-in dataset, delete its folder "
+                "and run `make data`)."
+            ) from None
 
 
 def check_voc_split(dirname: str, split: str, class_names: Sequence[str], hint: str = "") -> List[str]:

@@ -11,9 +11,11 @@ import numpy as np
 import torch
 import tqdm
 
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_test_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.evaluation import DatasetEvaluator
+
+from ..data.datasets import CheckedDatasetMapper
 
 __all__ = ["file_checksum", "embed_ground_truth", "DetectionCollector"]
 
@@ -29,7 +31,7 @@ def file_checksum(path: str, chunk: int = 1 << 20) -> str:
 
 def _gt_mapper(cfg):
     """Test-time resizing, but keep (and transform) the annotations."""
-    return DatasetMapper(
+    return CheckedDatasetMapper(
         is_train=True,
         augmentations=[T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)],
         image_format=cfg.INPUT.FORMAT,

@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 
 from ..checkpoint import load_trained_weights
 from ..config import ConfigError
+from ..data.datasets import CheckedDatasetMapper
 from .extract import DetectionCollector, embed_ground_truth, file_checksum
 from ..file_io import save_npz_atomic
 from .ood import ALL_SCORES, EMBEDDING_SCORES, ID, OOD, UNMATCHED, EmbeddingStatistics, logit_scores, match_detections, score_report, write_report_files
@@ -74,7 +75,7 @@ def run_ood_benchmark(
         # The reference: the same model's ordinary inference + VOC evaluation, EMBED_AT_TEST off.
         model.roi_heads.embed_at_test = False
         t0 = time.perf_counter()
-        inference_on_dataset(model, build_detection_test_loader(cfg, test_name), PascalVOCDetectionEvaluator(test_name))
+        inference_on_dataset(model, build_detection_test_loader(cfg, test_name, mapper=CheckedDatasetMapper(cfg, False)), PascalVOCDetectionEvaluator(test_name))
         plain_seconds = time.perf_counter() - t0
         model.roi_heads.embed_at_test = True
 
@@ -83,7 +84,7 @@ def run_ood_benchmark(
     if meta.get("evaluator_type") == "pascal_voc":
         evaluators.insert(0, PascalVOCDetectionEvaluator(test_name))
     t0 = time.perf_counter()
-    results = inference_on_dataset(model, build_detection_test_loader(cfg, test_name), DatasetEvaluators(evaluators))
+    results = inference_on_dataset(model, build_detection_test_loader(cfg, test_name, mapper=CheckedDatasetMapper(cfg, False)), DatasetEvaluators(evaluators))
     inference_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
