@@ -139,6 +139,14 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         queue = EmbeddingQueue(queue_size, embed_dim, self.num_classes, queue_class_balanced) if queue_size > 0 else None
         self.contrast = RankedInfoNCEWithMemory(contrastive_loss, queue, gather)
 
+    # TorchScript constants, as detectron2.export.torchscript_patch declares them on
+    # StandardROIHeads (annotations are per class), so that scripting compiles away the
+    # absent mask and keypoint heads exactly as it does for the base class.
+    mask_on: torch.jit.Final[bool]
+    keypoint_on: torch.jit.Final[bool]
+    # Training state, not part of a scripted (inference) model.
+    __jit_unused_properties__ = ["queue"]
+
     @property
     def queue(self) -> Optional[EmbeddingQueue]:
         return self.contrast.queue if self.contrast is not None else None
@@ -170,6 +178,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         )
         return ret
 
+    @torch.jit.unused
     @torch.no_grad()
     def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
         proposals = super().label_and_sample_proposals(proposals, targets)
@@ -182,45 +191,64 @@ class RankedContrastiveROIHeads(StandardROIHeads):
                     p.gt_iou = p.gt_classes.new_zeros(len(p), dtype=torch.float32)
         return proposals
 
+    @torch.jit.unused
     def embed(self, box_features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projection(box_features), dim=1)
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        branch_needed = self.contrast is not None if self.training else self.embed_at_test
-        if not branch_needed:
-            return super()._forward_box(features, proposals)
-        features = [features[f] for f in self.box_in_features]
-        box_features = self.box_pooler(features, [x.proposal_boxes for x in proposals])
-        box_features = self.box_head(box_features)
-        predictions = self.box_predictor(box_features)
+        # No super() on the inference path: TorchScript cannot compile it. These lines are
+        # StandardROIHeads' inference path, plus the optional embeddings.
         if self.training:
-            if self.train_on_pred_boxes:
-                raise NotImplementedError("MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with the contrastive branch.")
-            losses = self.box_predictor.losses(predictions, proposals)
-            losses.update(self.contrastive_losses(box_features, proposals))
-            return losses
+            assert not torch.jit.is_scripting()
+            return self._forward_box_train(features, proposals)
+        box_in = [features[f] for f in self.box_in_features]
+        box_features = self.box_pooler(box_in, [x.proposal_boxes for x in proposals])
+        predictions = self.box_predictor(self.box_head(box_features))
         del box_features
         pred_instances, kept = self.box_predictor.inference(predictions, proposals)
         if self.embed_at_test:
-            self._attach_embeddings(features, predictions[0], proposals, pred_instances, kept)
+            self._attach_embeddings(box_in, predictions[0], proposals, pred_instances, kept)
         return pred_instances
 
-    def _attach_embeddings(self, features, logits, proposals, pred_instances, kept):
-        """pred_logits from each detection's proposal; pred_embeddings (branch only) from its final box."""
-        per_image_logits = logits.split([len(p) for p in proposals])
+    @torch.jit.unused
+    def _forward_box_train(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
+        if self.contrast is None:
+            return super()._forward_box(features, proposals)
+        if self.train_on_pred_boxes:
+            raise NotImplementedError("MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with the contrastive branch.")
+        box_in = [features[f] for f in self.box_in_features]
+        # StandardROIHeads._forward_box deletes box_features; the branch needs them.
+        box_features = self.box_head(self.box_pooler(box_in, [x.proposal_boxes for x in proposals]))
+        predictions = self.box_predictor(box_features)
+        losses = self.box_predictor.losses(predictions, proposals)
+        losses.update(self.contrastive_losses(box_features, proposals))
+        return losses
+
+    @torch.jit.unused
+    def _attach_embeddings(
+        self, features: List[torch.Tensor], logits: torch.Tensor, proposals: List[Instances], pred_instances: List[Instances], kept: List[torch.Tensor]
+    ) -> None:
+        """
+        pred_logits from each detection's proposal; pred_embeddings (branch only) from its final
+        box. Written for torch.jit.trace: sizes come from tensor shapes (traced), never from
+        len() (a Python int, frozen into the trace), and each image is pooled on its own, so
+        no split depends on the number of detections.
+        """
+        per_image_logits = logits.split([p.proposal_boxes.tensor.shape[0] for p in proposals])
         for inst, img_logits, idx in zip(pred_instances, per_image_logits, kept):
             inst.pred_logits = img_logits[idx]
         if self.projection is None:
             return
-        pooled = self.box_pooler(features, [x.pred_boxes for x in pred_instances])
-        emb = self.embed(self.box_head(pooled)) if pooled.shape[0] else pooled.new_zeros((0, self.projection[-1].out_features))
-        for inst, e in zip(pred_instances, emb.split([len(x) for x in pred_instances])):
-            inst.pred_embeddings = e
+        for i, inst in enumerate(pred_instances):
+            pooled = self.box_pooler([f[i : i + 1] for f in features], [inst.pred_boxes])
+            inst.pred_embeddings = self.embed(self.box_head(pooled))
 
+    @torch.jit.unused
     def current_loss_weight(self, iteration: int) -> float:
         """LOSS_WEIGHT times DECAY_RATE for every decay step already reached (from the iteration, so resumes agree)."""
         return self.loss_weight * self.decay_rate ** bisect.bisect_right(self.decay_steps, iteration)
 
+    @torch.jit.unused
     def contrastive_losses(self, box_features: torch.Tensor, proposals: List[Instances]) -> Dict[str, torch.Tensor]:
         storage = get_event_storage()
         embeddings = self.embed(box_features)
@@ -242,6 +270,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         self._log_branch_statistics(storage, out, anchor_mask, embeddings)
         return {"loss_contrast": out.loss * self.current_loss_weight(storage.iter)}
 
+    @torch.jit.unused
     def _log_branch_statistics(self, storage, out, anchor_mask, embeddings):
         """Every rcdet/* scalar in one device-to-host transfer: the step's only sync from rcdet."""
         r = self.contrast.num_ranks
