@@ -58,11 +58,14 @@ def resolve_dataset(cfg, name=None):
         return register_held_out_split(base, held_out, mode or cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE, role)
     if name in DatasetCatalog.list():
         return name
+    def all_classes(split):
+        meta = MetadataCatalog.get(split)
+        return meta.get("all_classes", meta.get("thing_classes", None))
+
     registered = sorted(DatasetCatalog.list())
     match = difflib.get_close_matches(name, registered, n=1)
-    meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
-    classes = list(meta.get("all_classes", meta.thing_classes))
-    same = [n for n in registered if MetadataCatalog.get(n).get("all_classes", MetadataCatalog.get(n).get("thing_classes", None)) == classes]
+    # detectron2 registers COCO, LVIS, Cityscapes, ... too: list only this dataset's splits.
+    same = [n for n in registered if all_classes(n) == all_classes(cfg.DATASETS.TRAIN[0])]
     raise ConfigError(
         f"--dataset '{name}' is not a registered dataset."
         + (f" Did you mean '{match[0]}'?" if match else "")
