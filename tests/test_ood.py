@@ -32,14 +32,16 @@ def test_metrics_perfect_and_undefined():
     assert m["auroc"] == 1.0 and m["fpr95"] == 0.0
     assert ood_metrics([1.0, 2.0], [1, 1]) == {"auroc": None, "fpr95": None, "aupr_in": None, "aupr_out": None}
     rep = score_report({"msp": np.array([0.9, 0.1]), "cosine": None}, np.array([1, 0]))
-    assert rep["msp"]["auroc"] == 1.0 and rep["cosine"] == {
-        "available": False, "auroc": None, "fpr95": None, "aupr_in": None, "aupr_out": None}
+    assert rep["msp"]["auroc"] == 1.0 and rep["msp"]["auroc_ci"] is None  # no bootstrap asked for
+    assert rep["cosine"] == {"available": False, "auroc": None, "fpr95": None, "aupr_in": None, "aupr_out": None,
+                             "auroc_ci": None, "fpr95_ci": None, "aupr_in_ci": None, "aupr_out_ci": None}
 
 
 # ---------------------------------------------------------------- matching
 
 
-def test_matching_hand_made_boxes():
+def test_matching_all_hand_made_boxes():
+    # The per-detection protocol (--matching all); one-per-object matching: tests/test_ood_protocol.py.
     gt = np.array([[0, 0, 10, 10], [4, 0, 14, 10], [0, 0, 10, 10], [40, 40, 60, 60]], dtype=float)
     gt_ood = np.array([False, True, True, False])
     dets = np.array(
@@ -53,10 +55,10 @@ def test_matching_hand_made_boxes():
             [40, 40, 48, 60],  # IoU 0.4 -> unmatched
         ]
     )
-    status, index = match_detections(dets, gt, gt_ood)
+    status, index = match_detections(dets, gt, gt_ood, matching="all")
     assert status.tolist() == [0, 1, 0, 0, -1, 1, -1]
     assert index.tolist() == [1, 0, 1, 1, -1, 3, -1]
-    s, i = match_detections(dets[:2], np.zeros((0, 4)), np.zeros(0, dtype=bool))
+    s, i = match_detections(dets[:2], np.zeros((0, 4)), np.zeros(0, dtype=bool), matching="all")
     assert s.tolist() == [-1, -1] and i.tolist() == [-1, -1]
 
 
@@ -169,6 +171,9 @@ def _bench(name, weights, out, *opts, **kw):
 
     cfg = tiny_cfg(f"configs/shapes_{name}_ood.yaml", "MODEL.WEIGHTS", weights, "MODEL.RCDET.EMBED_AT_TEST", "True", *opts)
     cfg.freeze()
+    # Without an OOD image set unless asked for: the image level is tested in test_ood_protocol.py.
+    kw.setdefault("ood_dataset", "none")
+    kw.setdefault("bootstrap", 50)
     return run_ood_benchmark(cfg, str(out), **kw)
 
 
@@ -183,9 +188,17 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
     assert set(on_disk["detection"]) == {"AP", "AP50", "AP75"}
     assert on_disk["counts"]["id"] > 0 and on_disk["counts"]["ood"] > 0
     assert all(0 <= e["auroc"] <= 1 for e in on_disk["scores"].values())
-    assert on_disk["held_out_classes"] == ["ring", "triangle"] and isinstance(on_disk["a_ose"], int)
+    assert on_disk["held_out_classes"] == ["ring", "triangle"] and isinstance(on_disk["open_set"]["a_ose"], int)
+    counts = on_disk["counts"]
+    assert counts["id"] <= counts["id_objects"] and counts["ood"] <= counts["ood_objects"]  # one detection per object
+    assert counts["id"] + counts["ood"] + counts["duplicates"] + counts["background"] == counts["detections"]
+    assert on_disk["protocol"]["matching"] == "one_per_object" and on_disk["protocol"]["version"] == 2
+    for e in on_disk["scores"].values():
+        lo, hi = e["auroc_ci"]
+        assert lo <= e["auroc"] <= hi
     csv_lines = (tmp_path / "rince" / "ood_report.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("score,available,auroc,fpr95,aupr_in,aupr_out") and len(csv_lines) == 7
+    assert csv_lines[0].startswith("protocol,score,available,auroc,auroc_ci_lo,auroc_ci_hi,fpr95") and len(csv_lines) == 7
+    assert on_disk["image_level"] is None
     # The statistics are cached next to the weights, keyed by their checksum.
     assert any(n.startswith("ood_stats_") for n in os.listdir(os.path.dirname(tiny_models["rince"])))
 
@@ -200,6 +213,8 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
 
     md = merge_reports([str(tmp_path / "rince"), str(tmp_path / "softmax")], str(tmp_path / "cmp"))
     assert "| rince |" in md and "n/a" in md
+    lo, hi = on_disk["scores"]["msp"]["auroc_ci"]
+    assert f"{on_disk['scores']['msp']['auroc']:.3f} [{lo:.3f}, {hi:.3f}]" in md  # the table shows the intervals
     assert (tmp_path / "cmp" / "ood_comparison.csv").is_file() and (tmp_path / "cmp" / "roc_comparison.png").is_file()
 
 

@@ -127,8 +127,9 @@ def _iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _make_image(seed: int, index: int):
-    """Render image ``index``; its own RNG stream makes the output independent of worker order."""
+def _make_image(seed: int, index: int, classes: Tuple[str, ...] = CLASS_NAMES):
+    """Render image ``index`` with objects drawn from ``classes``; its own RNG stream makes the
+    output independent of worker order."""
     rng = np.random.default_rng([seed, index])
     w, h = int(rng.integers(256, 321)), int(rng.integers(256, 321))
     img = _background(rng, w, h)
@@ -146,7 +147,7 @@ def _make_image(seed: int, index: int):
                 break
         else:
             continue
-        cls = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
+        cls = classes[int(rng.integers(len(classes)))]
         color = tuple(int(v) for v in rng.integers(0, 256, 3))
         hole = tuple(int(v) for v in (255 - np.asarray(color)) // 2 + rng.integers(0, 60, 3))
         _draw_object(draw, cls, box, color, hole)
@@ -180,9 +181,9 @@ def _annotation_xml(fileid: str, w: int, h: int, objects) -> bytes:
 
 
 def _write_one(args):
-    root, seed, index = args
+    root, seed, index, *classes = args
     fileid = f"{index:06d}"
-    img, w, h, objects = _make_image(seed, index)
+    img, w, h, objects = _make_image(seed, index, *classes)
     img.save(os.path.join(root, "JPEGImages", f"{fileid}.jpg"), quality=92)
     with open(os.path.join(root, "Annotations", f"{fileid}.xml"), "wb") as f:
         f.write(_annotation_xml(fileid, w, h, objects))

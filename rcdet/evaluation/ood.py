@@ -24,17 +24,24 @@ import numpy as np
 from sklearn import metrics as skm
 
 from ..file_io import atomic_write, save_npz_atomic, write_json_atomic
+from .open_set import pairwise_iou
 
 __all__ = [
     "LOGIT_SCORES",
     "EMBEDDING_SCORES",
     "ALL_SCORES",
+    "MATCHING_MODES",
     "logit_scores",
+    "detector_confidence",
     "EmbeddingStatistics",
     "match_detections",
     "ood_metrics",
     "score_report",
     "write_report_files",
+    "ReportError",
+    "load_report",
+    "check_same_protocol",
+    "protocol_of",
     "merge_reports",
 ]
 
@@ -43,7 +50,11 @@ LOGIT_SCORES = ("msp", "max_logit", "energy")
 EMBEDDING_SCORES = ("cosine", "knn", "gaussian")
 ALL_SCORES = LOGIT_SCORES + EMBEDDING_SCORES
 
-ID, OOD, UNMATCHED = 1, 0, -1
+# Detection status after matching: ID / OOD (claimed a known / held-out object), BACKGROUND (no
+# object at the matching IoU) and DUPLICATE (its object was claimed by a more confident detection).
+ID, OOD, BACKGROUND, DUPLICATE = 1, 0, -1, -2
+UNMATCHED = BACKGROUND  # the name before duplicates were told apart
+MATCHING_MODES = ("one_per_object", "all")
 
 
 def logit_scores(logits: np.ndarray, num_known: int, energy_temperature: float = 1.0) -> Dict[str, np.ndarray]:
@@ -138,72 +149,140 @@ class EmbeddingStatistics:
             return cls(z["prototypes"], z["bank"], z["means"], z["precisions"], z["log_dets"], int(z["knn_k"]))
 
 
-def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU between XYXY boxes a (N, 4) and b (M, 4)."""
-    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
+def detector_confidence(logits: np.ndarray, num_known: int) -> np.ndarray:
+    """
+    The detector's confidence in a detection: its largest known-class probability, softmax over
+    all K + 1 logits (background included), as VOS filters detections (``cls_prob[:-1].max()`` in
+    ``eval_predictions_preprocess`` of github.com/deeplearning-wisc/vos). Unlike ``msp`` it keeps
+    the background column in the softmax, and it is not one of the OOD scores being evaluated, so
+    ordering detections by it treats every score alike.
+    """
+    f = np.asarray(logits, dtype=np.float64)
+    if f.shape[0] == 0:
+        return np.zeros(0)
+    top = f.max(axis=1, keepdims=True)
+    p = np.exp(f - top)
+    return (p[:, :num_known] / p.sum(axis=1, keepdims=True)).max(axis=1)
 
 
-def match_detections(det_boxes, gt_boxes, gt_is_ood, iou_threshold: float = 0.5):
+def match_detections(det_boxes, gt_boxes, gt_is_ood, iou_threshold: float = 0.5, confidence=None, matching: str = "one_per_object"):
     """
-    Match each detection of one image to the GT box with the highest IoU (ties: the first GT in
-    annotation order). Returns (status, gt_index): status is 1 = ID, 0 = OOD, -1 = unmatched
-    (best IoU below ``iou_threshold`` or no GT), gt_index is -1 when unmatched. Several
-    detections may match the same GT object.
+    Match the detections of one image to its ground truth. Returns ``(status, gt_index)``.
+
+    ``one_per_object`` (the default) is how detection evaluation matches (the VOC ``voc_eval`` and
+    COCO evaluators): detections are visited by decreasing ``confidence`` (ties: the given order);
+    each takes the GT box with the highest IoU (ties: the first GT in annotation order); if that
+    IoU is >= ``iou_threshold`` and the object is unclaimed, the detection claims it (status ID or
+    OOD by the object's kind); if the object is already claimed, the detection is a DUPLICATE; if
+    the IoU is below the threshold (or there is no GT) it is BACKGROUND. Each object is claimed at
+    most once. ``gt_index`` is the best GT for claimed detections and duplicates, -1 for background.
+
+    ``all`` (the per-detection protocol before issue 13): every detection whose best IoU is >=
+    ``iou_threshold`` is ID or OOD, however many detections share the object; the rest are
+    BACKGROUND. ``confidence`` is not used.
     """
+    if matching not in MATCHING_MODES:
+        raise ValueError(f"matching = {matching!r}; choose one of {MATCHING_MODES}.")
     det_boxes = np.asarray(det_boxes, dtype=np.float64).reshape(-1, 4)
     gt_is_ood = np.asarray(gt_is_ood, dtype=bool).reshape(-1)
     n = det_boxes.shape[0]
-    status = np.full(n, UNMATCHED, dtype=np.int64)
+    status = np.full(n, BACKGROUND, dtype=np.int64)
     index = np.full(n, -1, dtype=np.int64)
     if n == 0 or gt_is_ood.size == 0:
         return status, index
-    iou = _pairwise_iou(det_boxes, gt_boxes)
+    iou = pairwise_iou(det_boxes, gt_boxes)
     best = iou.argmax(axis=1)  # argmax returns the first maximum: ties go to the earlier GT
     ok = iou[np.arange(n), best] >= iou_threshold
     index[ok] = best[ok]
-    status[ok] = np.where(gt_is_ood[best[ok]], OOD, ID)
+    kind = np.where(gt_is_ood[best], OOD, ID)
+    if matching == "all":
+        status[ok] = kind[ok]
+        return status, index
+    if confidence is None:
+        raise ValueError("one_per_object matching needs each detection's confidence.")
+    order = np.argsort(-np.asarray(confidence, dtype=np.float64).reshape(-1), kind="stable")
+    claimed = np.zeros(gt_is_ood.size, dtype=bool)
+    for d in order:
+        if not ok[d]:
+            continue
+        if claimed[best[d]]:
+            status[d] = DUPLICATE
+        else:
+            claimed[best[d]] = True
+            status[d] = kind[d]
     return status, index
 
 
-def ood_metrics(scores, is_id) -> Dict[str, Optional[float]]:
-    """AUROC, FPR at 95% TPR (ID positive), AUPR-In and AUPR-Out; None when undefined."""
+def ood_metrics(scores, is_id, num_ood_objects: Optional[int] = None) -> Dict[str, Optional[float]]:
+    """
+    AUROC, FPR at 95% TPR (ID positive), AUPR-In and AUPR-Out (scikit-learn); None when undefined.
+
+    FPR95 is the FPR at the highest threshold that accepts >= 95% of the ID detections (the ROC
+    curve with every point kept). With ``num_ood_objects``, also ``ood_recall_at_95_id``: at that
+    threshold, the fraction of all held-out objects whose detection scores below it, i.e. found
+    and flagged as OOD; objects no detection reached count as missed.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     is_id = np.asarray(is_id, dtype=bool)
     n_id, n_ood = int(is_id.sum()), int((~is_id).sum())
     out = {"auroc": None, "fpr95": None, "aupr_in": None, "aupr_out": None}
+    if num_ood_objects is not None:
+        out["ood_recall_at_95_id"] = None
     if n_id == 0 or n_ood == 0:
         return out
-    fpr, tpr, _ = skm.roc_curve(is_id, scores)
+    fpr, tpr, thresholds = skm.roc_curve(is_id, scores, drop_intermediate=False)
+    at = int(np.searchsorted(tpr, 0.95, side="left"))
     out["auroc"] = float(skm.roc_auc_score(is_id, scores))
-    out["fpr95"] = float(fpr[np.searchsorted(tpr, 0.95, side="left")])
+    out["fpr95"] = float(fpr[at])
     out["aupr_in"] = float(skm.average_precision_score(is_id, scores))
     out["aupr_out"] = float(skm.average_precision_score(~is_id, -scores))
+    if num_ood_objects:
+        out["ood_recall_at_95_id"] = float(np.sum(scores[~is_id] < thresholds[at]) / num_ood_objects)
     return out
 
 
-def score_report(score_table: Dict[str, Optional[np.ndarray]], status: np.ndarray) -> Dict[str, Dict]:
-    """Metrics per score over the matched detections; unavailable scores stay marked as such."""
+def score_report(
+    score_table: Dict[str, Optional[np.ndarray]],
+    status: np.ndarray,
+    groups: Optional[np.ndarray] = None,
+    num_images: int = 0,
+    bootstrap: int = 0,
+    seed: int = 0,
+    strata: Optional[np.ndarray] = None,
+    num_ood_objects: Optional[int] = None,
+) -> Dict[str, Dict]:
+    """
+    Metrics per score over the detections whose status is ID or OOD; unavailable scores stay
+    marked as such. With ``bootstrap`` replicates, each metric gets a ``<metric>_ci`` percentile
+    interval over resamples of the ``num_images`` test images (``groups``: each detection's
+    image index; rcdet.evaluation.bootstrap), else the ``_ci`` keys are None.
+    """
+    from .bootstrap import METRICS, bootstrap_intervals
+
     status = np.asarray(status)
-    matched = status != UNMATCHED
+    scored = (status == ID) | (status == OOD)
+    is_id = status[scored] == ID
+    available = {n: np.asarray(score_table[n], dtype=np.float64)[scored] for n in ALL_SCORES if score_table.get(n) is not None}
+    cis = {}
+    if bootstrap and groups is not None:
+        cis = bootstrap_intervals(available, is_id, np.asarray(groups)[scored], num_images, bootstrap, seed, strata)
     report = {}
     for name in ALL_SCORES:
-        values = score_table.get(name)
-        if values is None:
-            report[name] = {"available": False, "auroc": None, "fpr95": None, "aupr_in": None, "aupr_out": None}
-            continue
-        entry = ood_metrics(np.asarray(values)[matched], status[matched] == ID)
-        report[name] = {"available": True, **entry}
+        if name not in available:
+            entry = {"available": False, **{k: None for k in METRICS}}
+            if num_ood_objects is not None:
+                entry["ood_recall_at_95_id"] = None
+        else:
+            entry = {"available": True, **ood_metrics(available[name], is_id, num_ood_objects)}
+        for k in METRICS:
+            entry[f"{k}_ci"] = (cis.get(name) or {}).get(f"{k}_ci")
+        report[name] = entry
     return report
 
 
-CSV_FIELDS = ("score", "available", "auroc", "fpr95", "aupr_in", "aupr_out")
+CSV_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+CSV_FIELDS = ("protocol", "score", "available") + tuple(
+    f for k in CSV_METRICS for f in (k, f"{k}_ci_lo", f"{k}_ci_hi")) + ("ood_recall_at_95_id", "num_id", "num_ood")
 
 
 def _fmt(v):
@@ -211,29 +290,48 @@ def _fmt(v):
 
 
 def report_csv(report: Dict) -> str:
+    """One row per (protocol, score): the object-level ``scores`` and, if run, the ``image_level`` ones."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_FIELDS + ("num_id", "num_ood", "num_unmatched"))
-    counts = report["counts"]
-    for name, entry in report["scores"].items():
-        w.writerow([name] + [_fmt(entry[k]) for k in CSV_FIELDS[1:]] + [counts["id"], counts["ood"], counts["unmatched"]])
+    w.writerow(CSV_FIELDS)
+    sections = [("object", report["scores"], report["counts"])]
+    if report.get("image_level"):
+        sections.append(("image", report["image_level"]["scores"], report["image_level"]["counts"]))
+    for protocol, scores, counts in sections:
+        for name, entry in scores.items():
+            row = [protocol, name, entry["available"]]
+            for k in CSV_METRICS:
+                ci = entry.get(f"{k}_ci") or [None, None]
+                row += [_fmt(entry[k]), _fmt(ci[0]), _fmt(ci[1])]
+            row += [_fmt(entry.get("ood_recall_at_95_id")), counts["id"], counts["ood"]]
+            w.writerow(row)
     return buf.getvalue()
 
 
-def _roc_figure(curves: List[tuple], title: str):
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+ROC_XLABEL = "false positive rate (OOD accepted as ID)"
+ROC_YLABEL = "true positive rate (ID accepted)"
+
+
+def _roc_figure(curves: List[tuple], title: str):
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for label, values, is_id in curves:
+    cmap = plt.get_cmap("tab10")
+    for i, (label, values, is_id) in enumerate(curves):
         fpr, tpr, _ = skm.roc_curve(is_id, values)
-        ax.plot(fpr, tpr, label=f"{label} (AUROC {skm.roc_auc_score(is_id, values):.3f})")
+        ax.plot(fpr, tpr, color=cmap(i % 10), label=f"{label} (AUROC {skm.roc_auc_score(is_id, values):.3f})")
     ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
-    ax.set_xlabel("false positive rate (OOD accepted as ID)")
-    ax.set_ylabel("true positive rate (ID accepted)")
-    ax.set_title(title)
+    ax.set_xlabel(ROC_XLABEL)
+    ax.set_ylabel(ROC_YLABEL)
+    ax.set_title(title, fontsize=9)
     if curves:
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -243,82 +341,212 @@ def _roc_figure(curves: List[tuple], title: str):
 def _save_figure(fig, path: str):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    _plt().close(fig)
     atomic_write(path, buf.getvalue())
 
 
-def write_report_files(output_dir: str, report: Dict, score_table: Dict[str, Optional[np.ndarray]], status: np.ndarray, title: str = ""):
-    """ood_report.json/.csv, roc.png and score_hist.png, each written atomically."""
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matched = status != UNMATCHED
-    is_id = status[matched] == ID
-    defined = bool(is_id.any() and (~is_id).any())
+def _histogram_figure(score_table, is_id, title: str):
+    """One panel per available score: ID and OOD distributions, with axes and a title."""
+    plt = _plt()
     available = [n for n in ALL_SCORES if score_table.get(n) is not None]
-    reason = f"undefined: {int(is_id.sum())} ID and {int((~is_id).sum())} OOD matched detections"
-    curves = [(n, np.asarray(score_table[n])[matched], is_id) for n in available] if defined else []
-    fig = _roc_figure(curves, title or "OOD detection ROC")
-    if not defined:
-        fig.axes[0].text(0.5, 0.5, reason, ha="center", va="center", fontsize=9)
-    _save_figure(fig, os.path.join(output_dir, "roc.png"))
-    fig, axes = plt.subplots(1, max(len(available), 1), figsize=(3.2 * max(len(available), 1), 2.8), squeeze=False)
+    defined = bool(is_id.any() and (~is_id).any())
+    fig, axes = plt.subplots(1, max(len(available), 1), figsize=(3.2 * max(len(available), 1), 3.1), squeeze=False)
     for ax, name in zip(axes[0], available):
-        v = np.asarray(score_table[name])[matched]
+        v = np.asarray(score_table[name])
         if v.size:
             bins = np.histogram_bin_edges(v, bins=30)
             ax.hist(v[is_id], bins=bins, alpha=0.6, density=defined, label=f"ID ({int(is_id.sum())})")
             ax.hist(v[~is_id], bins=bins, alpha=0.6, density=defined, label=f"OOD ({int((~is_id).sum())})")
             ax.legend(fontsize=7)
         else:
-            ax.text(0.5, 0.5, "no matched detections", ha="center", va="center", fontsize=8)
-        ax.set_title(name)
+            ax.text(0.5, 0.5, "no scored detections", ha="center", va="center", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"{name} (higher = more in-distribution)", fontsize=8)
+        ax.set_ylabel("density" if defined else "detections", fontsize=8)
+    if not available:
+        axes[0][0].set_axis_off()
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, os.path.join(output_dir, "score_hist.png"))
+    return fig
+
+
+def write_report_files(output_dir: str, report: Dict, score_table: Dict[str, Optional[np.ndarray]], status: np.ndarray,
+                       title: str = "", image_level: Optional[tuple] = None):
+    """
+    ood_report.json/.csv, roc.png and score_hist.png (the object-level protocol: detections with
+    status ID or OOD), and with ``image_level = (score_table, is_id)`` roc_image_level.png; each
+    written atomically.
+    """
+    status = np.asarray(status)
+    scored = (status == ID) | (status == OOD)
+    is_id = status[scored] == ID
+    table = {n: (None if v is None else np.asarray(v)[scored]) for n, v in score_table.items()}
+    matching = report.get("protocol", {}).get("matching", "one_per_object")
+    what = "one detection per object" if matching == "one_per_object" else "every matched detection"
+
+    def roc(tab, ids, name, heading):
+        defined = bool(ids.any() and (~ids).any())
+        available = [n for n in ALL_SCORES if tab.get(n) is not None]
+        curves = [(n, np.asarray(tab[n]), ids) for n in available] if defined else []
+        fig = _roc_figure(curves, heading)
+        if not defined:
+            fig.axes[0].text(0.5, 0.5, f"undefined: {int(ids.sum())} ID and {int((~ids).sum())} OOD detections",
+                             ha="center", va="center", fontsize=9)
+        _save_figure(fig, os.path.join(output_dir, name))
+
+    roc(table, is_id, "roc.png", f"{title or 'OOD detection ROC'}\nobject level, {what}")
+    if image_level is not None:
+        roc(image_level[0], np.asarray(image_level[1], dtype=bool), "roc_image_level.png",
+            f"{title or 'OOD detection ROC'}\nimage level: ID test images vs {report['image_level']['ood_dataset']}")
+    _save_figure(_histogram_figure(table, is_id, f"{report.get('name', '')}: OOD scores of ID and OOD detections "
+                                   f"(object level, {what})"), os.path.join(output_dir, "score_hist.png"))
     atomic_write(os.path.join(output_dir, "ood_report.csv"), report_csv(report).encode())
     write_json_atomic(os.path.join(output_dir, "ood_report.json"), report)
 
 
-def merge_reports(run_dirs: Sequence[str], output_dir: str):
-    """Merge several runs' reports into one markdown + CSV table and one ROC figure."""
+class ReportError(ValueError):
+    """An ood_report.json that cannot be used: malformed, or not comparable with the others."""
+
+
+def protocol_of(report: Dict) -> Dict:
+    """The settings that must agree for two reports' numbers to be comparable."""
+    proto = report.get("protocol")
+    if proto is None:  # written before issue 13: every matched detection counted
+        return {"version": 1, "matching": "all", "match_iou": report.get("match_iou"), "score_threshold": report.get("score_threshold")}
+    return {k: proto.get(k) for k in ("version", "matching", "match_iou", "score_threshold")}
+
+
+def load_report(run_dir: str) -> Dict:
+    """A run's ood_report.json; a missing, malformed or foreign file is one clear error naming it."""
     import json
 
-    rows, curves = [], []
-    for run in run_dirs:
-        path = os.path.join(run, "ood_report.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no OOD report here; run tools/benchmark_ood.py on it first.")
+    path = os.path.join(run_dir, "ood_report.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no OOD report here; run tools/benchmark_ood.py on it first.")
+    try:
         with open(path) as f:
             rep = json.load(f)
-        name = rep.get("name") or os.path.basename(os.path.normpath(run))
-        rows.append((name, rep))
-        raw = os.path.join(run, "ood_scores.npz")
-        if os.path.isfile(raw):
-            with np.load(raw) as z:
-                st = z["status"]
-                m = st != UNMATCHED
-                for score in ALL_SCORES:
-                    if score in z.files and m.any() and (st[m] == ID).any() and (st[m] == OOD).any():
-                        curves.append((f"{name}: {score}", z[score][m], st[m] == ID))
-    header = ["run", "AP", "AP50", "AP75"] + [f"{s} AUROC" for s in ALL_SCORES] + [f"{s} FPR95" for s in ALL_SCORES]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not valid JSON ({e}); re-run tools/benchmark_ood.py to write it again.") from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("scores"), dict):
+        raise ReportError(f"{path}: not an OOD report (no 'scores' section); re-run tools/benchmark_ood.py to write it again.")
+    for name, entry in rep["scores"].items():
+        if not isinstance(entry, dict) or "available" not in entry or "auroc" not in entry:
+            raise ReportError(f"{path}: scores['{name}'] lacks 'available' or 'auroc'; re-run tools/benchmark_ood.py.")
+    return rep
+
+
+def check_same_protocol(reports: Sequence[tuple]):
+    """Refuse reports (``(path, report)`` pairs) whose protocols differ, saying how."""
+    (first_path, first), rest = reports[0], reports[1:]
+    p0 = protocol_of(first)
+    for path, rep in rest:
+        p = protocol_of(rep)
+        diff = [f"{k} {p0[k]!r} vs {p[k]!r}" for k in p0 if p0[k] != p[k]]
+        il0, il = first.get("image_level") or {}, rep.get("image_level") or {}
+        if il0 and il and il0.get("ood_dataset") != il.get("ood_dataset"):
+            diff.append(f"image-level OOD dataset {il0.get('ood_dataset')!r} vs {il.get('ood_dataset')!r}")
+        if diff:
+            raise ReportError(
+                f"refusing to compare reports from different protocols: {first_path} and {path} differ in "
+                + "; ".join(diff) + ". Re-run tools/benchmark_ood.py on the older runs (their checkpoints suffice) "
+                "with the same options.")
+
+
+def _cell(entry, metric):
+    if not entry.get("available", True):
+        return "n/a"
+    v, ci = entry.get(metric), entry.get(f"{metric}_ci")
+    if v is None:
+        return "undefined"
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _markdown(header, table):
+    return "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join("| " + " | ".join(r) + " |\n" for r in table)
+
+
+def merge_reports(run_dirs: Sequence[str], output_dir: str):
+    """
+    Merge several runs' reports (same protocol, else ReportError) into one markdown + CSV table,
+    with each metric's bootstrap 95% interval in brackets, and one ROC figure with one panel per
+    score and one colour per run.
+    """
+    rows, loaded = [], []
+    for run in run_dirs:
+        rep = load_report(run)
+        loaded.append((os.path.join(run, "ood_report.json"), rep))
+        rows.append((rep.get("name") or os.path.basename(os.path.normpath(run)), rep, run))
+    check_same_protocol(loaded)
+    header = ["run", "AP", "AP50", "AP75", "A-OSE", "WI"] + [f"{s} AUROC" for s in ALL_SCORES] + [f"{s} FPR95" for s in ALL_SCORES]
     table = []
-    for name, rep in rows:
+    for name, rep, _ in rows:
         det = rep.get("detection", {})
+        open_set = rep.get("open_set", {})
         row = [name] + [_fmt(det.get(k)) for k in ("AP", "AP50", "AP75")]
-        row += ["n/a" if not rep["scores"][s]["available"] else _fmt(rep["scores"][s]["auroc"]) for s in ALL_SCORES]
-        row += ["n/a" if not rep["scores"][s]["available"] else _fmt(rep["scores"][s]["fpr95"]) for s in ALL_SCORES]
+        row += [_fmt(open_set.get("a_ose")), _fmt(open_set.get("wilderness_impact"))]
+        row += [_cell(rep["scores"][s], "auroc") if s in rep["scores"] else "n/a" for s in ALL_SCORES]
+        row += [_cell(rep["scores"][s], "fpr95") if s in rep["scores"] else "n/a" for s in ALL_SCORES]
         table.append(row)
-    md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
-    md += "".join("| " + " | ".join(r) + " |\n" for r in table)
+    proto = protocol_of(rows[0][1])
+    md = (f"Object level (matching: {proto['matching']}, IoU >= {proto['match_iou']}; "
+          "brackets: bootstrap 95% interval over test images)\n\n" + _markdown(header, table))
+    csv_rows = [["protocol"] + header] + [["object"] + r for r in table]
+    image_rows = [(name, rep) for name, rep, _ in rows if rep.get("image_level")]
+    if image_rows:
+        ih = ["run", "OOD images", "ID dets", "OOD dets"] + [f"{s} AUROC" for s in ALL_SCORES] + [f"{s} FPR95" for s in ALL_SCORES]
+        it = []
+        for name, rep in image_rows:
+            il = rep["image_level"]
+            it.append([name, il["ood_dataset"], str(il["counts"]["id"]), str(il["counts"]["ood"])]
+                      + [_cell(il["scores"][s], "auroc") for s in ALL_SCORES] + [_cell(il["scores"][s], "fpr95") for s in ALL_SCORES])
+        md += "\nImage level (VOS protocol: every detection on the OOD images is OOD)\n\n" + _markdown(ih, it)
+        csv_rows += [["protocol"] + ih] + [["image"] + r for r in it]
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows([header] + table)
+    csv.writer(buf, lineterminator="\n").writerows(csv_rows)
+    os.makedirs(output_dir, exist_ok=True)
     atomic_write(os.path.join(output_dir, "ood_comparison.md"), md.encode())
     atomic_write(os.path.join(output_dir, "ood_comparison.csv"), buf.getvalue().encode())
-    if curves:
-        _save_figure(_roc_figure(curves, "OOD detection ROC, all runs"), os.path.join(output_dir, "roc_comparison.png"))
+    fig = _comparison_roc([(name, run) for name, _, run in rows])
+    if fig is not None:
+        _save_figure(fig, os.path.join(output_dir, "roc_comparison.png"))
     return md
+
+
+def _comparison_roc(runs: Sequence[tuple]):
+    """One panel per score, one colour per run (the same in every panel); None without raw scores."""
+    per_score: Dict[str, list] = {}
+    for i, (name, run) in enumerate(runs):
+        raw = os.path.join(run, "ood_scores.npz")
+        if not os.path.isfile(raw):
+            continue
+        with np.load(raw) as z:
+            st = z["status"]
+            m = (st == ID) | (st == OOD)
+            if not ((st[m] == ID).any() and (st[m] == OOD).any()):
+                continue
+            for score in ALL_SCORES:
+                if score in z.files:
+                    per_score.setdefault(score, []).append((i, name, z[score][m], st[m] == ID))
+    if not per_score:
+        return None
+    plt = _plt()
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    names = [s for s in ALL_SCORES if s in per_score]
+    cols = min(3, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    for ax, score in zip(axes.flat, names):
+        for i, name, values, is_id in per_score[score]:
+            fpr, tpr, _ = skm.roc_curve(is_id, values)
+            ax.plot(fpr, tpr, color=cmap(i % cmap.N), label=f"{name} ({skm.roc_auc_score(is_id, values):.3f})")
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
+        ax.set_title(score, fontsize=9)
+        ax.set_xlabel(ROC_XLABEL, fontsize=8)
+        ax.set_ylabel(ROC_YLABEL, fontsize=8)
+        ax.legend(fontsize=6, loc="lower right", title="run (AUROC)", title_fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_axis_off()
+    fig.suptitle("OOD detection ROC per score, all runs (object level)", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,171 @@
+"""
+Bootstrap confidence intervals over test images for the OOD metrics (AUROC, FPR95, AUPR-In,
+AUPR-Out), and the paired bootstrap that compares two scores on the same images.
+
+The resampling unit is the **test image**, not the detection: detections of one image share
+its content, so resampling them independently would understate the spread. Each replicate
+draws the test images with replacement (all of them, also those without a scored detection),
+and every detection is weighted by how often its image was drawn: the cluster bootstrap of
+Field & Welsh, "Bootstrapping clustered data", JRSS-B 69(3), 2007. The interval is the
+percentile interval of Efron & Tibshirani, "An Introduction to the Bootstrap" (1993), ch. 13.
+With ``strata`` (the image-level protocol: ID images and OOD images), each stratum is resampled
+on its own, so every replicate keeps the two set sizes.
+
+The metrics of a replicate are the weighted forms of scikit-learn's (``roc_curve`` without
+dropping intermediate points, ``roc_auc_score``, ``average_precision_score``): integer
+weights equal repeating a detection, so a replicate's value is exactly what scikit-learn gives
+on the resampled detections (tests/test_ood_protocol.py checks this). They are computed for all
+replicates at once from one sort, which keeps 1000 replicates of six scores to a fraction of a
+second.
+"""
+
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["METRICS", "resample_counts", "weighted_metrics", "bootstrap_intervals", "paired_bootstrap"]
+
+METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+TPR_LEVEL = 0.95
+# Replicates are processed in chunks of at most this many (replicate x detection) weights.
+_CHUNK_ELEMENTS = 4_000_000
+
+
+def resample_counts(num_images: int, replicates: int, seed: int, strata: Optional[np.ndarray] = None) -> np.ndarray:
+    """(replicates, num_images) draw counts: images resampled with replacement, within each stratum."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((replicates, num_images), dtype=np.int64)
+    if num_images == 0:
+        return counts
+    strata = np.zeros(num_images, dtype=np.int64) if strata is None else np.asarray(strata)
+    for s in np.unique(strata):
+        members = np.flatnonzero(strata == s)
+        counts[:, members] = rng.multinomial(len(members), np.full(len(members), 1.0 / len(members)), size=replicates)
+    return counts
+
+
+def _curves(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray):
+    """Weighted cumulative positives/negatives at each distinct threshold, highest score first."""
+    order = np.argsort(-scores, kind="mergesort")
+    s = scores[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last index of each tied block
+    w = weights[:, order]
+    pos = positive[order]
+    tp = np.cumsum(w * pos, axis=1)[:, last]
+    fp = np.cumsum(w * ~pos, axis=1)[:, last]
+    return tp, fp
+
+
+def _safe_div(a, b):
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
+
+
+def _average_precision(tp, fp):
+    p = tp[:, -1:]
+    recall = _safe_div(tp, p)
+    precision = _safe_div(tp, tp + fp)
+    steps = np.diff(np.concatenate([np.zeros((tp.shape[0], 1)), recall], axis=1), axis=1)
+    return (steps * precision).sum(axis=1)
+
+
+def weighted_metrics(scores, is_id, weights) -> Dict[str, np.ndarray]:
+    """
+    AUROC, FPR at 95% TPR (ID positive, higher score = ID), AUPR-In and AUPR-Out of each row of
+    ``weights`` (replicates, n): arrays of shape (replicates,), NaN where a row has no ID or no
+    OOD weight.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    is_id = np.asarray(is_id, dtype=bool).reshape(-1)
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    b = weights.shape[0]
+    out = {k: np.full(b, np.nan) for k in METRICS}
+    if scores.size == 0:
+        return out
+    tp, fp = _curves(scores, is_id, weights)
+    p, n = tp[:, -1], fp[:, -1]
+    ok = (p > 0) & (n > 0)
+    if not ok.any():
+        return out
+    tp, fp, p, n = tp[ok], fp[ok], p[ok], n[ok]
+    tpr = np.concatenate([np.zeros((len(p), 1)), tp / p[:, None]], axis=1)
+    fpr = np.concatenate([np.zeros((len(p), 1)), fp / n[:, None]], axis=1)
+    out["auroc"][ok] = (np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2).sum(axis=1)
+    first = np.argmax(tpr >= TPR_LEVEL, axis=1)  # tpr reaches 1 at the end, so a first index exists
+    out["fpr95"][ok] = fpr[np.arange(len(p)), first]
+    out["aupr_in"][ok] = _average_precision(tp, fp)
+    tp_o, fp_o = _curves(-scores, ~is_id, weights[ok])
+    out["aupr_out"][ok] = _average_precision(tp_o, fp_o)
+    return out
+
+
+def _chunked(scores, is_id, groups, counts):
+    groups = np.asarray(groups, dtype=np.int64).reshape(-1)
+    step = max(1, _CHUNK_ELEMENTS // max(len(groups), 1))
+    parts = [weighted_metrics(scores, is_id, counts[i : i + step][:, groups]) for i in range(0, len(counts), step)]
+    return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in METRICS}
+
+
+def _interval(values: np.ndarray, level: float):
+    v = values[~np.isnan(values)]
+    # Fewer than half of the replicates defined: the interval would describe a different population.
+    if v.size == 0 or v.size < 0.5 * values.size:
+        return None
+    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_intervals(
+    score_table: Dict[str, Optional[np.ndarray]],
+    is_id,
+    groups,
+    num_images: int,
+    replicates: int = 1000,
+    seed: int = 0,
+    strata: Optional[np.ndarray] = None,
+    level: float = 0.95,
+) -> Dict[str, Optional[Dict[str, Optional[list]]]]:
+    """
+    Percentile intervals ``{score: {"auroc_ci": [lo, hi], "fpr95_ci": ..., ...}}`` over image
+    resamples. ``groups``: the image index (0 .. num_images-1) of each detection; every score sees
+    the same resamples. Unavailable scores (None) stay None; an interval is None when fewer
+    than half of the replicates have both ID and OOD detections.
+    """
+    counts = resample_counts(num_images, replicates, seed, strata)
+    out = {}
+    for name, values in score_table.items():
+        if values is None:
+            out[name] = None
+            continue
+        reps = _chunked(values, is_id, groups, counts) if replicates else {k: np.zeros(0) for k in METRICS}
+        out[name] = {f"{k}_ci": (_interval(reps[k], level) if replicates else None) for k in METRICS}
+    return out
+
+
+def paired_bootstrap(runs_a: Sequence[tuple], runs_b: Sequence[tuple], num_images: int, metric: str = "auroc",
+                     replicates: int = 1000, seed: int = 0, level: float = 0.95) -> Dict[str, Optional[float]]:
+    """
+    Paired bootstrap of ``mean_a(metric) - mean_b(metric)``. Each run is ``(scores, is_id, groups)``
+    on the same ``num_images`` test images; every replicate resamples those images once and
+    evaluates every run on that resample, so the two sides are paired by image (and, when the
+    runs are the same models' two scores, by detection). ``a`` and ``b`` may hold several runs
+    (seeds): each side is their mean.
+
+    Returns the observed difference, its percentile interval and a two-sided p-value,
+    ``2 * min(P(d* <= 0), P(d* >= 0))`` over the replicates (clipped to 1): how often the
+    resampled difference falls on the other side of zero. This reflects the test images'
+    sampling only, not the training seeds' spread.
+    """
+    counts = resample_counts(num_images, replicates, seed)
+    ones = np.ones((1, num_images), dtype=np.int64)
+
+    def side(runs, c):
+        return np.mean([_chunked(s, y, g, c)[metric] for s, y, g in runs], axis=0)
+
+    observed = float(side(runs_a, ones)[0] - side(runs_b, ones)[0])
+    d = side(runs_a, counts) - side(runs_b, counts)
+    d = d[~np.isnan(d)]
+    if np.isnan(observed) or d.size < 0.5 * replicates or d.size == 0:
+        return {"difference": None if np.isnan(observed) else observed, "ci": None, "p_value": None, "replicates": int(d.size)}
+    lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)])
+    p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
+    return {"difference": observed, "ci": [float(lo), float(hi)], "p_value": float(p), "replicates": int(d.size)}
