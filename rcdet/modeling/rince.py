@@ -127,6 +127,18 @@ def _one_hot(index: torch.Tensor, num: int, dtype: torch.dtype) -> torch.Tensor:
     return (index[..., None] == torch.arange(num, device=index.device)).to(dtype)
 
 
+def _class_sums(values: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """(N, M) @ (M, C) one-hot: per-(row, class) sums, in full float32 even where the user allows TF32
+    (TF32 would round every summand to 10 mantissa bits; the similarity matmul may stay TF32)."""
+    if values.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return values @ onehot
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = True
+    return values @ onehot
+
+
 def _set_logsumexp(class_lse: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
     return class_lse.masked_fill(~member, -_INF).logsumexp(dim=1)
 
@@ -181,7 +193,7 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
             per_rank_sum, saved = [], []
             for k in range(1, r + 1):
                 t = 1.0 / taus[k - 1]
-                class_lse = (shifted * t).exp_().matmul(onehot).log_() + t * block_max
+                class_lse = _class_sums((shifted * t).exp_(), onehot).log_() + t * block_max
                 valid_k = has_pos[:, k - 1]
                 lse_pos = _set_logsumexp(class_lse, class_codes == k)
                 if forms[k - 1] == "in":
