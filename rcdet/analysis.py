@@ -182,7 +182,7 @@ def plot_centroid_similarity(centroid_sim: np.ndarray, class_names: Sequence[str
     ax.set_yticks(range(len(order)))
     ax.set_xticklabels([class_names[i] for i in order], rotation=90, fontsize=7)
     ax.set_yticklabels([f"{class_names[i]} [{groups[i]}]" for i in order], fontsize=7)
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.colorbar(im, ax=ax, fraction=0.046).set_label("cosine similarity of the class centroids", fontsize=8)
     ax.set_title(title or "class-centroid cosine similarity", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

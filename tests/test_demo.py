@@ -19,7 +19,22 @@ def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch,
     assert metrics["held_out_classes"] == ["ring", "triangle"]
     assert set(metrics["ood"]) == {"msp", "max_logit", "energy", "cosine", "knn", "gaussian"}
     for entry in metrics["ood"].values():
-        assert set(entry) == {"auroc", "fpr95", "aupr_in"}
+        assert set(entry) == {"auroc", "auroc_ci", "fpr95", "fpr95_ci", "aupr_in"}
+    assert metrics["ood_protocol"]["matching"] == "one_per_object"
+    assert metrics["ood_image_level"]["ood_dataset"] == "rcdet_shapes_ood_images__ring+triangle"
+    assert set(metrics["ood_image_level"]["scores"]) == set(metrics["ood"])
+    assert {"a_ose", "wilderness_impact"} <= set(metrics["open_set"])
+    # The demo states its hold-out mode and how many training images that left.
+    from detectron2.data import DatasetCatalog
+
+    from conftest import TINY_SIZES
+
+    assert metrics["hold_out_mode"] == "drop_images"
+    assert metrics["train_images_available"] == len(DatasetCatalog.get("rcdet_shapes_trainval")) == TINY_SIZES["train"] + TINY_SIZES["val"]
+    assert 0 < metrics["train_images"] < metrics["train_images_available"]
     assert (tmp_path / "train" / "model_final.pth").is_file()
-    assert (tmp_path / "ood" / "roc.png").is_file()
-    assert f"ROC plot: {tmp_path / 'ood' / 'roc.png'}" in capsys.readouterr().out
+    assert (tmp_path / "ood" / "roc.png").is_file() and (tmp_path / "ood" / "ood_grid.png").is_file()
+    out = capsys.readouterr().out
+    assert f"ROC plot: {tmp_path / 'ood' / 'roc.png'}" in out
+    assert (f"hold-out mode drop_images: training on {metrics['train_images']} of the "
+            f"{metrics['train_images_available']} images of rcdet_shapes_trainval (every image showing ring or triangle removed)") in out
