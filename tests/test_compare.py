@@ -1,6 +1,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from conftest import REPO, load_tool
@@ -32,9 +33,10 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     args = cm.argparse.Namespace(quick=True, quick_iters=10, seeds=[0], methods=None, voc=False, runs_dir=str(tmp_path), opts=[])
     runs = cm.plan(args)
     finished = runs[0]
-    for _, marker, _ in finished.stages(False):
+    for name, marker, _ in finished.stages(False):
         os.makedirs(os.path.dirname(marker), exist_ok=True)
-        open(marker, "w").close()
+        with open(marker, "w") as f:
+            f.write(json.dumps({"protocol": {"version": cm.OOD_PROTOCOL_VERSION}}) if name == "ood" else "")
     partial = runs[1]  # trained, not evaluated
     os.makedirs(partial.run_dir, exist_ok=True)
     open(partial.weights, "w").close()
@@ -46,6 +48,48 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     ran_dirs = {a[a.index("--output") + 1] if "--output" in a else a[-1] for a in calls}
     assert not any(finished.run_dir in d for d in ran_dirs)
     assert not any(a[1] == "tools/train_net.py" and partial.run_dir in " ".join(a) for a in calls)
+
+
+def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
+    args = cm.argparse.Namespace(quick=True, quick_iters=10, seeds=[0], methods=["softmax", "rince_in"], voc=False,
+                                 runs_dir=str(tmp_path), opts=[])
+    old, current = cm.plan(args)
+    for run, version in ((old, None), (current, cm.OOD_PROTOCOL_VERSION)):
+        for name, marker, _ in run.stages(False):
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            report = {"scores": {}} if version is None else {"scores": {}, "protocol": {"version": version}}
+            with open(marker, "w") as f:
+                f.write(json.dumps(report) if name == "ood" else "")
+    calls = []
+    monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
+    counts = cm.execute([old, current], voc=False, log=lambda *a: None)
+    # Only the OOD stage of the run evaluated under the old protocol runs again, from its checkpoint.
+    assert counts["ran"] == 1 and counts["skipped"] == 5
+    assert calls[0][1] == "tools/benchmark_ood.py" and f"MODEL.WEIGHTS {old.weights}" in " ".join(calls[0])
+    calls.clear()
+    assert cm.execute([old, current], voc=False, log=lambda *a: None, reevaluate=True)["ran"] == 2
+    assert all(a[1] == "tools/benchmark_ood.py" for a in calls)
+    assert cm.main(["--quick", "--dry-run", "--methods", "softmax", "rince_in", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "run softmax seed 0 [todo]" in out and "  ood (re-evaluate):" in out and "run rince_in seed 0 [done]" in out
+
+
+def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
+    assert cm.main(["--hold-out-mode", "drop_annotations", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    runs = [line.split()[1] for line in out.splitlines() if line.startswith("run ")]
+    assert runs == ["softmax"] * 3 + ["supcon_out"] * 3 + ["rince_out_in"] * 3
+    stages = [line for line in out.splitlines() if line.startswith("  ")]
+    assert len(stages) == 27 and all("MODEL.RCDET.OOD.HOLD_OUT_MODE drop_annotations" in line for line in stages)
+    assert cm.main(["--hold-out-mode", "drop_annotations", "--dry-run"]) == 0
+    assert "output/compare_builtin_drop_annotations/softmax/seed0" in capsys.readouterr().out
+    # --voc passes --num-gpus through to training (and only to training); --ood-dataset to the benchmark.
+    assert cm.main(["--voc", "--num-gpus", "8", "--ood-dataset", "coco_ood_val", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    train = [line for line in out.splitlines() if line.startswith("  train")]
+    ood = [line for line in out.splitlines() if line.startswith("  ood")]
+    assert len(train) == 15 and all("tools/train_net.py --config-file" in l and "--num-gpus 8" in l for l in train)
+    assert all("--num-gpus" not in l and "--ood-dataset coco_ood_val" in l for l in ood)
 
 
 def test_execute_records_each_stage_in_the_run_provenance(tmp_path, monkeypatch):
@@ -81,7 +125,7 @@ def test_only_a_resumed_study_inherits_the_previous_invocations(tmp_path, monkey
     (out / "meta.json").write_text(json.dumps({"commit": "a" * 40, "uncommitted_changes": False, "wall_seconds": 7.0}))
     seen = {}
     monkeypatch.setattr(cm, "git_state", lambda: ("b" * 40, False))
-    monkeypatch.setattr(cm, "execute", lambda runs, voc, commit=None: {"skipped": skipped, "ran": 3, "seeds_run": [0]})
+    monkeypatch.setattr(cm, "execute", lambda runs, voc, commit=None, **kw: {"skipped": skipped, "ran": 3, "seeds_run": [0]})
     monkeypatch.setattr(cm, "aggregate", lambda runs, output, args, invocation, previous: seen.update(inv=invocation, prev=previous) or "")
     assert cm.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--output", str(out)]) == 0
     assert seen["inv"]["commit"] == "b" * 40 and seen["inv"]["stages_run"] == 3 and seen["inv"]["seeds_run"] == [0]
@@ -130,3 +174,58 @@ def test_readme_results_table_matches_the_committed_results():
             for commit in meta.get("commits", [meta["commit"]]):
                 assert commit[:7] in readme, f"README.md does not name commit {commit[:7]} of {kind}"
     assert found, "no committed comparison results to check the README against"
+
+
+def _fake_run(folder, rng, quality, image_ids, scores=("msp", "knn")):
+    """An ood_scores.npz: 3 detections per image, ``quality`` separates ID from OOD."""
+    n = len(image_ids)
+    image_index = np.repeat(np.arange(n), 3)
+    is_id = rng.random(3 * n) < 0.7
+    status = np.where(is_id, 1, 0)
+    status[::7] = -2  # duplicates: left out of the ROC set
+    values = {s: rng.normal(size=3 * n) + quality.get(s, 0.0) * is_id for s in scores}
+    os.makedirs(os.path.join(folder, "ood"), exist_ok=True)
+    np.savez(os.path.join(folder, "ood", "ood_scores.npz"), status=status, image_index=image_index,
+             image_ids=np.array(image_ids), **values)
+    m = status >= 0
+    return {s: v[m] for s, v in values.items()}, status[m] == 1
+
+
+def test_paired_bootstrap_tests_in_the_table(tmp_path):
+    from rcdet.evaluation.ood import ood_metrics
+
+    rng = np.random.default_rng(0)
+    ids = [f"{i:06d}" for i in range(60)]
+    dirs, raw = {}, {}
+    for method, quality, seeds in (("softmax", {"msp": 0.5}, 1), ("supcon_out", {"msp": 0.5, "knn": 1.0}, 2),
+                                   ("rince_in", {"msp": 0.5, "knn": 2.0}, 2)):
+        for seed in range(seeds):
+            folder = str(tmp_path / method / f"seed{seed}")
+            raw.setdefault(method, []).append(_fake_run(folder, rng, quality, ids, ("msp",) if method == "softmax" else ("msp", "knn")))
+            dirs.setdefault(method, []).append(folder)
+
+    def result(method, values, is_id):
+        auc = {s: ood_metrics(v, is_id)["auroc"] for s, v in values.items()}
+        return {"AP": 50.0, "msp_auroc": auc["msp"], "knn_auroc": auc.get("knn"), "cosine_auroc": None, "gaussian_auroc": None}
+
+    rows = cm.build_table({m: [result(m, *r) for r in runs] for m, runs in raw.items()})
+    cm.attach_paired_tests(rows, dirs, replicates=200)
+    r = {row["method"]: row for row in rows}
+    assert r["softmax"]["vs_msp"] is None and r["softmax"]["vs_supcon"] is None
+    assert r["supcon_out"]["vs_supcon"] == "self"
+    # The observed difference is the mean over seeds of each side's AUROC.
+    auc = lambda m, s: np.mean([ood_metrics(v[s], y)["auroc"] for v, y in raw[m]])
+    assert r["rince_in"]["vs_msp"]["difference"] == pytest.approx(auc("rince_in", "knn") - auc("rince_in", "msp"))
+    assert r["rince_in"]["vs_supcon"]["difference"] == pytest.approx(auc("rince_in", "knn") - auc("supcon_out", "knn"))
+    t = r["rince_in"]["vs_supcon"]
+    assert t["ci"][0] <= t["difference"] <= t["ci"][1] and 0 <= t["p_value"] <= 1
+    md = cm.table_markdown(rows)
+    assert md.splitlines()[0].endswith("| best emb. − SupCon AUROC | best emb. − MSP AUROC |")
+    cell = f"{t['difference']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p {t['p_value']:.3f}"
+    assert cell in md and md.splitlines()[3].startswith("| supcon_out |") and "| — |" in md.splitlines()[3]
+    assert md.splitlines()[2].endswith("| n/a | n/a |")  # softmax: no embedding score
+    assert cm.table_csv(rows).splitlines()[0].endswith("vs_msp_difference,vs_msp_ci_lo,vs_msp_ci_hi,vs_msp_p_value")
+    # Runs evaluated on different test images cannot be paired.
+    _fake_run(dirs["rince_in"][0], rng, {"knn": 2.0}, ids[:-1])
+    cm.attach_paired_tests(rows, dirs, replicates=20)
+    assert all(row["vs_msp"] is None for row in rows)
