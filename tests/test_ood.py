@@ -248,7 +248,7 @@ def test_no_held_out_objects_warns(tiny_models, tmp_path, tiny_shapes):
     cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["rince"], "MODEL.RCDET.EMBED_AT_TEST", "True")
     cfg.DATASETS.TEST = (name,)
     cfg.freeze()
-    report = run_ood_benchmark(cfg, str(tmp_path / "none"), score_threshold=0.0)
+    report = run_ood_benchmark(cfg, str(tmp_path / "none"), score_threshold=0.0, ood_dataset="none", bootstrap=0)
     assert report["counts"]["ood"] == 0 and not report["defined"]
     assert any("no held-out objects" in w for w in report["warnings"])
     assert report["scores"]["msp"]["auroc"] is None

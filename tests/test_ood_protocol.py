@@ -301,3 +301,15 @@ def test_unregistered_ood_dataset_lists_the_registered_ones(tiny_shapes, capsys)
 
         resolve_ood_dataset("voc_2007_test", "builtin")
     assert resolve_ood_dataset("voc_2007_test", "auto") is None
+
+
+def test_unwritable_dataset_root_is_one_clear_error(monkeypatch, tmp_path):
+    from rcdet.data import ood_images
+    from rcdet.data.datasets import DatasetError
+
+    def refuse(folder, *a, **kw):
+        raise PermissionError(13, "Permission denied", folder)
+
+    monkeypatch.setattr(ood_images, "generate_ood_images", refuse)
+    with pytest.raises(DatasetError, match=r"cannot write the built-in OOD image set there .*--ood-dataset none"):
+        ood_images.register_shapes_ood_images(str(tmp_path), ["ring"])

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..file_io import _current_umask
-from .datasets import SHAPES_HINT, register_voc_dataset
+from .datasets import SHAPES_HINT, DatasetError, register_voc_dataset
 from .shapes import CLASS_NAMES, _write_one
 
 __all__ = ["OOD_IMAGES", "OOD_SEED", "generate_ood_images", "register_shapes_ood_images", "builtin_ood_dataset"]
@@ -76,7 +76,11 @@ def register_shapes_ood_images(root: str, held_out: Sequence[str], num_images: i
     tag = "+".join(held_out)
     name = f"rcdet_shapes_ood_images__{tag}" + ("" if num_images == OOD_IMAGES else f"_{num_images}")
     folder = os.path.join(root, "ood_images", tag + ("" if num_images == OOD_IMAGES else f"_{num_images}"))
-    generate_ood_images(folder, list(held_out), num_images)
+    try:
+        generate_ood_images(folder, list(held_out), num_images)
+    except OSError as e:
+        raise DatasetError(f"{folder}: cannot write the built-in OOD image set there ({e}). Make the dataset root "
+                           "writable, or pass --ood-dataset none (or another registered dataset).") from None
     if name in DatasetCatalog.list():
         if MetadataCatalog.get(name).get("dirname") == folder:
             return name
