@@ -15,8 +15,8 @@ The metrics of a replicate are the weighted forms of scikit-learn's (``roc_curve
 dropping intermediate points, ``roc_auc_score``, ``average_precision_score``): integer
 weights equal repeating a detection, so a replicate's value is exactly what scikit-learn gives
 on the resampled detections (tests/test_ood_protocol.py checks this). They are computed for all
-replicates at once from one sort, which keeps 1000 replicates of six scores to a fraction of a
-second.
+replicates at once from one sort: 1000 replicates of six scores over about 1000 detections take
+about a second on two CPU cores.
 """
 
 from typing import Dict, Optional, Sequence

@@ -218,7 +218,9 @@ def ood_metrics(scores, is_id, num_ood_objects: Optional[int] = None) -> Dict[st
     AUROC, FPR at 95% TPR (ID positive), AUPR-In and AUPR-Out (scikit-learn); None when undefined.
 
     FPR95 is the FPR at the highest threshold that accepts >= 95% of the ID detections (the ROC
-    curve with every point kept). With ``num_ood_objects``, also ``ood_recall_at_95_id``: at that
+    curve with every point kept). VOS's ``fpr_and_fdr_at_recall`` (``metric_utils.py`` of
+    github.com/deeplearning-wisc/vos) takes the threshold whose TPR is *closest* to 0.95, which
+    may lie just below it; the two differ by at most one ID detection's step of the curve. With ``num_ood_objects``, also ``ood_recall_at_95_id``: at that
     threshold, the fraction of all held-out objects whose detection scores below it, i.e. found
     and flagged as OOD; objects no detection reached count as missed.
     """
