@@ -189,12 +189,13 @@ def run_ood_benchmark(
     table, confidence = scored["scores"], scored["confidence"]
     status, one, gt_index, images, open_set_images = [], [], [], [], []
     ood_objects_as_known = set()
+    offsets = np.r_[0, np.cumsum([len(rec["scores"]) for rec in records])].astype(np.int64)  # records' detections are contiguous
     for r, rec in enumerate(records):
         d = dicts[position[rec["image_id"]]]
         known, ood = d.get("annotations", []), d.get("ood_annotations", [])
         gt_boxes = np.array([a["bbox"] for a in known + ood], dtype=np.float64).reshape(-1, 4)
         gt_ood = np.array([False] * len(known) + [True] * len(ood), dtype=bool)
-        conf = confidence[scored["record"] == r]
+        conf = confidence[offsets[r] : offsets[r + 1]]
         st_one, idx = match_detections(rec["boxes"], gt_boxes, gt_ood, match_iou, conf, "one_per_object")
         st = st_one if matching == "one_per_object" else match_detections(rec["boxes"], gt_boxes, gt_ood, match_iou, matching="all")[0]
         status.append(st)
