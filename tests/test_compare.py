@@ -229,3 +229,37 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     _fake_run(dirs["rince_in"][0], rng, {"knn": 2.0}, ids[:-1])
     cm.attach_paired_tests(rows, dirs, replicates=20)
     assert all(row["vs_msp"] is None for row in rows)
+
+
+def test_aggregate_reads_version_2_reports(tmp_path):
+    """results.md and meta.json from finished runs: open-set, image-level and paired-test columns."""
+    args = cm.argparse.Namespace(quick=True, quick_iters=10, seeds=[0], methods=["softmax", "supcon_out", "rince_in"], voc=False,
+                                 runs_dir=str(tmp_path / "runs"), opts=[], argv=[], hold_out_mode="drop_images")
+    runs = cm.plan(args)
+    rng = np.random.default_rng(0)
+    ids = [f"{i:06d}" for i in range(30)]
+    for run, quality in zip(runs, (0.0, 1.0, 2.0)):
+        values, is_id = _fake_run(run.run_dir, rng, {"msp": 0.5, "knn": quality}, ids)
+        from rcdet.evaluation.ood import ood_metrics
+
+        scores = {s: {"available": s in values, **(ood_metrics(values[s], is_id) if s in values else {"auroc": None, "fpr95": None})}
+                  for s in ("msp", "max_logit", "energy", "cosine", "knn", "gaussian")}
+        if run.method.name == "softmax":
+            scores["knn"] = {"available": False, "auroc": None, "fpr95": None}
+        report = {"detection": {"AP": 50.0, "AP50": 70.0, "AP75": 40.0}, "scores": scores,
+                  "open_set": {"a_ose": 12, "wilderness_impact": 0.05},
+                  "image_level": {"scores": {"msp": {"available": True, "auroc": 0.6}, "knn": scores["knn"]}},
+                  "protocol": {"version": 2}}
+        with open(os.path.join(run.run_dir, "ood", "ood_report.json"), "w") as f:
+            json.dump(report, f)
+        os.makedirs(os.path.join(run.run_dir, "analysis"), exist_ok=True)
+        with open(os.path.join(run.run_dir, "analysis", "analysis.json"), "w") as f:
+            json.dump({"spaces": {"projection": {"outliers": {"class": {"fraction": 0.1}}, "ranking_fidelity": None}},
+                       "class_names": [], "held_out_classes": [], "group_levels": []}, f)
+    md = cm.aggregate(runs, str(tmp_path / "out"), args)
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines()[2:]}
+    assert "| 12 | 0.0500 | 0.600 |" in rows["rince_in"] and rows["softmax"].endswith("| n/a | n/a |")
+    assert rows["supcon_out"].split(" | ")[-2] == "—"
+    with open(tmp_path / "out" / "meta.json") as f:
+        meta = json.load(f)
+    assert meta["hold_out_mode"] == "drop_images" and meta["ood_protocol_versions"] == [2]
