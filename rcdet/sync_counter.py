@@ -28,6 +28,10 @@ _SYNC_OPS = {
     "aten::repeat_interleave",  # without output_size
     "aten::equal",
     "aten::is_nonzero",
+    # torch.tensor(...) / new_tensor(...) of host values: a host-to-device copy, which on a GPU
+    # waits for the device like a read does.
+    "aten::lift_fresh",
+    "aten::lift_fresh_copy",
 }
 
 

@@ -38,9 +38,22 @@ def _batch(scenario):
     return feats, labels, anchors, weights, enqueue, n0
 
 
+class _Net(torch.nn.Module):
+    """A projection plus an independent classifier with its own loss, so DDP's bucketed
+    all-reduces interleave with the gather's backward all-reduce, as in a detectron2 model."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(FEAT, DIM).double()
+        self.cls = torch.nn.Linear(FEAT, NUM_CLASSES + 1).double()
+
+    def forward(self, feats):
+        return F.normalize(self.proj(feats), dim=1), self.cls(feats)
+
+
 def _model(variant):
     torch.manual_seed(0)
-    proj = torch.nn.Linear(FEAT, DIM).double()
+    proj = _Net()
     queue = EmbeddingQueue(size=8, dim=DIM)
     # Queue entries from "earlier steps", identical everywhere.
     g = torch.Generator().manual_seed(3)
@@ -49,16 +62,18 @@ def _model(variant):
     return proj, contrast
 
 
-def _step(proj, contrast, feats, labels, anchors, weights, enqueue):
-    emb = F.normalize(proj(feats), dim=1)
+def _step(net, contrast, feats, labels, anchors, weights, enqueue, world, total_rows):
+    emb, logits = net(feats)
     out = contrast(emb, labels, anchors, weights, enqueue, max_anchors=PAD, pad_to=PAD)
-    return out.loss
+    # Each worker's sum scaled by world / global rows: DDP's average is the global mean.
+    ce = F.cross_entropy(logits, labels, reduction="sum") * world / total_rows
+    return out.loss + ce
 
 
 def _reference(scenario, variant):
     proj, contrast = _model(variant)
     feats, labels, anchors, weights, enqueue, _ = _batch(scenario)
-    loss = _step(proj, contrast, feats, labels, anchors, weights, enqueue)
+    loss = _step(proj, contrast, feats, labels, anchors, weights, enqueue, 1, len(labels))
     loss.backward()
     return loss.item(), [p.grad.clone() for p in proj.parameters()], contrast.queue.state_dict()
 
@@ -72,7 +87,7 @@ def _worker(rank, world_size, out_dir):
             feats, labels, anchors, weights, enqueue, n0 = _batch(scenario)
             part = slice(0, n0) if rank == 0 else slice(n0, None)
             with SyncCounter() as counter:
-                loss = _step(ddp, contrast, feats[part], labels[part], anchors[part], weights[part], enqueue[part])
+                loss = _step(ddp, contrast, feats[part], labels[part], anchors[part], weights[part], enqueue[part], world_size, len(labels))
                 loss.backward()
             results[variant, scenario] = {
                 "loss": loss.item(),
@@ -112,12 +127,13 @@ def test_ddp_step_makes_no_sync(worker_results):
             assert r["syncs"] == {}, key
 
 
-def test_the_old_gradient_path_would_have_failed():
-    # Guard against a vacuous test: the gradient of the remote anchors' loss with respect to
-    # local keys is a real part of the total here.
+def test_remote_anchors_loss_has_a_gradient_on_local_keys():
+    # The part a gather without gradient drops (what the previous version did): the loss of
+    # worker 1's anchors with respect to worker 0's rows. It is far from zero here, so the DDP
+    # test above would catch its loss.
     proj, contrast = _model("out_in")
     feats, labels, anchors, weights, enqueue, n0 = _batch("uneven")
-    emb = F.normalize(proj(feats), dim=1)
+    emb, _ = proj(feats)
     remote_only = anchors.clone()
     remote_only[:n0] = False
     out = contrast(emb, labels, remote_only, weights, max_anchors=PAD, pad_to=PAD)

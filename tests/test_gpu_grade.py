@@ -190,6 +190,8 @@ def test_non_finite_embeddings_get_detectron2_style_error(tiny_shapes):
     feats[4, 0] = float("nan")
     with EventStorage(7), pytest.raises(FloatingPointError, match=r"Inf/NaN at iteration=7.*SOLVER.BASE_LR"):
         head.contrastive_losses(feats, _proposals())
+    # A caller that skips the batch keeps a clean queue: the non-finite row was not enqueued.
+    assert head.queue.filled.any() and torch.isfinite(head.queue.embeddings).all()
 
 
 def test_amp_precision_key(tiny_shapes, tmp_path):

@@ -191,3 +191,52 @@ def test_iou_reweight():
     assert iou_reweight(u, "none") is None
     assert iou_reweight(u, "linear").tolist() == [0.5, 1.0]
     assert iou_reweight(u, "exp").tolist() == pytest.approx([math.exp(0.5) - 1, math.e - 1])
+
+
+@pytest.mark.parametrize("variant", ["in", "out", "out_in"])
+@pytest.mark.parametrize("seed", range(4))
+def test_void_keys_padded_anchors_and_normalizer_match_the_reference(variant, seed):
+    # Keys labelled -1 are no keys (padding, empty queue slots); anchors with anchor_valid False
+    # are padding rows (their labels may be anything); normalizer replaces the anchor counts.
+    z, y, k, ky, si, w = _random_case(20 + seed, n=8, m=16, self_exclude=True, weights=True)
+    ky[-5:] = -1
+    valid = torch.ones(8, dtype=torch.bool)
+    valid[[2, 5]] = False
+    y_padded = y.clone()
+    y_padded[2] = 99  # out of range, but a padding row
+    taus = [0.01, 0.2, 0.5] if seed % 2 else [0.07, 0.2, 0.5]
+    norm = torch.tensor([7.0, 3.0, 2.0], dtype=torch.float64)
+    out = ranked_info_nce(z, y_padded, k, ky, RANK, taus, variant, si, w, anchor_valid=valid, normalizer=norm)
+    keep = valid.nonzero().squeeze(1)
+    _, per_rank, counts = reference_rince(
+        z[keep].tolist(), y[keep].tolist(), k.tolist(), ky.tolist(), RANK.tolist(), taus, variant, si[keep].tolist(), w[keep].tolist()
+    )
+    expected = [p * c / nm for p, c, nm in zip(per_rank, counts, norm.tolist())]
+    assert out.per_rank.tolist() == pytest.approx(expected, abs=1e-9)
+    assert out.anchor_counts.tolist() == counts
+    zz, kk = z.clone().requires_grad_(True), k.clone().requires_grad_(True)
+    fn = lambda a, b: ranked_info_nce(a, y_padded, b, ky, RANK, taus, variant, si, w, anchor_valid=valid, normalizer=norm).loss
+    if seed % 2 == 0:
+        assert torch.autograd.gradcheck(fn, (zz, kk))
+
+
+def test_second_order_gradients_are_refused_not_wrong():
+    z, y, k, ky, si, _ = _random_case(2, n=4, m=7, d=3)
+    z.requires_grad_(True)
+    (g,) = torch.autograd.grad(ranked_info_nce(z, y, k, ky, RANK, [0.1, 0.3], "out_in", si).loss, z, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|twice"):
+        g.sum().backward()
+
+
+def test_positive_anchor_counts_from_labels_equal_the_loss_counts():
+    from rcdet.modeling.rince import positive_anchor_counts
+
+    for seed in range(5):
+        z, y, k, ky, si, _ = _random_case(40 + seed, n=9, m=14, self_exclude=True, weights=False)
+        si[1] = 1  # every anchor is a key (the counts assume it)
+        k[1] = z[1]
+        ky[1] = y[1]
+        ky[-3:] = torch.tensor([-1, 4, -1])
+        valid = torch.rand(9, generator=torch.Generator().manual_seed(seed)) > 0.3
+        out = ranked_info_nce(z, y, k, ky, RANK, [0.1, 0.2, 0.3], "in", si, anchor_valid=valid)
+        assert positive_anchor_counts(y, valid, ky, RANK, 3).tolist() == out.anchor_counts.long().tolist()

@@ -85,9 +85,11 @@ class RankedInfoNCEWithMemory(nn.Module):
                 packed = torch.cat([emb, flags], dim=1)
                 width = pad_to if pad_to is not None else max(gather_sizes(n, device))
                 if n > width:
+                    # Unreachable in training (pad_to is the sampler's bound); raising here, before
+                    # the collective, would leave the other workers waiting until their timeout.
                     raise ValueError(f"{n} regions on this worker, more than pad_to = {width}.")
                 # Padding rows have label -1: "no key", never an anchor, never enqueued.
-                padding = torch.cat([emb.new_zeros(dim), emb.new_tensor([-1.0, 0.0, 0.0])])[None]
+                padding = torch.cat([emb.new_zeros(dim), emb.new_full((1,), -1.0), emb.new_zeros(2)])[None]
                 packed = all_gather_with_grad(pad_rows(packed, width, padding))
                 rows, flags = packed[:, :dim], packed[:, dim:]
                 offset = get_rank() * width
@@ -117,7 +119,14 @@ class RankedInfoNCEWithMemory(nn.Module):
             # Connected to every row (and, across workers, to the gather's backward, which
             # all workers must reach) even when this worker has no anchor.
             out.loss = world * out.loss + rows.sum() * 0.0
+            # This worker's estimate of each rank's mean; the average over workers is the global one.
             out.per_rank = out.per_rank * world
+            if normalizer is not None:
+                out.anchor_counts = normalizer.to(out.anchor_counts.dtype)  # the global batch's
+            out.num_anchors = anchor_valid.sum()
             if self.queue is not None:
-                self.queue.enqueue(rows, key_labels, flags[:, 2] > 0.5, gather=False)
+                # Non-finite rows never enter the queue (the head raises on them after the step,
+                # and a caller that skips such a batch must not keep them as keys).
+                enqueue = (flags[:, 2] > 0.5) & torch.isfinite(rows).all(dim=1)
+                self.queue.enqueue(rows, key_labels, enqueue, gather=False)
         return out

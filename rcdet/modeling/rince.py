@@ -31,6 +31,7 @@ from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 __all__ = [
@@ -102,6 +103,7 @@ class RankedInfoNCEOutput:
     anchor_counts: torch.Tensor  # (r,) anchors with at least one rank-k positive
     mean_similarity: torch.Tensor  # (r + 1,) mean s of rank-1..r positives, then negatives (nan if none)
     num_keys: Optional[torch.Tensor] = None  # () keys that take part (labels >= 0), on the device
+    num_anchors: Optional[torch.Tensor] = None  # () anchors fed to the loss (set by RankedInfoNCEWithMemory)
 
 
 def rank_code_table(rank_matrix: torch.Tensor, num_ranks: int) -> torch.Tensor:
@@ -110,10 +112,10 @@ def rank_code_table(rank_matrix: torch.Tensor, num_ranks: int) -> torch.Tensor:
     (ranks above r, negative ranks, and column K = background), 0 = no key (column K + 1).
     """
     table = rank_matrix.to(torch.int64)
-    num_classes = table.shape[0]
-    table = torch.where((table >= 1) & (table <= num_ranks), table, torch.full_like(table, num_ranks + 1))
-    extra = torch.tensor([num_ranks + 1, 0], dtype=torch.int64, device=table.device).expand(num_classes, 2)
-    return torch.cat([table, extra], dim=1)
+    negative = torch.full_like(table[:, :1], num_ranks + 1)
+    # Built from existing tensors, never torch.tensor(...): on a GPU copying host values is a sync.
+    table = torch.where((table >= 1) & (table <= num_ranks), table, negative)
+    return torch.cat([table, negative, torch.zeros_like(negative)], dim=1)
 
 
 def key_classes(key_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -128,14 +130,8 @@ def _one_hot(index: torch.Tensor, num: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _class_sums(values: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """(N, M) @ (M, C) one-hot: per-(row, class) sums, in full float32 even where the user allows TF32
-    (TF32 would round every summand to 10 mantissa bits; the similarity matmul may stay TF32)."""
-    if values.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            return values @ onehot
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = True
+    """(N, M) @ (M, C) one-hot: per-(row, class) sums. With TF32 matmuls allowed by the user this
+    rounds like the similarity matmul itself does; rcdet never changes that global setting."""
     return values @ onehot
 
 
@@ -216,6 +212,7 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
         return per_rank_sum, anchor_counts, mean_sim
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_sum, _grad_counts, _grad_mean_sim):
         anchors, keys, key_cls, class_codes, shifted, block_max, onehot, weights, has_pos, n_pos, self_col, has_self, avail = ctx.saved_tensors
         taus, forms, saved = ctx.meta
@@ -372,13 +369,13 @@ def positive_anchor_counts(anchor_labels, anchor_valid, key_labels, rank_matrix,
     """
     num_classes = rank_matrix.shape[0]
     num_cls = num_classes + 2
-    table = rank_code_table(rank_matrix.to(anchor_labels.device), num_ranks)
-    safe = torch.where(anchor_valid, anchor_labels, torch.zeros_like(anchor_labels)).clamp(0, num_classes - 1)
+    table = rank_code_table(rank_matrix.to(anchor_labels.device), num_ranks)  # (K, K + 2)
     key_count = _one_hot(key_classes(key_labels, num_classes), num_cls, torch.int64).sum(dim=0)
-    avail = key_count[None, :] - _one_hot(safe, num_cls, torch.int64)
-    codes_1h = _one_hot(table.index_select(0, safe), num_ranks + 2, torch.int64)  # (N, C, r + 2)
-    has_pos = (codes_1h * avail[:, :, None]).sum(dim=1)[:, 1 : num_ranks + 1] > 0
-    return (has_pos & anchor_valid[:, None]).sum(dim=0)
+    # Keys of each class an anchor of class y can see: all of them, minus its own key in class y.
+    avail = key_count[None, :] - _one_hot(torch.arange(num_classes, device=table.device), num_cls, torch.int64)
+    has_pos = (_one_hot(table, num_ranks + 2, torch.int64) * avail[:, :, None]).sum(dim=1)[:, 1 : num_ranks + 1] > 0  # (K, r)
+    safe = torch.where(anchor_valid, anchor_labels, torch.zeros_like(anchor_labels)).clamp(0, num_classes - 1)
+    return (has_pos.index_select(0, safe) & anchor_valid[:, None]).sum(dim=0)
 
 
 class RankedInfoNCELoss(nn.Module):

@@ -16,7 +16,7 @@ def reference_rince(z, y, k, ky, rank, taus, variant, self_index=None, weights=N
     n, m = len(z), len(k)
 
     def rho(i, j):
-        if not (0 <= ky[j] < num_classes):
+        if ky[j] >= num_classes:  # background
             return INF
         v = rank[y[i]][ky[j]]
         return v if 1 <= v <= r else INF
@@ -28,7 +28,8 @@ def reference_rince(z, y, k, ky, rank, taus, variant, self_index=None, weights=N
         terms = []
         for i in range(n):
             s = [sum(a * b for a, b in zip(z[i], k[j])) for j in range(m)]
-            others = [j for j in range(m) if self_index is None or j != self_index[i]]
+            # Keys labelled < 0 are no keys at all (padding, empty queue slots).
+            others = [j for j in range(m) if ky[j] >= 0 and (self_index is None or j != self_index[i])]
             pos = [j for j in others if rho(i, j) == rk]
             if not pos:
                 continue

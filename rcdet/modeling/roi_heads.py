@@ -267,11 +267,11 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             max_anchors=len(proposals) * int(self.batch_size_per_image * self.positive_fraction),
             pad_to=len(proposals) * self.batch_size_per_image,
         )
-        self._log_branch_statistics(storage, out, anchor_mask, embeddings)
+        self._log_branch_statistics(storage, out, embeddings)
         return {"loss_contrast": out.loss * self.current_loss_weight(storage.iter)}
 
     @torch.jit.unused
-    def _log_branch_statistics(self, storage, out, anchor_mask, embeddings):
+    def _log_branch_statistics(self, storage, out, embeddings):
         """Every rcdet/* scalar in one device-to-host transfer: the step's only sync from rcdet."""
         r = self.contrast.num_ranks
         fill = self.queue.fill_ratio() if self.queue is not None else out.per_rank.new_zeros(())
@@ -279,7 +279,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             out.per_rank.detach().float(),
             out.anchor_counts.float(),
             out.mean_similarity.float(),
-            torch.stack([anchor_mask.sum().float(), out.num_keys.float(), fill.float(), torch.isfinite(embeddings).all().float()]),
+            torch.stack([out.num_anchors.float(), out.num_keys.float(), fill.float(), torch.isfinite(embeddings).all().float()]),
         ]).tolist()
         per_rank, counts, sims, (num_anchors, num_keys, fill, finite) = stats[:r], stats[r : 2 * r], stats[2 * r : 3 * r + 1], stats[3 * r + 1 :]
         if not finite:
