@@ -230,18 +230,18 @@ class RankedContrastiveROIHeads(StandardROIHeads):
     ) -> None:
         """
         pred_logits from each detection's proposal; pred_embeddings (branch only) from its final
-        box. Written for torch.jit.trace: sizes come from tensor shapes (traced), never from
-        len() (a Python int, frozen into the trace), and each image is pooled on its own, so
-        no split depends on the number of detections.
+        box. Written for torch.jit.trace: split sizes come from tensor shapes, which the tracer
+        records, never from len() (a Python int, frozen into the trace).
         """
         per_image_logits = logits.split([p.proposal_boxes.tensor.shape[0] for p in proposals])
         for inst, img_logits, idx in zip(pred_instances, per_image_logits, kept):
             inst.pred_logits = img_logits[idx]
         if self.projection is None:
             return
-        for i, inst in enumerate(pred_instances):
-            pooled = self.box_pooler([f[i : i + 1] for f in features], [inst.pred_boxes])
-            inst.pred_embeddings = self.embed(self.box_head(pooled))
+        pooled = self.box_pooler(features, [x.pred_boxes for x in pred_instances])
+        embeddings = self.embed(self.box_head(pooled))
+        for inst, emb in zip(pred_instances, embeddings.split([x.pred_boxes.tensor.shape[0] for x in pred_instances])):
+            inst.pred_embeddings = emb
 
     @torch.jit.unused
     def current_loss_weight(self, iteration: int) -> float:
