@@ -83,6 +83,7 @@ def _worker(rank, world_size, out_dir):
     for variant in ("out_in", "in"):
         for scenario in SCENARIOS:
             proj, contrast = _model(variant)
+            contrast.static_shapes = True  # the accelerator path; the one-process reference uses the CPU's exact sizes
             ddp = DistributedDataParallel(proj)
             feats, labels, anchors, weights, enqueue, n0 = _batch(scenario)
             part = slice(0, n0) if rank == 0 else slice(n0, None)

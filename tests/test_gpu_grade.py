@@ -136,6 +136,7 @@ def test_head_step_adds_at_most_one_sync(tiny_shapes):
     # of the logged scalars.
     torch.manual_seed(0)
     with_branch = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "32"))
+    with_branch.roi_heads.contrast.static_shapes = True  # the accelerator path (auto on the CPU reads the anchor count)
     torch.manual_seed(0)
     without = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.LOSS", "none"))
     batch = _batch()
@@ -153,6 +154,22 @@ def test_head_step_adds_at_most_one_sync(tiny_shapes):
     with EventStorage(3), SyncCounter() as c:
         head.contrastive_losses(feats, props)["loss_contrast"].backward()
     assert c.syncs == 1 and c.sync_ops == {"Tensor.tolist": 1}
+
+
+def test_cpu_exact_anchor_count_equals_the_static_path(tiny_shapes):
+    torch.manual_seed(0)
+    head = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "32")).roi_heads
+    feats = torch.randn(20, head.box_head.output_shape.channels)
+    results = {}
+    for static in (True, False):
+        head.contrast.static_shapes = static
+        head.queue.load_state_dict({k: torch.zeros_like(v) if k != "labels" else torch.full_like(v, -1) for k, v in head.queue.state_dict().items()})
+        with EventStorage(3), SyncCounter() as c:
+            results[static] = head.contrastive_losses(feats, _proposals())["loss_contrast"]
+        results[static, "syncs"] = dict(c.sync_ops)
+    torch.testing.assert_close(results[True], results[False], atol=1e-6, rtol=1e-6)
+    assert results[False, "syncs"] == {"Tensor.tolist": 1, "aten::_local_scalar_dense": 1}
+    assert head.contrast.static_shapes is False and build_model(tiny_cfg("configs/shapes_rince.yaml")).roi_heads.contrast.static_shapes is None
 
 
 def _proposals():

@@ -115,8 +115,18 @@ def make_amp(name, device):
 
 
 def count_step_syncs(model, opt, batch, device, amp):
-    with EventStorage(0), SyncCounter() as counter:
-        train_step(model, opt, batch, device, amp)
+    """Syncs and operators of one step on the static-shape path, the one accelerators take (on
+    the CPU the head reads its anchor count back by default, which costs nothing there)."""
+    contrast = getattr(model.roi_heads, "contrast", None)
+    saved = contrast.static_shapes if contrast is not None else None
+    if contrast is not None:
+        contrast.static_shapes = True
+    try:
+        with EventStorage(0), SyncCounter() as counter:
+            train_step(model, opt, batch, device, amp)
+    finally:
+        if contrast is not None:
+            contrast.static_shapes = saved
     return counter
 
 
