@@ -66,17 +66,9 @@ def rank_matrix(num_classes, r, device):
 
 
 def measure(fn, device, repeats):
-    times = []
-    for i in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i:  # the first call warms up
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median time of ``repeats`` calls after one warm-up call."""
+    _time_once(fn, device)
+    return statistics.median(_time_once(fn, device) for _ in range(max(repeats, 1)))
 
 
 def paired_ratio(fn_a, fn_b, device, repeats):
