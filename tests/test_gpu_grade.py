@@ -154,6 +154,9 @@ def test_head_step_adds_at_most_one_sync(tiny_shapes):
     with EventStorage(3), SyncCounter() as c:
         head.contrastive_losses(feats, props)["loss_contrast"].backward()
     assert c.syncs == 1 and c.sync_ops == {"Tensor.tolist": 1}
+    with SyncCounter() as c:  # the queue's fill count came back with the logged scalars
+        host_count = len(head.queue)
+    assert c.syncs == 0 and host_count == int(head.queue.filled.sum()) > 0
 
 
 def test_cpu_exact_anchor_count_equals_the_static_path(tiny_shapes):

@@ -84,3 +84,20 @@ def test_two_workers_hold_identical_queues(tmp_path):
         assert torch.equal(a[key], b[key]), key
     labels = a["labels"][a["filled"]].tolist()
     assert {l // 10 for l in labels} == {0, 1}  # rows from both workers
+
+
+def test_fill_count_is_kept_on_the_host_after_record_fill():
+    from rcdet.sync_counter import SyncCounter
+
+    q = EmbeddingQueue(size=4, dim=2)
+    assert len(q) == 0
+    q.enqueue(torch.ones(3, 2), torch.tensor([0, 1, 2]), mask=torch.tensor([True, False, True]), gather=False)
+    q.record_fill(q.fill_ratio().item())  # what the head does with its one transfer
+    with SyncCounter() as c:
+        assert len(q) == 2 and q.fill_fraction() == 0.5
+    assert c.syncs == 0
+    q.enqueue(torch.ones(1, 2), torch.tensor([3]), gather=False)
+    assert len(q) == 3  # unknown on the host after a write: read from the device
+    restored = EmbeddingQueue(size=4, dim=2)
+    restored.load_state_dict(q.state_dict())
+    assert len(restored) == 3

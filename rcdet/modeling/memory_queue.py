@@ -34,10 +34,18 @@ class EmbeddingQueue(nn.Module):
         self.register_buffer("labels", torch.full((rings, self.size), -1, dtype=torch.int64))
         self.register_buffer("filled", torch.zeros(rings, self.size, dtype=torch.bool))
         self.register_buffer("pointer", torch.zeros(rings, dtype=torch.int64))
+        self._host_filled = 0  # None: unknown on the host (written since the last record_fill)
 
     def __len__(self) -> int:
-        """Filled slots. Reads a count back from the device: not for the training step."""
-        return int(self.filled.sum())
+        """Filled slots: the host copy when the training step has recorded it, else read from the device."""
+        if self._host_filled is None:
+            self._host_filled = int(self.filled.sum())
+        return self._host_filled
+
+    def record_fill(self, fraction: float) -> None:
+        """Keep the fill count on the host, from a value the caller already transferred (the head's one
+        transfer of its logged scalars), so that reading it never syncs."""
+        self._host_filled = int(round(fraction * self.capacity))
 
     @property
     def capacity(self) -> int:
@@ -45,6 +53,10 @@ class EmbeddingQueue(nn.Module):
 
     def fill_fraction(self) -> float:
         return len(self) / self.capacity
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_filled = None  # a resumed queue: count it again when asked
 
     def fill_ratio(self) -> torch.Tensor:
         """Fraction of filled slots as a device scalar (no sync)."""
@@ -79,6 +91,7 @@ class EmbeddingQueue(nn.Module):
         if embeddings.shape[0] == 0:
             return
         self._write(embeddings.to(self.embeddings.dtype), labels, take)
+        self._host_filled = None  # how many rows were kept is only known on the device
 
     def _write(self, embeddings, labels, take):
         rings = self.pointer.shape[0]

@@ -290,6 +290,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         storage.put_scalar("rcdet/num_anchors", num_anchors)
         storage.put_scalar("rcdet/num_keys", num_keys)
         if self.queue is not None:
+            self.queue.record_fill(fill)
             storage.put_scalar("rcdet/queue_fill", fill)
         for k in range(r):
             storage.put_scalar(f"rcdet/loss_rank{k + 1}", per_rank[k])
