@@ -178,7 +178,10 @@ def _interrupt(cmd, env, tmp_path, ready, what):
     the whole group, as a terminal does); returns (returncode, stdout, stderr)."""
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fo, stderr=fe, start_new_session=True)
+        # SIG_DFL first: a test run started in the background of a non-interactive shell (as CI
+        # may do) inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fo, stderr=fe, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             _wait_for(lambda: ready(out.read_text(), err.read_text()), proc, 300, what)
             os.killpg(proc.pid, signal.SIGINT)
