@@ -7,8 +7,11 @@ only decoded by the data loader; CheckedDatasetMapper names one that cannot be.
 
 import difflib
 import os
+import signal
 from typing import Iterable, List, Sequence
 from xml.etree import ElementTree as ET
+
+import torch.utils.data
 
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances, register_pascal_voc
@@ -47,7 +50,14 @@ class CheckedDatasetMapper(DatasetMapper):
     """DatasetMapper for which an image that cannot be decoded (zero bytes, truncated, not an
     image) is a DatasetError naming the file, not a PIL error from inside the data loader."""
 
+    _worker_ignores_sigint = False
+
     def __call__(self, dataset_dict):
+        if not self._worker_ignores_sigint and torch.utils.data.get_worker_info() is not None:
+            # Ctrl-C reaches the whole process group: let the main process handle it (one line,
+            # exit 130) and stop its workers, instead of every worker printing a traceback.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self._worker_ignores_sigint = True
         try:
             return super().__call__(dataset_dict)
         except (OSError, SyntaxError) as e:  # PIL's errors for a broken or unknown image file
