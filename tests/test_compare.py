@@ -124,7 +124,7 @@ def test_only_a_resumed_study_inherits_the_previous_invocations(tmp_path, monkey
     out.mkdir()
     (out / "meta.json").write_text(json.dumps({"commit": "a" * 40, "uncommitted_changes": False, "wall_seconds": 7.0}))
     seen = {}
-    monkeypatch.setattr(cm, "git_state", lambda: ("b" * 40, False))
+    monkeypatch.setattr(cm, "git_state", lambda **kw: ("b" * 40, False))
     monkeypatch.setattr(cm, "execute", lambda runs, voc, commit=None, **kw: {"skipped": skipped, "ran": 3, "seeds_run": [0]})
     monkeypatch.setattr(cm, "aggregate", lambda runs, output, args, invocation, previous: seen.update(inv=invocation, prev=previous) or "")
     assert cm.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--output", str(out)]) == 0
@@ -162,7 +162,7 @@ def test_readme_results_table_matches_the_committed_results():
     found = 0
     with open(os.path.join(REPO, "README.md")) as f:
         readme = f.read()
-    for kind in ("builtin_comparison", "builtin_comparison_quick"):
+    for kind in ("builtin_comparison", "builtin_comparison_quick", "builtin_comparison_drop_annotations"):
         path = os.path.join(REPO, "results", kind, "results.md")
         if os.path.isfile(path):
             found += 1
@@ -263,3 +263,23 @@ def test_aggregate_reads_version_2_reports(tmp_path):
     with open(tmp_path / "out" / "meta.json") as f:
         meta = json.load(f)
     assert meta["hold_out_mode"] == "drop_images" and meta["ood_protocol_versions"] == [2]
+
+
+def test_git_state_ignores_the_studys_own_results(tmp_path):
+    """A resumed study rewrites its committed results; that alone must not flag the code as changed."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "results" / "study").mkdir(parents=True)
+    (repo / "code.py").write_text("x = 1\n")
+    (repo / "results" / "study" / "results.md").write_text("old\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "."], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "init"], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    (repo / "results" / "study" / "results.md").write_text("new\n")
+    assert cm.git_state(exclude=str(repo / "results" / "study"), repo=str(repo)) == (head, False)
+    assert cm.git_state(repo=str(repo)) == (head, True)
+    (repo / "code.py").write_text("x = 2\n")
+    assert cm.git_state(exclude=str(repo / "results" / "study"), repo=str(repo)) == (head, True)

@@ -172,11 +172,20 @@ def write_shuffled_ranking(run: Run, voc: bool):
                                 f"Shuffled control for {true.source} (seed {1000 + run.seed}): deliberately wrong."))
 
 
-def git_state():
-    """(commit, whether tracked files have uncommitted changes) of the checkout the study runs from."""
+def git_state(exclude: Optional[str] = None, repo: str = REPO):
+    """
+    (commit, whether tracked files have uncommitted changes) of the checkout the study runs from.
+    ``exclude``: the study's own output folder, left out of the check, since a resumed study has
+    rewritten its committed results there by the time it runs again.
+    """
+    cmd = ["git", "status", "--porcelain", "--untracked-files=no"]
+    if exclude:
+        rel = os.path.relpath(os.path.abspath(exclude), repo)
+        if not rel.startswith(".."):
+            cmd += ["--", ".", f":(exclude){rel}"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(cmd, cwd=repo, capture_output=True, text=True).stdout
     except OSError:
         return "unknown", False
     return commit or "unknown", bool(dirty.strip())
@@ -587,7 +596,7 @@ def main(argv=None):
                     " (re-evaluate)" if os.path.isfile(marker) else "")
                 print(f"  {name}{note}: {shlex.join(argv_)}")
         return 0
-    commit, dirty = git_state()
+    commit, dirty = git_state(exclude=args.output)
     start = time.perf_counter()
     counts = execute(runs, args.voc, commit=(commit, dirty), reevaluate=args.reevaluate)
     wall = time.perf_counter() - start
