@@ -281,5 +281,6 @@ def test_git_state_ignores_the_studys_own_results(tmp_path):
     (repo / "results" / "study" / "results.md").write_text("new\n")
     assert cm.git_state(exclude=str(repo / "results" / "study"), repo=str(repo)) == (head, False)
     assert cm.git_state(repo=str(repo)) == (head, True)
+    assert cm.git_state(exclude=str(repo), repo=str(repo)) == (head, True)  # the checkout itself: not excluded
     (repo / "code.py").write_text("x = 2\n")
     assert cm.git_state(exclude=str(repo / "results" / "study"), repo=str(repo)) == (head, True)

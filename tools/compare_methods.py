@@ -181,7 +181,8 @@ def git_state(exclude: Optional[str] = None, repo: str = REPO):
     cmd = ["git", "status", "--porcelain", "--untracked-files=no"]
     if exclude:
         rel = os.path.relpath(os.path.abspath(exclude), repo)
-        if not rel.startswith(".."):
+        # Only a folder inside the checkout, and never the checkout itself, which would hide every change.
+        if rel != os.curdir and rel != os.pardir and not rel.startswith(os.pardir + os.sep):
             cmd += ["--", ".", f":(exclude){rel}"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
