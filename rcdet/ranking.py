@@ -34,6 +34,7 @@ used by the embedding analysis when the file has no ``levels``).
 """
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -48,6 +49,8 @@ __all__ = [
     "load_ranking",
     "ranking_from_dict",
     "ranks_from_similarity",
+    "temperatures_from_similarity",
+    "validate_temperatures",
 ]
 
 NEGATIVE_RANK = -1
@@ -79,6 +82,34 @@ class ClassRanking:
     def num_ranks(self) -> int:
         """r: the largest rank in use (1 when every other class is negative)."""
         return int(self.matrix.max()) if self.matrix.size else 1
+
+    @classmethod
+    def identity(cls, class_names: Sequence[str], source: str = "<one rank>") -> "ClassRanking":
+        """Rank 1 for the anchor's own class, every other class a negative: r = 1, as in SupCon."""
+        matrix = np.full((len(class_names), len(class_names)), NEGATIVE_RANK, dtype=np.int64)
+        np.fill_diagonal(matrix, 1)
+        return cls(class_names=tuple(class_names), matrix=matrix, source=source)
+
+    def temperatures(
+        self, tau_min: float, tau_max: float, explicit: Sequence[float] = ()
+    ) -> Tuple[float, ...]:
+        """
+        One temperature per rank, tau_1 < ... < tau_r. ``explicit`` values are used as given
+        (the first r of them). Otherwise ``tau_k = tau_min + (1 - s_k)(tau_max - tau_min)`` with
+        s_1 = 1 and s_k the file's similarity of rank k when it defines one, else s_k evenly
+        spaced from 1 down to 0 at rank r. Raises ValueError on impossible values.
+        """
+        r = self.num_ranks
+        if explicit:
+            if len(explicit) < r:
+                raise ValueError(f"{len(explicit)} values given, but the ranking has {r} ranks.")
+            return validate_temperatures(list(explicit)[:r])
+        sims = self.rank_similarities
+        if sims is not None and len(sims) >= r - 1:
+            similarities = [1.0] + list(sims[: r - 1])
+        else:
+            similarities = list(np.linspace(1.0, 0.0, r)) if r > 1 else [1.0]
+        return temperatures_from_similarity(similarities, tau_min, tau_max)
 
     def truncate(self, max_rank: int) -> "ClassRanking":
         """Ranks above ``max_rank`` become negatives; ``max_rank=1`` gives SupCon."""
@@ -255,6 +286,31 @@ def _build_levels(b: _Builder, levels) -> Tuple[Dict[str, Tuple[str, ...]], ...]
                     if ix != iy and not b.given[ix, iy]:
                         b.set(ix, iy, depth + 2)
     return tuple(parsed)
+
+
+def validate_temperatures(temperatures: Sequence[float]) -> Tuple[float, ...]:
+    """The temperatures as a tuple; ValueError unless finite, positive and increasing with rank."""
+    taus = tuple(float(t) for t in temperatures)
+    if not taus:
+        raise ValueError("At least one temperature is needed (tau_1 for rank 1).")
+    if any(not math.isfinite(t) or t <= 0 for t in taus):
+        raise ValueError(f"Temperatures must be finite and positive, got {list(taus)}.")
+    if any(b <= a for a, b in zip(taus, taus[1:])):
+        raise ValueError(
+            f"Temperatures must increase with rank (tau_1 < tau_2 < ...), got {list(taus)}."
+        )
+    return taus
+
+
+def temperatures_from_similarity(
+    similarities: Sequence[float], tau_min: float, tau_max: float
+) -> Tuple[float, ...]:
+    """``tau_k = tau_min + (1 - s_k)(tau_max - tau_min)`` with ``s_1 = 1`` (the first entry)."""
+    if not (tau_min > 0 and tau_max > tau_min):
+        raise ValueError(f"Need 0 < tau_min < tau_max, got tau_min={tau_min}, tau_max={tau_max}.")
+    return validate_temperatures(
+        [tau_min + (1.0 - float(s)) * (tau_max - tau_min) for s in similarities]
+    )
 
 
 def ranks_from_similarity(similarity: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:

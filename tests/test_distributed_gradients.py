@@ -16,7 +16,7 @@ from dist_utils import run_distributed
 from rcdet.modeling.contrastive_memory import RankedInfoNCEWithMemory
 from rcdet.modeling.memory_queue import EmbeddingQueue
 from rcdet.modeling.rince import RankedInfoNCELoss
-from rcdet.sync_counter import SyncCounter
+from rcdet.testing import SyncCounter
 
 NUM_CLASSES, FEAT, DIM, PAD = 4, 6, 5, 16
 RANK = torch.tensor([[1, 2, 3, -1], [2, 1, -1, 3], [3, -1, 1, 2], [-1, -1, 2, 1]])
@@ -58,7 +58,7 @@ def _model(variant):
     # Queue entries from "earlier steps", identical everywhere.
     g = torch.Generator().manual_seed(3)
     queue.enqueue(F.normalize(torch.randn(6, DIM, generator=g, dtype=torch.float64), dim=1), torch.tensor([0, 1, 2, 3, 4, 1]), gather=False)
-    contrast = RankedInfoNCEWithMemory(RankedInfoNCELoss(RANK, [0.1, 0.2, 0.35], "rince_" + variant), queue)
+    contrast = RankedInfoNCEWithMemory(RankedInfoNCELoss(RANK, [0.1, 0.2, 0.35], variant), queue)
     return proj, contrast
 
 

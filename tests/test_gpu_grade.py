@@ -16,19 +16,19 @@ from detectron2.utils.events import EventStorage
 from conftest import load_tool, tiny_cfg
 from rcdet.config import ConfigError
 from rcdet.modeling.rince import RankedInfoNCELoss, ranked_info_nce
-from rcdet.sync_counter import SyncCounter
+from rcdet.testing import SyncCounter, random_loss_inputs, ring_rank_matrix
 
 bench = load_tool("benchmark_loss")
 
 
 def _loss_inputs(num_classes, n=96, m=512, d=32, dtype=torch.float32):
-    z, y, k, ky, self_idx = bench.make_inputs(n, m, d, num_classes, torch.device("cpu"))
+    z, y, k, ky, self_idx = random_loss_inputs(n, m, d, num_classes, torch.device("cpu"))
     return z.to(dtype).requires_grad_(True), y, k.to(dtype).requires_grad_(True), ky, self_idx
 
 
 def _count_loss(num_classes, variant="out_in", r=3):
     z, y, k, ky, self_idx = _loss_inputs(num_classes)
-    loss = RankedInfoNCELoss(bench.rank_matrix(num_classes, r, "cpu"), [0.1 * (i + 1) for i in range(r)], "rince_" + variant)
+    loss = RankedInfoNCELoss(ring_rank_matrix(num_classes, r, "cpu"), [0.1 * (i + 1) for i in range(r)], variant)
     with SyncCounter() as counter:
         loss(z, y, k, ky, self_idx, check_inputs=False).loss.backward()
     return counter
@@ -66,10 +66,10 @@ def test_label_check_of_the_functional_api():
     bad = y.clone()
     bad[3] = 5
     with pytest.raises(ValueError, match=r"anchor_labels must lie in \[0, 5\).*\[5\]"):
-        ranked_info_nce(z, bad, k, ky, bench.rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx)
+        ranked_info_nce(z, bad, k, ky, ring_rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx)
     bad[3] = -1
     with pytest.raises(ValueError, match=r"\[-1\]"):
-        ranked_info_nce(z, bad, k, ky, bench.rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx)
+        ranked_info_nce(z, bad, k, ky, ring_rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx)
 
 
 @pytest.mark.parametrize("variant", ["out_in", "in", "out"])
@@ -79,7 +79,7 @@ def test_bfloat16_autocast_close_to_float32(variant, tau):
     proj = torch.nn.Linear(24, 16)
     feats = torch.randn(64, 24)
     labels = torch.randint(0, 6, (64,))
-    ranks = bench.rank_matrix(6, 3, "cpu")
+    ranks = ring_rank_matrix(6, 3, "cpu")
     taus = [tau, 2 * tau, 3 * tau]
 
     def run(autocast):
@@ -100,7 +100,7 @@ def test_bfloat16_autocast_close_to_float32(variant, tau):
 
 def test_float16_inputs_at_tau_001_are_finite():
     z, y, k, ky, self_idx = _loss_inputs(8, dtype=torch.float16)
-    out = ranked_info_nce(z, y, k, ky, bench.rank_matrix(8, 3, "cpu"), [0.01, 0.02, 0.03], "out_in", self_idx)
+    out = ranked_info_nce(z, y, k, ky, ring_rank_matrix(8, 3, "cpu"), [0.01, 0.02, 0.03], "out_in", self_idx)
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(z.grad).all() and torch.isfinite(k.grad).all()
     assert z.grad.dtype == torch.float16
@@ -154,9 +154,9 @@ def test_head_step_adds_at_most_one_sync(tiny_shapes):
     with EventStorage(3), SyncCounter() as c:
         head.contrastive_losses(feats, props)["loss_contrast"].backward()
     assert c.syncs == 1 and c.sync_ops == {"Tensor.tolist": 1}
-    with SyncCounter() as c:  # the queue's fill count came back with the logged scalars
-        host_count = len(head.queue)
-    assert c.syncs == 0 and host_count == int(head.queue.filled.sum()) > 0
+    with SyncCounter() as c:  # the queue's fill count stays on the device
+        count = head.queue.num_filled()
+    assert c.syncs == 0 and int(count) == int(head.queue.filled.sum()) > 0
 
 
 def test_cpu_exact_anchor_count_equals_the_static_path(tiny_shapes):

@@ -11,7 +11,7 @@ def test_starts_empty_and_never_returns_unfilled_slots():
     q.enqueue(torch.ones(2, 3), torch.tensor([1, 2]))
     emb, labels = q.keys()
     assert emb.tolist() == [[1.0] * 3] * 2 and labels.tolist() == [1, 2]
-    assert len(q) == 2 and q.fill_fraction() == 0.4
+    assert int(q.num_filled()) == 2 and q.num_filled() / q.capacity == 0.4
 
 
 def test_wraps_around_on_queue_length_not_feature_dim():
@@ -56,7 +56,7 @@ def test_class_balanced_rings_drop_non_class_labels():
     assert sorted(q.embeddings[0, :, 0].tolist()) == [1.0, 2.0]
     assert q.labels[0].tolist() == [0, 0]
     assert q.labels[1].tolist() == [1, -1] and q.filled[1].tolist() == [True, False]
-    assert len(q) == 3
+    assert int(q.num_filled()) == 3
     # FIFO: the next class-0 row replaces the oldest survivor (1), not the newest (2).
     q.enqueue(torch.tensor([[9.0]]), torch.tensor([0]))
     assert sorted(q.embeddings[0, :, 0].tolist()) == [2.0, 9.0]
@@ -86,18 +86,19 @@ def test_two_workers_hold_identical_queues(tmp_path):
     assert {l // 10 for l in labels} == {0, 1}  # rows from both workers
 
 
-def test_fill_count_is_kept_on_the_host_after_record_fill():
-    from rcdet.sync_counter import SyncCounter
+def test_fill_count_is_read_without_a_sync_and_survives_a_restore():
+    from rcdet.testing import SyncCounter
 
     q = EmbeddingQueue(size=4, dim=2)
-    assert len(q) == 0
+    assert int(q.num_filled()) == 0
     q.enqueue(torch.ones(3, 2), torch.tensor([0, 1, 2]), mask=torch.tensor([True, False, True]), gather=False)
-    q.record_fill(q.fill_ratio().item())  # what the head does with its one transfer
     with SyncCounter() as c:
-        assert len(q) == 2 and q.fill_fraction() == 0.5
+        count = q.num_filled()
+        fraction = count / q.capacity
     assert c.syncs == 0
+    assert int(count) == 2 and float(fraction) == 0.5
     q.enqueue(torch.ones(1, 2), torch.tensor([3]), gather=False)
-    assert len(q) == 3  # unknown on the host after a write: read from the device
+    assert int(q.num_filled()) == 3
     restored = EmbeddingQueue(size=4, dim=2)
     restored.load_state_dict(q.state_dict())
-    assert len(restored) == 3
+    assert int(restored.num_filled()) == 3

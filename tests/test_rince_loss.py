@@ -4,14 +4,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from rcdet.modeling.rince import (
-    RankedInfoNCELoss,
-    iou_reweight,
-    ranked_info_nce,
-    temperatures_from_similarity,
-    validate_temperatures,
-)
-from rcdet.modeling.rince_reference import reference_rince
+from rcdet.modeling.rince import RankedInfoNCELoss, iou_reweight, parse_loss_name, ranked_info_nce
+from rcdet.ranking import temperatures_from_similarity, validate_temperatures
+from rcdet.testing import reference_rince
 
 RANK = torch.tensor([[1, 2, 3, -1], [2, 1, -1, 3], [3, -1, 1, 2], [-1, -1, 2, 1]])
 BG = 4
@@ -54,7 +49,8 @@ def test_closed_form_out_in_and_supcon():
     l1 = -0.5 * (math.log(E(2) / (E(2) + E(0) + E(-2))) + math.log(E(1.2) / (E(1.2) + E(0) + E(-2))))
     l2 = -math.log(E(0) / (E(0) + E(-1)))
     assert out.loss.item() == pytest.approx(l1 + l2, abs=1e-12)
-    supcon = RankedInfoNCELoss(RANK, [0.5, 1.0], "supcon_in")(*inputs)
+    form, max_rank = parse_loss_name("supcon_in")
+    supcon = RankedInfoNCELoss(RANK, [0.5, 1.0][:max_rank], form)(*inputs)
     # r = 1: the rank-2 key becomes a plain negative.
     assert supcon.loss.item() == pytest.approx(-math.log((E(2) + E(1.2)) / (E(2) + E(1.2) + E(0) + E(-2))), abs=1e-12)
 
@@ -181,9 +177,11 @@ def test_temperature_validation_and_derivation():
     with pytest.raises(ValueError):
         temperatures_from_similarity([1.0, 0.5], 0.3, 0.1)
     with pytest.raises(ValueError):
-        RankedInfoNCELoss(RANK, [0.3, 0.2], "rince_in")
+        RankedInfoNCELoss(RANK, [0.3, 0.2], "in")
     with pytest.raises(ValueError, match="Unknown contrastive loss"):
-        RankedInfoNCELoss(RANK, [0.1], "rince_sideways")
+        parse_loss_name("rince_sideways")
+    with pytest.raises(ValueError, match="form must be one of"):
+        RankedInfoNCELoss(RANK, [0.1], "sideways")
 
 
 def test_iou_reweight():

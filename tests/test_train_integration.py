@@ -97,11 +97,13 @@ def test_voc_configs_load_their_rankings_for_voc_classes(config):
     from detectron2.data.datasets.pascal_voc import CLASS_NAMES
 
     from rcdet.config import add_rcdet_config
-    from rcdet.modeling.roi_heads import build_contrastive_loss
+    from rcdet.data.held_out import training_classes
+    from rcdet.modeling.rince import build_contrastive_loss
 
     cfg = get_cfg()
     add_rcdet_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, config))
-    loss = build_contrastive_loss(cfg)  # voc_2007_trainval metadata exists without the images
+    # voc_2007_trainval metadata exists without the images
+    loss = build_contrastive_loss(cfg, *training_classes(cfg))
     assert loss.rank_matrix.shape == (len(CLASS_NAMES), len(CLASS_NAMES))
     assert loss.num_ranks == (1 if "supcon" in config else 3)

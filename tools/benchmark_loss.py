@@ -6,7 +6,7 @@ SupCon pass over the same inputs and (small case only) the brute-force reference
     python tools/benchmark_loss.py --json output/bench/loss.json
 
 Also counts, per forward + backward call, the device-to-host syncs and the aten operators
-(rcdet.sync_counter), at 20 and 80 classes: they are the same on every device.
+(rcdet.testing.sync_counter), at 20 and 80 classes: they are the same on every device.
 
 Peak extra memory: on CUDA, torch.cuda.max_memory_allocated above the inputs; on the CPU, the
 peak resident size of a fresh process that runs one step, above its size before the step
@@ -19,7 +19,6 @@ hits both.
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -28,9 +27,9 @@ import torch
 from torch.nn import functional as F
 
 from rcdet.file_io import write_json_atomic
-from rcdet.sync_counter import SyncCounter
 from rcdet.modeling.rince import ranked_info_nce
-from rcdet.modeling.rince_reference import reference_rince
+from rcdet.testing import SyncCounter, median_time, paired_ratio, random_loss_inputs, reference_rince
+from rcdet.testing import ring_rank_matrix
 
 
 def supcon_out(z, y, k, ky, tau, self_index):
@@ -45,51 +44,6 @@ def supcon_out(z, y, k, ky, tau, self_index):
     valid = n_pos > 0
     loss = -(log_prob.masked_fill(~pos, 0.0).sum(1)[valid] / n_pos[valid]).mean()
     return loss
-
-
-def make_inputs(n, m, d, num_classes, device, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    keys = F.normalize(torch.randn(m, d, generator=g), dim=1).to(device)
-    key_labels = torch.randint(0, num_classes + 1, (m,), generator=g).to(device)  # +1: background
-    anchors = keys[:n].clone()
-    labels = key_labels[:n].clone() % num_classes
-    key_labels[:n] = labels
-    return anchors, labels, keys, key_labels, torch.arange(n, device=device)
-
-
-def rank_matrix(num_classes, r, device):
-    """Classes on a ring: rank 1 + distance, so every rank up to r is populated."""
-    idx = torch.arange(num_classes)
-    dist = (idx[:, None] - idx[None, :]).abs()
-    dist = torch.minimum(dist, num_classes - dist)
-    return torch.where(dist + 1 <= r, dist + 1, torch.full_like(dist, -1)).to(device)
-
-
-def measure(fn, device, repeats):
-    """Median time of ``repeats`` calls after one warm-up call."""
-    _time_once(fn, device)
-    return statistics.median(_time_once(fn, device) for _ in range(max(repeats, 1)))
-
-
-def paired_ratio(fn_a, fn_b, device, repeats):
-    """Median of time(fn_a) / time(fn_b) over ``repeats`` alternating pairs (after one warm-up each)."""
-    ratios = []
-    for i in range(repeats + 1):
-        t_a = _time_once(fn_a, device)
-        t_b = _time_once(fn_b, device)
-        if i:
-            ratios.append(t_a / t_b)
-    return statistics.median(ratios)
-
-
-def _time_once(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def peak_extra_bytes(variant, n, m, r, args, device):
@@ -110,7 +64,7 @@ def peak_extra_bytes(variant, n, m, r, args, device):
         # A tiny warm-up call first, so that loading kernels and thread pools is not counted.
         f"b._make_step({variant!r}, 16, 128, {r}, b._Args({args.dim}, {args.num_classes}), torch.device('cpu'))(); "
         f"step = b._make_step({variant!r}, {n}, {m}, {r}, b._Args({args.dim}, {args.num_classes}), torch.device('cpu')); "
-        "from rcdet.benchmark_utils import reset_peak_rss, rss_bytes, peak_rss_bytes; "
+        "from rcdet.testing.benchmark import reset_peak_rss, rss_bytes, peak_rss_bytes; "
         "reset_peak_rss(); base = rss_bytes(); step(); print(peak_rss_bytes() - base)"
     )
     # A fixed mmap threshold: glibc otherwise raises it after large frees, serves later blocks
@@ -127,12 +81,12 @@ class _Args:
 
 
 def _make_step(variant, n, m, r, args, device):
-    z, y, k, ky, self_idx = make_inputs(n, m, args.dim, args.num_classes, device)
+    z, y, k, ky, self_idx = random_loss_inputs(n, m, args.dim, args.num_classes, device)
     z.requires_grad_(True)
     k.requires_grad_(True)
     if variant == "supcon":
         return lambda: supcon_out(z, y, k, ky, 0.1, self_idx).backward()
-    ranks = rank_matrix(args.num_classes, r, device)
+    ranks = ring_rank_matrix(args.num_classes, r, device)
     taus = [0.1 + 0.1 * i for i in range(r)]
     # As the training step calls it: without the host-side label check.
     return lambda: ranked_info_nce(z, y, k, ky, ranks, taus, variant, self_idx, check_inputs=False).loss.backward()
@@ -140,7 +94,7 @@ def _make_step(variant, n, m, r, args, device):
 
 def count_call(variant, n, m, r, dim, num_classes, device):
     """(syncs, operators) of one forward + backward, as the training step calls the loss."""
-    z, y, k, ky, self_idx = make_inputs(n, m, dim, num_classes, device)
+    z, y, k, ky, self_idx = random_loss_inputs(n, m, dim, num_classes, device)
     z.requires_grad_(True)
     k.requires_grad_(True)
     with SyncCounter() as counter:
@@ -148,7 +102,7 @@ def count_call(variant, n, m, r, dim, num_classes, device):
             supcon_out(z, y, k, ky, 0.1, self_idx).backward()
         else:
             taus = [0.1 + 0.1 * i for i in range(r)]
-            ranked_info_nce(z, y, k, ky, rank_matrix(num_classes, r, device), taus, variant, self_idx, check_inputs=False).loss.backward()
+            ranked_info_nce(z, y, k, ky, ring_rank_matrix(num_classes, r, device), taus, variant, self_idx, check_inputs=False).loss.backward()
     return counter.syncs, counter.ops
 
 
@@ -167,7 +121,7 @@ def main(argv=None):
     rows = []
 
     def run(variant, n, m, r):
-        seconds = measure(_make_step(variant, n, m, r, args, device), device, args.repeats)
+        seconds = median_time(_make_step(variant, n, m, r, args, device), device, args.repeats)
         peak = peak_extra_bytes(variant, n, m, r, args, device) if args.memory else 0
         matrix = n * m * 4
         rows.append({"loss": "supcon_out" if variant == "supcon" else f"rince_{variant}", "N": n, "M": m, "d": args.dim,
@@ -180,12 +134,12 @@ def main(argv=None):
             for variant in ("out_in", "in", "out"):
                 run(variant, n, m, r)
 
-    z, y, k, ky, self_idx = make_inputs(16, 64, 16, 5, torch.device("cpu"))
+    z, y, k, ky, self_idx = random_loss_inputs(16, 64, 16, 5, torch.device("cpu"))
     t = time.perf_counter()
-    reference_rince(z.tolist(), y.tolist(), k.tolist(), ky.tolist(), rank_matrix(5, 3, "cpu").tolist(), [0.1, 0.2, 0.3], "out_in", self_idx.tolist())
+    reference_rince(z.tolist(), y.tolist(), k.tolist(), ky.tolist(), ring_rank_matrix(5, 3, "cpu").tolist(), [0.1, 0.2, 0.3], "out_in", self_idx.tolist())
     ref_ms = (time.perf_counter() - t) * 1e3
     zr = z.clone().requires_grad_(True)
-    vec_ms = measure(lambda: ranked_info_nce(zr, y, k, ky, rank_matrix(5, 3, "cpu"), [0.1, 0.2, 0.3], "out_in", self_idx).loss.backward(), torch.device("cpu"), args.repeats) * 1e3
+    vec_ms = median_time(lambda: ranked_info_nce(zr, y, k, ky, ring_rank_matrix(5, 3, "cpu"), [0.1, 0.2, 0.3], "out_in", self_idx).loss.backward(), torch.device("cpu"), args.repeats) * 1e3
 
     print(f"device: {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
     print(f"{'loss':>14} {'N':>5} {'M':>5} {'r':>2} {'fwd+bwd ms':>11} {'peak MiB':>9} {'x N*M f32':>9}")

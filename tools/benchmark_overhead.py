@@ -11,7 +11,7 @@ and peak memory. The two models are stepped alternately in one run, so machine n
 Without the dataset on disk (or with --synthetic) it uses random images with random boxes.
 The optimizer runs with --lr 0 by default: the step is timed, not the training, and a randomly
 initialised R50 with frozen BatchNorm diverges at any useful learning rate. It also counts the
-device-to-host syncs of one training step of each model (rcdet.sync_counter).
+device-to-host syncs of one training step of each model (rcdet.testing.sync_counter).
 """
 
 import argparse
@@ -29,9 +29,9 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from rcdet.engine import USER_ERRORS, check_datasets_exist
-from rcdet.sync_counter import SyncCounter
 from rcdet.file_io import write_json_atomic
 from rcdet.config import add_rcdet_config
+from rcdet.testing import SyncCounter
 
 
 def build_cfg(config_file, mode, device, opts=()):
@@ -189,7 +189,7 @@ def main(argv=None):
     torch.manual_seed(0)
 
     if args.probe_memory:
-        from rcdet.benchmark_utils import peak_rss_bytes, reset_peak_rss, rss_bytes
+        from rcdet.testing.benchmark import peak_rss_bytes, reset_peak_rss, rss_bytes
 
         cfgs, models, batches, _ = models_and_data(args)
         model = models[args.probe_memory].train()

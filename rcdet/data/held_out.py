@@ -22,6 +22,7 @@ __all__ = [
     "parse_held_out_split",
     "apply_held_out_config",
     "known_classes",
+    "training_classes",
 ]
 
 HOLD_OUT_MODES = ("drop_images", "drop_annotations")
@@ -148,3 +149,23 @@ def apply_held_out_config(cfg):
                 f"MODEL.ROI_HEADS.NUM_CLASSES = {cfg.MODEL.ROI_HEADS.NUM_CLASSES}, but DATASETS.TRAIN "
                 f"'{cfg.DATASETS.TRAIN[0]}' has {what}: set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}."
             )
+
+
+def training_classes(cfg) -> Tuple[List[str], List[str]]:
+    """
+    ``(classes the model predicts, every class of the base dataset)`` from DATASETS.TRAIN[0]:
+    the second list includes the held-out classes of a held-out split.
+    """
+    if not cfg.DATASETS.TRAIN:
+        raise ConfigError("DATASETS.TRAIN is empty; the contrastive branch needs the training classes.")
+    name = cfg.DATASETS.TRAIN[0]
+    meta = MetadataCatalog.get(name)
+    classes = meta.get("thing_classes", None)
+    if classes is None:
+        raise ConfigError(f"DATASETS.TRAIN[0] = '{name}' has no thing_classes; is it registered?")
+    if len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise ConfigError(
+            f"MODEL.ROI_HEADS.NUM_CLASSES = {cfg.MODEL.ROI_HEADS.NUM_CLASSES}, but "
+            f"'{name}' has {len(classes)} classes: set it to {len(classes)}."
+        )
+    return list(classes), list(meta.get("all_classes", classes))

@@ -1,10 +1,16 @@
 from .backbone import TinyConvNet, build_tinynet_fpn_backbone
 from .contrastive_memory import RankedInfoNCEWithMemory
 from .memory_queue import EmbeddingQueue
-from .rince import RankedInfoNCELoss, ranked_info_nce
-from .roi_heads import RankedContrastiveROIHeads, build_contrastive_loss
+from .rince import RankedInfoNCELoss, build_contrastive_loss, ranked_info_nce
+from .roi_heads import RankedContrastiveROIHeads
 
 __all__ = [
-    "TinyConvNet", "build_tinynet_fpn_backbone", "EmbeddingQueue", "RankedInfoNCELoss", "ranked_info_nce", "RankedInfoNCEWithMemory",
-    "RankedContrastiveROIHeads", "build_contrastive_loss",
+    "TinyConvNet",
+    "build_tinynet_fpn_backbone",
+    "EmbeddingQueue",
+    "RankedInfoNCELoss",
+    "ranked_info_nce",
+    "RankedInfoNCEWithMemory",
+    "RankedContrastiveROIHeads",
+    "build_contrastive_loss",
 ]

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..distributed import all_gather_with_grad, gather_sizes, get_rank, get_world_size, pad_rows
 from .memory_queue import EmbeddingQueue
-from .rince import RankedInfoNCELoss, RankedInfoNCEOutput, positive_anchor_counts
+from .rince import RankedInfoNCELoss, RankedInfoNCEOutput
 
 __all__ = ["RankedInfoNCEWithMemory", "compact_indices"]
 
@@ -105,14 +105,12 @@ class RankedInfoNCEWithMemory(nn.Module):
             key_labels = flags[:, 0].round().long()
 
             keys, all_labels = rows, key_labels
+            anchor_keys = flags[:, 1] > 0.5
             if self.queue is not None:
                 queue_emb, queue_labels = self.queue.all_slots()
                 keys = torch.cat([rows, queue_emb.to(rows.dtype)])
                 all_labels = torch.cat([key_labels, queue_labels])
-            normalizer = None
-            if world > 1:
-                # Anchor counts of the global batch, from the gathered labels alone.
-                normalizer = positive_anchor_counts(key_labels, flags[:, 1] > 0.5, all_labels, self.loss.rank_matrix, self.num_ranks)
+                anchor_keys = torch.cat([anchor_keys, torch.zeros_like(queue_labels, dtype=torch.bool)])
             weights = anchor_weights.index_select(0, anchor_idx) if anchor_weights is not None else None
             out = self.loss(
                 emb.index_select(0, anchor_idx),
@@ -122,17 +120,12 @@ class RankedInfoNCEWithMemory(nn.Module):
                 self_index=anchor_idx + offset,
                 anchor_weights=weights,
                 anchor_valid=anchor_valid,
-                normalizer=normalizer,
+                # Every worker's mean runs over the global batch's anchors, counted from the
+                # gathered labels; each worker's loss is its share times the world size.
+                anchor_keys=anchor_keys if world > 1 else None,
+                world_size=world,
                 check_inputs=False,
             )
-            # Connected to every row (and, across workers, to the gather's backward, which
-            # all workers must reach) even when this worker has no anchor.
-            out.loss = world * out.loss + rows.sum() * 0.0
-            # This worker's estimate of each rank's mean; the average over workers is the global one.
-            out.per_rank = out.per_rank * world
-            if normalizer is not None:
-                out.anchor_counts = normalizer.to(out.anchor_counts.dtype)  # the global batch's
-            out.num_anchors = anchor_valid.sum()
             if self.queue is not None:
                 # Non-finite rows never enter the queue (the head raises on them after the step,
                 # and a caller that skips such a batch must not keep them as keys).

@@ -34,40 +34,22 @@ class EmbeddingQueue(nn.Module):
         self.register_buffer("labels", torch.full((rings, self.size), -1, dtype=torch.int64))
         self.register_buffer("filled", torch.zeros(rings, self.size, dtype=torch.bool))
         self.register_buffer("pointer", torch.zeros(rings, dtype=torch.int64))
-        self._host_filled = 0  # None: unknown on the host (written since the last record_fill)
-
-    def __len__(self) -> int:
-        """Filled slots: the host copy when the training step has recorded it, else read from the device."""
-        if self._host_filled is None:
-            self._host_filled = int(self.filled.sum())
-        return self._host_filled
-
-    def record_fill(self, fraction: float) -> None:
-        """Keep the fill count on the host, from a value the caller already transferred (the head's one
-        transfer of its logged scalars), so that reading it never syncs."""
-        self._host_filled = int(round(fraction * self.capacity))
 
     @property
     def capacity(self) -> int:
+        """Slots in all rings."""
         return self.filled.numel()
 
-    def fill_fraction(self) -> float:
-        return len(self) / self.capacity
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self._host_filled = None  # a resumed queue: count it again when asked
-
-    def fill_ratio(self) -> torch.Tensor:
-        """Fraction of filled slots as a device scalar (no sync)."""
-        return self.filled.float().mean()
+    def num_filled(self) -> torch.Tensor:
+        """Filled slots, as a device scalar: reading it never waits for the device."""
+        return self.filled.sum()
 
     def all_slots(self):
         """(embeddings, labels) of every slot; empty ones have label -1. Fixed shape, no sync."""
         return self.embeddings.view(-1, self.dim), self.labels.view(-1)
 
     def keys(self):
-        """(embeddings, labels) of the filled slots only (boolean indexing: a sync; for analysis)."""
+        """(embeddings, labels) of the filled slots only, for inspection (boolean indexing: a sync)."""
         mask = self.filled.view(-1)
         return self.embeddings.view(-1, self.dim)[mask], self.labels.view(-1)[mask]
 
@@ -91,7 +73,6 @@ class EmbeddingQueue(nn.Module):
         if embeddings.shape[0] == 0:
             return
         self._write(embeddings.to(self.embeddings.dtype), labels, take)
-        self._host_filled = None  # how many rows were kept is only known on the device
 
     def _write(self, embeddings, labels, take):
         rings = self.pointer.shape[0]

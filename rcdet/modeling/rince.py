@@ -1,5 +1,6 @@
 """
-RINCE: ranking InfoNCE over explicit anchors and keys (plain PyTorch, no detectron2).
+RINCE: ranking InfoNCE over explicit anchors and keys, in plain PyTorch, and the builder that
+turns ``MODEL.RCDET`` and the dataset's classes into it.
 
 For anchor i with embedding z_i and label y_i, and keys k_j with labels y_j:
 ``s_ij = z_i . k_j`` and ``rho_ij = rank[y_i][y_j]`` (background or negative keys: infinity).
@@ -23,16 +24,22 @@ Key labels: ``[0, K)`` are classes, ``>= K`` background (a negative of every anc
 :class:`_RankedInfoNCEFunction` evaluates the sets per (anchor, key class) with a written-out
 backward. It makes no device-to-host synchronisation and launches a number of operators that
 depends on r only, never on the number of classes, so it runs at full speed on a GPU.
+
+:func:`build_contrastive_loss` parses the loss name once; the ranking
+(:class:`rcdet.ranking.ClassRanking`) gives the rank matrix and the temperatures, the one-rank
+identity of SupCon included.
 """
 
-import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+
+from ..config import ConfigError
+from ..ranking import ClassRanking, RankingError, load_ranking, validate_temperatures
 
 __all__ = [
     "VARIANTS",
@@ -40,15 +47,14 @@ __all__ = [
     "ranked_info_nce",
     "rank_code_table",
     "key_classes",
-    "parse_variant",
-    "temperatures_from_similarity",
-    "validate_temperatures",
+    "parse_loss_name",
+    "build_contrastive_loss",
     "iou_reweight",
     "RankedInfoNCELoss",
     "positive_anchor_counts",
 ]
 
-# Public loss names -> (per-rank form, forced max rank). SupCon is RINCE with r = 1.
+# Public loss names -> (per-rank form, rank limit). SupCon is RINCE with r = 1.
 VARIANTS = {
     "rince_in": ("in", None),
     "rince_out": ("out", None),
@@ -60,29 +66,13 @@ _FORMS = ("in", "out", "out_in")
 _INF = float("inf")
 
 
-def parse_variant(name: str):
+def parse_loss_name(name: str) -> Tuple[str, Optional[int]]:
     """``"rince_out_in"`` -> ``("out_in", None)``; ``"supcon_out"`` -> ``("out", 1)``."""
     if name not in VARIANTS:
-        raise ValueError(f"Unknown contrastive loss '{name}'; choose one of {sorted(VARIANTS)} or 'none'.")
+        raise ValueError(
+            f"Unknown contrastive loss '{name}'; choose one of {sorted(VARIANTS)} or 'none'."
+        )
     return VARIANTS[name]
-
-
-def validate_temperatures(temperatures: List[float]) -> tuple:
-    taus = tuple(float(t) for t in temperatures)
-    if not taus:
-        raise ValueError("At least one temperature is needed (tau_1 for rank 1).")
-    if any(not math.isfinite(t) or t <= 0 for t in taus):
-        raise ValueError(f"Temperatures must be finite and positive, got {list(taus)}.")
-    if any(b <= a for a, b in zip(taus, taus[1:])):
-        raise ValueError(f"Temperatures must increase with rank (tau_1 < tau_2 < ...), got {list(taus)}.")
-    return taus
-
-
-def temperatures_from_similarity(similarities: List[float], tau_min: float, tau_max: float) -> tuple:
-    """``tau_k = tau_min + (1 - s_k)(tau_max - tau_min)`` with ``s_1 = 1`` (the first entry)."""
-    if not (tau_min > 0 and tau_max > tau_min):
-        raise ValueError(f"Need 0 < tau_min < tau_max, got tau_min={tau_min}, tau_max={tau_max}.")
-    return validate_temperatures([tau_min + (1.0 - float(s)) * (tau_max - tau_min) for s in similarities])
 
 
 def iou_reweight(ious: torch.Tensor, mode: str) -> Optional[torch.Tensor]:
@@ -100,10 +90,11 @@ def iou_reweight(ious: torch.Tensor, mode: str) -> Optional[torch.Tensor]:
 class RankedInfoNCEOutput:
     loss: torch.Tensor  # scalar, L = sum_k mean_i ell_k(i)
     per_rank: torch.Tensor  # (r,) mean ell_k; 0 where no anchor has a rank-k positive
-    anchor_counts: torch.Tensor  # (r,) anchors with at least one rank-k positive
+    anchor_counts: torch.Tensor  # (r,) this call's anchors with at least one rank-k positive
+    normalizer: torch.Tensor  # (r,) the anchor counts each rank's mean runs over
     mean_similarity: torch.Tensor  # (r + 1,) mean s of rank-1..r positives, then negatives (nan if none)
-    num_keys: Optional[torch.Tensor] = None  # () keys that take part (labels >= 0), on the device
-    num_anchors: Optional[torch.Tensor] = None  # () anchors fed to the loss (set by RankedInfoNCEWithMemory)
+    num_keys: torch.Tensor  # () keys that take part (labels >= 0), on the device
+    num_anchors: torch.Tensor  # () valid anchors of this call, on the device
 
 
 def rank_code_table(rank_matrix: torch.Tensor, num_ranks: int) -> torch.Tensor:
@@ -290,6 +281,8 @@ def ranked_info_nce(
     anchor_weights: Optional[torch.Tensor] = None,
     anchor_valid: Optional[torch.Tensor] = None,
     normalizer: Optional[torch.Tensor] = None,
+    anchor_keys: Optional[torch.Tensor] = None,
+    world_size: int = 1,
     check_inputs: bool = True,
 ) -> RankedInfoNCEOutput:
     """
@@ -305,8 +298,15 @@ def ranked_info_nce(
         self_index: (N,) index of each anchor's own key in ``keys``, or -1; excluded by index.
         anchor_weights: (N,) optional per-anchor weights (e.g. IoU reweighting).
         anchor_valid: (N,) bool; rows that are False are padding and count nowhere.
-        normalizer: (r,) anchor counts to average each rank over (the global batch's, when
-            each worker holds a share of the anchors); default: this call's counts.
+        normalizer: (r,) anchor counts to average each rank over; default: this call's counts.
+        anchor_keys: (M,) bool, instead of ``normalizer``: the keys that are anchors of the
+            whole batch, of which this call's anchors are a share (each anchor's own key among
+            them). Each rank's mean then runs over all of those anchors, counted from the key
+            labels alone, so every worker of a data-parallel step gets the same normaliser
+            from the gathered keys without another collective.
+        world_size: the number of shares the batch's anchors are split into. ``loss`` and
+            ``per_rank`` are this share's sum times ``world_size`` over the normaliser, so their
+            mean over the shares (what DDP's gradient averaging computes) is the batch's mean.
         check_inputs: check on the host that the valid anchor labels lie in ``[0, K)``. That
             reads a value back from the device; training passes False because its labels
             are correct by construction, so the loss makes no sync at all.
@@ -316,6 +316,8 @@ def ranked_info_nce(
     """
     if variant not in _FORMS:
         raise ValueError(f"variant must be one of {_FORMS}, got '{variant}'.")
+    if normalizer is not None and anchor_keys is not None:
+        raise ValueError("Give normalizer or anchor_keys, not both.")
     taus = validate_temperatures(temperatures)
     r = len(taus)
     if anchors.dim() != 2 or keys.dim() != 2 or anchors.shape[1] != keys.shape[1]:
@@ -337,11 +339,21 @@ def ranked_info_nce(
     dtype = torch.promote_types(anchors.dtype, torch.float32)
     with torch.autocast(device_type=device.type, enabled=False):
         z, k_all = anchors.to(dtype), keys.to(dtype)
+        num_keys = (key_labels >= 0).sum()
+        num_anchors = anchor_valid.sum()
+        if anchor_keys is not None:
+            normalizer = positive_anchor_counts(key_labels, anchor_keys, key_labels, rank_matrix.to(device), r)
         if n == 0 or m == 0:
             zero = z.sum() * 0.0 + k_all.sum() * 0.0
+            counts = z.new_zeros(r)
             return RankedInfoNCEOutput(
-                loss=zero, per_rank=z.new_zeros(r), anchor_counts=z.new_zeros(r),
-                mean_similarity=z.new_full((r + 1,), float("nan")), num_keys=(key_labels >= 0).sum(),
+                loss=zero,
+                per_rank=z.new_zeros(r),
+                anchor_counts=counts,
+                normalizer=counts if normalizer is None else normalizer.to(dtype),
+                mean_similarity=z.new_full((r + 1,), float("nan")),
+                num_keys=num_keys,
+                num_anchors=num_anchors,
             )
         with torch.no_grad():
             table = rank_code_table(rank_matrix.to(device), r)
@@ -355,10 +367,19 @@ def ranked_info_nce(
             weights = weights * anchor_valid.to(dtype)
 
         sums, counts, mean_sim = _RankedInfoNCEFunction.apply(z, k_all, key_cls, class_codes, self_index, anchor_valid, weights, taus, forms)
-        per_rank = sums / (counts if normalizer is None else normalizer.to(dtype)).clamp(min=1)
+        normalizer = counts if normalizer is None else normalizer.to(dtype)
+        per_rank = sums * world_size / normalizer.clamp(min=1)
         # Connected to the graph even when no anchor has a positive, so DDP sees every parameter.
         loss = per_rank.sum() + z.sum() * 0.0 + k_all.sum() * 0.0
-    return RankedInfoNCEOutput(loss=loss, per_rank=per_rank, anchor_counts=counts, mean_similarity=mean_sim, num_keys=(key_labels >= 0).sum())
+    return RankedInfoNCEOutput(
+        loss=loss,
+        per_rank=per_rank,
+        anchor_counts=counts,
+        normalizer=normalizer,
+        mean_similarity=mean_sim,
+        num_keys=num_keys,
+        num_anchors=num_anchors,
+    )
 
 
 def positive_anchor_counts(anchor_labels, anchor_valid, key_labels, rank_matrix, num_ranks) -> torch.Tensor:
@@ -379,18 +400,18 @@ def positive_anchor_counts(anchor_labels, anchor_valid, key_labels, rank_matrix,
 
 
 class RankedInfoNCELoss(nn.Module):
-    """RINCE with a fixed rank matrix and temperatures; SupCon for the ``supcon_*`` names."""
+    """:func:`ranked_info_nce` with a fixed rank matrix, temperatures and form."""
 
-    def __init__(self, rank_matrix: torch.Tensor, temperatures: List[float], loss_name: str = "rince_out_in"):
+    def __init__(self, rank_matrix: torch.Tensor, temperatures: List[float], form: str = "out_in"):
         super().__init__()
-        form, forced_r = parse_variant(loss_name)
-        taus = validate_temperatures(temperatures)
-        if forced_r is not None:
-            taus = taus[:forced_r]
+        if form not in _FORMS:
+            raise ValueError(f"form must be one of {_FORMS}, got '{form}'.")
         self.form = form
-        self.temperatures = taus
+        self.temperatures = validate_temperatures(temperatures)
         # A buffer so it follows the module's device; not persistent: it comes from the config.
-        self.register_buffer("rank_matrix", torch.as_tensor(rank_matrix, dtype=torch.int64), persistent=False)
+        self.register_buffer(
+            "rank_matrix", torch.as_tensor(rank_matrix, dtype=torch.int64), persistent=False
+        )
 
     @property
     def num_ranks(self) -> int:
@@ -401,8 +422,21 @@ class RankedInfoNCELoss(nn.Module):
         return self.rank_matrix.shape[0]
 
     @torch.jit.unused
-    def forward(self, anchors, anchor_labels, keys, key_labels, self_index=None, anchor_weights=None,
-                anchor_valid=None, normalizer=None, check_inputs=True):
+    def forward(
+        self,
+        anchors,
+        anchor_labels,
+        keys,
+        key_labels,
+        self_index=None,
+        anchor_weights=None,
+        anchor_valid=None,
+        normalizer=None,
+        anchor_keys=None,
+        world_size: int = 1,
+        check_inputs: bool = True,
+    ) -> RankedInfoNCEOutput:
+        """Arguments as in :func:`ranked_info_nce`."""
         return ranked_info_nce(
             anchors,
             anchor_labels,
@@ -415,8 +449,50 @@ class RankedInfoNCELoss(nn.Module):
             anchor_weights=anchor_weights,
             anchor_valid=anchor_valid,
             normalizer=normalizer,
+            anchor_keys=anchor_keys,
+            world_size=world_size,
             check_inputs=check_inputs,
         )
 
     def extra_repr(self) -> str:
         return f"form={self.form}, temperatures={list(self.temperatures)}"
+
+
+def build_contrastive_loss(
+    cfg, class_names: Sequence[str], all_class_names: Optional[Sequence[str]] = None
+) -> Optional[RankedInfoNCELoss]:
+    """
+    The loss that ``MODEL.RCDET`` describes for a model of ``class_names``, or None when
+    ``MODEL.RCDET.LOSS`` is ``none``. The ranking file is read for ``all_class_names`` (the
+    base dataset's classes, held-out ones included) and restricted to ``class_names``; it gives
+    the rank matrix and the temperatures. A one-rank loss (``supcon_*``) needs no file.
+    """
+    rc = cfg.MODEL.RCDET
+    if rc.LOSS == "none":
+        return None
+    try:
+        form, max_rank = parse_loss_name(rc.LOSS)
+    except ValueError as e:
+        raise ConfigError(f"MODEL.RCDET.LOSS: {e}") from None
+    if max_rank == 1 and not rc.RANKING_FILE:
+        ranking = ClassRanking.identity(class_names)
+    else:
+        if not rc.RANKING_FILE:
+            raise ConfigError(
+                f"MODEL.RCDET.RANKING_FILE is empty, but MODEL.RCDET.LOSS = {rc.LOSS} needs a ranking."
+            )
+        try:
+            ranking = load_ranking(
+                rc.RANKING_FILE,
+                list(all_class_names or class_names),
+                allow_uncovered=rc.RANKING_ALLOW_UNCOVERED or None,
+                max_rank=max_rank or rc.MAX_RANK or None,
+            ).subset(class_names)
+        except RankingError as e:
+            raise ConfigError(f"MODEL.RCDET.RANKING_FILE: {e}") from None
+    try:
+        taus = ranking.temperatures(rc.TAU_MIN, rc.TAU_MAX, rc.TEMPERATURES)
+    except ValueError as e:
+        key = "MODEL.RCDET.TEMPERATURES" if rc.TEMPERATURES else "MODEL.RCDET.TAU_MIN/TAU_MAX"
+        raise ConfigError(f"{key}: {e}") from None
+    return RankedInfoNCELoss(torch.as_tensor(ranking.matrix), taus, form)

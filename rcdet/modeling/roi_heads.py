@@ -4,7 +4,6 @@ import bisect
 import math
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,76 +16,12 @@ from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
 
 from ..config import ConfigError
-from ..ranking import NEGATIVE_RANK, RankingError, load_ranking
+from ..data.held_out import training_classes
 from .contrastive_memory import RankedInfoNCEWithMemory
 from .memory_queue import EmbeddingQueue
-from .rince import RankedInfoNCELoss, iou_reweight, parse_variant, temperatures_from_similarity, validate_temperatures
+from .rince import RankedInfoNCELoss, build_contrastive_loss, iou_reweight
 
-__all__ = ["RankedContrastiveROIHeads", "build_contrastive_loss"]
-
-
-
-def _dataset_classes(cfg):
-    """(class names the model predicts, all classes of the base dataset) from the train set."""
-    if not cfg.DATASETS.TRAIN:
-        raise ConfigError("DATASETS.TRAIN is empty; the contrastive branch needs the training classes.")
-    meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
-    classes = meta.get("thing_classes", None)
-    if classes is None:
-        raise ConfigError(f"DATASETS.TRAIN[0] = '{cfg.DATASETS.TRAIN[0]}' has no thing_classes; is it registered?")
-    if len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-        raise ConfigError(
-            f"MODEL.ROI_HEADS.NUM_CLASSES = {cfg.MODEL.ROI_HEADS.NUM_CLASSES}, but "
-            f"'{cfg.DATASETS.TRAIN[0]}' has {len(classes)} classes: set it to {len(classes)}."
-        )
-    return list(classes), list(meta.get("all_classes", classes))
-
-
-def build_contrastive_loss(cfg) -> Optional[RankedInfoNCELoss]:
-    """The loss module for ``MODEL.RCDET``; None when ``MODEL.RCDET.LOSS`` is ``none``."""
-    rc = cfg.MODEL.RCDET
-    if rc.LOSS == "none":
-        return None
-    try:
-        form, forced_r = parse_variant(rc.LOSS)
-    except ValueError as e:
-        raise ConfigError(f"MODEL.RCDET.LOSS: {e}") from None
-    classes, all_classes = _dataset_classes(cfg)
-    similarities = None
-    if forced_r == 1 and not rc.RANKING_FILE:
-        # SupCon needs no ranking: every other class is a negative.
-        matrix = np.full((len(classes), len(classes)), NEGATIVE_RANK, dtype=np.int64)
-        np.fill_diagonal(matrix, 1)
-    else:
-        if not rc.RANKING_FILE:
-            raise ConfigError(f"MODEL.RCDET.RANKING_FILE is empty, but MODEL.RCDET.LOSS = {rc.LOSS} needs a ranking.")
-        try:
-            ranking = load_ranking(
-                rc.RANKING_FILE,
-                all_classes,
-                allow_uncovered=rc.RANKING_ALLOW_UNCOVERED or None,
-                max_rank=forced_r or rc.MAX_RANK or None,
-            ).subset(classes)
-        except RankingError as e:
-            raise ConfigError(f"MODEL.RCDET.RANKING_FILE: {e}") from None
-        matrix, similarities = ranking.matrix, ranking.rank_similarities
-    r = int(matrix.max())
-    try:
-        if rc.TEMPERATURES:
-            if len(rc.TEMPERATURES) < r:
-                raise ValueError(f"{len(rc.TEMPERATURES)} values given, but the ranking has {r} ranks.")
-            taus = validate_temperatures(rc.TEMPERATURES[:r])
-            key = "MODEL.RCDET.TEMPERATURES"
-        else:
-            if similarities is not None and len(similarities) >= r - 1:
-                sims = [1.0] + list(similarities[: r - 1])
-            else:
-                sims = list(np.linspace(1.0, 0.0, r)) if r > 1 else [1.0]
-            taus = temperatures_from_similarity(sims, rc.TAU_MIN, rc.TAU_MAX)
-    except ValueError as e:
-        key = "MODEL.RCDET.TEMPERATURES" if rc.TEMPERATURES else "MODEL.RCDET.TAU_MIN/TAU_MAX"
-        raise ConfigError(f"{key}: {e}") from None
-    return RankedInfoNCELoss(torch.as_tensor(matrix), taus, rc.LOSS)
+__all__ = ["RankedContrastiveROIHeads"]
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -161,8 +96,11 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             raise ConfigError("MODEL.RCDET.IOU_THRESHOLD and QUEUE_IOU_THRESHOLD must lie in [0, 1].")
         if rc.QUEUE_SIZE < 0 or rc.EMBED_DIM <= 0 or rc.PROJ_HIDDEN_DIM < 0:
             raise ConfigError("MODEL.RCDET.QUEUE_SIZE, EMBED_DIM and PROJ_HIDDEN_DIM must be non-negative (EMBED_DIM > 0).")
+        contrastive_loss = None
+        if rc.LOSS != "none":
+            contrastive_loss = build_contrastive_loss(cfg, *training_classes(cfg))
         ret.update(
-            contrastive_loss=build_contrastive_loss(cfg),
+            contrastive_loss=contrastive_loss,
             proj_hidden_dim=rc.PROJ_HIDDEN_DIM,
             embed_dim=rc.EMBED_DIM,
             loss_weight=rc.LOSS_WEIGHT,
@@ -267,35 +205,48 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             max_anchors=len(proposals) * int(self.batch_size_per_image * self.positive_fraction),
             pad_to=len(proposals) * self.batch_size_per_image,
         )
-        self._log_branch_statistics(storage, out, embeddings)
+        stats = self._branch_statistics(out, embeddings)
+        if not stats["finite"]:
+            raise FloatingPointError(
+                "rcdet: the contrastive branch's box embeddings contain Inf/NaN at "
+                f"iteration={storage.iter}. The box head diverged: lower SOLVER.BASE_LR, raise "
+                "SOLVER.WARMUP_ITERS, or check the input data."
+            )
+        self._log_branch_statistics(storage, stats)
         return {"loss_contrast": out.loss * self.current_loss_weight(storage.iter)}
 
     @torch.jit.unused
-    def _log_branch_statistics(self, storage, out, embeddings):
+    def _branch_statistics(self, out, embeddings) -> Dict[str, object]:
         """Every rcdet/* scalar in one device-to-host transfer: the step's only sync from rcdet."""
         r = self.contrast.num_ranks
-        fill = self.queue.fill_ratio() if self.queue is not None else out.per_rank.new_zeros(())
-        stats = torch.cat([
-            out.per_rank.detach().float(),
-            out.anchor_counts.float(),
-            out.mean_similarity.float(),
-            torch.stack([out.num_anchors.float(), out.num_keys.float(), fill.float(), torch.isfinite(embeddings).all().float()]),
-        ]).tolist()
-        per_rank, counts, sims, (num_anchors, num_keys, fill, finite) = stats[:r], stats[r : 2 * r], stats[2 * r : 3 * r + 1], stats[3 * r + 1 :]
-        if not finite:
-            raise FloatingPointError(
-                f"rcdet: the contrastive branch's box embeddings contain Inf/NaN at iteration={storage.iter}. "
-                "The box head diverged: lower SOLVER.BASE_LR, raise SOLVER.WARMUP_ITERS, or check the input data."
-            )
-        storage.put_scalar("rcdet/num_anchors", num_anchors)
-        storage.put_scalar("rcdet/num_keys", num_keys)
+        queue = self.queue
+        fill = queue.num_filled() / queue.capacity if queue is not None else out.per_rank.new_zeros(())
+        finite = torch.isfinite(embeddings).all()
+        totals = torch.stack([t.float() for t in (out.num_anchors, out.num_keys, fill, finite)])
+        values = torch.cat(
+            [out.per_rank.detach().float(), out.normalizer.float(), out.mean_similarity.float(), totals]
+        ).tolist()
+        num_anchors, num_keys, fill, finite = values[3 * r + 1 :]
+        return {
+            "per_rank": values[:r],
+            "anchors_per_rank": values[r : 2 * r],
+            "similarities": values[2 * r : 3 * r + 1],
+            "num_anchors": num_anchors,
+            "num_keys": num_keys,
+            "queue_fill": fill,
+            "finite": bool(finite),
+        }
+
+    @torch.jit.unused
+    def _log_branch_statistics(self, storage, stats) -> None:
+        storage.put_scalar("rcdet/num_anchors", stats["num_anchors"])
+        storage.put_scalar("rcdet/num_keys", stats["num_keys"])
         if self.queue is not None:
-            self.queue.record_fill(fill)
-            storage.put_scalar("rcdet/queue_fill", fill)
-        for k in range(r):
-            storage.put_scalar(f"rcdet/loss_rank{k + 1}", per_rank[k])
-            storage.put_scalar(f"rcdet/anchors_rank{k + 1}", counts[k])
-        names = [f"sim_rank{k + 1}" for k in range(r)] + ["sim_negative"]
-        for name, value in zip(names, sims):
+            storage.put_scalar("rcdet/queue_fill", stats["queue_fill"])
+        for k, (loss, count) in enumerate(zip(stats["per_rank"], stats["anchors_per_rank"])):
+            storage.put_scalar(f"rcdet/loss_rank{k + 1}", loss)
+            storage.put_scalar(f"rcdet/anchors_rank{k + 1}", count)
+        names = [f"sim_rank{k + 1}" for k in range(len(stats["per_rank"]))] + ["sim_negative"]
+        for name, value in zip(names, stats["similarities"]):
             if math.isfinite(value):
                 storage.put_scalar(f"rcdet/{name}", value)
