@@ -144,7 +144,11 @@ def _example_sources():
         if name.endswith(".py"):
             with open(os.path.join(REPO, "tools", name)) as f:
                 yield f"tools/{name} --help", ast.get_docstring(ast.parse(f.read())) or ""
-    for doc in ("README.md", "datasets/README.md", "BENCHMARKS.md"):
+    docs = ["README.md", "datasets/README.md"]
+    docs += sorted(f"docs/{n}" for n in os.listdir(os.path.join(REPO, "docs")) if n.endswith(".md"))
+    docs += sorted(f"results/{s}/README.md" for s in os.listdir(os.path.join(REPO, "results"))
+                   if os.path.isfile(os.path.join(REPO, "results", s, "README.md")))
+    for doc in docs:
         with open(os.path.join(REPO, doc)) as f:
             yield doc, f.read()
 

@@ -1,0 +1,183 @@
+"""The README is the front door: its snippet runs, its results match the committed studies, and
+every relative link in it and in the docs points to a file that exists."""
+
+import json
+import os
+import re
+import sys
+
+from conftest import REPO
+
+SNIPPET_HEADING = "## Using rcdet in your own detectron2 project"
+# The tiny schedule of conftest.tiny_cfg, as command-line KEY VALUE overrides.
+TINY_OVERRIDES = [
+    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
+    "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
+    "MODEL.RCDET.QUEUE_SIZE", "64",
+]
+
+
+def _read(*path):
+    with open(os.path.join(REPO, *path)) as f:
+        return f.read()
+
+
+def _studies():
+    """The committed studies: results/<study>/ folders with a results.md."""
+    root = os.path.join(REPO, "results")
+    return [s for s in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, s, "results.md"))]
+
+
+def _commits(study):
+    meta = json.loads(_read("results", study, "meta.json"))
+    return meta.get("commits", [meta["commit"]])
+
+
+def _snippet():
+    """The first python code block under the README's 'own detectron2 project' heading."""
+    readme = _read("README.md")
+    assert SNIPPET_HEADING in readme, f"README.md has no '{SNIPPET_HEADING}' section"
+    section = readme.split(SNIPPET_HEADING, 1)[1].split("\n## ", 1)[0]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, f"no python code block under '{SNIPPET_HEADING}'"
+    return match.group(1)
+
+
+def test_readme_snippet_trains_a_model_in_your_own_project(tiny_shapes, tmp_path, monkeypatch):
+    """Runs the README's snippet text unchanged on the tiny built-in dataset. The one substitution
+    is the command line: the snippet merges ``sys.argv[1:]`` as KEY VALUE overrides, and the test
+    passes a tiny schedule and OUTPUT_DIR there, as a user would pass them to their script."""
+    code = _snippet()
+    assert len(code.strip().splitlines()) <= 20, "the README snippet should stay about 15 lines"
+    assert "sys.argv[1:]" in code, "the snippet no longer takes KEY VALUE overrides from the command line"
+    out = tmp_path / "mine"
+    monkeypatch.setattr(sys, "argv", ["train_mine.py", *TINY_OVERRIDES, "OUTPUT_DIR", str(out)])
+    monkeypatch.chdir(REPO)  # the snippet's config and ranking paths are relative to the checkout
+    namespace = {"__name__": "__main__"}
+    exec(compile(code, "README.md (snippet)", "exec"), namespace)
+
+    assert (out / "model_final.pth").is_file()
+    with open(out / "metrics.json") as f:
+        logged = [json.loads(line) for line in f if line.strip()]
+    assert any("loss_contrast" in entry for entry in logged), "the snippet's training logged no loss_contrast"
+    assert any(key.startswith("rcdet/") for entry in logged for key in entry), "no rcdet/* scalars logged"
+    trainer = namespace["trainer"]
+    assert trainer.iter == 2
+    assert "bbox" in trainer._last_eval_results, "the snippet's training did not evaluate on DATASETS.TEST"
+
+
+def test_readme_results_table_matches_the_committed_results():
+    """Each study's README quotes its results.md verbatim and names every commit of its
+    meta.json; README.md links each study and names every commit too."""
+    readme = _read("README.md")
+    studies = _studies()
+    assert studies, "no committed comparison results to check the READMEs against"
+    for study in studies:
+        table = _read("results", study, "results.md")
+        study_readme_path = os.path.join("results", study, "README.md")
+        assert os.path.isfile(os.path.join(REPO, study_readme_path)), f"{study_readme_path} is missing"
+        study_readme = _read(study_readme_path)
+        assert table.strip() in study_readme, f"{study_readme_path} does not quote results/{study}/results.md verbatim"
+        assert f"]({study_readme_path})" in readme, f"README.md does not link {study_readme_path}"
+        for commit in _commits(study):
+            assert commit[:7] in study_readme, f"{study_readme_path} does not name commit {commit[:7]}"
+            assert commit[:7] in readme, f"README.md does not name commit {commit[:7]} of {study}"
+
+
+def _table_rows(text):
+    """(header, rows) of every markdown table in ``text``; cells stripped."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append((current[0], [r for r in current[2:]]))
+            current = []
+    return tables
+
+
+def test_readme_summary_table_copies_the_committed_figures_exactly():
+    readme = _read("README.md")
+    results = readme.split("\n## Results", 1)[1].split("\n## ", 1)[0]
+    summary = [t for t in _table_rows(results) if "method" in t[0]]
+    assert len(summary) == 1, "README.md's Results section should hold one summary table"
+    header, rows = summary[0]
+    checked = 0
+    for row in rows:
+        study = re.search(r"\(results/([^/]+)/README\.md\)", row[0]).group(1)
+        (study_header, study_rows), = [t for t in _table_rows(_read("results", study, "results.md"))]
+        method = row[header.index("method")]
+        (study_row,) = [r for r in study_rows if r[0] == method]
+        for column, value in zip(header, row):
+            if column in study_header:
+                assert value == study_row[study_header.index(column)], (
+                    f"README.md: {study} {method} {column} is {value}, results.md says "
+                    f"{study_row[study_header.index(column)]}"
+                )
+                checked += 1
+    assert checked >= 20
+
+
+def _markdown_files():
+    names = ["README.md", "datasets/README.md"]
+    names += [f"docs/{n}" for n in sorted(os.listdir(os.path.join(REPO, "docs"))) if n.endswith(".md")]
+    names += [f"results/{s}/README.md" for s in sorted(os.listdir(os.path.join(REPO, "results")))
+              if os.path.isfile(os.path.join(REPO, "results", s, "README.md"))]
+    return names
+
+
+def _slug(heading):
+    """GitHub's anchor for a heading."""
+    heading = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return heading.replace(" ", "-")
+
+
+def _anchors(path):
+    text = re.sub(r"```.*?```", "", open(path).read(), flags=re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+ (.*)$", text, re.M)}
+
+
+def test_readme_and_docs_relative_links_point_to_existing_files():
+    dangling = []
+    for name in _markdown_files():
+        path = os.path.join(REPO, name)
+        text = re.sub(r"```.*?```", "", open(path).read(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            file_part, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+            if not os.path.exists(resolved):
+                dangling.append(f"{name}: {target}")
+            elif anchor and resolved.endswith(".md") and anchor not in _anchors(resolved):
+                dangling.append(f"{name}: {target} (no such heading)")
+    assert not dangling, "links to missing files:\n" + "\n".join(dangling)
+
+
+def test_readme_links_every_tool_and_every_rcdet_module():
+    """One link from the README to any tool and any module of the package."""
+    readme = _read("README.md")
+    missing = [f"tools/{n}" for n in sorted(os.listdir(os.path.join(REPO, "tools")))
+               if n.endswith((".py", ".sh")) and f"](tools/{n})" not in readme]
+    for name in sorted(os.listdir(os.path.join(REPO, "rcdet"))):
+        full = os.path.join(REPO, "rcdet", name)
+        if name.endswith(".py") and name != "__init__.py":
+            target = f"rcdet/{name}"
+        elif os.path.isfile(os.path.join(full, "__init__.py")):
+            target = f"rcdet/{name}/"
+        else:
+            continue
+        if f"]({target})" not in readme:
+            missing.append(target)
+    assert not missing, f"README.md does not link {missing}"
+
+
+def test_readme_is_a_front_door():
+    readme = _read("README.md")
+    lines = readme.splitlines()
+    assert len(lines) <= 160, f"README.md has {len(lines)} lines; details belong in docs/ and results/<study>/"
+    first_screen = "\n".join(lines[:30])
+    assert "make demo" in first_screen and "make test" in first_screen
+    for section in ("## Installation", "## Configs", "## Tools", "## Layout", "## Results", "## Citation"):
+        assert f"\n{section}" in readme, f"README.md lost its '{section}' section"
+    assert "Ranking Info Noise Contrastive Estimation" in readme and "Detectron2" in readme
