@@ -11,7 +11,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["atomic_write", "write_json_atomic", "save_npz_atomic"]
+__all__ = ["atomic_write", "write_json_atomic", "save_npz_atomic", "save_figure_atomic"]
 
 
 def _current_umask() -> int:
@@ -45,4 +45,11 @@ def write_json_atomic(path: str, data) -> None:
 def save_npz_atomic(path: str, **arrays) -> None:
     buf = io.BytesIO()
     np.savez(buf, **arrays)
+    atomic_write(path, buf.getvalue())
+
+
+def save_figure_atomic(path: str, fig, **savefig_kwargs) -> None:
+    """Save a matplotlib figure in the format its extension names; the figure stays open."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=os.path.splitext(path)[1][1:] or "png", **savefig_kwargs)
     atomic_write(path, buf.getvalue())

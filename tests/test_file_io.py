@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rcdet import file_io
-from rcdet.file_io import atomic_write, save_npz_atomic, write_json_atomic
+from rcdet.file_io import atomic_write, save_figure_atomic, save_npz_atomic, write_json_atomic
 
 
 @contextlib.contextmanager
@@ -81,3 +81,25 @@ def test_interrupt_during_the_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         save_npz_atomic(str(tmp_path / "ood_stats.npz"), a=np.arange(1000))
     assert os.listdir(tmp_path) == []
+
+
+def test_figures_are_saved_whole_in_the_format_of_their_extension(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    fig = matplotlib.figure.Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [0, 1])
+    save_figure_atomic(str(tmp_path / "roc.png"), fig, dpi=50)
+    save_figure_atomic(str(tmp_path / "roc.pdf"), fig)
+    assert (tmp_path / "roc.png").read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / "roc.pdf").read_bytes().startswith(b"%PDF")
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Interrupted while rendering: the previous figure stays, no temporary file is left.
+    before = (tmp_path / "roc.png").read_bytes()
+    monkeypatch.setattr(fig, "savefig", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure_atomic(str(tmp_path / "roc.png"), fig)
+    assert (tmp_path / "roc.png").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["roc.pdf", "roc.png"]

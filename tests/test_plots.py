@@ -1,7 +1,6 @@
-"""The plots' labels (issue 13): score histogram axes and title, the centroid-similarity colour bar,
-the comparison ROC (one panel per score, one colour per run) and the t-SNE panel's class legend."""
+"""The plots' labels: score histogram axes and title, the centroid-similarity colour bar and the
+comparison ROC (one panel per score, one colour per run). The study's figures: tests/test_study.py."""
 
-import json
 import os
 
 import matplotlib
@@ -12,7 +11,6 @@ import matplotlib.figure
 import numpy as np
 import pytest
 
-from conftest import load_tool
 from rcdet.analysis import plot_centroid_similarity
 from rcdet.evaluation.ood import _comparison_roc, _histogram_figure
 
@@ -71,23 +69,3 @@ def test_comparison_roc_one_panel_per_score_and_one_colour_per_run(tmp_path):
             colours.setdefault(l.get_label().split(" (")[0], set()).add(mcolors.to_hex(l.get_color()))
         assert ax.get_xlabel().startswith("false positive rate")
     assert all(len(c) == 1 for c in colours.values()) and len(colours) == 3  # a run keeps its colour
-
-
-def test_tsne_panel_has_a_class_legend(tmp_path, saved_figures):
-    cm = load_tool("compare_methods")
-    args = cm.argparse.Namespace(quick=True, quick_iters=10, seeds=[0], methods=["softmax", "rince_in"], voc=False,
-                                 runs_dir=str(tmp_path), opts=[])
-    runs = cm.plan(args)
-    names = ["disc", "bullseye", "ring"]
-    for run in runs:
-        folder = os.path.join(run.run_dir, "analysis")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "analysis.json"), "w") as f:
-            json.dump({"class_names": names, "held_out_classes": ["ring"], "group_levels": [["round"] * 3]}, f)
-        np.savez(os.path.join(folder, "tsne_points.npz"), points=np.random.default_rng(0).normal(size=(9, 2)),
-                 labels=np.repeat([0, 1, 2], 3))
-    rows = [{"method": r.method.name, "best_emb_score": "n/a"} for r in runs]
-    cm._figures(runs, str(tmp_path), rows)
-    tsne = [f for f in saved_figures if f._suptitle is not None and f._suptitle.get_text().startswith("t-SNE")][0]
-    labels = [t.get_text() for t in tsne.legends[0].get_texts()]
-    assert labels == ["disc [round]", "bullseye [round]", "ring (held out)"]

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from sklearn import metrics as skm
 
-from ..file_io import atomic_write, save_npz_atomic, write_json_atomic
+from ..file_io import atomic_write, save_figure_atomic, save_npz_atomic, write_json_atomic
 from .open_set import pairwise_iou
 
 __all__ = [
@@ -43,6 +43,12 @@ __all__ = [
     "check_same_protocol",
     "protocol_of",
     "merge_reports",
+    "report_metrics",
+    "RocSet",
+    "load_roc_set",
+    "markdown_table",
+    "csv_table",
+    "plot_roc",
 ]
 
 
@@ -291,11 +297,22 @@ def _fmt(v):
     return "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
+def csv_table(rows: Sequence[Sequence]) -> str:
+    """CSV text of ``rows`` (the header first), one line each."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of ``header`` and ``rows`` of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
 def report_csv(report: Dict) -> str:
     """One row per (protocol, score): the object-level ``scores`` and, if run, the ``image_level`` ones."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_FIELDS)
+    rows = [CSV_FIELDS]
     sections = [("object", report["scores"], report["counts"])]
     if report.get("image_level"):
         sections.append(("image", report["image_level"]["scores"], report["image_level"]["counts"]))
@@ -306,8 +323,8 @@ def report_csv(report: Dict) -> str:
                 ci = entry.get(f"{k}_ci") or [None, None]
                 row += [_fmt(entry[k]), _fmt(ci[0]), _fmt(ci[1])]
             row += [_fmt(entry.get("ood_recall_at_95_id")), counts["id"], counts["ood"]]
-            w.writerow(row)
-    return buf.getvalue()
+            rows.append(row)
+    return csv_table(rows)
 
 
 def _plt():
@@ -323,13 +340,20 @@ ROC_XLABEL = "false positive rate (OOD accepted as ID)"
 ROC_YLABEL = "true positive rate (ID accepted)"
 
 
+def plot_roc(ax, values, is_id, label: str, auroc_format: str = "({:.3f})", **style) -> float:
+    """Draw the ROC curve of ``values`` on ``ax``, its AUROC after ``label``; returns the AUROC."""
+    fpr, tpr, _ = skm.roc_curve(is_id, values)
+    auroc = float(skm.roc_auc_score(is_id, values))
+    ax.plot(fpr, tpr, label=f"{label} {auroc_format.format(auroc)}", **style)
+    return auroc
+
+
 def _roc_figure(curves: List[tuple], title: str):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     cmap = plt.get_cmap("tab10")
     for i, (label, values, is_id) in enumerate(curves):
-        fpr, tpr, _ = skm.roc_curve(is_id, values)
-        ax.plot(fpr, tpr, color=cmap(i % 10), label=f"{label} (AUROC {skm.roc_auc_score(is_id, values):.3f})")
+        plot_roc(ax, values, is_id, label, "(AUROC {:.3f})", color=cmap(i % 10))
     ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
     ax.set_xlabel(ROC_XLABEL)
     ax.set_ylabel(ROC_YLABEL)
@@ -341,10 +365,8 @@ def _roc_figure(curves: List[tuple], title: str):
 
 
 def _save_figure(fig, path: str):
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    save_figure_atomic(path, fig, dpi=110)
     _plt().close(fig)
-    atomic_write(path, buf.getvalue())
 
 
 def _histogram_figure(score_table, is_id, title: str):
@@ -464,8 +486,33 @@ def _cell(entry, metric):
     return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def _markdown(header, table):
-    return "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join("| " + " | ".join(r) + " |\n" for r in table)
+_SCORE_COLUMNS = [f"{s} {metric}" for metric in ("AUROC", "FPR95") for s in ALL_SCORES]
+
+
+def _score_cells(scores: Dict) -> List[str]:
+    return [_cell(scores[s], metric) if s in scores else "n/a"
+            for metric in ("auroc", "fpr95") for s in ALL_SCORES]
+
+
+def report_metrics(report: Dict) -> Dict[str, Optional[float]]:
+    """
+    A report's numbers, flat: ``AP``, ``AP50``, ``AP75``, ``a_ose``, ``wi`` (wilderness impact),
+    ``<score>_auroc`` and ``<score>_fpr95`` of the object-level scores and ``img_<score>_auroc``
+    and ``img_<score>_fpr95`` of the image-level ones; None where the report has no such number
+    or the score is not available.
+    """
+    detection = report.get("detection") or {}
+    open_set = report.get("open_set") or {}
+    out = {k: detection.get(k) for k in ("AP", "AP50", "AP75")}
+    out["a_ose"], out["wi"] = open_set.get("a_ose"), open_set.get("wilderness_impact")
+    image_level = (report.get("image_level") or {}).get("scores") or {}
+    for prefix, scores in (("", report.get("scores") or {}), ("img_", image_level)):
+        for name in ALL_SCORES:
+            entry = scores.get(name) or {}
+            available = entry.get("available", False)
+            for metric in ("auroc", "fpr95"):
+                out[f"{prefix}{name}_{metric}"] = entry.get(metric) if available else None
+    return out
 
 
 def merge_reports(run_dirs: Sequence[str], output_dir: str):
@@ -480,56 +527,71 @@ def merge_reports(run_dirs: Sequence[str], output_dir: str):
         loaded.append((os.path.join(run, "ood_report.json"), rep))
         rows.append((rep.get("name") or os.path.basename(os.path.normpath(run)), rep, run))
     check_same_protocol(loaded)
-    header = ["run", "AP", "AP50", "AP75", "A-OSE", "WI"] + [f"{s} AUROC" for s in ALL_SCORES] + [f"{s} FPR95" for s in ALL_SCORES]
+    header = ["run", "AP", "AP50", "AP75", "A-OSE", "WI"] + _SCORE_COLUMNS
     table = []
     for name, rep, _ in rows:
-        det = rep.get("detection", {})
-        open_set = rep.get("open_set", {})
-        row = [name] + [_fmt(det.get(k)) for k in ("AP", "AP50", "AP75")]
-        row += [_fmt(open_set.get("a_ose")), _fmt(open_set.get("wilderness_impact"))]
-        row += [_cell(rep["scores"][s], "auroc") if s in rep["scores"] else "n/a" for s in ALL_SCORES]
-        row += [_cell(rep["scores"][s], "fpr95") if s in rep["scores"] else "n/a" for s in ALL_SCORES]
-        table.append(row)
+        values = report_metrics(rep)
+        cells = [_fmt(values[k]) for k in ("AP", "AP50", "AP75", "a_ose", "wi")]
+        table.append([name] + cells + _score_cells(rep["scores"]))
     proto = protocol_of(rows[0][1])
     md = (f"Object level (matching: {proto['matching']}, IoU >= {proto['match_iou']}; "
-          "brackets: bootstrap 95% interval over test images)\n\n" + _markdown(header, table))
+          "brackets: bootstrap 95% interval over test images)\n\n" + markdown_table(header, table))
     csv_rows = [["protocol"] + header] + [["object"] + r for r in table]
-    image_rows = [(name, rep) for name, rep, _ in rows if rep.get("image_level")]
+    image_rows = [(name, rep["image_level"]) for name, rep, _ in rows if rep.get("image_level")]
     if image_rows:
-        ih = ["run", "OOD images", "ID dets", "OOD dets"] + [f"{s} AUROC" for s in ALL_SCORES] + [f"{s} FPR95" for s in ALL_SCORES]
-        it = []
-        for name, rep in image_rows:
-            il = rep["image_level"]
-            it.append([name, il["ood_dataset"], str(il["counts"]["id"]), str(il["counts"]["ood"])]
-                      + [_cell(il["scores"][s], "auroc") for s in ALL_SCORES] + [_cell(il["scores"][s], "fpr95") for s in ALL_SCORES])
-        md += "\nImage level (VOS protocol: every detection on the OOD images is OOD)\n\n" + _markdown(ih, it)
+        ih = ["run", "OOD images", "ID dets", "OOD dets"] + _SCORE_COLUMNS
+        it = [[name, il["ood_dataset"], str(il["counts"]["id"]), str(il["counts"]["ood"])]
+              + _score_cells(il["scores"]) for name, il in image_rows]
+        md += ("\nImage level (VOS protocol: every detection on the OOD images is OOD)\n\n"
+               + markdown_table(ih, it))
         csv_rows += [["protocol"] + ih] + [["image"] + r for r in it]
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(csv_rows)
     os.makedirs(output_dir, exist_ok=True)
     atomic_write(os.path.join(output_dir, "ood_comparison.md"), md.encode())
-    atomic_write(os.path.join(output_dir, "ood_comparison.csv"), buf.getvalue().encode())
+    atomic_write(os.path.join(output_dir, "ood_comparison.csv"), csv_table(csv_rows).encode())
     fig = _comparison_roc([(name, run) for name, _, run in rows])
     if fig is not None:
         _save_figure(fig, os.path.join(output_dir, "roc_comparison.png"))
     return md
 
 
+@dataclass
+class RocSet:
+    """A run's object-level ROC set: its detections with status ID or OOD."""
+
+    scores: Dict[str, np.ndarray]  # the scores the run saved, in ALL_SCORES order
+    is_id: np.ndarray
+    image_index: Optional[np.ndarray]  # each detection's test image; None in older files
+    image_ids: Optional[tuple]  # the test images image_index refers to
+
+    @property
+    def defined(self) -> bool:
+        """Whether the set has both ID and OOD detections, as every ROC metric needs."""
+        return bool(self.is_id.any() and (~self.is_id).any())
+
+
+def load_roc_set(run_dir: str) -> Optional[RocSet]:
+    """The object-level ROC set of ``run_dir``/ood_scores.npz; None without that file."""
+    path = os.path.join(run_dir, "ood_scores.npz")
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as z:
+        status = z["status"]
+        m = (status == ID) | (status == OOD)
+        scores = {s: z[s][m] for s in ALL_SCORES if s in z.files}
+        index = z["image_index"][m] if "image_index" in z.files else None
+        ids = tuple(z["image_ids"].tolist()) if "image_ids" in z.files else None
+    return RocSet(scores, status[m] == ID, index, ids)
+
+
 def _comparison_roc(runs: Sequence[tuple]):
     """One panel per score, one colour per run (the same in every panel); None without raw scores."""
     per_score: Dict[str, list] = {}
     for i, (name, run) in enumerate(runs):
-        raw = os.path.join(run, "ood_scores.npz")
-        if not os.path.isfile(raw):
+        roc = load_roc_set(run)
+        if roc is None or not roc.defined:
             continue
-        with np.load(raw) as z:
-            st = z["status"]
-            m = (st == ID) | (st == OOD)
-            if not ((st[m] == ID).any() and (st[m] == OOD).any()):
-                continue
-            for score in ALL_SCORES:
-                if score in z.files:
-                    per_score.setdefault(score, []).append((i, name, z[score][m], st[m] == ID))
+        for score, values in roc.scores.items():
+            per_score.setdefault(score, []).append((i, name, values, roc.is_id))
     if not per_score:
         return None
     plt = _plt()
@@ -540,8 +602,7 @@ def _comparison_roc(runs: Sequence[tuple]):
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
     for ax, score in zip(axes.flat, names):
         for i, name, values, is_id in per_score[score]:
-            fpr, tpr, _ = skm.roc_curve(is_id, values)
-            ax.plot(fpr, tpr, color=cmap(i % cmap.N), label=f"{name} ({skm.roc_auc_score(is_id, values):.3f})")
+            plot_roc(ax, values, is_id, name, color=cmap(i % cmap.N))
         ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
         ax.set_title(score, fontsize=9)
         ax.set_xlabel(ROC_XLABEL, fontsize=8)

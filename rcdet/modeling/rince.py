@@ -422,21 +422,8 @@ class RankedInfoNCELoss(nn.Module):
         return self.rank_matrix.shape[0]
 
     @torch.jit.unused
-    def forward(
-        self,
-        anchors,
-        anchor_labels,
-        keys,
-        key_labels,
-        self_index=None,
-        anchor_weights=None,
-        anchor_valid=None,
-        normalizer=None,
-        anchor_keys=None,
-        world_size: int = 1,
-        check_inputs: bool = True,
-    ) -> RankedInfoNCEOutput:
-        """Arguments as in :func:`ranked_info_nce`."""
+    def forward(self, anchors, anchor_labels, keys, key_labels, self_index=None, **kwargs):
+        """Arguments as in :func:`ranked_info_nce` (``anchor_weights``, ``anchor_keys``, ...)."""
         return ranked_info_nce(
             anchors,
             anchor_labels,
@@ -446,12 +433,7 @@ class RankedInfoNCELoss(nn.Module):
             self.temperatures,
             variant=self.form,
             self_index=self_index,
-            anchor_weights=anchor_weights,
-            anchor_valid=anchor_valid,
-            normalizer=normalizer,
-            anchor_keys=anchor_keys,
-            world_size=world_size,
-            check_inputs=check_inputs,
+            **kwargs,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,314 @@
+"""
+The comparison study's results: per-run numbers, mean ± sample std over seeds, paired bootstrap
+tests over test images, the table (markdown and CSV) and the figures.
+
+tools/compare_methods.py trains and evaluates each method and seed; every run folder then holds
+the OOD benchmark's report in ood/ (tools/benchmark_ood.py) and the embedding analysis in
+analysis/ (tools/analyze_embeddings.py). This module turns the finished runs into the study's
+results.md, results.csv, roc.png and tsne_panel.png.
+"""
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .analysis import _HELD_OUT_MARKERS, _MARKERS
+from .evaluation.bootstrap import paired_bootstrap
+from .evaluation.ood import (EMBEDDING_SCORES, csv_table, load_report, load_roc_set, markdown_table,
+                             plot_roc, protocol_of, report_metrics)
+from .file_io import atomic_write, save_figure_atomic
+
+__all__ = [
+    "COLUMNS",
+    "PAIRED",
+    "run_metrics",
+    "mean_std",
+    "build_table",
+    "attach_paired_tests",
+    "table_markdown",
+    "table_csv",
+    "roc_figure",
+    "tsne_panel",
+    "write_results",
+]
+
+# The method the paired tests compare every other method's best embedding score with.
+SUPCON = "supcon_out"
+# Paired bootstrap replicates over the test images for the table's tests.
+PAIRED_REPLICATES = 1000
+# (key, label, digits) of the table's mean ± std columns. "best_emb" stands for the method's
+# best embedding score; outlier fractions are shown in percent.
+COLUMNS = [
+    ("AP", "AP", 1), ("AP50", "AP50", 1), ("AP75", "AP75", 1),
+    ("msp_auroc", "MSP AUROC", 3), ("msp_fpr95", "MSP FPR95", 3),
+    ("best_emb_auroc", "best emb. AUROC", 3), ("best_emb_fpr95", "best emb. FPR95", 3),
+    ("outliers_class", "outliers class %", 1), ("outliers_group", "outliers group %", 1),
+    ("spearman", "Spearman", 3), ("a_ose", "A-OSE", 0), ("wi", "WI", 4),
+    ("img_msp_auroc", "image-level MSP AUROC", 3),
+    ("img_best_emb_auroc", "image-level best emb. AUROC", 3),
+]
+# Paired bootstrap tests of each method's best embedding score (AUROC, object level): against
+# SupCon's best embedding score, and against MSP of the same models.
+PAIRED = [("vs_supcon", "best emb. − SupCon AUROC"), ("vs_msp", "best emb. − MSP AUROC")]
+
+
+def run_metrics(run_dir: str) -> Dict[str, Optional[float]]:
+    """The numbers one run contributes to the table: its OOD report's and its analysis's."""
+    report = load_report(os.path.join(run_dir, "ood"))
+    with open(os.path.join(run_dir, "analysis", "analysis.json")) as f:
+        spaces = json.load(f)["spaces"]
+    out = report_metrics(report)
+    out["protocol_version"] = protocol_of(report)["version"]
+    space = spaces.get("projection") or spaces.get("box_features")
+    out["space"] = "projection" if "projection" in spaces else "box_features"
+    out["outliers_class"] = space["outliers"]["class"]["fraction"]
+    out["outliers_group"] = space["outliers"].get("group_level1", {}).get("fraction")
+    fidelity = space.get("ranking_fidelity")
+    out["spearman"] = fidelity["spearman"] if fidelity else None
+    return out
+
+
+def mean_std(values: List[Optional[float]]):
+    """Mean and sample standard deviation (ddof = 1) of the defined values; std None for one."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None
+    return float(np.mean(v)), (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+def build_table(per_method: Dict[str, List[Dict]]) -> List[Dict]:
+    """
+    Rows of (mean, std) per COLUMNS key, one per method (``{method: run_metrics of its seeds}``).
+    The best embedding score is the one with the highest mean AUROC.
+    """
+    rows = []
+    for method, results in per_method.items():
+        row = {"method": method, "seeds": len(results), "space": results[0].get("space", "")}
+        best, best_auroc = None, -1.0
+        for s in EMBEDDING_SCORES:
+            m, _ = mean_std([r.get(f"{s}_auroc") for r in results])
+            if m is not None and m > best_auroc:
+                best, best_auroc = s, m
+        row["best_emb_score"] = best or "n/a"
+        for key, _, _ in COLUMNS:
+            if "best_emb" in key:
+                src = key.replace("best_emb", best) if best else None
+                vals = [r.get(src) for r in results] if src else [None]
+            else:
+                vals = [r.get(key) for r in results]
+            if key.startswith("outliers"):
+                vals = [None if v is None else 100 * v for v in vals]
+            row[key] = mean_std(vals)
+        rows.append(row)
+    return rows
+
+
+def attach_paired_tests(rows: List[Dict], run_dirs: Dict[str, List[str]],
+                        replicates: int = PAIRED_REPLICATES, seed: int = 0) -> List[Dict]:
+    """
+    Add ``vs_supcon`` and ``vs_msp`` to each row: paired bootstraps (rcdet.evaluation.bootstrap.
+    paired_bootstrap) of the object-level AUROC of the method's best embedding score, mean over its
+    seeds, minus SupCon's best embedding score (mean over SupCon's seeds), and minus MSP of the same
+    models. Every replicate resamples the test images once for all runs, so the comparison is
+    paired by image. It measures the test set's sampling, not the seeds' spread (the ± columns).
+    Runs that predate the saved image index, or were evaluated on other images, get None.
+    """
+    sets = {m: [load_roc_set(os.path.join(d, "ood")) for d in dirs] for m, dirs in run_dirs.items()}
+    every = [rs for runs in sets.values() for rs in runs]
+    indexed = [rs for rs in every if rs is not None and rs.image_index is not None]
+    usable = len(indexed) == len(every) and len({rs.image_ids for rs in indexed}) == 1
+    num_images = len(indexed[0].image_ids) if usable else 0
+    best = {r["method"]: r["best_emb_score"] for r in rows}
+
+    def paired(method, score, other, other_score):
+        a = [(rs.scores[score], rs.is_id, rs.image_index) for rs in sets[method]]
+        b = [(rs.scores[other_score], rs.is_id, rs.image_index) for rs in sets[other]]
+        return paired_bootstrap(a, b, num_images, "auroc", replicates, seed)
+
+    for r in rows:
+        m, b = r["method"], best[r["method"]]
+        if not usable or b == "n/a":
+            r["vs_supcon"] = r["vs_msp"] = None
+            continue
+        r["vs_msp"] = paired(m, b, m, "msp")
+        if m == SUPCON:
+            r["vs_supcon"] = "self"
+        elif best.get(SUPCON, "n/a") != "n/a":
+            r["vs_supcon"] = paired(m, b, SUPCON, best[SUPCON])
+        else:
+            r["vs_supcon"] = None
+    return rows
+
+
+def _cell(ms, digits):
+    m, s = ms
+    if m is None:
+        return "n/a"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if s is not None else "")
+
+
+def _paired_cell(test) -> str:
+    """'+0.012 [-0.010, +0.034], p 0.28'; '—' for a method against itself; n/a when not run."""
+    if test == "self":
+        return "—"
+    if not test or test.get("difference") is None:
+        return "n/a"
+    text = f"{test['difference']:+.3f}"
+    if test.get("ci"):
+        text += f" [{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}], p {test['p_value']:.3f}"
+    return text
+
+
+def table_markdown(rows: List[Dict]) -> str:
+    """The table as shown in the README: mean ± std per column, then the paired tests."""
+    header = ["method", "seeds"] + [label for _, label, _ in COLUMNS] + ["best emb. score"]
+    header += [label for _, label in PAIRED]
+    cells = [[r["method"], str(r["seeds"])] + [_cell(r[k], d) for k, _, d in COLUMNS]
+             + [r["best_emb_score"]] + [_paired_cell(r.get(k)) for k, _ in PAIRED] for r in rows]
+    return markdown_table(header, cells)
+
+
+def _number(v) -> str:
+    return "" if v is None else f"{v:.6g}"
+
+
+def table_csv(rows: List[Dict]) -> str:
+    """The table's numbers: mean and std per column; difference, interval and p-value per test."""
+    header = ["method", "seeds"] + [f"{k}_{x}" for k, _, _ in COLUMNS for x in ("mean", "std")]
+    header += ["best_emb_score"]
+    header += [f"{k}_{x}" for k, _ in PAIRED for x in ("difference", "ci_lo", "ci_hi", "p_value")]
+    lines = [header]
+    for r in rows:
+        tests = []
+        for k, _ in PAIRED:
+            t = r[k] if isinstance(r.get(k), dict) else {}
+            ci = t.get("ci") or [None, None]
+            tests += [_number(v) for v in (t.get("difference"), ci[0], ci[1], t.get("p_value"))]
+        values = [_number(v) for k, _, _ in COLUMNS for v in r[k]]
+        lines.append([r["method"], r["seeds"]] + values + [r["best_emb_score"]] + tests)
+    return csv_table(lines)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_figure(runs: Dict[str, str], best: Dict[str, str], seed: int):
+    """
+    Object-level ROC of one run per method (``{method: run folder}``, evaluated with ``seed``),
+    one colour per method: its MSP dotted, its best embedding score (``best``) solid.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    cmap = plt.get_cmap("tab10")
+    for i, (method, run_dir) in enumerate(runs.items()):
+        roc = load_roc_set(os.path.join(run_dir, "ood"))
+        if roc is None or not roc.defined:
+            continue
+        for score, style in (("msp", ":"), (best.get(method), "-")):
+            if score in roc.scores:
+                plot_roc(ax, roc.scores[score], roc.is_id, f"{method} {score}", linestyle=style,
+                         color=cmap(i % 10))
+    ax.plot([0, 1], [0, 1], color="0.8", linewidth=0.8)
+    ax.set_xlabel("FPR (held-out objects accepted)")
+    ax.set_ylabel("TPR (known objects accepted)")
+    ax.set_title(f"OOD ROC, seed {seed} of each method (dotted: MSP; solid: best embedding score)",
+                 fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def _tsne_points(run_dir: str) -> Optional[str]:
+    """The run's t-SNE points: of the projection, else of the box features; None without either."""
+    for name in ("tsne_points.npz", "box_features_tsne_points.npz"):
+        path = os.path.join(run_dir, "analysis", name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def tsne_panel(runs: Dict[str, str]):
+    """
+    One t-SNE panel per method (``{method: run folder}``) with t-SNE points, sharing one class
+    legend; None when no run has them.
+    """
+    panels = [(m, d, _tsne_points(d)) for m, d in runs.items() if _tsne_points(d)]
+    if not panels:
+        return None
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), squeeze=False)
+    for ax, (method, run_dir, path) in zip(axes[0], panels):
+        with open(os.path.join(run_dir, "analysis", "analysis.json")) as f:
+            analysis = json.load(f)
+        names, held = analysis["class_names"], analysis["held_out_classes"]
+        groups = analysis["group_levels"][0] if analysis["group_levels"] else names
+        group_names = sorted(set(groups))
+        with np.load(path) as z:
+            pts, labels = z["points"], z["labels"]
+        for c, name in enumerate(names):
+            x, y = pts[labels == c, 0], pts[labels == c, 1]
+            if name in held:
+                marker = _HELD_OUT_MARKERS[held.index(name) % len(_HELD_OUT_MARKERS)]
+                ax.scatter(x, y, s=12, marker=marker, c="black", linewidths=0.7,
+                           label=f"{name} (held out)")
+            else:
+                marker = _MARKERS[group_names.index(groups[c]) % len(_MARKERS)]
+                ax.scatter(x, y, s=4, color=cmap(c % 10), marker=marker,
+                           label=f"{name} [{groups[c]}]")
+        box = os.path.basename(path) != "tsne_points.npz"
+        ax.set_title(method + (" (box features)" if box else ""), fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    # One class legend for all panels (every panel draws the same classes in the same styles).
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(list(legend.values()), list(legend.keys()), fontsize=6, markerscale=2,
+                   loc="lower center", ncol=min(len(legend), 9), frameon=False,
+                   title="class [family]", title_fontsize=6)
+    fig.suptitle("t-SNE of GT-box embeddings of the test split "
+                 "(colour: class, marker: family, black: held out)", fontsize=8)
+    fig.tight_layout(rect=(0, 0.14 if legend else 0, 1, 1))
+    return fig
+
+
+def _save(fig, path: str, dpi: int):
+    save_figure_atomic(path, fig, dpi=dpi)
+    _plt().close(fig)
+
+
+def write_results(runs: Sequence[Tuple[str, int, str]], output: str,
+                  replicates: int = PAIRED_REPLICATES) -> Tuple[str, Dict[str, List[Dict]]]:
+    """
+    results.md, results.csv, roc.png and tsne_panel.png in ``output``, each written atomically,
+    from finished ``(method, seed, run folder)`` runs; the figures show each method's first run.
+    Returns the markdown table and each method's run_metrics.
+    """
+    per_method: Dict[str, List[Dict]] = {}
+    run_dirs: Dict[str, List[str]] = {}
+    for method, _, run_dir in runs:
+        per_method.setdefault(method, []).append(run_metrics(run_dir))
+        run_dirs.setdefault(method, []).append(run_dir)
+    rows = attach_paired_tests(build_table(per_method), run_dirs, replicates)
+    md = table_markdown(rows)
+    atomic_write(os.path.join(output, "results.md"), md.encode())
+    atomic_write(os.path.join(output, "results.csv"), table_csv(rows).encode())
+    first = {method: dirs[0] for method, dirs in run_dirs.items()}
+    best = {r["method"]: r["best_emb_score"] for r in rows}
+    _save(roc_figure(first, best, runs[0][1]), os.path.join(output, "roc.png"), dpi=110)
+    panel = tsne_panel(first)
+    if panel is not None:
+        _save(panel, os.path.join(output, "tsne_panel.png"), dpi=100)
+    return md, per_method
