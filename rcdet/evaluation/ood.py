@@ -59,7 +59,6 @@ ALL_SCORES = LOGIT_SCORES + EMBEDDING_SCORES
 # Detection status after matching: ID / OOD (claimed a known / held-out object), BACKGROUND (no
 # object at the matching IoU) and DUPLICATE (its object was claimed by a more confident detection).
 ID, OOD, BACKGROUND, DUPLICATE = 1, 0, -1, -2
-UNMATCHED = BACKGROUND  # the name before duplicates were told apart
 MATCHING_MODES = ("one_per_object", "all")
 
 
@@ -183,7 +182,7 @@ def match_detections(det_boxes, gt_boxes, gt_is_ood, iou_threshold: float = 0.5,
     the IoU is below the threshold (or there is no GT) it is BACKGROUND. Each object is claimed at
     most once. ``gt_index`` is the best GT for claimed detections and duplicates, -1 for background.
 
-    ``all`` (the per-detection protocol before issue 13): every detection whose best IoU is >=
+    ``all`` (the per-detection protocol, version 1): every detection whose best IoU is >=
     ``iou_threshold`` is ID or OOD, however many detections share the object; the rest are
     BACKGROUND. ``confidence`` is not used.
     """
@@ -435,7 +434,7 @@ class ReportError(ValueError):
 def protocol_of(report: Dict) -> Dict:
     """The settings that must agree for two reports' numbers to be comparable."""
     proto = report.get("protocol")
-    if proto is None:  # written before issue 13: every matched detection counted
+    if proto is None:  # a report without a protocol section counts every matched detection
         return {"version": 1, "matching": "all", "match_iou": report.get("match_iou"), "score_threshold": report.get("score_threshold")}
     return {k: proto.get(k) for k in ("version", "matching", "match_iou", "score_threshold")}
 

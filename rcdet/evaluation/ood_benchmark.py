@@ -6,7 +6,7 @@ Two protocols, each under its own report key:
 - ``scores`` (object level, held-out classes of the test split): detections are matched to the
   test split's ground truth as detection evaluation does, one detection per object
   (rcdet.evaluation.ood.match_detections); claimed known objects are ID, claimed held-out objects
-  OOD. ``--matching all`` counts every matched detection instead (the protocol before issue 13).
+  OOD. ``--matching all`` counts every matched detection instead (protocol version 1).
 - ``image_level`` (VOS, Du et al. ICLR 2022; SIREN, NeurIPS 2022): the test images without
   held-out objects against a separate OOD image set; every detection there is OOD, no matching.
 
@@ -38,10 +38,10 @@ from .ood import (ALL_SCORES, BACKGROUND, DUPLICATE, EMBEDDING_SCORES, ID, MATCH
 __all__ = ["run_ood_benchmark", "resolve_ood_dataset", "default_report_name", "PROTOCOL_VERSION", "KNOWN_AS_OOD_SCORE"]
 
 logger = logging.getLogger(__name__)
-# 1: every matched detection counted (before issue 13). 2: one detection per object, OpenDet2's
+# 1: every matched detection counted. 2: one detection per object, OpenDet2's
 # A-OSE and WI, bootstrap intervals, the image-level protocol.
 PROTOCOL_VERSION = 2
-# ood_objects_detected_as_known (the count reported as "a_ose" before issue 13): held-out objects
+# ood_objects_detected_as_known (not A-OSE, which counts detections): held-out objects
 # matched by a known-class detection that scores at least this.
 KNOWN_AS_OOD_SCORE = 0.5
 # The image-level protocol keeps detections whose confidence keeps this fraction of the claimed

@@ -103,7 +103,7 @@ def draw_ood_grid(report_dir: str, output: Optional[str] = None, score: Optional
     raw = os.path.join(report_dir, "ood_scores.npz")
     with np.load(raw) as z:
         if "boxes" not in z.files or "image_index" not in z.files:
-            raise ReportError(f"{raw}: written before issue 13 (no boxes); re-run tools/benchmark_ood.py on the run.")
+            raise ReportError(f"{raw}: has no boxes (an older report); re-run tools/benchmark_ood.py on the run.")
         data = {k: z[k] for k in z.files}
     score = score or best_score(report)
     if score not in ALL_SCORES:

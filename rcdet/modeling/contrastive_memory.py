@@ -55,8 +55,8 @@ class RankedInfoNCEWithMemory(nn.Module):
         self.queue = queue
         self.gather = gather
         # None: static anchor capacity on accelerators; on the CPU, where reading a count back
-        # costs nothing, the exact anchor count (the static bound made the CPU demo's step 1.7%
-        # slower: the loss ran over ~3x more padded anchor rows). True/False force either.
+        # costs nothing, the exact anchor count (the static bound runs the loss over about 3x
+        # more padded anchor rows there). True/False force either.
         self.static_shapes = static_shapes
 
     @property
