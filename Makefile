@@ -9,7 +9,7 @@ STAMP := $(VENV)/.rcdet-setup-done
 SHAPES_ROOT ?= $(or $(RCDET_SHAPES_ROOT),$(if $(DETECTRON2_DATASETS),$(DETECTRON2_DATASETS)/rcdet_shapes,datasets/rcdet_shapes))
 export RCDET_SHAPES_ROOT := $(SHAPES_ROOT)
 
-.PHONY: setup data demo test compare compare-quick bench clean
+.PHONY: setup data demo test lint format compare compare-quick bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,18 @@ demo: data
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# The Python tree that black, isort and ruff check (settings: pyproject.toml, setup.cfg).
+LINT_PATHS := rcdet tools tests datasets/generate_shapes.py setup.py
+
+lint: setup
+	$(VENV)/bin/black --check $(LINT_PATHS)
+	$(VENV)/bin/isort --check-only $(LINT_PATHS)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+format: setup
+	$(VENV)/bin/isort $(LINT_PATHS)
+	$(VENV)/bin/black $(LINT_PATHS)
 
 compare: data
 	$(PY) tools/compare_methods.py
