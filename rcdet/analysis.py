@@ -39,7 +39,9 @@ def class_centroids(embeddings: np.ndarray, labels: np.ndarray, num_classes: int
     return out
 
 
-def nearest_centroid_outliers(embeddings, labels, num_classes: int, group_levels: Sequence[Sequence] = ()) -> Dict[str, Dict]:
+def nearest_centroid_outliers(
+    embeddings, labels, num_classes: int, group_levels: Sequence[Sequence] = ()
+) -> Dict[str, Dict]:
     """
     Count embeddings whose nearest class centroid is another class ("class" level), or lies in
     another group (one entry per level in ``group_levels``, each a group id per class).
@@ -50,11 +52,19 @@ def nearest_centroid_outliers(embeddings, labels, num_classes: int, group_levels
     sims = _unit(embeddings) @ centroids[present].T
     nearest = present[sims.argmax(axis=1)]
     n = len(labels)
-    result = {"class": {"count": int((nearest != labels).sum()), "fraction": float((nearest != labels).mean()) if n else 0.0}}
+    result = {
+        "class": {
+            "count": int((nearest != labels).sum()),
+            "fraction": float((nearest != labels).mean()) if n else 0.0,
+        }
+    }
     for level, groups in enumerate(group_levels):
         groups = np.asarray(groups, dtype=object)
         wrong = groups[nearest] != groups[labels]
-        result[f"group_level{level + 1}"] = {"count": int(wrong.sum()), "fraction": float(wrong.mean()) if n else 0.0}
+        result[f"group_level{level + 1}"] = {
+            "count": int(wrong.sum()),
+            "fraction": float(wrong.mean()) if n else 0.0,
+        }
     return result
 
 
@@ -63,7 +73,10 @@ def retrieval_at_1(embeddings, labels, group_levels: Sequence[Sequence] = ()) ->
     e = _unit(embeddings)
     labels = np.asarray(labels)
     if len(labels) < 2:
-        return {"class": float("nan"), **{f"group_level{i + 1}": float("nan") for i in range(len(group_levels))}}
+        return {
+            "class": float("nan"),
+            **{f"group_level{i + 1}": float("nan") for i in range(len(group_levels))},
+        }
     nn = np.empty(len(labels), dtype=np.int64)
     for start in range(0, len(labels), 1024):  # rows in chunks: never an n x n matrix
         block = e[start : start + 1024] @ e.T
@@ -157,22 +170,47 @@ def plot_tsne(
             color = cmap(g % 20) if by_group else cmap(c % 20)
             if name in held_out:
                 marker = _HELD_OUT_MARKERS[list(held_out).index(name) % len(_HELD_OUT_MARKERS)]
-                ax.scatter(points_2d[sel, 0], points_2d[sel, 1], s=24, marker=marker, c="black", linewidths=1.0, label=f"{name} (held out)")
+                ax.scatter(
+                    points_2d[sel, 0],
+                    points_2d[sel, 1],
+                    s=24,
+                    marker=marker,
+                    c="black",
+                    linewidths=1.0,
+                    label=f"{name} (held out)",
+                )
             else:
-                ax.scatter(points_2d[sel, 0], points_2d[sel, 1], s=9, marker=_MARKERS[g % len(_MARKERS)], color=color, alpha=0.75,
-                           label=(groups[c] if by_group else f"{name} [{groups[c]}]"))
+                ax.scatter(
+                    points_2d[sel, 0],
+                    points_2d[sel, 1],
+                    s=9,
+                    marker=_MARKERS[g % len(_MARKERS)],
+                    color=color,
+                    alpha=0.75,
+                    label=(groups[c] if by_group else f"{name} [{groups[c]}]"),
+                )
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=6, markerscale=1.5, loc="best")
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title((title + " - " if title else "") + ("coloured by group" if by_group else "coloured by class, marker by group"), fontsize=9)
+        ax.set_title(
+            (title + " - " if title else "")
+            + ("coloured by group" if by_group else "coloured by class, marker by group"),
+            fontsize=9,
+        )
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
 
-def plot_centroid_similarity(centroid_sim: np.ndarray, class_names: Sequence[str], groups: Sequence[str], path: str, title: str = ""):
+def plot_centroid_similarity(
+    centroid_sim: np.ndarray,
+    class_names: Sequence[str],
+    groups: Sequence[str],
+    path: str,
+    title: str = "",
+):
     plt = _plt()
     order = sorted(range(len(class_names)), key=lambda i: (groups[i], i))
     m = np.asarray(centroid_sim)[np.ix_(order, order)]
@@ -182,14 +220,21 @@ def plot_centroid_similarity(centroid_sim: np.ndarray, class_names: Sequence[str
     ax.set_yticks(range(len(order)))
     ax.set_xticklabels([class_names[i] for i in order], rotation=90, fontsize=7)
     ax.set_yticklabels([f"{class_names[i]} [{groups[i]}]" for i in order], fontsize=7)
-    fig.colorbar(im, ax=ax, fraction=0.046).set_label("cosine similarity of the class centroids", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046).set_label(
+        "cosine similarity of the class centroids", fontsize=8
+    )
     ax.set_title(title or "class-centroid cosine similarity", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def tsne_2d(embeddings: np.ndarray, seed: int = 0, max_points: Optional[int] = None, labels: Optional[np.ndarray] = None):
+def tsne_2d(
+    embeddings: np.ndarray,
+    seed: int = 0,
+    max_points: Optional[int] = None,
+    labels: Optional[np.ndarray] = None,
+):
     """sklearn t-SNE; subsamples to ``max_points`` (returns the kept indices too)."""
     from sklearn.manifold import TSNE
 
@@ -199,11 +244,19 @@ def tsne_2d(embeddings: np.ndarray, seed: int = 0, max_points: Optional[int] = N
         idx = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
     x = _unit(embeddings[idx])
     perplexity = float(min(30, max(2, (len(idx) - 1) / 3)))
-    pts = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine").fit_transform(x)
+    pts = TSNE(
+        n_components=2, perplexity=perplexity, init="pca", random_state=seed, metric="cosine"
+    ).fit_transform(x)
     return pts, idx
 
 
-def analyse(embeddings, labels, class_names: List[str], rank_matrix: Optional[np.ndarray], group_levels: Sequence[Sequence]) -> Dict:
+def analyse(
+    embeddings,
+    labels,
+    class_names: List[str],
+    rank_matrix: Optional[np.ndarray],
+    group_levels: Sequence[Sequence],
+) -> Dict:
     """All the numbers for one embedding space (known classes only: labels < len(class_names))."""
     labels = np.asarray(labels)
     keep = labels < len(class_names)
@@ -213,5 +266,7 @@ def analyse(embeddings, labels, class_names: List[str], rank_matrix: Optional[np
         "outliers": nearest_centroid_outliers(e, y, len(class_names), group_levels),
         "retrieval_r1": retrieval_at_1(e, y, group_levels),
     }
-    out["ranking_fidelity"] = ranking_fidelity(e, y, rank_matrix) if rank_matrix is not None else None
+    out["ranking_fidelity"] = (
+        ranking_fidelity(e, y, rank_matrix) if rank_matrix is not None else None
+    )
     return out

@@ -38,7 +38,15 @@ class RcdetCheckpointer(DetectionCheckpointer):
     * with ``require_all`` (evaluation), so is any model parameter the file does not provide.
     """
 
-    def __init__(self, model, save_dir="", *, finetune_from_other_classes=False, require_all=False, **checkpointables):
+    def __init__(
+        self,
+        model,
+        save_dir="",
+        *,
+        finetune_from_other_classes=False,
+        require_all=False,
+        **checkpointables,
+    ):
         super().__init__(model, save_dir, **checkpointables)
         self.finetune_from_other_classes = finetune_from_other_classes
         self.require_all = require_all
@@ -87,8 +95,9 @@ class RcdetCheckpointer(DetectionCheckpointer):
             if absent:
                 shown = ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else "")
                 raise WeightsError(
-                    f"checkpoint {self._loading} does not fit this config's model: {len(absent)} of its "
-                    f"parameters are missing from the file or have another shape ({shown}). {_EVAL_HINT}"
+                    f"checkpoint {self._loading} does not fit this config's model: {len(absent)} of"
+                    f" its parameters are missing from the file or have another shape ({shown})."
+                    f" {_EVAL_HINT}"
                 )
         return incompatible
 
@@ -111,7 +120,9 @@ def load_trained_weights(model, cfg, resume: bool = False) -> str:
                 "would be evaluated)."
             )
         if "://" not in path and not os.path.isfile(path):
-            raise WeightsError(f"MODEL.WEIGHTS = '{path}': file not found; pass the trained model's .pth.")
+            raise WeightsError(
+                f"MODEL.WEIGHTS = '{path}': file not found; pass the trained model's .pth."
+            )
     checkpointer.load(path, checkpointables=[])
     return path
 

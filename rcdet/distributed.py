@@ -9,7 +9,14 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-__all__ = ["get_world_size", "get_rank", "gather_sizes", "pad_rows", "all_gather_padded", "all_gather_with_grad"]
+__all__ = [
+    "get_world_size",
+    "get_rank",
+    "gather_sizes",
+    "pad_rows",
+    "all_gather_padded",
+    "all_gather_with_grad",
+]
 
 
 def get_world_size() -> int:

@@ -5,9 +5,12 @@ import os
 import sys
 
 import torch
-
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
 
@@ -16,7 +19,14 @@ from .config import ConfigError, add_rcdet_config
 from .data.datasets import SHAPES_HINT, CheckedDatasetMapper, DatasetError
 from .ranking import RankingError
 
-__all__ = ["Trainer", "setup_cfg", "check_datasets_exist", "USER_ERRORS", "user_error_message", "exit_on_user_error"]
+__all__ = [
+    "Trainer",
+    "setup_cfg",
+    "check_datasets_exist",
+    "USER_ERRORS",
+    "user_error_message",
+    "exit_on_user_error",
+]
 
 
 # Errors caused by the user's files or config: reported as one clear line, no traceback.
@@ -51,7 +61,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -59,15 +71,21 @@ class Trainer(DefaultTrainer):
         if evaluator_type == "pascal_voc":
             return PascalVOCDetectionEvaluator(dataset_name)
         if evaluator_type == "coco":
-            return COCOEvaluator(dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference"))
-        raise NotImplementedError(f"No evaluator for dataset '{dataset_name}' (evaluator_type={evaluator_type}).")
+            return COCOEvaluator(
+                dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+            )
+        raise NotImplementedError(
+            f"No evaluator for dataset '{dataset_name}' (evaluator_type={evaluator_type})."
+        )
 
 
 def amp_precision(cfg) -> torch.dtype:
     """The autocast dtype named by SOLVER.AMP.PRECISION."""
     choices = {"float16": torch.float16, "bfloat16": torch.bfloat16}
     if cfg.SOLVER.AMP.PRECISION not in choices:
-        raise ConfigError(f"SOLVER.AMP.PRECISION = '{cfg.SOLVER.AMP.PRECISION}'; choose float16 or bfloat16.")
+        raise ConfigError(
+            f"SOLVER.AMP.PRECISION = '{cfg.SOLVER.AMP.PRECISION}'; choose float16 or bfloat16."
+        )
     return choices[cfg.SOLVER.AMP.PRECISION]
 
 
@@ -81,9 +99,14 @@ def check_datasets_exist(cfg):
             hint = (
                 SHAPES_HINT
                 if name.startswith("rcdet_shapes")
-                else "Set $DETECTRON2_DATASETS to the folder that contains VOC2007 (see datasets/README.md)."
+                else (
+                    "Set $DETECTRON2_DATASETS to the folder that contains VOC2007 (see"
+                    " datasets/README.md)."
+                )
             )
-            raise DatasetError(f"Dataset '{name}': folder {os.path.abspath(dirname)} does not exist. {hint}")
+            raise DatasetError(
+                f"Dataset '{name}': folder {os.path.abspath(dirname)} does not exist. {hint}"
+            )
 
 
 def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True):
@@ -95,7 +118,9 @@ def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True):
     try:
         cfg.merge_from_file(config_file)
     except (AssertionError, KeyError, ValueError) as e:
-        raise ConfigError(f"--config-file {config_file}: {e} (is add_rcdet_config's key spelled right?)") from None
+        raise ConfigError(
+            f"--config-file {config_file}: {e} (is add_rcdet_config's key spelled right?)"
+        ) from None
     opts = list(opts)
     if len(opts) % 2:
         raise ConfigError(f"config overrides must be KEY VALUE pairs, got an odd list: {opts}")

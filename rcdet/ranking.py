@@ -168,7 +168,9 @@ class ClassRanking:
             {g: tuple(rename[c] for c in members) for g, members in level.items()}
             for level in self.groups
         )
-        return replace(self, matrix=matrix, groups=groups, source=f"{self.source} (permuted {seed})")
+        return replace(
+            self, matrix=matrix, groups=groups, source=f"{self.source} (permuted {seed})"
+        )
 
     def describe(self) -> str:
         """A human-readable list of each class's similar classes by rank."""
@@ -247,16 +249,22 @@ def _build_ranks(b: _Builder, ranks):
             for name in tied:
                 other = b.cls(name, entry)
                 if other == a:
-                    raise b.error(entry, f"class '{anchor}' lists itself.", "Remove it: rank 1 is implied.")
+                    raise b.error(
+                        entry, f"class '{anchor}' lists itself.", "Remove it: rank 1 is implied."
+                    )
                 if name in seen:
-                    raise b.error(entry, f"class '{name}' appears more than once.", "List each class once.")
+                    raise b.error(
+                        entry, f"class '{name}' appears more than once.", "List each class once."
+                    )
                 seen.add(name)
                 b.set(a, other, position + 2)
 
 
 def _build_levels(b: _Builder, levels) -> Tuple[Dict[str, Tuple[str, ...]], ...]:
     if not isinstance(levels, list) or not levels:
-        raise RankingError(f"{b.source}: entry 'levels' must be a non-empty list of {{group: [classes]}}.")
+        raise RankingError(
+            f"{b.source}: entry 'levels' must be a non-empty list of {{group: [classes]}}."
+        )
     parsed = []
     for depth, level in enumerate(levels):
         entry = f"levels[{depth}]"
@@ -271,7 +279,8 @@ def _build_levels(b: _Builder, levels) -> Tuple[Dict[str, Tuple[str, ...]], ...]
                 if name in group_of:
                     raise b.error(
                         f"{entry}.{group}",
-                        f"class '{name}' appears more than once in this level (also in '{group_of[name]}').",
+                        f"class '{name}' appears more than once in this level (also in"
+                        f" '{group_of[name]}').",
                         "Put each class in one group per level.",
                     )
                 group_of[name] = group
@@ -317,7 +326,9 @@ def ranks_from_similarity(similarity: np.ndarray, thresholds: Sequence[float]) -
     """Rank matrix from a K x K score matrix: score >= t_2 -> 2, else >= t_3 -> 3, ..."""
     thresholds = [float(t) for t in thresholds]
     if any(t2 <= t3 for t2, t3 in zip(thresholds, thresholds[1:])):
-        raise RankingError(f"thresholds must be strictly decreasing (t_2 > t_3 > ...), got {thresholds}.")
+        raise RankingError(
+            f"thresholds must be strictly decreasing (t_2 > t_3 > ...), got {thresholds}."
+        )
     similarity = np.asarray(similarity, dtype=np.float64)
     matrix = np.full(similarity.shape, NEGATIVE_RANK, dtype=np.int64)
     # Assign from the loosest threshold to the strictest so the best rank wins.
@@ -330,18 +341,23 @@ def ranks_from_similarity(similarity: np.ndarray, thresholds: Sequence[float]) -
 def _build_similarities(b: _Builder, sims, thresholds) -> Tuple[float, ...]:
     if thresholds is None or not isinstance(thresholds, list) or not thresholds:
         raise RankingError(
-            f"{b.source}: entry 'thresholds' is required with 'similarities': a list t_2 > t_3 > ..."
+            f"{b.source}: entry 'thresholds' is required with 'similarities': a list t_2 > t_3"
+            " > ..."
         )
     try:
         thresholds = [float(t) for t in thresholds]
     except (TypeError, ValueError):
-        raise RankingError(f"{b.source}: entry 'thresholds' must be numbers, got {thresholds}.") from None
+        raise RankingError(
+            f"{b.source}: entry 'thresholds' must be numbers, got {thresholds}."
+        ) from None
     if any(t2 <= t3 for t2, t3 in zip(thresholds, thresholds[1:])):
         raise RankingError(
             f"{b.source}: entry 'thresholds' must be strictly decreasing (t_2 > t_3 > ...), "
             f"got {thresholds}."
         )
-    _check_mapping(sims, "similarities", b.source, "a mapping with 'classes' and 'matrix', or 'pairs'")
+    _check_mapping(
+        sims, "similarities", b.source, "a mapping with 'classes' and 'matrix', or 'pairs'"
+    )
 
     def rank_of(score: float) -> int:
         for rank, t in enumerate(thresholds, start=2):
@@ -360,7 +376,8 @@ def _build_similarities(b: _Builder, sims, thresholds) -> Tuple[float, ...]:
         if matrix.shape != (len(classes), len(classes)):
             raise b.error(
                 "similarities.matrix",
-                f"must be {len(classes)}x{len(classes)} to match 'classes', got shape {matrix.shape}.",
+                f"must be {len(classes)}x{len(classes)} to match 'classes', got shape"
+                f" {matrix.shape}.",
             )
         try:
             scores = matrix.astype(np.float64)
@@ -413,7 +430,9 @@ def ranking_from_dict(
 ) -> ClassRanking:
     """Build and validate a :class:`ClassRanking` from parsed YAML. See the module docstring."""
     if data is None or (isinstance(data, Mapping) and not data):
-        raise RankingError(f"{source}: the ranking file is empty. Give one of: {', '.join(_FORMS)}.")
+        raise RankingError(
+            f"{source}: the ranking file is empty. Give one of: {', '.join(_FORMS)}."
+        )
     _check_mapping(data, "<top level>", source, "a mapping")
     forms = [f for f in _FORMS if f in data]
     if len(forms) != 1:
@@ -423,9 +442,13 @@ def ranking_from_dict(
         )
     unknown_keys = sorted(set(data) - set(_FORMS) - set(_OPTION_KEYS))
     if unknown_keys:
-        raise RankingError(f"{source}: unknown top-level keys {unknown_keys}; allowed: {_FORMS + _OPTION_KEYS}.")
+        raise RankingError(
+            f"{source}: unknown top-level keys {unknown_keys}; allowed: {_FORMS + _OPTION_KEYS}."
+        )
     if len(set(class_names)) != len(class_names):
-        raise RankingError(f"{source}: the dataset class names contain duplicates: {list(class_names)}.")
+        raise RankingError(
+            f"{source}: the dataset class names contain duplicates: {list(class_names)}."
+        )
 
     b = _Builder(class_names, source)
     groups: Tuple[Dict[str, Tuple[str, ...]], ...] = ()
@@ -451,9 +474,10 @@ def ranking_from_dict(
     uncovered = tuple(c for c in class_names if c not in b.covered)
     if uncovered and not allow_uncovered:
         raise RankingError(
-            f"{source}: the ranking does not cover the dataset classes {list(uncovered)}. Add an "
-            f"entry for each (an empty list means 'no similar classes'), or allow it explicitly with "
-            f"'allow_uncovered: true' in the file or MODEL.RCDET.RANKING_ALLOW_UNCOVERED True."
+            f"{source}: the ranking does not cover the dataset classes {list(uncovered)}. Add an"
+            " entry for each (an empty list means 'no similar classes'), or allow it explicitly"
+            " with 'allow_uncovered: true' in the file or MODEL.RCDET.RANKING_ALLOW_UNCOVERED"
+            " True."
         )
 
     ranking = ClassRanking(
@@ -468,7 +492,9 @@ def ranking_from_dict(
     limit = max_rank if max_rank else file_max
     if limit is not None:
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-            raise RankingError(f"{source}: entry 'max_rank' must be an integer >= 1, got {limit!r}.")
+            raise RankingError(
+                f"{source}: entry 'max_rank' must be an integer >= 1, got {limit!r}."
+            )
         ranking = ranking.truncate(limit)
     return ranking
 
@@ -493,7 +519,12 @@ def load_ranking(
     )
 
 
-def similarity_ranking_yaml(class_names: Sequence[str], similarity: np.ndarray, thresholds: Sequence[float], source: str = "") -> str:
+def similarity_ranking_yaml(
+    class_names: Sequence[str],
+    similarity: np.ndarray,
+    thresholds: Sequence[float],
+    source: str = "",
+) -> str:
     """A ranking file in the similarity-score form, headed by a readable summary of its ranks."""
     similarity = np.asarray(similarity, dtype=np.float64)
     k = len(class_names)
@@ -504,9 +535,17 @@ def similarity_ranking_yaml(class_names: Sequence[str], similarity: np.ndarray, 
         "similarities": {"classes": list(class_names), "matrix": np.round(similarity, 4).tolist()},
     }
     ranking = ranking_from_dict(data, class_names, source="<generated>")
-    header = [f"# Ranking generated from class-name similarities ({source})." if source else "# Generated ranking.",
-              f"# Score >= {thresholds[0]} -> rank 2" + "".join(f", >= {t} -> rank {i}" for i, t in enumerate(thresholds[1:], start=3)) + ".",
-              "# Ranks it produced (edit the scores or thresholds to change them):"]
+    header = [
+        (
+            f"# Ranking generated from class-name similarities ({source})."
+            if source
+            else "# Generated ranking."
+        ),
+        f"# Score >= {thresholds[0]} -> rank 2"
+        + "".join(f", >= {t} -> rank {i}" for i, t in enumerate(thresholds[1:], start=3))
+        + ".",
+        "# Ranks it produced (edit the scores or thresholds to change them):",
+    ]
     header += [f"#   {line}" for line in ranking.describe().splitlines()]
     body = yaml.safe_dump(data, default_flow_style=None, sort_keys=False, width=200)
     return "\n".join(header) + "\n" + body
@@ -523,7 +562,9 @@ def ranking_to_yaml(ranking: ClassRanking, comment: str = "") -> str:
                 levels.append(similar)
             elif any((ranking.matrix[a] > r).tolist()):
                 # An empty rank with higher ranks after it cannot be written as a list position.
-                raise RankingError(f"{ranking.source}: '{name}' has no class at rank {r} but has higher ranks.")
+                raise RankingError(
+                    f"{ranking.source}: '{name}' has no class at rank {r} but has higher ranks."
+                )
         ranks[name] = levels
     data = {"ranks": ranks}
     if ranking.groups:

@@ -16,8 +16,16 @@ import numpy as np
 
 from .analysis import _HELD_OUT_MARKERS, _MARKERS
 from .evaluation.bootstrap import paired_bootstrap
-from .evaluation.ood import (EMBEDDING_SCORES, csv_table, load_report, load_roc_set, markdown_table,
-                             plot_roc, protocol_of, report_metrics)
+from .evaluation.ood import (
+    EMBEDDING_SCORES,
+    csv_table,
+    load_report,
+    load_roc_set,
+    markdown_table,
+    plot_roc,
+    protocol_of,
+    report_metrics,
+)
 from .file_io import atomic_write, save_figure_atomic
 
 __all__ = [
@@ -41,11 +49,18 @@ PAIRED_REPLICATES = 1000
 # (key, label, digits) of the table's mean ± std columns. "best_emb" stands for the method's
 # best embedding score; outlier fractions are shown in percent.
 COLUMNS = [
-    ("AP", "AP", 1), ("AP50", "AP50", 1), ("AP75", "AP75", 1),
-    ("msp_auroc", "MSP AUROC", 3), ("msp_fpr95", "MSP FPR95", 3),
-    ("best_emb_auroc", "best emb. AUROC", 3), ("best_emb_fpr95", "best emb. FPR95", 3),
-    ("outliers_class", "outliers class %", 1), ("outliers_group", "outliers group %", 1),
-    ("spearman", "Spearman", 3), ("a_ose", "A-OSE", 0), ("wi", "WI", 4),
+    ("AP", "AP", 1),
+    ("AP50", "AP50", 1),
+    ("AP75", "AP75", 1),
+    ("msp_auroc", "MSP AUROC", 3),
+    ("msp_fpr95", "MSP FPR95", 3),
+    ("best_emb_auroc", "best emb. AUROC", 3),
+    ("best_emb_fpr95", "best emb. FPR95", 3),
+    ("outliers_class", "outliers class %", 1),
+    ("outliers_group", "outliers group %", 1),
+    ("spearman", "Spearman", 3),
+    ("a_ose", "A-OSE", 0),
+    ("wi", "WI", 4),
     ("img_msp_auroc", "image-level MSP AUROC", 3),
     ("img_best_emb_auroc", "image-level best emb. AUROC", 3),
 ]
@@ -105,8 +120,12 @@ def build_table(per_method: Dict[str, List[Dict]]) -> List[Dict]:
     return rows
 
 
-def attach_paired_tests(rows: List[Dict], run_dirs: Dict[str, List[str]],
-                        replicates: int = PAIRED_REPLICATES, seed: int = 0) -> List[Dict]:
+def attach_paired_tests(
+    rows: List[Dict],
+    run_dirs: Dict[str, List[str]],
+    replicates: int = PAIRED_REPLICATES,
+    seed: int = 0,
+) -> List[Dict]:
     """
     Add ``vs_supcon`` and ``vs_msp`` to each row: paired bootstraps (rcdet.evaluation.bootstrap.
     paired_bootstrap) of the object-level AUROC of the method's best embedding score, mean over its
@@ -165,8 +184,13 @@ def table_markdown(rows: List[Dict]) -> str:
     """The table as shown in the README: mean ± std per column, then the paired tests."""
     header = ["method", "seeds"] + [label for _, label, _ in COLUMNS] + ["best emb. score"]
     header += [label for _, label in PAIRED]
-    cells = [[r["method"], str(r["seeds"])] + [_cell(r[k], d) for k, _, d in COLUMNS]
-             + [r["best_emb_score"]] + [_paired_cell(r.get(k)) for k, _ in PAIRED] for r in rows]
+    cells = [
+        [r["method"], str(r["seeds"])]
+        + [_cell(r[k], d) for k, _, d in COLUMNS]
+        + [r["best_emb_score"]]
+        + [_paired_cell(r.get(k)) for k, _ in PAIRED]
+        for r in rows
+    ]
     return markdown_table(header, cells)
 
 
@@ -214,13 +238,21 @@ def roc_figure(runs: Dict[str, str], best: Dict[str, str], seed: int):
             continue
         for score, style in (("msp", ":"), (best.get(method), "-")):
             if score in roc.scores:
-                plot_roc(ax, roc.scores[score], roc.is_id, f"{method} {score}", linestyle=style,
-                         color=cmap(i % 10))
+                plot_roc(
+                    ax,
+                    roc.scores[score],
+                    roc.is_id,
+                    f"{method} {score}",
+                    linestyle=style,
+                    color=cmap(i % 10),
+                )
     ax.plot([0, 1], [0, 1], color="0.8", linewidth=0.8)
     ax.set_xlabel("FPR (held-out objects accepted)")
     ax.set_ylabel("TPR (known objects accepted)")
-    ax.set_title(f"OOD ROC, seed {seed} of each method (dotted: MSP; solid: best embedding score)",
-                 fontsize=8)
+    ax.set_title(
+        f"OOD ROC, seed {seed} of each method (dotted: MSP; solid: best embedding score)",
+        fontsize=8,
+    )
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
@@ -259,12 +291,14 @@ def tsne_panel(runs: Dict[str, str]):
             x, y = pts[labels == c, 0], pts[labels == c, 1]
             if name in held:
                 marker = _HELD_OUT_MARKERS[held.index(name) % len(_HELD_OUT_MARKERS)]
-                ax.scatter(x, y, s=12, marker=marker, c="black", linewidths=0.7,
-                           label=f"{name} (held out)")
+                ax.scatter(
+                    x, y, s=12, marker=marker, c="black", linewidths=0.7, label=f"{name} (held out)"
+                )
             else:
                 marker = _MARKERS[group_names.index(groups[c]) % len(_MARKERS)]
-                ax.scatter(x, y, s=4, color=cmap(c % 10), marker=marker,
-                           label=f"{name} [{groups[c]}]")
+                ax.scatter(
+                    x, y, s=4, color=cmap(c % 10), marker=marker, label=f"{name} [{groups[c]}]"
+                )
         box = os.path.basename(path) != "tsne_points.npz"
         ax.set_title(method + (" (box features)" if box else ""), fontsize=8)
         ax.set_xticks([])
@@ -275,11 +309,22 @@ def tsne_panel(runs: Dict[str, str]):
         for handle, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, handle)
     if legend:
-        fig.legend(list(legend.values()), list(legend.keys()), fontsize=6, markerscale=2,
-                   loc="lower center", ncol=min(len(legend), 9), frameon=False,
-                   title="class [family]", title_fontsize=6)
-    fig.suptitle("t-SNE of GT-box embeddings of the test split "
-                 "(colour: class, marker: family, black: held out)", fontsize=8)
+        fig.legend(
+            list(legend.values()),
+            list(legend.keys()),
+            fontsize=6,
+            markerscale=2,
+            loc="lower center",
+            ncol=min(len(legend), 9),
+            frameon=False,
+            title="class [family]",
+            title_fontsize=6,
+        )
+    fig.suptitle(
+        "t-SNE of GT-box embeddings of the test split "
+        "(colour: class, marker: family, black: held out)",
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.14 if legend else 0, 1, 1))
     return fig
 
@@ -289,8 +334,9 @@ def _save(fig, path: str, dpi: int):
     _plt().close(fig)
 
 
-def write_results(runs: Sequence[Tuple[str, int, str]], output: str,
-                  replicates: int = PAIRED_REPLICATES) -> Tuple[str, Dict[str, List[Dict]]]:
+def write_results(
+    runs: Sequence[Tuple[str, int, str]], output: str, replicates: int = PAIRED_REPLICATES
+) -> Tuple[str, Dict[str, List[Dict]]]:
     """
     results.md, results.csv, roc.png and tsne_panel.png in ``output``, each written atomically,
     from finished ``(method, seed, run folder)`` runs; the figures show each method's first run.

@@ -19,7 +19,6 @@ import os
 import sys
 
 import numpy as np
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
@@ -29,8 +28,8 @@ from rcdet.checkpoint import load_trained_weights
 from rcdet.config import ConfigError
 from rcdet.data.held_out import parse_held_out_split, register_held_out_split
 from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
-from rcdet.file_io import write_json_atomic
 from rcdet.evaluation.extract import embed_ground_truth
+from rcdet.file_io import write_json_atomic
 from rcdet.ranking import load_ranking
 
 
@@ -40,7 +39,9 @@ def dataset_with_held_out(name):
     known, held = list(meta.thing_classes), list(meta.get("held_out_classes", []))
     dicts = []
     for d in DatasetCatalog.get(name):
-        extra = [dict(a, category_id=len(known) + a["category_id"]) for a in d.get("ood_annotations", [])]
+        extra = [
+            dict(a, category_id=len(known) + a["category_id"]) for a in d.get("ood_annotations", [])
+        ]
         dicts.append(dict(d, annotations=list(d.get("annotations", [])) + extra))
     return dicts, known, held
 
@@ -55,9 +56,12 @@ def resolve_dataset(cfg, name=None):
     if parsed is not None:
         # A held-out split (as analysis.json or a saved config names it) is derived on demand.
         base, held_out, mode, role = parsed
-        return register_held_out_split(base, held_out, mode or cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE, role)
+        return register_held_out_split(
+            base, held_out, mode or cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE, role
+        )
     if name in DatasetCatalog.list():
         return name
+
     def all_classes(split):
         meta = MetadataCatalog.get(split)
         return meta.get("all_classes", meta.get("thing_classes", None))
@@ -84,7 +88,11 @@ def run(cfg, output, dataset=None, pre_projection=False, max_tsne=2000, tsne=Tru
     if cfg.MODEL.RCDET.RANKING_FILE:
         all_classes = list(meta.get("all_classes", meta.thing_classes))
         try:
-            full = load_ranking(cfg.MODEL.RCDET.RANKING_FILE, all_classes, allow_uncovered=cfg.MODEL.RCDET.RANKING_ALLOW_UNCOVERED or None)
+            full = load_ranking(
+                cfg.MODEL.RCDET.RANKING_FILE,
+                all_classes,
+                allow_uncovered=cfg.MODEL.RCDET.RANKING_ALLOW_UNCOVERED or None,
+            )
         except ValueError as e:
             raise ConfigError(f"MODEL.RCDET.RANKING_FILE: {e}") from None
         ranking = full.subset(known)
@@ -92,7 +100,9 @@ def run(cfg, output, dataset=None, pre_projection=False, max_tsne=2000, tsne=Tru
         group_levels = [ordered.group_labels(level) for level in range(len(ordered.groups))]
         if group_levels:
             groups0 = group_levels[0]
-    gt = embed_ground_truth(model, cfg, dicts, with_features=pre_projection or model.roi_heads.projection is None)
+    gt = embed_ground_truth(
+        model, cfg, dicts, with_features=pre_projection or model.roi_heads.projection is None
+    )
     spaces = {}
     if gt["embeddings"] is not None:
         spaces["projection"] = gt["embeddings"]
@@ -111,28 +121,54 @@ def run(cfg, output, dataset=None, pre_projection=False, max_tsne=2000, tsne=Tru
     }
     os.makedirs(output, exist_ok=True)
     for space, values in spaces.items():
-        report["spaces"][space] = analyse(values, labels, known, ranking.matrix if ranking else None,
-                                          [np.asarray(level)[: len(known)] for level in group_levels])
+        report["spaces"][space] = analyse(
+            values,
+            labels,
+            known,
+            ranking.matrix if ranking else None,
+            [np.asarray(level)[: len(known)] for level in group_levels],
+        )
         prefix = "" if space == "projection" else "box_features_"
         fid = report["spaces"][space]["ranking_fidelity"]
         if fid is not None:
-            plot_centroid_similarity(np.asarray(fid["centroid_similarity"]), known, groups0[: len(known)],
-                                     os.path.join(output, f"{prefix}centroid_similarity.png"), f"{title} {space}".strip())
+            plot_centroid_similarity(
+                np.asarray(fid["centroid_similarity"]),
+                known,
+                groups0[: len(known)],
+                os.path.join(output, f"{prefix}centroid_similarity.png"),
+                f"{title} {space}".strip(),
+            )
         if tsne and len(labels) > 5:
             pts, idx = tsne_2d(values, max_points=max_tsne)
-            plot_tsne(pts, labels[idx], names, groups0, os.path.join(output, f"{prefix}tsne_class.png"),
-                      os.path.join(output, f"{prefix}tsne_group.png"), held_out=held, title=f"{title} {space}".strip())
-            np.savez(os.path.join(output, f"{prefix}tsne_points.npz"), points=pts, labels=labels[idx])
+            plot_tsne(
+                pts,
+                labels[idx],
+                names,
+                groups0,
+                os.path.join(output, f"{prefix}tsne_class.png"),
+                os.path.join(output, f"{prefix}tsne_group.png"),
+                held_out=held,
+                title=f"{title} {space}".strip(),
+            )
+            np.savez(
+                os.path.join(output, f"{prefix}tsne_points.npz"), points=pts, labels=labels[idx]
+            )
     write_json_atomic(os.path.join(output, "analysis.json"), report)
     return report
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--output", default="", help="default: OUTPUT_DIR/analysis")
-    parser.add_argument("--dataset", default=None, help="dataset split to embed (default: DATASETS.TEST[0])")
-    parser.add_argument("--pre-projection", action="store_true", help="also analyse the box-head features")
+    parser.add_argument(
+        "--dataset", default=None, help="dataset split to embed (default: DATASETS.TEST[0])"
+    )
+    parser.add_argument(
+        "--pre-projection", action="store_true", help="also analyse the box-head features"
+    )
     parser.add_argument("--max-tsne", type=int, default=2000, help="t-SNE subsample size")
     parser.add_argument("--no-tsne", action="store_true")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
@@ -147,11 +183,23 @@ def main(argv=None):
         return 2
     for space, res in report["spaces"].items():
         fid = res["ranking_fidelity"]
-        print(f"[{space}] outliers: " + ", ".join(f"{k} {v['count']} ({100 * v['fraction']:.1f}%)" for k, v in res["outliers"].items()))
-        print(f"[{space}] R@1: " + ", ".join(f"{k} {v:.3f}" for k, v in res["retrieval_r1"].items()))
+        print(
+            f"[{space}] outliers: "
+            + ", ".join(
+                f"{k} {v['count']} ({100 * v['fraction']:.1f}%)" for k, v in res["outliers"].items()
+            )
+        )
+        print(
+            f"[{space}] R@1: " + ", ".join(f"{k} {v:.3f}" for k, v in res["retrieval_r1"].items())
+        )
         if fid:
-            print(f"[{space}] mean similarity: " + ", ".join(f"{k} {v:.3f}" for k, v in fid["mean_similarity"].items() if v is not None)
-                  + f"; Spearman {fid['spearman']}")
+            print(
+                f"[{space}] mean similarity: "
+                + ", ".join(
+                    f"{k} {v:.3f}" for k, v in fid["mean_similarity"].items() if v is not None
+                )
+                + f"; Spearman {fid['spearman']}"
+            )
     print(f"Wrote {out}/analysis.json")
     return 0
 

@@ -28,8 +28,14 @@ from torch.nn import functional as F
 
 from rcdet.file_io import write_json_atomic
 from rcdet.modeling.rince import ranked_info_nce
-from rcdet.testing import SyncCounter, median_time, paired_ratio, random_loss_inputs, reference_rince
-from rcdet.testing import ring_rank_matrix
+from rcdet.testing import (
+    SyncCounter,
+    median_time,
+    paired_ratio,
+    random_loss_inputs,
+    reference_rince,
+    ring_rank_matrix,
+)
 
 
 def supcon_out(z, y, k, ky, tau, self_index):
@@ -62,16 +68,24 @@ def peak_extra_bytes(variant, n, m, r, args, device):
         "import sys, torch; sys.argv = sys.argv[:1]; "
         "import benchmark_loss as b; "
         # A tiny warm-up call first, so that loading kernels and thread pools is not counted.
-        f"b._make_step({variant!r}, 16, 128, {r}, b._Args({args.dim}, {args.num_classes}), torch.device('cpu'))(); "
-        f"step = b._make_step({variant!r}, {n}, {m}, {r}, b._Args({args.dim}, {args.num_classes}), torch.device('cpu')); "
+        f"b._make_step({variant!r}, 16, 128, {r}, b._Args({args.dim}, {args.num_classes}),"
+        " torch.device('cpu'))(); "
+        f"step = b._make_step({variant!r}, {n}, {m}, {r}, b._Args({args.dim}, {args.num_classes}),"
+        " torch.device('cpu')); "
         "from rcdet.testing.benchmark import reset_peak_rss, rss_bytes, peak_rss_bytes; "
         "reset_peak_rss(); base = rss_bytes(); step(); print(peak_rss_bytes() - base)"
     )
     # A fixed mmap threshold: glibc otherwise raises it after large frees, serves later blocks
     # from the heap and keeps them resident, which inflates the peak.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        env=env,
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -89,7 +103,9 @@ def _make_step(variant, n, m, r, args, device):
     ranks = ring_rank_matrix(args.num_classes, r, device)
     taus = [0.1 + 0.1 * i for i in range(r)]
     # As the training step calls it: without the host-side label check.
-    return lambda: ranked_info_nce(z, y, k, ky, ranks, taus, variant, self_idx, check_inputs=False).loss.backward()
+    return lambda: ranked_info_nce(
+        z, y, k, ky, ranks, taus, variant, self_idx, check_inputs=False
+    ).loss.backward()
 
 
 def count_call(variant, n, m, r, dim, num_classes, device):
@@ -102,19 +118,33 @@ def count_call(variant, n, m, r, dim, num_classes, device):
             supcon_out(z, y, k, ky, 0.1, self_idx).backward()
         else:
             taus = [0.1 + 0.1 * i for i in range(r)]
-            ranked_info_nce(z, y, k, ky, ring_rank_matrix(num_classes, r, device), taus, variant, self_idx, check_inputs=False).loss.backward()
+            ranked_info_nce(
+                z,
+                y,
+                k,
+                ky,
+                ring_rank_matrix(num_classes, r, device),
+                taus,
+                variant,
+                self_idx,
+                check_inputs=False,
+            ).loss.backward()
     return counter.syncs, counter.ops
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num-classes", type=int, default=20)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--sizes", nargs="+", default=["512x4096", "1024x8192"], help="NxM pairs")
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 3, 4])
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory probes")
+    parser.add_argument(
+        "--no-memory", dest="memory", action="store_false", help="skip the memory probes"
+    )
     parser.add_argument("--json", default="")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -124,8 +154,18 @@ def main(argv=None):
         seconds = median_time(_make_step(variant, n, m, r, args, device), device, args.repeats)
         peak = peak_extra_bytes(variant, n, m, r, args, device) if args.memory else 0
         matrix = n * m * 4
-        rows.append({"loss": "supcon_out" if variant == "supcon" else f"rince_{variant}", "N": n, "M": m, "d": args.dim,
-                     "r": r, "ms": seconds * 1e3, "peak_extra_MiB": peak / 2**20, "peak_in_NxM_f32": peak / matrix})
+        rows.append(
+            {
+                "loss": "supcon_out" if variant == "supcon" else f"rince_{variant}",
+                "N": n,
+                "M": m,
+                "d": args.dim,
+                "r": r,
+                "ms": seconds * 1e3,
+                "peak_extra_MiB": peak / 2**20,
+                "peak_in_NxM_f32": peak / matrix,
+            }
+        )
 
     for size in args.sizes:
         n, m = (int(v) for v in size.split("x"))
@@ -136,38 +176,100 @@ def main(argv=None):
 
     z, y, k, ky, self_idx = random_loss_inputs(16, 64, 16, 5, torch.device("cpu"))
     t = time.perf_counter()
-    reference_rince(z.tolist(), y.tolist(), k.tolist(), ky.tolist(), ring_rank_matrix(5, 3, "cpu").tolist(), [0.1, 0.2, 0.3], "out_in", self_idx.tolist())
+    reference_rince(
+        z.tolist(),
+        y.tolist(),
+        k.tolist(),
+        ky.tolist(),
+        ring_rank_matrix(5, 3, "cpu").tolist(),
+        [0.1, 0.2, 0.3],
+        "out_in",
+        self_idx.tolist(),
+    )
     ref_ms = (time.perf_counter() - t) * 1e3
     zr = z.clone().requires_grad_(True)
-    vec_ms = median_time(lambda: ranked_info_nce(zr, y, k, ky, ring_rank_matrix(5, 3, "cpu"), [0.1, 0.2, 0.3], "out_in", self_idx).loss.backward(), torch.device("cpu"), args.repeats) * 1e3
+    vec_ms = (
+        median_time(
+            lambda: ranked_info_nce(
+                zr, y, k, ky, ring_rank_matrix(5, 3, "cpu"), [0.1, 0.2, 0.3], "out_in", self_idx
+            ).loss.backward(),
+            torch.device("cpu"),
+            args.repeats,
+        )
+        * 1e3
+    )
 
-    print(f"device: {device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"{'loss':>14} {'N':>5} {'M':>5} {'r':>2} {'fwd+bwd ms':>11} {'peak MiB':>9} {'x N*M f32':>9}")
+    print(
+        f"device: {device} ({platform.processor() or platform.machine()},"
+        f" {torch.get_num_threads()} threads), torch {torch.__version__}"
+    )
+    print(
+        f"{'loss':>14} {'N':>5} {'M':>5} {'r':>2} {'fwd+bwd ms':>11} {'peak MiB':>9} {'x N*M f32':>9}"
+    )
     for row in rows:
-        print(f"{row['loss']:>14} {row['N']:>5} {row['M']:>5} {row['r']:>2} {row['ms']:>11.1f} {row['peak_extra_MiB']:>9.1f} {row['peak_in_NxM_f32']:>9.2f}")
-    print(f"brute-force reference (N=16, M=64, d=16, r=3, forward only): {ref_ms:.1f} ms; vectorised fwd+bwd: {vec_ms:.2f} ms")
+        print(
+            f"{row['loss']:>14} {row['N']:>5} {row['M']:>5} {row['r']:>2} {row['ms']:>11.1f} {row['peak_extra_MiB']:>9.1f} {row['peak_in_NxM_f32']:>9.2f}"
+        )
+    print(
+        f"brute-force reference (N=16, M=64, d=16, r=3, forward only): {ref_ms:.1f} ms; vectorised"
+        f" fwd+bwd: {vec_ms:.2f} ms"
+    )
 
     def pick(loss, n, m, r):
-        return next((x for x in rows if x["loss"] == loss and x["N"] == n and x["M"] == m and x["r"] == r), None)
+        return next(
+            (x for x in rows if x["loss"] == loss and x["N"] == n and x["M"] == m and x["r"] == r),
+            None,
+        )
 
-    summary = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
-               "reference_small_ms": ref_ms, "vectorised_small_ms": vec_ms}
+    summary = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "rows": rows,
+        "reference_small_ms": ref_ms,
+        "vectorised_small_ms": vec_ms,
+    }
     r3, sc = pick("rince_out_in", 1024, 8192, 3), pick("supcon_out", 1024, 8192, 1)
     if r3 and sc:
         summary["rince_r3_over_supcon"] = paired_ratio(
-            _make_step("out_in", 1024, 8192, 3, args, device), _make_step("supcon", 1024, 8192, 1, args, device), device, max(args.repeats, 9)
+            _make_step("out_in", 1024, 8192, 3, args, device),
+            _make_step("supcon", 1024, 8192, 1, args, device),
+            device,
+            max(args.repeats, 9),
         )
         summary["rince_r3_peak_in_NxM_f32"] = r3["peak_in_NxM_f32"]
-        print(f"rince_r3_over_supcon (N=1024, M=8192): {summary['rince_r3_over_supcon']:.2f}x time; "
-              f"peak extra memory {r3['peak_in_NxM_f32']:.2f} N*M float32 matrices")
+        print(
+            f"rince_r3_over_supcon (N=1024, M=8192): {summary['rince_r3_over_supcon']:.2f}x time; "
+            f"peak extra memory {r3['peak_in_NxM_f32']:.2f} N*M float32 matrices"
+        )
     counts = []
     for num_classes in (20, 80):
-        for variant, r in [("supcon", 1), ("out_in", 1), ("out_in", 3), ("in", 3), ("out", 3), ("out_in", 4)]:
+        for variant, r in [
+            ("supcon", 1),
+            ("out_in", 1),
+            ("out_in", 3),
+            ("in", 3),
+            ("out", 3),
+            ("out_in", 4),
+        ]:
             syncs, ops = count_call(variant, 256, 2048, r, args.dim, num_classes, device)
-            counts.append({"loss": "supcon_out" if variant == "supcon" else f"rince_{variant}", "r": r, "classes": num_classes, "syncs": syncs, "ops": ops})
-    print(f"{'loss':>14} {'r':>2} {'classes':>7} {'syncs':>5} {'operators':>9}   (one forward + backward)")
+            counts.append(
+                {
+                    "loss": "supcon_out" if variant == "supcon" else f"rince_{variant}",
+                    "r": r,
+                    "classes": num_classes,
+                    "syncs": syncs,
+                    "ops": ops,
+                }
+            )
+    print(
+        f"{'loss':>14} {'r':>2} {'classes':>7} {'syncs':>5} {'operators':>9}   (one forward +"
+        " backward)"
+    )
     for row in counts:
-        print(f"{row['loss']:>14} {row['r']:>2} {row['classes']:>7} {row['syncs']:>5} {row['ops']:>9}")
+        print(
+            f"{row['loss']:>14} {row['r']:>2} {row['classes']:>7} {row['syncs']:>5} {row['ops']:>9}"
+        )
     summary["syncs_and_operators"] = counts
     if args.json:
         write_json_atomic(args.json, summary)

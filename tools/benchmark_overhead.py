@@ -23,14 +23,13 @@ import sys
 import time
 
 import torch
-
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from rcdet.config import add_rcdet_config
 from rcdet.engine import USER_ERRORS, check_datasets_exist
 from rcdet.file_io import write_json_atomic
-from rcdet.config import add_rcdet_config
 from rcdet.testing import SyncCounter
 
 
@@ -90,7 +89,11 @@ def train_step(model, opt, batch, device, amp=None):
     """One step; ``amp``: None or (dtype, GradScaler or None), as detectron2's AMPTrainer does it."""
     sync(device)
     t = time.perf_counter()
-    with torch.autocast(device_type=torch.device(device).type, dtype=amp[0] if amp else None, enabled=amp is not None):
+    with torch.autocast(
+        device_type=torch.device(device).type,
+        dtype=amp[0] if amp else None,
+        enabled=amp is not None,
+    ):
         losses = model(batch)
     loss = sum(losses.values())
     scaler = amp[1] if amp else None
@@ -110,7 +113,11 @@ def make_amp(name, device):
     if name == "off":
         return None
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    scaler = torch.cuda.amp.GradScaler() if device.startswith("cuda") and dtype == torch.float16 else None
+    scaler = (
+        torch.cuda.amp.GradScaler()
+        if device.startswith("cuda") and dtype == torch.float16
+        else None
+    )
     return dtype, scaler
 
 
@@ -140,7 +147,9 @@ def infer(model, batch, device):
 
 
 def models_and_data(args):
-    cfgs = {m: build_cfg(args.config_file, m, args.device, args.opts) for m in ("standard", "rince")}
+    cfgs = {
+        m: build_cfg(args.config_file, m, args.device, args.opts) for m in ("standard", "rince")
+    }
     torch.manual_seed(0)
     models = {}
     for m, cfg in cfgs.items():
@@ -148,7 +157,11 @@ def models_and_data(args):
         models[m] = build_model(cfg)
     cfg = cfgs["rince"]
     use_real = not args.synthetic and cfg.DATASETS.TRAIN and _dataset_exists(cfg)
-    batches = real_batches(cfg, args.batches) if use_real else synthetic_batches(cfg, args.batches, cfg.SOLVER.IMS_PER_BATCH)
+    batches = (
+        real_batches(cfg, args.batches)
+        if use_real
+        else synthetic_batches(cfg, args.batches, cfg.SOLVER.IMS_PER_BATCH)
+    )
     return cfgs, models, batches, use_real
 
 
@@ -164,8 +177,24 @@ def peak_memory_probe(mode, args):
     """Peak memory above the model and data over a few training steps, in a fresh process (CPU)."""
     if args.device.startswith("cuda"):
         return None
-    cmd = [sys.executable, os.path.abspath(__file__), "--probe-memory", mode, "--config-file", args.config_file,
-           "--batches", "3", "--device", args.device, "--lr", str(args.lr)] + (["--synthetic"] if args.synthetic else []) + list(args.opts)
+    cmd = (
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--probe-memory",
+            mode,
+            "--config-file",
+            args.config_file,
+            "--batches",
+            "3",
+            "--device",
+            args.device,
+            "--lr",
+            str(args.lr),
+        ]
+        + (["--synthetic"] if args.synthetic else [])
+        + list(args.opts)
+    )
     # A fixed mmap threshold, so freed blocks leave the resident set.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -173,15 +202,29 @@ def peak_memory_probe(mode, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", default="configs/shapes_rince.yaml")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=30, help="timed train steps per model")
     parser.add_argument("--batches", type=int, default=6, help="distinct batches cycled through")
     parser.add_argument("--synthetic", action="store_true")
-    parser.add_argument("--lr", type=float, default=0.0, help="SGD learning rate of the timed steps (0: time the step only)")
-    parser.add_argument("--amp", choices=["off", "float16", "bfloat16"], default="off", help="autocast the train step (float16 with GradScaler on CUDA)")
-    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the CPU memory probes")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=0.0,
+        help="SGD learning rate of the timed steps (0: time the step only)",
+    )
+    parser.add_argument(
+        "--amp",
+        choices=["off", "float16", "bfloat16"],
+        default="off",
+        help="autocast the train step (float16 with GradScaler on CUDA)",
+    )
+    parser.add_argument(
+        "--no-memory", dest="memory", action="store_false", help="skip the CPU memory probes"
+    )
     parser.add_argument("--json", default="")
     parser.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER)
@@ -219,11 +262,15 @@ def main(argv=None):
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
                 storage.iter = i
-                times[m].append(train_step(models[m], opts[m], batches[i % len(batches)], args.device, amp[m]))
+                times[m].append(
+                    train_step(models[m], opts[m], batches[i % len(batches)], args.device, amp[m])
+                )
                 if args.device.startswith("cuda"):
                     peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated())
     train_ratio = statistics.median(r / s for r, s in zip(times["rince"], times["standard"]))
-    syncs = {m: count_step_syncs(models[m], opts[m], batches[0], args.device, amp[m]) for m in models}
+    syncs = {
+        m: count_step_syncs(models[m], opts[m], batches[0], args.device, amp[m]) for m in models
+    }
     added = syncs["rince"].sync_ops - syncs["standard"].sync_ops
 
     inf = {"standard": [], "embed_off": [], "embed_on": []}
@@ -235,7 +282,9 @@ def main(argv=None):
         keys = ["standard", "embed_off", "embed_on"]
         for key in keys if i % 2 == 0 else reversed(keys):
             heads.embed_at_test = key == "embed_on"
-            inf[key].append(infer(models["standard" if key == "standard" else "rince"], b, args.device))
+            inf[key].append(
+                infer(models["standard" if key == "standard" else "rince"], b, args.device)
+            )
     heads.embed_at_test = False
     ratio_off = statistics.median(o / s for o, s in zip(inf["embed_off"], inf["standard"]))
     ratio_on = statistics.median(o / s for o, s in zip(inf["embed_on"], inf["standard"]))
@@ -244,7 +293,9 @@ def main(argv=None):
         peaks = {m: peak_memory_probe(m, args) if args.memory else None for m in models}
     result = {
         "config": args.config_file,
-        "device": args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name(),
+        "device": (
+            args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name()
+        ),
         "threads": torch.get_num_threads(),
         "data": "built-in dataset" if use_real else "synthetic",
         "images_per_batch": len(batches[0]),
@@ -259,7 +310,7 @@ def main(argv=None):
         "inference_ms": {k: 1e3 * statistics.median(v) for k, v in inf.items()},
         "inference_ratio_embed_off": ratio_off,
         "inference_ratio_embed_on": ratio_on,
-        "peak_memory_MiB": {m: (None if p is None else p / 2**20) for m, p in peaks.items()},
+        "peak_memory_MiB": {m: None if p is None else p / 2**20 for m, p in peaks.items()},
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -105,14 +105,27 @@ class Run:
             analysis_opts[analysis_opts.index(self.ranking_file)] = true_ranking_file(voc)
         ood, analysis = os.path.join(self.run_dir, "ood"), os.path.join(self.run_dir, "analysis")
         return [
-            ("train", self.weights, [py, "tools/train_net.py", "--config-file", cfg]
-             + self.train_args + self.train_opts()),
-            ("ood", os.path.join(ood, "ood_report.json"),
-             [py, "tools/benchmark_ood.py", "--name", self.method.name, "--output", ood]
-             + self.ood_args + ["--config-file", cfg] + eval_opts),
-            ("analysis", os.path.join(analysis, "analysis.json"),
-             [py, "tools/analyze_embeddings.py", "--output", analysis, "--config-file", cfg]
-             + analysis_opts),
+            (
+                "train",
+                self.weights,
+                [py, "tools/train_net.py", "--config-file", cfg]
+                + self.train_args
+                + self.train_opts(),
+            ),
+            (
+                "ood",
+                os.path.join(ood, "ood_report.json"),
+                [py, "tools/benchmark_ood.py", "--name", self.method.name, "--output", ood]
+                + self.ood_args
+                + ["--config-file", cfg]
+                + eval_opts,
+            ),
+            (
+                "analysis",
+                os.path.join(analysis, "analysis.json"),
+                [py, "tools/analyze_embeddings.py", "--output", analysis, "--config-file", cfg]
+                + analysis_opts,
+            ),
         ]
 
 
@@ -127,8 +140,12 @@ def plan(args) -> List[Run]:
     num_gpus, ood_dataset = getattr(args, "num_gpus", None), getattr(args, "ood_dataset", None)
     train_args = ["--num-gpus", str(num_gpus)] if num_gpus else []
     ood_args = ["--ood-dataset", ood_dataset] if ood_dataset else []
-    return [Run(m, s, os.path.join(args.runs_dir, m.name, f"seed{s}"), extra, train_args, ood_args)
-            for m in methods_for(args.voc) if not methods or m.name in methods for s in seeds]
+    return [
+        Run(m, s, os.path.join(args.runs_dir, m.name, f"seed{s}"), extra, train_args, ood_args)
+        for m in methods_for(args.voc)
+        if not methods or m.name in methods
+        for s in seeds
+    ]
 
 
 def stage_done(name: str, marker: str, reevaluate: bool = False) -> bool:
@@ -157,8 +174,10 @@ def write_shuffled_ranking(run: Run, voc: bool):
         classes = CLASS_NAMES
     true = load_ranking(os.path.join(REPO, true_ranking_file(voc)), list(classes))
     seed = 1000 + run.seed
-    text = ranking_to_yaml(true.permuted(seed=seed),
-                           f"Shuffled control for {true.source} (seed {seed}): deliberately wrong.")
+    text = ranking_to_yaml(
+        true.permuted(seed=seed),
+        f"Shuffled control for {true.source} (seed {seed}): deliberately wrong.",
+    )
     atomic_write(run.ranking_file, text.encode())
 
 
@@ -175,8 +194,9 @@ def git_state(exclude: Optional[str] = None, repo: str = REPO):
         if rel != os.curdir and rel != os.pardir and not rel.startswith(os.pardir + os.sep):
             cmd += ["--", ".", f":(exclude){rel}"]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                                text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
         dirty = subprocess.run(cmd, cwd=repo, capture_output=True, text=True).stdout
     except OSError:
         return "unknown", False
@@ -190,13 +210,17 @@ def record_stage(run_dir: str, stage: str, seconds: float, commit: str, dirty: b
     if os.path.isfile(path):
         with open(path) as f:
             info = json.load(f)
-    info["stages"][stage] = {"seconds": round(seconds, 1), "commit": commit,
-                             "uncommitted_changes": dirty}
+    info["stages"][stage] = {
+        "seconds": round(seconds, 1),
+        "commit": commit,
+        "uncommitted_changes": dirty,
+    }
     write_json_atomic(path, info)
 
 
-def execute(runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = None,
-            reevaluate: bool = False) -> Dict[str, int]:
+def execute(
+    runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = None, reevaluate: bool = False
+) -> Dict[str, int]:
     """Run every stage not done (stage_done); ``commit``: (sha, dirty) for each run's provenance."""
     done = {"skipped": 0, "ran": 0, "seeds_run": []}
     for run in runs:
@@ -225,27 +249,36 @@ def study_provenance(previous_meta: Optional[dict], invocation: Optional[dict]) 
     """Commits and wall time of the study: the invocations it resumed, and this one if it ran."""
     invocations = []
     if previous_meta:
-        invocations = previous_meta.get("invocations") or [{
-            # meta.json from before invocations were recorded: one invocation.
-            "commit": previous_meta.get("commit", "unknown"),
-            "uncommitted_changes": previous_meta.get("uncommitted_changes", False),
-            "seeds_run": previous_meta.get("seeds"),
-            "wall_seconds": previous_meta.get("wall_seconds")}]
+        invocations = previous_meta.get("invocations") or [
+            {
+                # meta.json from before invocations were recorded: one invocation.
+                "commit": previous_meta.get("commit", "unknown"),
+                "uncommitted_changes": previous_meta.get("uncommitted_changes", False),
+                "seeds_run": previous_meta.get("seeds"),
+                "wall_seconds": previous_meta.get("wall_seconds"),
+            }
+        ]
     invocations = invocations + ([invocation] if invocation else [])
     latest = invocations[-1] if invocations else {"commit": "unknown", "uncommitted_changes": False}
     # Summed over the invocations that contributed runs. One interrupted before it wrote meta.json
     # is not counted; the stage times of its runs are still in their provenance.json.
     walls = [i.get("wall_seconds") for i in invocations]
     return {
-        "commit": latest["commit"], "uncommitted_changes": latest["uncommitted_changes"],
+        "commit": latest["commit"],
+        "uncommitted_changes": latest["uncommitted_changes"],
         "commits": sorted({i["commit"] for i in invocations}),
         "invocations": invocations,
         "wall_seconds": round(sum(walls), 1) if walls and None not in walls else None,
     }
 
 
-def aggregate(runs: List[Run], output: str, args, invocation: Optional[dict] = None,
-              previous_meta: Optional[dict] = None) -> str:
+def aggregate(
+    runs: List[Run],
+    output: str,
+    args,
+    invocation: Optional[dict] = None,
+    previous_meta: Optional[dict] = None,
+) -> str:
     """Write the results (rcdet.study.write_results), the configs and meta.json.
 
     ``invocation``: commit, seeds and wall time of this call if it ran stages (else None).
@@ -266,15 +299,24 @@ def aggregate(runs: List[Run], output: str, args, invocation: Optional[dict] = N
     prov = study_provenance(previous_meta, invocation)
     command = ["python", "tools/compare_methods.py"] + (args.argv or [])
     meta = {
-        "commit": prov["commit"], "uncommitted_changes": prov["uncommitted_changes"],
-        "commits": prov["commits"], "quick": args.quick, "seeds": sorted({r.seed for r in runs}),
+        "commit": prov["commit"],
+        "uncommitted_changes": prov["uncommitted_changes"],
+        "commits": prov["commits"],
+        "quick": args.quick,
+        "seeds": sorted({r.seed for r in runs}),
         "hold_out_mode": getattr(args, "hold_out_mode", "drop_images"),
-        "ood_protocol_versions": sorted({m["protocol_version"] for results in per_method.values()
-                                         for m in results}),
-        "methods": list(per_method), "command": shlex.join(command),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
-        "wall_seconds": prov["wall_seconds"], "invocations": prov["invocations"], "runs": [],
+        "ood_protocol_versions": sorted(
+            {m["protocol_version"] for results in per_method.values() for m in results}
+        ),
+        "methods": list(per_method),
+        "command": shlex.join(command),
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads"
+        ),
+        "wall_seconds": prov["wall_seconds"],
+        "invocations": prov["invocations"],
+        "runs": [],
     }
     for run in runs:
         entry = {"method": run.method.name, "seed": run.seed}
@@ -290,23 +332,39 @@ def aggregate(runs: List[Run], output: str, args, invocation: Optional[dict] = N
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--voc", action="store_true", help="the VOC2007 R50-FPN study (GPUs)")
     parser.add_argument("--quick", action="store_true", help="one seed, short schedule")
     parser.add_argument("--quick-iters", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", help="subset of methods")
-    parser.add_argument("--hold-out-mode", choices=HOLD_OUT_MODES, default="drop_images",
-                        help="drop_annotations: the variant study "
-                             "(softmax, supcon_out, rince_out_in unless --methods)")
-    parser.add_argument("--num-gpus", type=int, default=None,
-                        help="passed to tools/train_net.py (e.g. with --voc)")
-    parser.add_argument("--ood-dataset", default=None,
-                        help="passed to tools/benchmark_ood.py: the image-level protocol's OOD "
-                             "images (e.g. a COCO subset for --voc)")
-    parser.add_argument("--reevaluate", action="store_true",
-                        help="re-run every OOD stage from the finished checkpoints")
+    parser.add_argument(
+        "--hold-out-mode",
+        choices=HOLD_OUT_MODES,
+        default="drop_images",
+        help=(
+            "drop_annotations: the variant study "
+            "(softmax, supcon_out, rince_out_in unless --methods)"
+        ),
+    )
+    parser.add_argument(
+        "--num-gpus", type=int, default=None, help="passed to tools/train_net.py (e.g. with --voc)"
+    )
+    parser.add_argument(
+        "--ood-dataset",
+        default=None,
+        help=(
+            "passed to tools/benchmark_ood.py: the image-level protocol's OOD "
+            "images (e.g. a COCO subset for --voc)"
+        ),
+    )
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="re-run every OOD stage from the finished checkpoints",
+    )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and commands only")
     parser.add_argument("--runs-dir", default="")
     parser.add_argument("--output", default="")
@@ -341,13 +399,19 @@ def main(argv=None):
             previous = json.load(f)
     invocation = None
     if counts["ran"]:
-        invocation = {"commit": commit, "uncommitted_changes": dirty,
-                      "seeds_run": sorted(counts["seeds_run"]), "stages_run": counts["ran"],
-                      "wall_seconds": round(wall, 1)}
+        invocation = {
+            "commit": commit,
+            "uncommitted_changes": dirty,
+            "seeds_run": sorted(counts["seeds_run"]),
+            "stages_run": counts["ran"],
+            "wall_seconds": round(wall, 1),
+        }
     md = aggregate(runs, args.output, args, invocation, previous)
     print(md)
-    print(f"[compare] {counts['ran']} stages run, {counts['skipped']} skipped; "
-          f"results in {args.output}/")
+    print(
+        f"[compare] {counts['ran']} stages run, {counts['skipped']} skipped; "
+        f"results in {args.output}/"
+    )
     return 0
 
 

@@ -17,18 +17,22 @@ from detectron2.engine import default_argument_parser
 
 from rcdet.data.shapes import default_root, generate
 from rcdet.engine import USER_ERRORS, Trainer, exit_on_user_error, setup_cfg, user_error_message
-from rcdet.file_io import write_json_atomic
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 from rcdet.evaluation.visualize import draw_ood_grid
+from rcdet.file_io import write_json_atomic
 
 DEFAULT_CONFIG = "configs/shapes_rince_ood.yaml"
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", default=DEFAULT_CONFIG)
     parser.add_argument("--output", default="output/demo")
-    parser.add_argument("--resume", action="store_true", help="resume training from OUTPUT/train if present")
+    parser.add_argument(
+        "--resume", action="store_true", help="resume training from OUTPUT/train if present"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args(argv)
 
@@ -42,7 +46,11 @@ def main(argv=None):
     try:
         # No test set during training: the OOD run below evaluates AP on it once, with the
         # same detectron2 VOC evaluator, instead of the trainer doing it a second time.
-        cfg = setup_cfg(args.config_file, list(args.opts) + ["OUTPUT_DIR", train_dir, "DATASETS.TEST", "()"], d2_args)
+        cfg = setup_cfg(
+            args.config_file,
+            list(args.opts) + ["OUTPUT_DIR", train_dir, "DATASETS.TEST", "()"],
+            d2_args,
+        )
         images = training_images(cfg)
         print(f"[demo] {images['line']}")
         start = time.perf_counter()
@@ -53,8 +61,15 @@ def main(argv=None):
 
         ood_cfg = setup_cfg(
             args.config_file,
-            list(args.opts) + ["OUTPUT_DIR", train_dir, "MODEL.WEIGHTS", os.path.join(train_dir, "model_final.pth"),
-                               "MODEL.RCDET.EMBED_AT_TEST", "True"],
+            list(args.opts)
+            + [
+                "OUTPUT_DIR",
+                train_dir,
+                "MODEL.WEIGHTS",
+                os.path.join(train_dir, "model_final.pth"),
+                "MODEL.RCDET.EMBED_AT_TEST",
+                "True",
+            ],
         )
         ood_dir = os.path.join(args.output, "ood")
         report = run_ood_benchmark(ood_cfg, ood_dir, name="demo")
@@ -80,27 +95,43 @@ def main(argv=None):
         "ood": _ood_section(report["scores"]),
         "ood_counts": report["counts"],
         "open_set": report["open_set"],
-        "ood_image_level": None if not report["image_level"] else {
-            "ood_dataset": report["image_level"]["ood_dataset"], "counts": report["image_level"]["counts"],
-            "min_score": report["image_level"]["min_score"], "scores": _ood_section(report["image_level"]["scores"])},
+        "ood_image_level": (
+            None
+            if not report["image_level"]
+            else {
+                "ood_dataset": report["image_level"]["ood_dataset"],
+                "counts": report["image_level"]["counts"],
+                "min_score": report["image_level"]["min_score"],
+                "scores": _ood_section(report["image_level"]["scores"]),
+            }
+        ),
     }
     path = os.path.join(args.output, "metrics.json")
     write_json_atomic(path, metrics)
-    print(f"\n[demo] known-class box AP {bbox['AP']:.1f}, AP50 {bbox['AP50']:.1f}, AP75 {bbox['AP75']:.1f} "
-          f"({cfg.SOLVER.MAX_ITER} iterations, {train_seconds / 60:.1f} min)")
+    print(
+        f"\n[demo] known-class box AP {bbox['AP']:.1f}, AP50 {bbox['AP50']:.1f}, AP75"
+        f" {bbox['AP75']:.1f} ({cfg.SOLVER.MAX_ITER} iterations, {train_seconds / 60:.1f} min)"
+    )
     print(f"[demo] {images['line']}")
     c = report["counts"]
-    print(f"[demo] OOD, one detection per object: {c['id']} ID and {c['ood']} OOD detections "
-          f"({c['id_objects']} ID and {c['ood_objects']} OOD objects; {c['duplicates']} duplicates left out)")
+    print(
+        f"[demo] OOD, one detection per object: {c['id']} ID and {c['ood']} OOD detections"
+        f" ({c['id_objects']} ID and {c['ood_objects']} OOD objects; {c['duplicates']} duplicates"
+        " left out)"
+    )
     for name, e in metrics["ood"].items():
         print(f"[demo] OOD {name:>9}: AUROC {_with_ci(e, 'auroc')}  FPR95 {_with_ci(e, 'fpr95')}")
     o = report["open_set"]
-    print(f"[demo] open set: A-OSE {o['a_ose']}, wilderness impact at recall 0.8 "
-          + ("undefined" if o["wilderness_impact"] is None else f"{o['wilderness_impact']:.4f}"))
+    print(
+        f"[demo] open set: A-OSE {o['a_ose']}, wilderness impact at recall 0.8 "
+        + ("undefined" if o["wilderness_impact"] is None else f"{o['wilderness_impact']:.4f}")
+    )
     if metrics["ood_image_level"]:
         il = metrics["ood_image_level"]
-        print(f"[demo] image level vs {il['ood_dataset']}: " + ", ".join(
-            f"{name} AUROC {_with_ci(e, 'auroc')}" for name, e in il["scores"].items()))
+        print(
+            f"[demo] image level vs {il['ood_dataset']}: "
+            + ", ".join(f"{name} AUROC {_with_ci(e, 'auroc')}" for name, e in il["scores"].items())
+        )
     print(f"[demo] metrics: {path}")
     print(f"[demo] ROC plot: {os.path.join(ood_dir, 'roc.png')}")
     print(f"[demo] detections on test images: {grid}")
@@ -116,13 +147,29 @@ def training_images(cfg) -> dict:
     used = len(DatasetCatalog.get(name))
     held = list(meta.get("held_out_classes", []))
     if not held:
-        return {"mode": None, "used": used, "available": used, "line": f"training on all {used} images of {name}"}
+        return {
+            "mode": None,
+            "used": used,
+            "available": used,
+            "line": f"training on all {used} images of {name}",
+        }
     mode, base = cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE, meta.base_dataset
     available = len(DatasetCatalog.get(base))
-    what = ("every image showing " + " or ".join(held) + " removed" if mode == "drop_images"
-            else "all images kept, " + " and ".join(held) + " objects unlabelled (learned as background)")
-    return {"mode": mode, "used": used, "available": available,
-            "line": f"hold-out mode {mode}: training on {used} of the {available} images of {base} ({what})"}
+    what = (
+        "every image showing " + " or ".join(held) + " removed"
+        if mode == "drop_images"
+        else "all images kept, "
+        + " and ".join(held)
+        + " objects unlabelled (learned as background)"
+    )
+    return {
+        "mode": mode,
+        "used": used,
+        "available": available,
+        "line": (
+            f"hold-out mode {mode}: training on {used} of the {available} images of {base} ({what})"
+        ),
+    }
 
 
 def _ood_section(scores: dict) -> dict:

@@ -23,7 +23,6 @@ import os
 import sys
 
 import torch
-
 from detectron2.data import build_detection_test_loader
 from detectron2.export import TracingAdapter, scripting_with_instances
 from detectron2.modeling import build_model
@@ -53,21 +52,24 @@ def export_scripting(model):
 def check_scriptable(embed_at_test: bool):
     if embed_at_test:
         raise ConfigError(
-            "--export-method scripting exports boxes, scores and classes only: set MODEL.RCDET.EMBED_AT_TEST False, "
-            "or use --export-method tracing to export logits and embeddings too."
+            "--export-method scripting exports boxes, scores and classes only: set"
+            " MODEL.RCDET.EMBED_AT_TEST False, or use --export-method tracing to export logits and"
+            " embeddings too."
         )
 
 
 def export_tracing(model, sample):
     """(traced module, adapter); the adapter's ``outputs_schema`` turns the flat outputs back into Instances."""
     image = [{"image": sample["image"]}]
-    adapter = TracingAdapter(model, image, lambda m, inputs: m.inference(inputs, do_postprocess=False))
+    adapter = TracingAdapter(
+        model, image, lambda m, inputs: m.inference(inputs, do_postprocess=False)
+    )
     traced = torch.jit.trace(adapter, adapter.flattened_inputs)
     return traced, adapter
 
 
 def _instances_fields(inst):
-    return {k: (v.tensor if isinstance(v, Boxes) else v) for k, v in inst.get_fields().items()}
+    return {k: v.tensor if isinstance(v, Boxes) else v for k, v in inst.get_fields().items()}
 
 
 def _check(eager, exported, images, method, adapter):
@@ -79,10 +81,15 @@ def _check(eager, exported, images, method, adapter):
             if method == "tracing":
                 got = _instances_fields(adapter.outputs_schema(exported(image))[0])
             else:
-                got = _instances_fields(exported.inference([{"image": image}], do_postprocess=False)[0])
+                got = _instances_fields(
+                    exported.inference([{"image": image}], do_postprocess=False)[0]
+                )
             for key, value in ref.items():
                 if key not in got or got[key].shape != value.shape:
-                    raise RuntimeError(f"export check: '{key}' differs in shape: {tuple(value.shape)} vs {tuple(got[key].shape) if key in got else 'missing'}")
+                    raise RuntimeError(
+                        f"export check: '{key}' differs in shape: {tuple(value.shape)} vs"
+                        f" {tuple(got[key].shape) if key in got else 'missing'}"
+                    )
                 if value.numel():
                     worst = max(worst, float((value.float() - got[key].float()).abs().max()))
     return worst
@@ -91,7 +98,10 @@ def _check(eager, exported, images, method, adapter):
 def sample_images(cfg, count=2):
     """``count`` images of DATASETS.TEST of different sizes, as the model's input tensors."""
     if not cfg.DATASETS.TEST:
-        raise ConfigError("DATASETS.TEST is empty: the export is checked on test images; name a registered test set.")
+        raise ConfigError(
+            "DATASETS.TEST is empty: the export is checked on test images; name a registered test"
+            " set."
+        )
     images, sizes = [], set()
     for batch in build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]):
         image = batch[0]["image"]
@@ -104,11 +114,17 @@ def sample_images(cfg, count=2):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--export-method", choices=["scripting", "tracing"], default="tracing")
     parser.add_argument("--output", default="output/export", help="folder for model.ts")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs (after the options)")
+    parser.add_argument(
+        "opts",
+        nargs=argparse.REMAINDER,
+        help="config overrides, KEY VALUE pairs (after the options)",
+    )
     args = parser.parse_args(argv)
     setup_logger(name="rcdet")
     return exit_on_user_error(run, args)
@@ -132,7 +148,10 @@ def run(args):
     if adapter is not None:
         with open(os.path.join(args.output, "outputs_schema.txt"), "w") as f:
             f.write(f"{adapter.outputs_schema}\n")
-    print(f"[export] {args.export_method}: {path}; checked on {len(images)} image sizes against the eager model, max abs difference {worst:.2e}")
+    print(
+        f"[export] {args.export_method}: {path}; checked on {len(images)} image sizes against the"
+        f" eager model, max abs difference {worst:.2e}"
+    )
     return 0
 
 

@@ -20,8 +20,26 @@ import numpy as np
 from rcdet.ranking import RankingError, ranking_from_dict, similarity_ranking_yaml
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 # VOC's run-together names read better to a language model as words.
 READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
@@ -57,18 +75,26 @@ def embed_names(names, template: str):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--classes", required=True)
-    parser.add_argument("--thresholds", type=float, nargs="+", required=True, help="t_2 > t_3 > ...")
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", required=True, help="t_2 > t_3 > ..."
+    )
     parser.add_argument("--out", required=True)
     # The bare name by default: a shared template ("a photo of a ...") lifts every pair.
-    parser.add_argument("--template", default="{}", help="text around each class name, e.g. 'a photo of a {}.'")
+    parser.add_argument(
+        "--template", default="{}", help="text around each class name, e.g. 'a photo of a {}.'"
+    )
     args = parser.parse_args(argv)
     names = resolve_classes(args.classes)
     emb = embed_names(names, args.template)
     sim = emb @ emb.T
     try:
-        text = similarity_ranking_yaml(names, sim, args.thresholds, source=f"all-MiniLM-L6-v2, template '{args.template}'")
+        text = similarity_ranking_yaml(
+            names, sim, args.thresholds, source=f"all-MiniLM-L6-v2, template '{args.template}'"
+        )
         ranking = ranking_from_dict(__import__("yaml").safe_load(text), names, source=args.out)
     except RankingError as e:
         print(f"error: {e}", file=sys.stderr)

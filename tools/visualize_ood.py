@@ -21,22 +21,44 @@ from rcdet.evaluation.visualize import draw_ood_grid
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("report_dir", help="folder with ood_report.json and ood_scores.npz")
-    parser.add_argument("--score", choices=ALL_SCORES, default=None, help="colouring score (default: the best AUROC)")
+    parser.add_argument(
+        "--score",
+        choices=ALL_SCORES,
+        default=None,
+        help="colouring score (default: the best AUROC)",
+    )
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--cols", type=int, default=4)
-    parser.add_argument("--show-background", action="store_true", help="also draw detections on no object")
-    parser.add_argument("--output", default=None, help="PNG path (default: REPORT_DIR/ood_grid.png)")
-    parser.add_argument("--config-file", default="", help="the run's config, to register its datasets")
-    parser.add_argument("opts", nargs="*", help="config overrides (KEY VALUE ...), with --config-file")
+    parser.add_argument(
+        "--show-background", action="store_true", help="also draw detections on no object"
+    )
+    parser.add_argument(
+        "--output", default=None, help="PNG path (default: REPORT_DIR/ood_grid.png)"
+    )
+    parser.add_argument(
+        "--config-file", default="", help="the run's config, to register its datasets"
+    )
+    parser.add_argument(
+        "opts", nargs="*", help="config overrides (KEY VALUE ...), with --config-file"
+    )
     args = parser.parse_intermixed_args(argv)
     if args.num_images < 1:
         parser.error("--num-images must be at least 1")
     try:
         if args.config_file:
             setup_cfg(args.config_file, args.opts)
-        path = draw_ood_grid(args.report_dir, args.output, args.score, args.num_images, args.cols, args.show_background)
+        path = draw_ood_grid(
+            args.report_dir,
+            args.output,
+            args.score,
+            args.num_images,
+            args.cols,
+            args.show_background,
+        )
     except (FileNotFoundError, ReportError) + USER_ERRORS as e:
         print(f"error: {user_error_message(e)}", file=sys.stderr)
         return 2

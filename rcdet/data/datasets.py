@@ -12,7 +12,6 @@ from typing import Iterable, List, Sequence
 from xml.etree import ElementTree as ET
 
 import torch.utils.data
-
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances, register_pascal_voc
 
@@ -36,9 +35,9 @@ _VOC_HINT = (
     "contains VOC2007 (see datasets/README.md)."
 )
 SHAPES_HINT = (
-    "The built-in dataset's root is $RCDET_SHAPES_ROOT, else $DETECTRON2_DATASETS/rcdet_shapes, "
-    "else datasets/rcdet_shapes; `make data` (or `python datasets/generate_shapes.py`) generates it "
-    "there. Or set $RCDET_SHAPES_ROOT to where it is."
+    "The built-in dataset's root is $RCDET_SHAPES_ROOT, else $DETECTRON2_DATASETS/rcdet_shapes,"
+    " else datasets/rcdet_shapes; `make data` (or `python datasets/generate_shapes.py`) generates"
+    " it there. Or set $RCDET_SHAPES_ROOT to where it is."
 )
 
 
@@ -62,16 +61,20 @@ class CheckedDatasetMapper(DatasetMapper):
             return super().__call__(dataset_dict)
         except (OSError, SyntaxError) as e:  # PIL's errors for a broken or unknown image file
             raise DatasetError(
-                f"{dataset_dict['file_name']}: cannot read the image ({e}). The file is empty, "
-                "truncated or not an image: replace it (for the built-in dataset, delete its folder "
-                "and run `make data`)."
+                f"{dataset_dict['file_name']}: cannot read the image ({e}). The file is empty,"
+                " truncated or not an image: replace it (for the built-in dataset, delete its"
+                " folder and run `make data`)."
             ) from None
 
 
-def check_voc_split(dirname: str, split: str, class_names: Sequence[str], hint: str = "") -> List[str]:
+def check_voc_split(
+    dirname: str, split: str, class_names: Sequence[str], hint: str = ""
+) -> List[str]:
     """Validate a VOC-layout split and return its image ids."""
     if not os.path.isdir(dirname):
-        raise DatasetError(f"Dataset folder {os.path.abspath(dirname)} does not exist. {hint}".strip())
+        raise DatasetError(
+            f"Dataset folder {os.path.abspath(dirname)} does not exist. {hint}".strip()
+        )
     split_file = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
     if not os.path.isfile(split_file):
         raise DatasetError(f"{split_file}: split file is missing. {hint}".strip())
@@ -83,7 +86,9 @@ def check_voc_split(dirname: str, split: str, class_names: Sequence[str], hint: 
     for fileid in ids:
         xml = os.path.join(dirname, "Annotations", f"{fileid}.xml")
         if not os.path.isfile(xml):
-            raise DatasetError(f"{xml}: annotation file is missing (image id '{fileid}' from {split_file}).")
+            raise DatasetError(
+                f"{xml}: annotation file is missing (image id '{fileid}' from {split_file})."
+            )
         try:
             tree = ET.parse(xml)
         except ET.ParseError as e:
@@ -106,24 +111,33 @@ def check_voc_split(dirname: str, split: str, class_names: Sequence[str], hint: 
             try:
                 [float(box.find(t).text) for t in ("xmin", "ymin", "xmax", "ymax")]
             except (AttributeError, TypeError, ValueError):
-                raise DatasetError(f"{xml}: object {n} ('{name}') has a missing or non-numeric bndbox.") from None
+                raise DatasetError(
+                    f"{xml}: object {n} ('{name}') has a missing or non-numeric bndbox."
+                ) from None
         jpg = os.path.join(dirname, "JPEGImages", f"{fileid}.jpg")
         if not os.path.isfile(jpg):
             raise DatasetError(f"{jpg}: image is missing (annotated in {xml}).")
     return ids
 
 
-def load_checked_voc_instances(dirname: str, split: str, class_names: Sequence[str], hint: str = ""):
+def load_checked_voc_instances(
+    dirname: str, split: str, class_names: Sequence[str], hint: str = ""
+):
     check_voc_split(dirname, split, class_names, hint)
     return load_voc_instances(dirname, split, list(class_names))
 
 
-def register_voc_dataset(name: str, dirname: str, split: str, year: int, class_names: Sequence[str], hint: str = ""):
+def register_voc_dataset(
+    name: str, dirname: str, split: str, year: int, class_names: Sequence[str], hint: str = ""
+):
     """``register_pascal_voc`` (metadata, evaluator year), with the validated loader."""
     register_pascal_voc(name, dirname, split, year, list(class_names))
     DatasetCatalog.remove(name)
     DatasetCatalog.register(
-        name, lambda d=dirname, s=split, c=tuple(class_names), h=hint: load_checked_voc_instances(d, s, c, h)
+        name,
+        lambda d=dirname, s=split, c=tuple(class_names), h=hint: load_checked_voc_instances(
+            d, s, c, h
+        ),
     )
     MetadataCatalog.get(name).evaluator_type = "pascal_voc"
 
@@ -137,9 +151,9 @@ def _wrap_builtin_voc(names: Iterable[str]):
         DatasetCatalog.remove(name)
         DatasetCatalog.register(
             name,
-            lambda d=meta.dirname, s=meta.split, c=tuple(meta.thing_classes): load_checked_voc_instances(
-                d, s, c, _VOC_HINT
-            ),
+            lambda d=meta.dirname, s=meta.split, c=tuple(
+                meta.thing_classes
+            ): load_checked_voc_instances(d, s, c, _VOC_HINT),
         )
 
 
@@ -155,4 +169,6 @@ def register_rcdet_shapes(root: str = None):
 
 
 register_rcdet_shapes()
-_wrap_builtin_voc([f"voc_{y}_{s}" for y in (2007, 2012) for s in ("trainval", "train", "val", "test")])
+_wrap_builtin_voc(
+    [f"voc_{y}_{s}" for y in (2007, 2012) for s in ("trainval", "train", "val", "test")]
+)

@@ -27,7 +27,9 @@ __all__ = [
 
 HOLD_OUT_MODES = ("drop_images", "drop_annotations")
 # "<base>__minus_<a>+<b>_<mode>" (train role) or "<base>__minus_<a>+<b>_ood_test" (test role).
-_SPLIT_NAME = re.compile(r"^(?P<base>.+?)__minus_(?P<held>.+)_(?P<suffix>drop_images|drop_annotations|ood_test)$")
+_SPLIT_NAME = re.compile(
+    r"^(?P<base>.+?)__minus_(?P<held>.+)_(?P<suffix>drop_images|drop_annotations|ood_test)$"
+)
 
 
 def known_classes(all_classes: Sequence[str], held_out: Sequence[str]) -> List[str]:
@@ -42,10 +44,14 @@ def known_classes(all_classes: Sequence[str], held_out: Sequence[str]) -> List[s
             f"{list(all_classes)}."
         )
     if len(set(held_out)) != len(held_out):
-        raise ConfigError(f"MODEL.RCDET.OOD.HELD_OUT_CLASSES lists a class twice: {list(held_out)}.")
+        raise ConfigError(
+            f"MODEL.RCDET.OOD.HELD_OUT_CLASSES lists a class twice: {list(held_out)}."
+        )
     known = [c for c in all_classes if c not in held_out]
     if not known:
-        raise ConfigError("MODEL.RCDET.OOD.HELD_OUT_CLASSES holds out every class; keep at least one known class.")
+        raise ConfigError(
+            "MODEL.RCDET.OOD.HELD_OUT_CLASSES holds out every class; keep at least one known class."
+        )
     return known
 
 
@@ -59,11 +65,17 @@ def _load_split(base_name, all_classes, held_out, mode, role):
         has_ood = any(a["category_id"] in ood_index for a in annos)
         if role == "train" and has_ood and mode == "drop_images":
             continue
-        known_annos = [dict(a, category_id=remap[a["category_id"]]) for a in annos if a["category_id"] not in ood_index]
+        known_annos = [
+            dict(a, category_id=remap[a["category_id"]])
+            for a in annos
+            if a["category_id"] not in ood_index
+        ]
         record = dict(record, annotations=known_annos)
         if role == "test":
             record["ood_annotations"] = [
-                dict(a, category_id=ood_index[a["category_id"]]) for a in annos if a["category_id"] in ood_index
+                dict(a, category_id=ood_index[a["category_id"]])
+                for a in annos
+                if a["category_id"] in ood_index
             ]
         out.append(record)
     return out
@@ -72,7 +84,9 @@ def _load_split(base_name, all_classes, held_out, mode, role):
 def register_held_out_split(base_name: str, held_out: Sequence[str], mode: str, role: str) -> str:
     """Register (once) and return the name of the held-out ``role`` ("train" or "test") split."""
     if mode not in HOLD_OUT_MODES:
-        raise ConfigError(f"MODEL.RCDET.OOD.HOLD_OUT_MODE = '{mode}'; choose one of {HOLD_OUT_MODES}.")
+        raise ConfigError(
+            f"MODEL.RCDET.OOD.HOLD_OUT_MODE = '{mode}'; choose one of {HOLD_OUT_MODES}."
+        )
     if role not in ("train", "test"):
         raise ValueError(role)
     if base_name not in DatasetCatalog.list():
@@ -85,7 +99,10 @@ def register_held_out_split(base_name: str, held_out: Sequence[str], mode: str, 
     if name in DatasetCatalog.list():
         return name
     DatasetCatalog.register(
-        name, lambda b=base_name, a=tuple(all_classes), h=tuple(held_out), m=mode, r=role: _load_split(b, list(a), list(h), m, r)
+        name,
+        lambda b=base_name, a=tuple(all_classes), h=tuple(held_out), m=mode, r=role: _load_split(
+            b, list(a), list(h), m, r
+        ),
     )
     MetadataCatalog.get(name).set(
         thing_classes=known,
@@ -139,15 +156,24 @@ def apply_held_out_config(cfg):
     """
     held_out = list(cfg.MODEL.RCDET.OOD.HELD_OUT_CLASSES)
     mode = cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE
-    cfg.DATASETS.TRAIN = tuple(_held_out_split(n, held_out, mode, "train", "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN)
-    cfg.DATASETS.TEST = tuple(_held_out_split(n, held_out, mode, "test", "DATASETS.TEST") for n in cfg.DATASETS.TEST)
+    cfg.DATASETS.TRAIN = tuple(
+        _held_out_split(n, held_out, mode, "train", "DATASETS.TRAIN") for n in cfg.DATASETS.TRAIN
+    )
+    cfg.DATASETS.TEST = tuple(
+        _held_out_split(n, held_out, mode, "test", "DATASETS.TEST") for n in cfg.DATASETS.TEST
+    )
     if cfg.DATASETS.TRAIN and cfg.DATASETS.TRAIN[0] in MetadataCatalog.list():
         classes = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
         if classes is not None and cfg.MODEL.ROI_HEADS.NUM_CLASSES != len(classes):
-            what = f"the {len(classes)} known classes" if held_out else f"the {len(classes)} dataset classes"
+            what = (
+                f"the {len(classes)} known classes"
+                if held_out
+                else f"the {len(classes)} dataset classes"
+            )
             raise ConfigError(
-                f"MODEL.ROI_HEADS.NUM_CLASSES = {cfg.MODEL.ROI_HEADS.NUM_CLASSES}, but DATASETS.TRAIN "
-                f"'{cfg.DATASETS.TRAIN[0]}' has {what}: set MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}."
+                f"MODEL.ROI_HEADS.NUM_CLASSES = {cfg.MODEL.ROI_HEADS.NUM_CLASSES}, but"
+                f" DATASETS.TRAIN '{cfg.DATASETS.TRAIN[0]}' has {what}: set"
+                f" MODEL.ROI_HEADS.NUM_CLASSES {len(classes)}."
             )
 
 
@@ -157,7 +183,9 @@ def training_classes(cfg) -> Tuple[List[str], List[str]]:
     the second list includes the held-out classes of a held-out split.
     """
     if not cfg.DATASETS.TRAIN:
-        raise ConfigError("DATASETS.TRAIN is empty; the contrastive branch needs the training classes.")
+        raise ConfigError(
+            "DATASETS.TRAIN is empty; the contrastive branch needs the training classes."
+        )
     name = cfg.DATASETS.TRAIN[0]
     meta = MetadataCatalog.get(name)
     classes = meta.get("thing_classes", None)

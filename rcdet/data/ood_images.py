@@ -21,7 +21,13 @@ from ..file_io import _current_umask
 from .datasets import SHAPES_HINT, DatasetError, register_voc_dataset
 from .shapes import CLASS_NAMES, _write_one
 
-__all__ = ["OOD_IMAGES", "OOD_SEED", "generate_ood_images", "register_shapes_ood_images", "builtin_ood_dataset"]
+__all__ = [
+    "OOD_IMAGES",
+    "OOD_SEED",
+    "generate_ood_images",
+    "register_shapes_ood_images",
+    "builtin_ood_dataset",
+]
 
 # Size of the built-in OOD image set: enough images for a stable image-level AUROC.
 OOD_IMAGES = 200
@@ -37,7 +43,9 @@ def _complete(folder: str, num_images: int) -> bool:
         return sum(1 for line in f if line.strip()) == num_images
 
 
-def generate_ood_images(folder: str, classes: Sequence[str], num_images: int = OOD_IMAGES, seed: int = OOD_SEED) -> str:
+def generate_ood_images(
+    folder: str, classes: Sequence[str], num_images: int = OOD_IMAGES, seed: int = OOD_SEED
+) -> str:
     """
     Write ``num_images`` images whose objects are all of ``classes`` to ``folder`` (VOC layout,
     split ``test``). Written into a temporary folder and renamed, so an interrupted or concurrent
@@ -45,7 +53,9 @@ def generate_ood_images(folder: str, classes: Sequence[str], num_images: int = O
     """
     unknown = [c for c in classes if c not in CLASS_NAMES]
     if unknown or not classes:
-        raise ValueError(f"OOD image classes {list(classes)}: each must be one of {list(CLASS_NAMES)}.")
+        raise ValueError(
+            f"OOD image classes {list(classes)}: each must be one of {list(CLASS_NAMES)}."
+        )
     if _complete(folder, num_images):
         return folder
     parent = os.path.dirname(os.path.abspath(folder))
@@ -63,7 +73,9 @@ def generate_ood_images(folder: str, classes: Sequence[str], num_images: int = O
         try:
             os.rename(tmp, folder)
         except OSError:
-            if not _complete(folder, num_images):  # another process won the race only if it is complete
+            if not _complete(
+                folder, num_images
+            ):  # another process won the race only if it is complete
                 raise
     finally:
         if os.path.isdir(tmp):
@@ -71,16 +83,24 @@ def generate_ood_images(folder: str, classes: Sequence[str], num_images: int = O
     return folder
 
 
-def register_shapes_ood_images(root: str, held_out: Sequence[str], num_images: int = OOD_IMAGES) -> str:
+def register_shapes_ood_images(
+    root: str, held_out: Sequence[str], num_images: int = OOD_IMAGES
+) -> str:
     """Generate (once) and register the OOD image set of ``held_out`` under ``root``; returns its name."""
     tag = "+".join(held_out)
-    name = f"rcdet_shapes_ood_images__{tag}" + ("" if num_images == OOD_IMAGES else f"_{num_images}")
-    folder = os.path.join(root, "ood_images", tag + ("" if num_images == OOD_IMAGES else f"_{num_images}"))
+    name = f"rcdet_shapes_ood_images__{tag}" + (
+        "" if num_images == OOD_IMAGES else f"_{num_images}"
+    )
+    folder = os.path.join(
+        root, "ood_images", tag + ("" if num_images == OOD_IMAGES else f"_{num_images}")
+    )
     try:
         generate_ood_images(folder, list(held_out), num_images)
     except OSError as e:
-        raise DatasetError(f"{folder}: cannot write the built-in OOD image set there ({e}). Make the dataset root "
-                           "writable, or pass --ood-dataset none (or another registered dataset).") from None
+        raise DatasetError(
+            f"{folder}: cannot write the built-in OOD image set there ({e}). Make the dataset root "
+            "writable, or pass --ood-dataset none (or another registered dataset)."
+        ) from None
     if name in DatasetCatalog.list():
         if MetadataCatalog.get(name).get("dirname") == folder:
             return name

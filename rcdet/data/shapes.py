@@ -53,12 +53,16 @@ def _background(rng: np.random.Generator, w: int, h: int) -> Image.Image:
     low = rng.uniform(40, 215, size=(rng.integers(3, 7), rng.integers(3, 7), 3)).astype(np.uint8)
     img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
     grain = rng.normal(0, 12, size=(h, w, 3))
-    img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
+    img = Image.fromarray(
+        np.clip(np.asarray(img, dtype=np.float64) + grain, 0, 255).astype(np.uint8)
+    )
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(4, 12)):
         color = tuple(int(v) for v in rng.integers(0, 256, 3))
         if rng.random() < 0.6:
-            pts = [tuple(int(v) for v in rng.integers(0, [w, h])) for _ in range(rng.integers(2, 4))]
+            pts = [
+                tuple(int(v) for v in rng.integers(0, [w, h])) for _ in range(rng.integers(2, 4))
+            ]
             draw.line(pts, fill=color, width=int(rng.integers(1, 4)))
         else:
             x, y = rng.integers(0, [w, h])
@@ -114,7 +118,12 @@ def _draw_object(draw: ImageDraw.ImageDraw, cls: str, box, color, hole) -> None:
             half_a, half_b = 0.5 * w * 0.55, 0.5 * w * 0.70
             cx = (x0 + x1) / 2
             draw.polygon(
-                [(cx - half_a + 2, ya), (cx + half_a - 2, ya), (cx + half_b - 2, yb), (cx - half_b + 2, yb)],
+                [
+                    (cx - half_a + 2, ya),
+                    (cx + half_a - 2, ya),
+                    (cx + half_b - 2, yb),
+                    (cx - half_b + 2, yb),
+                ],
                 fill=hole,
             )
 
@@ -173,7 +182,12 @@ def _annotation_xml(fileid: str, w: int, h: int, objects) -> bytes:
         bb = ET.SubElement(node, "bndbox")
         # VOC boxes are 1-based inclusive pixel indices.
         x0, y0, x1, y1 = obj["box"]
-        coords = (int(math.floor(x0)) + 1, int(math.floor(y0)) + 1, int(math.ceil(x1)), int(math.ceil(y1)))
+        coords = (
+            int(math.floor(x0)) + 1,
+            int(math.floor(y0)) + 1,
+            int(math.ceil(x1)),
+            int(math.ceil(y1)),
+        )
         for tag, v in zip(("xmin", "ymin", "xmax", "ymax"), coords):
             ET.SubElement(bb, tag).text = str(min(v, w if tag[0] == "x" else h))
     ET.indent(root)
@@ -190,7 +204,9 @@ def _write_one(args):
     return fileid
 
 
-def generate(root: str, seed: int = 0, split_sizes: Dict[str, int] = None, workers: int = 2) -> Dict[str, List[str]]:
+def generate(
+    root: str, seed: int = 0, split_sizes: Dict[str, int] = None, workers: int = 2
+) -> Dict[str, List[str]]:
     """Write the dataset under ``root`` (VOC layout) and return the image ids of each split."""
     sizes = dict(SPLIT_SIZES if split_sizes is None else split_sizes)
     for key in ("train", "val", "test"):
@@ -216,7 +232,9 @@ def generate(root: str, seed: int = 0, split_sizes: Dict[str, int] = None, worke
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default=default_root(), help="output root (VOC layout)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=SPLIT_SIZES["train"])
@@ -225,10 +243,14 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    splits = generate(args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test}, args.workers)
+    splits = generate(
+        args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test}, args.workers
+    )
     n = len(splits["trainval"]) + len(splits["test"])
-    print(f"Wrote {n} images to {args.out} in {time.perf_counter() - start:.1f}s "
-          f"(trainval {len(splits['trainval'])}, test {len(splits['test'])}).")
+    print(
+        f"Wrote {n} images to {args.out} in {time.perf_counter() - start:.1f}s "
+        f"(trainval {len(splits['trainval'])}, test {len(splits['test'])})."
+    )
 
 
 if __name__ == "__main__":

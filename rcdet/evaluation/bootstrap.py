@@ -23,7 +23,13 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["METRICS", "resample_counts", "weighted_metrics", "bootstrap_intervals", "paired_bootstrap"]
+__all__ = [
+    "METRICS",
+    "resample_counts",
+    "weighted_metrics",
+    "bootstrap_intervals",
+    "paired_bootstrap",
+]
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
 TPR_LEVEL = 0.95
@@ -31,7 +37,9 @@ TPR_LEVEL = 0.95
 _CHUNK_ELEMENTS = 4_000_000
 
 
-def resample_counts(num_images: int, replicates: int, seed: int, strata: Optional[np.ndarray] = None) -> np.ndarray:
+def resample_counts(
+    num_images: int, replicates: int, seed: int, strata: Optional[np.ndarray] = None
+) -> np.ndarray:
     """(replicates, num_images) draw counts: images resampled with replacement, within each stratum."""
     rng = np.random.default_rng(seed)
     counts = np.zeros((replicates, num_images), dtype=np.int64)
@@ -40,7 +48,9 @@ def resample_counts(num_images: int, replicates: int, seed: int, strata: Optiona
     strata = np.zeros(num_images, dtype=np.int64) if strata is None else np.asarray(strata)
     for s in np.unique(strata):
         members = np.flatnonzero(strata == s)
-        counts[:, members] = rng.multinomial(len(members), np.full(len(members), 1.0 / len(members)), size=replicates)
+        counts[:, members] = rng.multinomial(
+            len(members), np.full(len(members), 1.0 / len(members)), size=replicates
+        )
     return counts
 
 
@@ -101,7 +111,10 @@ def weighted_metrics(scores, is_id, weights) -> Dict[str, np.ndarray]:
 def _chunked(scores, is_id, groups, counts):
     groups = np.asarray(groups, dtype=np.int64).reshape(-1)
     step = max(1, _CHUNK_ELEMENTS // max(len(groups), 1))
-    parts = [weighted_metrics(scores, is_id, counts[i : i + step][:, groups]) for i in range(0, len(counts), step)]
+    parts = [
+        weighted_metrics(scores, is_id, counts[i : i + step][:, groups])
+        for i in range(0, len(counts), step)
+    ]
     return {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros(0) for k in METRICS}
 
 
@@ -136,13 +149,24 @@ def bootstrap_intervals(
         if values is None:
             out[name] = None
             continue
-        reps = _chunked(values, is_id, groups, counts) if replicates else {k: np.zeros(0) for k in METRICS}
-        out[name] = {f"{k}_ci": (_interval(reps[k], level) if replicates else None) for k in METRICS}
+        reps = (
+            _chunked(values, is_id, groups, counts)
+            if replicates
+            else {k: np.zeros(0) for k in METRICS}
+        )
+        out[name] = {f"{k}_ci": _interval(reps[k], level) if replicates else None for k in METRICS}
     return out
 
 
-def paired_bootstrap(runs_a: Sequence[tuple], runs_b: Sequence[tuple], num_images: int, metric: str = "auroc",
-                     replicates: int = 1000, seed: int = 0, level: float = 0.95) -> Dict[str, Optional[float]]:
+def paired_bootstrap(
+    runs_a: Sequence[tuple],
+    runs_b: Sequence[tuple],
+    num_images: int,
+    metric: str = "auroc",
+    replicates: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Dict[str, Optional[float]]:
     """
     Paired bootstrap of ``mean_a(metric) - mean_b(metric)``. Each run is ``(scores, is_id, groups)``
     on the same ``num_images`` test images; every replicate resamples those images once and
@@ -165,7 +189,17 @@ def paired_bootstrap(runs_a: Sequence[tuple], runs_b: Sequence[tuple], num_image
     d = side(runs_a, counts) - side(runs_b, counts)
     d = d[~np.isnan(d)]
     if np.isnan(observed) or d.size < 0.5 * replicates or d.size == 0:
-        return {"difference": None if np.isnan(observed) else observed, "ci": None, "p_value": None, "replicates": int(d.size)}
+        return {
+            "difference": None if np.isnan(observed) else observed,
+            "ci": None,
+            "p_value": None,
+            "replicates": int(d.size),
+        }
     lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)])
     p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
-    return {"difference": observed, "ci": [float(lo), float(hi)], "p_value": float(p), "replicates": int(d.size)}
+    return {
+        "difference": observed,
+        "ci": [float(lo), float(hi)],
+        "p_value": float(p),
+        "replicates": int(d.size),
+    }

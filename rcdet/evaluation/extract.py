@@ -10,7 +10,6 @@ from typing import Dict, List
 import numpy as np
 import torch
 import tqdm
-
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
 from detectron2.evaluation import DatasetEvaluator
@@ -18,7 +17,6 @@ from detectron2.evaluation import DatasetEvaluator
 from ..data.datasets import CheckedDatasetMapper
 
 __all__ = ["file_checksum", "embed_ground_truth", "DetectionCollector"]
-
 
 
 def file_checksum(path: str, chunk: int = 1 << 20) -> str:
@@ -41,7 +39,9 @@ def _gt_mapper(cfg):
 
 
 @torch.no_grad()
-def embed_ground_truth(model, cfg, dataset, with_features: bool = False, desc: str = "") -> Dict[str, np.ndarray]:
+def embed_ground_truth(
+    model, cfg, dataset, with_features: bool = False, desc: str = ""
+) -> Dict[str, np.ndarray]:
     """
     Pool every GT box of ``dataset`` (a registered name or a list of dataset dicts) through the
     box head (and the projection, if the model has one). Returns ``labels`` (category ids as in
@@ -49,17 +49,23 @@ def embed_ground_truth(model, cfg, dataset, with_features: bool = False, desc: s
     """
     heads = model.roi_heads
     dicts = DatasetCatalog.get(dataset) if isinstance(dataset, str) else dataset
-    loader = build_detection_test_loader(dicts, mapper=_gt_mapper(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS)
+    loader = build_detection_test_loader(
+        dicts, mapper=_gt_mapper(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS
+    )
     labels, embeddings, features = [], [], []
     was_training = model.training
     model.eval()
-    for batch in tqdm.tqdm(loader, total=len(dicts), desc=desc or "embedding GT boxes", mininterval=2.0):
+    for batch in tqdm.tqdm(
+        loader, total=len(dicts), desc=desc or "embedding GT boxes", mininterval=2.0
+    ):
         instances = [b["instances"].to(model.device) for b in batch]
         if sum(len(i) for i in instances) == 0:
             continue
         images = model.preprocess_image(batch)
         feats = model.backbone(images.tensor)
-        pooled = heads.box_pooler([feats[f] for f in heads.box_in_features], [i.gt_boxes for i in instances])
+        pooled = heads.box_pooler(
+            [feats[f] for f in heads.box_in_features], [i.gt_boxes for i in instances]
+        )
         box_feats = heads.box_head(pooled)
         labels.append(torch.cat([i.gt_classes for i in instances]).cpu().numpy())
         if getattr(heads, "projection", None) is not None:
@@ -91,7 +97,9 @@ class DetectionCollector(DatasetEvaluator):
             inst = inst[keep]
             fields = inst.get_fields()
             if len(inst) and "pred_logits" not in fields:
-                raise RuntimeError("Detections carry no pred_logits: run with MODEL.RCDET.EMBED_AT_TEST True.")
+                raise RuntimeError(
+                    "Detections carry no pred_logits: run with MODEL.RCDET.EMBED_AT_TEST True."
+                )
             self.records.append(
                 {
                     "image_id": inp["image_id"],
@@ -99,7 +107,9 @@ class DetectionCollector(DatasetEvaluator):
                     "scores": inst.scores.numpy(),
                     "classes": inst.pred_classes.numpy(),
                     "logits": fields["pred_logits"].numpy() if "pred_logits" in fields else None,
-                    "embeddings": fields["pred_embeddings"].numpy() if "pred_embeddings" in fields else None,
+                    "embeddings": (
+                        fields["pred_embeddings"].numpy() if "pred_embeddings" in fields else None
+                    ),
                 }
             )
 

@@ -62,7 +62,9 @@ ID, OOD, BACKGROUND, DUPLICATE = 1, 0, -1, -2
 MATCHING_MODES = ("one_per_object", "all")
 
 
-def logit_scores(logits: np.ndarray, num_known: int, energy_temperature: float = 1.0) -> Dict[str, np.ndarray]:
+def logit_scores(
+    logits: np.ndarray, num_known: int, energy_temperature: float = 1.0
+) -> Dict[str, np.ndarray]:
     """msp, max_logit and energy from (N, K + 1) logits whose first ``num_known`` columns are the known classes."""
     f = np.asarray(logits, dtype=np.float64)[:, :num_known]
     if f.shape[0] == 0:
@@ -88,7 +90,15 @@ class EmbeddingStatistics:
     knn_k: int = 10
 
     @classmethod
-    def fit(cls, embeddings, labels, num_classes: int, knn_k: int = 10, per_class_covariance: bool = False, shrinkage: float = 1e-3):
+    def fit(
+        cls,
+        embeddings,
+        labels,
+        num_classes: int,
+        knn_k: int = 10,
+        per_class_covariance: bool = False,
+        shrinkage: float = 1e-3,
+    ):
         x = np.asarray(embeddings, dtype=np.float64)
         y = np.asarray(labels, dtype=np.int64)
         if x.ndim != 2 or x.shape[0] != y.shape[0]:
@@ -97,7 +107,12 @@ class EmbeddingStatistics:
         present = [c for c in range(num_classes) if np.any(y == c)]
         if not present:
             raise ValueError("No known-class ground-truth embeddings to fit the OOD statistics on.")
-        means = np.stack([x[y == c].mean(axis=0) if np.any(y == c) else np.full(d, np.nan) for c in range(num_classes)])
+        means = np.stack(
+            [
+                x[y == c].mean(axis=0) if np.any(y == c) else np.full(d, np.nan)
+                for c in range(num_classes)
+            ]
+        )
         protos = means / np.linalg.norm(means, axis=1, keepdims=True).clip(min=1e-12)
 
         def regularised(cov):
@@ -145,13 +160,27 @@ class EmbeddingStatistics:
         return {"cosine": cosine, "knn": knn, "gaussian": np.max(np.stack(loglik, axis=1), axis=1)}
 
     def save(self, path: str):
-        save_npz_atomic(path, prototypes=self.prototypes, bank=self.bank, means=self.means,
-                        precisions=self.precisions, log_dets=self.log_dets, knn_k=self.knn_k)
+        save_npz_atomic(
+            path,
+            prototypes=self.prototypes,
+            bank=self.bank,
+            means=self.means,
+            precisions=self.precisions,
+            log_dets=self.log_dets,
+            knn_k=self.knn_k,
+        )
 
     @classmethod
     def load(cls, path: str):
         with np.load(path) as z:
-            return cls(z["prototypes"], z["bank"], z["means"], z["precisions"], z["log_dets"], int(z["knn_k"]))
+            return cls(
+                z["prototypes"],
+                z["bank"],
+                z["means"],
+                z["precisions"],
+                z["log_dets"],
+                int(z["knn_k"]),
+            )
 
 
 def detector_confidence(logits: np.ndarray, num_known: int) -> np.ndarray:
@@ -170,7 +199,14 @@ def detector_confidence(logits: np.ndarray, num_known: int) -> np.ndarray:
     return (p[:, :num_known] / p.sum(axis=1, keepdims=True)).max(axis=1)
 
 
-def match_detections(det_boxes, gt_boxes, gt_is_ood, iou_threshold: float = 0.5, confidence=None, matching: str = "one_per_object"):
+def match_detections(
+    det_boxes,
+    gt_boxes,
+    gt_is_ood,
+    iou_threshold: float = 0.5,
+    confidence=None,
+    matching: str = "one_per_object",
+):
     """
     Match the detections of one image to its ground truth. Returns ``(status, gt_index)``.
 
@@ -244,7 +280,9 @@ def ood_metrics(scores, is_id, num_ood_objects: Optional[int] = None) -> Dict[st
     out["aupr_in"] = float(skm.average_precision_score(is_id, scores))
     out["aupr_out"] = float(skm.average_precision_score(~is_id, -scores))
     if num_ood_objects:
-        out["ood_recall_at_95_id"] = float(np.sum(scores[~is_id] < thresholds[at]) / num_ood_objects)
+        out["ood_recall_at_95_id"] = float(
+            np.sum(scores[~is_id] < thresholds[at]) / num_ood_objects
+        )
     return out
 
 
@@ -269,10 +307,16 @@ def score_report(
     status = np.asarray(status)
     scored = (status == ID) | (status == OOD)
     is_id = status[scored] == ID
-    available = {n: np.asarray(score_table[n], dtype=np.float64)[scored] for n in ALL_SCORES if score_table.get(n) is not None}
+    available = {
+        n: np.asarray(score_table[n], dtype=np.float64)[scored]
+        for n in ALL_SCORES
+        if score_table.get(n) is not None
+    }
     cis = {}
     if bootstrap and groups is not None:
-        cis = bootstrap_intervals(available, is_id, np.asarray(groups)[scored], num_images, bootstrap, seed, strata)
+        cis = bootstrap_intervals(
+            available, is_id, np.asarray(groups)[scored], num_images, bootstrap, seed, strata
+        )
     report = {}
     for name in ALL_SCORES:
         if name not in available:
@@ -288,8 +332,11 @@ def score_report(
 
 
 CSV_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
-CSV_FIELDS = ("protocol", "score", "available") + tuple(
-    f for k in CSV_METRICS for f in (k, f"{k}_ci_lo", f"{k}_ci_hi")) + ("ood_recall_at_95_id", "num_id", "num_ood")
+CSV_FIELDS = (
+    ("protocol", "score", "available")
+    + tuple(f for k in CSV_METRICS for f in (k, f"{k}_ci_lo", f"{k}_ci_hi"))
+    + ("ood_recall_at_95_id", "num_id", "num_ood")
+)
 
 
 def _fmt(v):
@@ -373,13 +420,23 @@ def _histogram_figure(score_table, is_id, title: str):
     plt = _plt()
     available = [n for n in ALL_SCORES if score_table.get(n) is not None]
     defined = bool(is_id.any() and (~is_id).any())
-    fig, axes = plt.subplots(1, max(len(available), 1), figsize=(3.2 * max(len(available), 1), 3.1), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(available), 1), figsize=(3.2 * max(len(available), 1), 3.1), squeeze=False
+    )
     for ax, name in zip(axes[0], available):
         v = np.asarray(score_table[name])
         if v.size:
             bins = np.histogram_bin_edges(v, bins=30)
-            ax.hist(v[is_id], bins=bins, alpha=0.6, density=defined, label=f"ID ({int(is_id.sum())})")
-            ax.hist(v[~is_id], bins=bins, alpha=0.6, density=defined, label=f"OOD ({int((~is_id).sum())})")
+            ax.hist(
+                v[is_id], bins=bins, alpha=0.6, density=defined, label=f"ID ({int(is_id.sum())})"
+            )
+            ax.hist(
+                v[~is_id],
+                bins=bins,
+                alpha=0.6,
+                density=defined,
+                label=f"OOD ({int((~is_id).sum())})",
+            )
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no scored detections", ha="center", va="center", fontsize=8)
@@ -393,8 +450,14 @@ def _histogram_figure(score_table, is_id, title: str):
     return fig
 
 
-def write_report_files(output_dir: str, report: Dict, score_table: Dict[str, Optional[np.ndarray]], status: np.ndarray,
-                       title: str = "", image_level: Optional[tuple] = None):
+def write_report_files(
+    output_dir: str,
+    report: Dict,
+    score_table: Dict[str, Optional[np.ndarray]],
+    status: np.ndarray,
+    title: str = "",
+    image_level: Optional[tuple] = None,
+):
     """
     ood_report.json/.csv, roc.png and score_hist.png (the object-level protocol: detections with
     status ID or OOD), and with ``image_level = (score_table, is_id)`` roc_image_level.png; each
@@ -403,7 +466,7 @@ def write_report_files(output_dir: str, report: Dict, score_table: Dict[str, Opt
     status = np.asarray(status)
     scored = (status == ID) | (status == OOD)
     is_id = status[scored] == ID
-    table = {n: (None if v is None else np.asarray(v)[scored]) for n, v in score_table.items()}
+    table = {n: None if v is None else np.asarray(v)[scored] for n, v in score_table.items()}
     matching = report.get("protocol", {}).get("matching", "one_per_object")
     what = "one detection per object" if matching == "one_per_object" else "every matched detection"
 
@@ -413,16 +476,33 @@ def write_report_files(output_dir: str, report: Dict, score_table: Dict[str, Opt
         curves = [(n, np.asarray(tab[n]), ids) for n in available] if defined else []
         fig = _roc_figure(curves, heading)
         if not defined:
-            fig.axes[0].text(0.5, 0.5, f"undefined: {int(ids.sum())} ID and {int((~ids).sum())} OOD detections",
-                             ha="center", va="center", fontsize=9)
+            fig.axes[0].text(
+                0.5,
+                0.5,
+                f"undefined: {int(ids.sum())} ID and {int((~ids).sum())} OOD detections",
+                ha="center",
+                va="center",
+                fontsize=9,
+            )
         _save_figure(fig, os.path.join(output_dir, name))
 
     roc(table, is_id, "roc.png", f"{title or 'OOD detection ROC'}\nobject level, {what}")
     if image_level is not None:
-        roc(image_level[0], np.asarray(image_level[1], dtype=bool), "roc_image_level.png",
-            f"{title or 'OOD detection ROC'}\nimage level: ID test images vs {report['image_level']['ood_dataset']}")
-    _save_figure(_histogram_figure(table, is_id, f"{report.get('name', '')}: OOD scores of ID and OOD detections "
-                                   f"(object level, {what})"), os.path.join(output_dir, "score_hist.png"))
+        roc(
+            image_level[0],
+            np.asarray(image_level[1], dtype=bool),
+            "roc_image_level.png",
+            f"{title or 'OOD detection ROC'}\nimage level: ID test images vs"
+            f" {report['image_level']['ood_dataset']}",
+        )
+    _save_figure(
+        _histogram_figure(
+            table,
+            is_id,
+            f"{report.get('name', '')}: OOD scores of ID and OOD detections (object level, {what})",
+        ),
+        os.path.join(output_dir, "score_hist.png"),
+    )
     atomic_write(os.path.join(output_dir, "ood_report.csv"), report_csv(report).encode())
     write_json_atomic(os.path.join(output_dir, "ood_report.json"), report)
 
@@ -435,7 +515,12 @@ def protocol_of(report: Dict) -> Dict:
     """The settings that must agree for two reports' numbers to be comparable."""
     proto = report.get("protocol")
     if proto is None:  # a report without a protocol section counts every matched detection
-        return {"version": 1, "matching": "all", "match_iou": report.get("match_iou"), "score_threshold": report.get("score_threshold")}
+        return {
+            "version": 1,
+            "matching": "all",
+            "match_iou": report.get("match_iou"),
+            "score_threshold": report.get("score_threshold"),
+        }
     return {k: proto.get(k) for k in ("version", "matching", "match_iou", "score_threshold")}
 
 
@@ -445,17 +530,27 @@ def load_report(run_dir: str) -> Dict:
 
     path = os.path.join(run_dir, "ood_report.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no OOD report here; run tools/benchmark_ood.py on it first.")
+        raise FileNotFoundError(
+            f"{path}: no OOD report here; run tools/benchmark_ood.py on it first."
+        )
     try:
         with open(path) as f:
             rep = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ReportError(f"{path}: not valid JSON ({e}); re-run tools/benchmark_ood.py to write it again.") from None
+        raise ReportError(
+            f"{path}: not valid JSON ({e}); re-run tools/benchmark_ood.py to write it again."
+        ) from None
     if not isinstance(rep, dict) or not isinstance(rep.get("scores"), dict):
-        raise ReportError(f"{path}: not an OOD report (no 'scores' section); re-run tools/benchmark_ood.py to write it again.")
+        raise ReportError(
+            f"{path}: not an OOD report (no 'scores' section); re-run tools/benchmark_ood.py to"
+            " write it again."
+        )
     for name, entry in rep["scores"].items():
         if not isinstance(entry, dict) or "available" not in entry or "auroc" not in entry:
-            raise ReportError(f"{path}: scores['{name}'] lacks 'available' or 'auroc'; re-run tools/benchmark_ood.py.")
+            raise ReportError(
+                f"{path}: scores['{name}'] lacks 'available' or 'auroc'; re-run"
+                " tools/benchmark_ood.py."
+            )
     return rep
 
 
@@ -468,12 +563,17 @@ def check_same_protocol(reports: Sequence[tuple]):
         diff = [f"{k} {p0[k]!r} vs {p[k]!r}" for k in p0 if p0[k] != p[k]]
         il0, il = first.get("image_level") or {}, rep.get("image_level") or {}
         if il0 and il and il0.get("ood_dataset") != il.get("ood_dataset"):
-            diff.append(f"image-level OOD dataset {il0.get('ood_dataset')!r} vs {il.get('ood_dataset')!r}")
+            diff.append(
+                f"image-level OOD dataset {il0.get('ood_dataset')!r} vs {il.get('ood_dataset')!r}"
+            )
         if diff:
             raise ReportError(
-                f"refusing to compare reports from different protocols: {first_path} and {path} differ in "
-                + "; ".join(diff) + ". Re-run tools/benchmark_ood.py on the older runs (their checkpoints suffice) "
-                "with the same options.")
+                f"refusing to compare reports from different protocols: {first_path} and"
+                f" {path} differ in "
+                + "; ".join(diff)
+                + ". Re-run tools/benchmark_ood.py on the older runs (their checkpoints suffice) "
+                "with the same options."
+            )
 
 
 def _cell(entry, metric):
@@ -489,8 +589,11 @@ _SCORE_COLUMNS = [f"{s} {metric}" for metric in ("AUROC", "FPR95") for s in ALL_
 
 
 def _score_cells(scores: Dict) -> List[str]:
-    return [_cell(scores[s], metric) if s in scores else "n/a"
-            for metric in ("auroc", "fpr95") for s in ALL_SCORES]
+    return [
+        _cell(scores[s], metric) if s in scores else "n/a"
+        for metric in ("auroc", "fpr95")
+        for s in ALL_SCORES
+    ]
 
 
 def report_metrics(report: Dict) -> Dict[str, Optional[float]]:
@@ -533,16 +636,23 @@ def merge_reports(run_dirs: Sequence[str], output_dir: str):
         cells = [_fmt(values[k]) for k in ("AP", "AP50", "AP75", "a_ose", "wi")]
         table.append([name] + cells + _score_cells(rep["scores"]))
     proto = protocol_of(rows[0][1])
-    md = (f"Object level (matching: {proto['matching']}, IoU >= {proto['match_iou']}; "
-          "brackets: bootstrap 95% interval over test images)\n\n" + markdown_table(header, table))
+    md = (
+        f"Object level (matching: {proto['matching']}, IoU >= {proto['match_iou']}; "
+        "brackets: bootstrap 95% interval over test images)\n\n" + markdown_table(header, table)
+    )
     csv_rows = [["protocol"] + header] + [["object"] + r for r in table]
     image_rows = [(name, rep["image_level"]) for name, rep, _ in rows if rep.get("image_level")]
     if image_rows:
         ih = ["run", "OOD images", "ID dets", "OOD dets"] + _SCORE_COLUMNS
-        it = [[name, il["ood_dataset"], str(il["counts"]["id"]), str(il["counts"]["ood"])]
-              + _score_cells(il["scores"]) for name, il in image_rows]
-        md += ("\nImage level (VOS protocol: every detection on the OOD images is OOD)\n\n"
-               + markdown_table(ih, it))
+        it = [
+            [name, il["ood_dataset"], str(il["counts"]["id"]), str(il["counts"]["ood"])]
+            + _score_cells(il["scores"])
+            for name, il in image_rows
+        ]
+        md += (
+            "\nImage level (VOS protocol: every detection on the OOD images is OOD)\n\n"
+            + markdown_table(ih, it)
+        )
         csv_rows += [["protocol"] + ih] + [["image"] + r for r in it]
     os.makedirs(output_dir, exist_ok=True)
     atomic_write(os.path.join(output_dir, "ood_comparison.md"), md.encode())
@@ -607,7 +717,7 @@ def _comparison_roc(runs: Sequence[tuple]):
         ax.set_xlabel(ROC_XLABEL, fontsize=8)
         ax.set_ylabel(ROC_YLABEL, fontsize=8)
         ax.legend(fontsize=6, loc="lower right", title="run (AUROC)", title_fontsize=6)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_axis_off()
     fig.suptitle("OOD detection ROC per score, all runs (object level)", fontsize=10)
     fig.tight_layout()

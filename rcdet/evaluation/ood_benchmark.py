@@ -20,22 +20,44 @@ import time
 from typing import Dict, Optional
 
 import numpy as np
-
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.evaluation import DatasetEvaluators, PascalVOCDetectionEvaluator, inference_on_dataset
+from detectron2.evaluation import (
+    DatasetEvaluators,
+    PascalVOCDetectionEvaluator,
+    inference_on_dataset,
+)
 from detectron2.modeling import build_model
 
 from ..checkpoint import load_trained_weights
 from ..config import ConfigError
 from ..data.datasets import CheckedDatasetMapper
-from .extract import DetectionCollector, embed_ground_truth, file_checksum
-from ..file_io import save_npz_atomic
 from ..data.ood_images import builtin_ood_dataset
+from ..file_io import save_npz_atomic
+from .extract import DetectionCollector, embed_ground_truth, file_checksum
+from .ood import (
+    ALL_SCORES,
+    BACKGROUND,
+    DUPLICATE,
+    EMBEDDING_SCORES,
+    ID,
+    MATCHING_MODES,
+    OOD,
+    EmbeddingStatistics,
+    detector_confidence,
+    logit_scores,
+    match_detections,
+    score_report,
+    write_report_files,
+)
 from .open_set import OPEN_SET_IOU, WI_RECALL_LEVEL, absolute_open_set_error, wilderness_impact
-from .ood import (ALL_SCORES, BACKGROUND, DUPLICATE, EMBEDDING_SCORES, ID, MATCHING_MODES, OOD, EmbeddingStatistics,
-                  detector_confidence, logit_scores, match_detections, score_report, write_report_files)
 
-__all__ = ["run_ood_benchmark", "resolve_ood_dataset", "default_report_name", "PROTOCOL_VERSION", "KNOWN_AS_OOD_SCORE"]
+__all__ = [
+    "run_ood_benchmark",
+    "resolve_ood_dataset",
+    "default_report_name",
+    "PROTOCOL_VERSION",
+    "KNOWN_AS_OOD_SCORE",
+]
 
 logger = logging.getLogger(__name__)
 # 1: every matched detection counted. 2: one detection per object, OpenDet2's
@@ -57,7 +79,9 @@ def _fit_statistics(model, cfg, weights, knn_k, per_class_cov, num_known):
         logger.info(f"Loading cached OOD statistics from {cache}")
         return EmbeddingStatistics.load(cache)
     gt = embed_ground_truth(model, cfg, train_name, desc="fitting OOD statistics")
-    stats = EmbeddingStatistics.fit(gt["embeddings"], gt["labels"], num_known, knn_k=knn_k, per_class_covariance=per_class_cov)
+    stats = EmbeddingStatistics.fit(
+        gt["embeddings"], gt["labels"], num_known, knn_k=knn_k, per_class_covariance=per_class_cov
+    )
     stats.save(cache)
     logger.info(f"Cached OOD statistics in {cache}")
     return stats
@@ -74,12 +98,16 @@ def resolve_ood_dataset(test_name: str, ood_dataset: Optional[str]) -> Optional[
     if ood_dataset in ("auto", "builtin"):
         name = builtin_ood_dataset(test_name)
         if name is None and ood_dataset == "builtin":
-            raise ConfigError(f"--ood-dataset builtin: '{test_name}' is not a held-out split of the built-in dataset; "
-                              "name a registered OOD dataset instead.")
+            raise ConfigError(
+                f"--ood-dataset builtin: '{test_name}' is not a held-out split of the built-in"
+                " dataset; name a registered OOD dataset instead."
+            )
         return name
     if ood_dataset not in DatasetCatalog.list():
-        raise ConfigError(f"--ood-dataset '{ood_dataset}' is not a registered dataset. Registered datasets: "
-                          f"{', '.join(sorted(DatasetCatalog.list()))}.")
+        raise ConfigError(
+            f"--ood-dataset '{ood_dataset}' is not a registered dataset. Registered datasets: "
+            f"{', '.join(sorted(DatasetCatalog.list()))}."
+        )
     return ood_dataset
 
 
@@ -109,15 +137,27 @@ def _score_records(records, num_known: int, energy_temperature: float, stats) ->
         if stats is not None:
             for k, v in stats.scores(rec["embeddings"]).items():
                 table[k].append(v)
-    out = {k: (None if k in EMBEDDING_SCORES and stats is None else (np.concatenate(v) if v else np.zeros(0))) for k, v in table.items()}
-    return {"scores": out, "confidence": np.concatenate(conf) if conf else np.zeros(0),
-            "record": np.concatenate(record) if record else np.zeros(0, dtype=np.int64)}
+    out = {
+        k: (
+            None
+            if k in EMBEDDING_SCORES and stats is None
+            else (np.concatenate(v) if v else np.zeros(0))
+        )
+        for k, v in table.items()
+    }
+    return {
+        "scores": out,
+        "confidence": np.concatenate(conf) if conf else np.zeros(0),
+        "record": np.concatenate(record) if record else np.zeros(0, dtype=np.int64),
+    }
 
 
 def _collect(model, cfg, dataset: str, score_threshold: float, extra_evaluators=()):
     collector = DetectionCollector(score_threshold)
     loader = build_detection_test_loader(cfg, dataset, mapper=CheckedDatasetMapper(cfg, False))
-    results = inference_on_dataset(model, loader, DatasetEvaluators(list(extra_evaluators) + [collector]))
+    results = inference_on_dataset(
+        model, loader, DatasetEvaluators(list(extra_evaluators) + [collector])
+    )
     return collector.records, results
 
 
@@ -164,7 +204,11 @@ def run_ood_benchmark(
     has_branch = getattr(model.roi_heads, "projection", None) is not None
 
     t0 = time.perf_counter()
-    stats = _fit_statistics(model, cfg, cfg.MODEL.WEIGHTS, knn_k, per_class_covariance, num_known) if has_branch else None
+    stats = (
+        _fit_statistics(model, cfg, cfg.MODEL.WEIGHTS, knn_k, per_class_covariance, num_known)
+        if has_branch
+        else None
+    )
     fit_seconds = time.perf_counter() - t0
 
     plain_seconds = None
@@ -172,11 +216,19 @@ def run_ood_benchmark(
         # The reference: the same model's ordinary inference + VOC evaluation, EMBED_AT_TEST off.
         model.roi_heads.embed_at_test = False
         t0 = time.perf_counter()
-        inference_on_dataset(model, build_detection_test_loader(cfg, test_name, mapper=CheckedDatasetMapper(cfg, False)), PascalVOCDetectionEvaluator(test_name))
+        inference_on_dataset(
+            model,
+            build_detection_test_loader(cfg, test_name, mapper=CheckedDatasetMapper(cfg, False)),
+            PascalVOCDetectionEvaluator(test_name),
+        )
         plain_seconds = time.perf_counter() - t0
         model.roi_heads.embed_at_test = True
 
-    evaluators = [PascalVOCDetectionEvaluator(test_name)] if meta.get("evaluator_type") == "pascal_voc" else []
+    evaluators = (
+        [PascalVOCDetectionEvaluator(test_name)]
+        if meta.get("evaluator_type") == "pascal_voc"
+        else []
+    )
     t0 = time.perf_counter()
     records, results = _collect(model, cfg, test_name, score_threshold, evaluators)
     inference_seconds = time.perf_counter() - t0
@@ -189,15 +241,23 @@ def run_ood_benchmark(
     table, confidence = scored["scores"], scored["confidence"]
     status, one, gt_index, images, open_set_images = [], [], [], [], []
     ood_objects_as_known = set()
-    offsets = np.r_[0, np.cumsum([len(rec["scores"]) for rec in records])].astype(np.int64)  # records' detections are contiguous
+    offsets = np.r_[0, np.cumsum([len(rec["scores"]) for rec in records])].astype(
+        np.int64
+    )  # records' detections are contiguous
     for r, rec in enumerate(records):
         d = dicts[position[rec["image_id"]]]
         known, ood = d.get("annotations", []), d.get("ood_annotations", [])
         gt_boxes = np.array([a["bbox"] for a in known + ood], dtype=np.float64).reshape(-1, 4)
         gt_ood = np.array([False] * len(known) + [True] * len(ood), dtype=bool)
         conf = confidence[offsets[r] : offsets[r + 1]]
-        st_one, idx = match_detections(rec["boxes"], gt_boxes, gt_ood, match_iou, conf, "one_per_object")
-        st = st_one if matching == "one_per_object" else match_detections(rec["boxes"], gt_boxes, gt_ood, match_iou, matching="all")[0]
+        st_one, idx = match_detections(
+            rec["boxes"], gt_boxes, gt_ood, match_iou, conf, "one_per_object"
+        )
+        st = (
+            st_one
+            if matching == "one_per_object"
+            else match_detections(rec["boxes"], gt_boxes, gt_ood, match_iou, matching="all")[0]
+        )
         status.append(st)
         one.append(st_one)
         gt_index.append(idx)
@@ -205,10 +265,16 @@ def run_ood_benchmark(
         for j in np.flatnonzero((idx >= 0) & (rec["scores"] >= KNOWN_AS_OOD_SCORE)):
             if gt_ood[idx[j]]:
                 ood_objects_as_known.add((rec["image_id"], int(idx[j])))
-        open_set_images.append({
-            "boxes": rec["boxes"], "scores": rec["scores"], "classes": rec["classes"],
-            "gt_boxes": gt_boxes[: len(known)], "gt_classes": [a["category_id"] for a in known], "unknown_boxes": gt_boxes[len(known):],
-        })
+        open_set_images.append(
+            {
+                "boxes": rec["boxes"],
+                "scores": rec["scores"],
+                "classes": rec["classes"],
+                "gt_boxes": gt_boxes[: len(known)],
+                "gt_classes": [a["category_id"] for a in known],
+                "unknown_boxes": gt_boxes[len(known) :],
+            }
+        )
 
     def cat(parts, dtype=np.int64):
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
@@ -239,23 +305,50 @@ def run_ood_benchmark(
     held_out = list(meta.get("held_out_classes", []))
     if not held_out or num_ood_objects == 0:
         warnings.append(
-            f"The test set '{test_name}' has no held-out objects (MODEL.RCDET.OOD.HELD_OUT_CLASSES = {held_out}): "
-            "OOD metrics are undefined."
+            f"The test set '{test_name}' has no held-out objects (MODEL.RCDET.OOD.HELD_OUT_CLASSES"
+            f" = {held_out}): OOD metrics are undefined."
         )
     if status.size == 0:
-        warnings.append("The model produced no detections above the score threshold: OOD metrics are undefined.")
+        warnings.append(
+            "The model produced no detections above the score threshold: OOD metrics are undefined."
+        )
     elif counts["id"] == 0 or counts["ood"] == 0:
-        warnings.append(f"Matched detections are all one kind (ID {counts['id']}, OOD {counts['ood']}): OOD metrics are undefined.")
-    scores = score_report(table, status, images, len(dicts), bootstrap, seed,
-                          num_ood_objects=num_ood_objects if matching == "one_per_object" else None)
+        warnings.append(
+            f"Matched detections are all one kind (ID {counts['id']}, OOD {counts['ood']}): OOD"
+            " metrics are undefined."
+        )
+    scores = score_report(
+        table,
+        status,
+        images,
+        len(dicts),
+        bootstrap,
+        seed,
+        num_ood_objects=num_ood_objects if matching == "one_per_object" else None,
+    )
     scoring_seconds = time.perf_counter() - t0
 
     defined = not warnings  # the object-level metrics; the image level has its own warnings
     image_level, image_level_raw, ood_seconds = None, None, None
     if ood_name is not None:
         t0 = time.perf_counter()
-        image_level, image_level_raw = _image_level(model, cfg, ood_name, dicts, table, confidence, images, one, num_known,
-                                                    energy_temperature, stats, score_threshold, image_min_score, bootstrap, seed)
+        image_level, image_level_raw = _image_level(
+            model,
+            cfg,
+            ood_name,
+            dicts,
+            table,
+            confidence,
+            images,
+            one,
+            num_known,
+            energy_temperature,
+            stats,
+            score_threshold,
+            image_min_score,
+            bootstrap,
+            seed,
+        )
         warnings += image_level["warnings"]
         ood_seconds = time.perf_counter() - t0
     for w in warnings:
@@ -273,8 +366,15 @@ def run_ood_benchmark(
             "matching": matching,
             "match_iou": match_iou,
             "score_threshold": score_threshold,
-            "confidence": "max known-class probability, softmax over the K known and the background logits",
-            "bootstrap": {"replicates": bootstrap, "seed": seed, "unit": "test image", "interval": "percentile, 95%"},
+            "confidence": (
+                "max known-class probability, softmax over the K known and the background logits"
+            ),
+            "bootstrap": {
+                "replicates": bootstrap,
+                "seed": seed,
+                "unit": "test image",
+                "interval": "percentile, 95%",
+            },
         },
         "higher_score_means": "in-distribution",
         "detection": {k: float(v) for k, v in results.get("bbox", {}).items()},
@@ -284,31 +384,72 @@ def run_ood_benchmark(
         "warnings": warnings,
         "scores": scores,
         "image_level": image_level,
-        "timing_seconds": {"fit_statistics": fit_seconds, "inference": inference_seconds, "scoring": scoring_seconds},
+        "timing_seconds": {
+            "fit_statistics": fit_seconds,
+            "inference": inference_seconds,
+            "scoring": scoring_seconds,
+        },
     }
     if ood_seconds is not None:
         report["timing_seconds"]["image_level"] = ood_seconds
     if plain_seconds:
         report["timing_seconds"]["plain_inference"] = plain_seconds
-        report["overhead_vs_plain_inference"] = (inference_seconds + scoring_seconds) / plain_seconds - 1.0
-        report["overhead_vs_plain_inference_with_fit"] = (fit_seconds + inference_seconds + scoring_seconds) / plain_seconds - 1.0
+        report["overhead_vs_plain_inference"] = (
+            inference_seconds + scoring_seconds
+        ) / plain_seconds - 1.0
+        report["overhead_vs_plain_inference_with_fit"] = (
+            fit_seconds + inference_seconds + scoring_seconds
+        ) / plain_seconds - 1.0
     os.makedirs(output_dir, exist_ok=True)
     raw = {k: v for k, v in table.items() if v is not None}
     save_npz_atomic(
-        os.path.join(output_dir, "ood_scores.npz"), status=status, match=one, gt_index=gt_index, image_index=images,
-        image_ids=np.array([str(i) for i in image_ids]), boxes=cat([r["boxes"] for r in records], np.float64).reshape(-1, 4),
-        classes=cat([r["classes"] for r in records]), detection_score=cat([r["scores"] for r in records], np.float64),
-        confidence=confidence, **raw)
+        os.path.join(output_dir, "ood_scores.npz"),
+        status=status,
+        match=one,
+        gt_index=gt_index,
+        image_index=images,
+        image_ids=np.array([str(i) for i in image_ids]),
+        boxes=cat([r["boxes"] for r in records], np.float64).reshape(-1, 4),
+        classes=cat([r["classes"] for r in records]),
+        detection_score=cat([r["scores"] for r in records], np.float64),
+        confidence=confidence,
+        **raw,
+    )
     if image_level_raw is not None:
         save_npz_atomic(os.path.join(output_dir, "ood_image_level_scores.npz"), **image_level_raw)
-    il = None if image_level_raw is None else ({k: image_level_raw.get(k) for k in ALL_SCORES}, image_level_raw["is_id"])
-    write_report_files(output_dir, report, table, status, title=f"OOD ROC: {report['name']} (held out: {', '.join(held_out)})",
-                       image_level=il)
+    il = (
+        None
+        if image_level_raw is None
+        else ({k: image_level_raw.get(k) for k in ALL_SCORES}, image_level_raw["is_id"])
+    )
+    write_report_files(
+        output_dir,
+        report,
+        table,
+        status,
+        title=f"OOD ROC: {report['name']} (held out: {', '.join(held_out)})",
+        image_level=il,
+    )
     return report
 
 
-def _image_level(model, cfg, ood_name, dicts, table, confidence, images, one, num_known, energy_temperature, stats,
-                 score_threshold, image_min_score, bootstrap, seed):
+def _image_level(
+    model,
+    cfg,
+    ood_name,
+    dicts,
+    table,
+    confidence,
+    images,
+    one,
+    num_known,
+    energy_temperature,
+    stats,
+    score_threshold,
+    image_min_score,
+    bootstrap,
+    seed,
+):
     """The VOS/SIREN protocol: detections on the test images without held-out objects (ID) against
     every detection on the OOD image set (OOD), both kept at the same minimum confidence."""
     warnings = []
@@ -321,37 +462,63 @@ def _image_level(model, cfg, ood_name, dicts, table, confidence, images, one, nu
         claimed = np.sort(confidence[on_id & (one == ID)])[::-1]
         if claimed.size:
             min_score = float(claimed[int(np.ceil(IMAGE_LEVEL_KEEP * claimed.size)) - 1])
-            rule = f"the confidence that keeps {IMAGE_LEVEL_KEEP:.0%} of the {claimed.size} claimed ID objects on the ID images"
+            rule = (
+                f"the confidence that keeps {IMAGE_LEVEL_KEEP:.0%} of the {claimed.size} claimed ID"
+                " objects on the ID images"
+            )
         else:
-            min_score, rule = float(score_threshold), "no claimed ID objects on the ID images: the score threshold"
-            warnings.append("Image level: no ID object on the ID images was detected; detections are kept at the score threshold.")
+            min_score, rule = (
+                float(score_threshold),
+                "no claimed ID objects on the ID images: the score threshold",
+            )
+            warnings.append(
+                "Image level: no ID object on the ID images was detected; detections are kept at"
+                " the score threshold."
+            )
     else:
         min_score, rule = float(image_min_score), "given (--image-min-score)"
 
     ood_dicts = DatasetCatalog.get(ood_name)
     ood_classes = list(MetadataCatalog.get(ood_name).get("thing_classes", []))
-    known_objects = [ood_classes[a["category_id"]] for d in ood_dicts for a in d.get("annotations", [])
-                     if a["category_id"] < len(ood_classes) and ood_classes[a["category_id"]] in known]
+    known_objects = [
+        ood_classes[a["category_id"]]
+        for d in ood_dicts
+        for a in d.get("annotations", [])
+        if a["category_id"] < len(ood_classes) and ood_classes[a["category_id"]] in known
+    ]
     if known_objects:
         names = ", ".join(sorted(set(known_objects)))
-        warnings.append(f"The OOD image set '{ood_name}' contains {len(known_objects)} known-class objects ({names}); "
-                        "their detections are counted as OOD.")
+        warnings.append(
+            f"The OOD image set '{ood_name}' contains {len(known_objects)} known-class objects"
+            f" ({names}); their detections are counted as OOD."
+        )
     records, _ = _collect(model, cfg, ood_name, score_threshold)
     ood_scored = _score_records(records, num_known, energy_temperature, stats)
     ood_position = {d["image_id"]: i for i, d in enumerate(ood_dicts)}
-    ood_images = np.array([ood_position[records[r]["image_id"]] for r in ood_scored["record"]], dtype=np.int64)
+    ood_images = np.array(
+        [ood_position[records[r]["image_id"]] for r in ood_scored["record"]], dtype=np.int64
+    )
 
     keep_id = on_id & (confidence >= min_score)
     keep_ood = ood_scored["confidence"] >= min_score
-    il_table = {k: (None if v is None else np.concatenate([v[keep_id], ood_scored["scores"][k][keep_ood]])) for k, v in table.items()}
-    is_id = np.r_[np.ones(int(keep_id.sum()), dtype=bool), np.zeros(int(keep_ood.sum()), dtype=bool)]
+    il_table = {
+        k: None if v is None else np.concatenate([v[keep_id], ood_scored["scores"][k][keep_ood]])
+        for k, v in table.items()
+    }
+    is_id = np.r_[
+        np.ones(int(keep_id.sum()), dtype=bool), np.zeros(int(keep_ood.sum()), dtype=bool)
+    ]
     groups = np.r_[id_pos[images[keep_id]], len(id_images) + ood_images[keep_ood]]
-    strata = np.r_[np.zeros(len(id_images), dtype=np.int64), np.ones(len(ood_dicts), dtype=np.int64)]
+    strata = np.r_[
+        np.zeros(len(id_images), dtype=np.int64), np.ones(len(ood_dicts), dtype=np.int64)
+    ]
     status = np.where(is_id, ID, OOD)
     counts = {"id": int(is_id.sum()), "ood": int((~is_id).sum())}
     if counts["id"] == 0 or counts["ood"] == 0:
-        warnings.append(f"Image level: the kept detections are all one kind (ID {counts['id']}, OOD {counts['ood']}): "
-                        "its metrics are undefined.")
+        warnings.append(
+            f"Image level: the kept detections are all one kind (ID {counts['id']}, OOD"
+            f" {counts['ood']}): its metrics are undefined."
+        )
     result = {
         "ood_dataset": ood_name,
         "id_images": len(id_images),
@@ -360,7 +527,9 @@ def _image_level(model, cfg, ood_name, dicts, table, confidence, images, one, nu
         "min_score_rule": rule,
         "known_class_objects_in_ood_images": len(known_objects),
         "counts": counts,
-        "scores": score_report(il_table, status, groups, len(id_images) + len(ood_dicts), bootstrap, seed, strata),
+        "scores": score_report(
+            il_table, status, groups, len(id_images) + len(ood_dicts), bootstrap, seed, strata
+        ),
         "warnings": warnings,
     }
     raw = {k: v for k, v in il_table.items() if v is not None}

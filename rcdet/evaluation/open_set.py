@@ -28,7 +28,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["OPEN_SET_IOU", "WI_RECALL_LEVEL", "pairwise_iou", "absolute_open_set_error", "wilderness_impact"]
+__all__ = [
+    "OPEN_SET_IOU",
+    "WI_RECALL_LEVEL",
+    "pairwise_iou",
+    "absolute_open_set_error",
+    "wilderness_impact",
+]
 
 # OpenDet2's ``ovthresh`` for both A-OSE and WI; the comparison is strict (IoU > 0.5).
 OPEN_SET_IOU = 0.5
@@ -38,7 +44,9 @@ WI_RECALL_LEVEL = 0.8
 
 def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU between XYXY boxes a (N, 4) and b (M, 4); 0 for empty boxes."""
-    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(
+        -1, 4
+    )
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.clip(rb - lt, 0, None).prod(axis=2)
@@ -56,7 +64,9 @@ def _overlaps_unknown(boxes, unknown_boxes, iou: float) -> np.ndarray:
     return pairwise_iou(boxes, unknown_boxes).max(axis=1) > iou
 
 
-def absolute_open_set_error(images: List[Dict], score_threshold: float = 0.0, iou: float = OPEN_SET_IOU) -> int:
+def absolute_open_set_error(
+    images: List[Dict], score_threshold: float = 0.0, iou: float = OPEN_SET_IOU
+) -> int:
     """
     A-OSE over ``images``: dicts with ``boxes`` (N, 4), ``scores`` (N,) of the known-class
     detections and ``unknown_boxes`` (M, 4) of the held-out objects. Counts detections with score
@@ -65,12 +75,21 @@ def absolute_open_set_error(images: List[Dict], score_threshold: float = 0.0, io
     total = 0
     for im in images:
         keep = np.asarray(im["scores"], dtype=np.float64).reshape(-1) >= score_threshold
-        total += int(_overlaps_unknown(np.asarray(im["boxes"]).reshape(-1, 4)[keep], im["unknown_boxes"], iou).sum())
+        total += int(
+            _overlaps_unknown(
+                np.asarray(im["boxes"]).reshape(-1, 4)[keep], im["unknown_boxes"], iou
+            ).sum()
+        )
     return total
 
 
-def wilderness_impact(images: List[Dict], num_known: int, recall_level: float = WI_RECALL_LEVEL,
-                      iou: float = OPEN_SET_IOU, score_threshold: float = 0.0) -> Dict[str, Optional[float]]:
+def wilderness_impact(
+    images: List[Dict],
+    num_known: int,
+    recall_level: float = WI_RECALL_LEVEL,
+    iou: float = OPEN_SET_IOU,
+    score_threshold: float = 0.0,
+) -> Dict[str, Optional[float]]:
     """
     Wilderness impact at ``recall_level`` as OpenDet2 computes it. ``images``: dicts with the
     detections' ``boxes``, ``scores`` and ``classes`` (known-class index), the known objects'
@@ -102,7 +121,9 @@ def wilderness_impact(images: List[Dict], num_known: int, recall_level: float = 
         if not entry["score"] or npos[c] == 0:
             continue
         # Highest score first; ties keep the detector's order.
-        idx = sorted(range(len(entry["score"])), key=lambda k: (-entry["score"][k], entry["order"][k]))
+        idx = sorted(
+            range(len(entry["score"])), key=lambda k: (-entry["score"][k], entry["order"][k])
+        )
         claimed = {}
         tp = np.zeros(len(idx))
         is_unk = np.zeros(len(idx))
@@ -125,5 +146,9 @@ def wilderness_impact(images: List[Dict], num_known: int, recall_level: float = 
         fp_open.append(float(np.cumsum(is_unk)[at]))
     if not tp_plus_fp:
         return {"wi": None, "fp_open": None, "tp_plus_fp": None, "classes": 0}
-    return {"wi": float(np.mean(fp_open) / np.mean(tp_plus_fp)), "fp_open": float(np.mean(fp_open)),
-            "tp_plus_fp": float(np.mean(tp_plus_fp)), "classes": len(tp_plus_fp)}
+    return {
+        "wi": float(np.mean(fp_open) / np.mean(tp_plus_fp)),
+        "fp_open": float(np.mean(fp_open)),
+        "tp_plus_fp": float(np.mean(tp_plus_fp)),
+        "classes": len(tp_plus_fp),
+    }

@@ -10,7 +10,6 @@ import os
 from typing import Dict, List, Optional
 
 import numpy as np
-
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.visualizer import Visualizer
@@ -45,8 +44,10 @@ def _ensure_registered(name: str):
 
     parsed = parse_held_out_split(name)
     if parsed is None or parsed[0] not in DatasetCatalog.list():
-        raise ConfigError(f"The report's test dataset '{name}' is not registered here; pass the run's --config-file "
-                          "(and its dataset settings) so that it is.")
+        raise ConfigError(
+            f"The report's test dataset '{name}' is not registered here; pass the run's"
+            " --config-file (and its dataset settings) so that it is."
+        )
     base, held, mode, role = parsed
     register_held_out_split(base, held, mode or "drop_images", role)
 
@@ -66,24 +67,47 @@ def _panel(d: Dict, det: Dict, colors, held_out: List[str], show_background: boo
         x0, y0, x1, y1 = a["bbox"]
         vis.draw_box((x0, y0, x1, y1), alpha=1.0, edge_color=HELD_OUT_COLOR, line_style="--")
         name = held_out[a["category_id"]] if a["category_id"] < len(held_out) else "held out"
-        vis.draw_text(f"held out: {name}", (x0 + 2, y1 - 2), color=HELD_OUT_COLOR, horizontal_alignment="left", font_size=font)
+        vis.draw_text(
+            f"held out: {name}",
+            (x0 + 2, y1 - 2),
+            color=HELD_OUT_COLOR,
+            horizontal_alignment="left",
+            font_size=font,
+        )
     for j in range(len(det["status"])):
         st = det["status"][j]
         box = tuple(det["boxes"][j])
         if st in (ID, OOD):
             vis.draw_box(box, alpha=1.0, edge_color=colors[j], line_style="-")
-            vis.draw_text(f"{det['values'][j]:.2f}", (box[0] + 2, box[1] + 1), color=colors[j],
-                          horizontal_alignment="left", font_size=font)
+            vis.draw_text(
+                f"{det['values'][j]:.2f}",
+                (box[0] + 2, box[1] + 1),
+                color=colors[j],
+                horizontal_alignment="left",
+                font_size=font,
+            )
         elif st == DUPLICATE:
             vis.draw_box(box, alpha=0.9, edge_color=DUPLICATE_COLOR, line_style=":")
-            vis.draw_text("dup", (box[2] - 2, box[1] + 1), color=DUPLICATE_COLOR, horizontal_alignment="right", font_size=font)
+            vis.draw_text(
+                "dup",
+                (box[2] - 2, box[1] + 1),
+                color=DUPLICATE_COLOR,
+                horizontal_alignment="right",
+                font_size=font,
+            )
         elif st == BACKGROUND and show_background:
             vis.draw_box(box, alpha=0.6, edge_color=BACKGROUND_COLOR, line_style=":")
     return vis.get_output().get_image()
 
 
-def draw_ood_grid(report_dir: str, output: Optional[str] = None, score: Optional[str] = None, num_images: int = 8,
-                  cols: int = 4, show_background: bool = False) -> str:
+def draw_ood_grid(
+    report_dir: str,
+    output: Optional[str] = None,
+    score: Optional[str] = None,
+    num_images: int = 8,
+    cols: int = 4,
+    show_background: bool = False,
+) -> str:
     """
     Write a PNG grid of ``num_images`` test images (those with held-out objects first) of the run
     in ``report_dir``: claimed detections outlined in the colour of their ``score`` (default: the
@@ -103,14 +127,19 @@ def draw_ood_grid(report_dir: str, output: Optional[str] = None, score: Optional
     raw = os.path.join(report_dir, "ood_scores.npz")
     with np.load(raw) as z:
         if "boxes" not in z.files or "image_index" not in z.files:
-            raise ReportError(f"{raw}: has no boxes (an older report); re-run tools/benchmark_ood.py on the run.")
+            raise ReportError(
+                f"{raw}: has no boxes (an older report); re-run tools/benchmark_ood.py on the run."
+            )
         data = {k: z[k] for k in z.files}
     score = score or best_score(report)
     if score not in ALL_SCORES:
         raise ConfigError(f"--score '{score}': choose one of {', '.join(ALL_SCORES)}.")
     if score not in data:
-        raise ConfigError(f"--score {score}: not available for this model (no embedding branch); choose one of "
-                          + ", ".join(s for s in ALL_SCORES if s in data) + ".")
+        raise ConfigError(
+            f"--score {score}: not available for this model (no embedding branch); choose one of "
+            + ", ".join(s for s in ALL_SCORES if s in data)
+            + "."
+        )
     matched = data.get("match", data["status"])
     _ensure_registered(report["test_dataset"])
     dicts = DatasetCatalog.get(report["test_dataset"])
@@ -133,20 +162,31 @@ def draw_ood_grid(report_dir: str, output: Optional[str] = None, score: Optional
         n_id, n_ood, n_dup = (int((det["status"] == s).sum()) for s in (ID, OOD, DUPLICATE))
         ax.set_title(f"{dicts[i]['image_id']}: {n_id} ID, {n_ood} OOD, {n_dup} dup.", fontsize=8)
         ax.set_axis_off()
-    for ax in list(axes.flat)[len(chosen):]:
+    for ax in list(axes.flat)[len(chosen) :]:
         ax.set_axis_off()
     proto = report.get("protocol", {})
-    fig.suptitle(f"{report.get('name', '')}: detections coloured by {score} "
-                 f"(object level, {proto.get('matching', 'all')} matching)", fontsize=10)
-    handles = [Line2D([], [], color=HELD_OUT_COLOR, linestyle="--", label="held-out object (ground truth)"),
-               Line2D([], [], color=DUPLICATE_COLOR, linestyle=":", label="duplicate detection")]
+    fig.suptitle(
+        f"{report.get('name', '')}: detections coloured by {score} "
+        f"(object level, {proto.get('matching', 'all')} matching)",
+        fontsize=10,
+    )
+    handles = [
+        Line2D(
+            [], [], color=HELD_OUT_COLOR, linestyle="--", label="held-out object (ground truth)"
+        ),
+        Line2D([], [], color=DUPLICATE_COLOR, linestyle=":", label="duplicate detection"),
+    ]
     if show_background:
-        handles.append(Line2D([], [], color=BACKGROUND_COLOR, linestyle=":", label="background detection"))
+        handles.append(
+            Line2D([], [], color=BACKGROUND_COLOR, linestyle=":", label="background detection")
+        )
     fig.legend(handles=handles, loc="lower left", fontsize=8, ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.06, 0.9, 0.97))
     cax = fig.add_axes([0.915, 0.15, 0.015, 0.7])
     bar = fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=cmap), cax=cax)
-    bar.set_label(f"{score}: percentile among scored detections\n(red: OOD-like, green: ID-like)", fontsize=8)
+    bar.set_label(
+        f"{score}: percentile among scored detections\n(red: OOD-like, green: ID-like)", fontsize=8
+    )
     path = output or os.path.join(report_dir, "ood_grid.png")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

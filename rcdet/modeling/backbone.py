@@ -1,12 +1,11 @@
 """A small from-scratch backbone with GroupNorm, so the demo trains on a laptop CPU."""
 
 import fvcore.nn.weight_init as weight_init
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
+from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["TinyConvNet", "build_tinynet_fpn_backbone"]
 
@@ -14,13 +13,19 @@ __all__ = ["TinyConvNet", "build_tinynet_fpn_backbone"]
 class TinyConvNet(Backbone):
     """VGG-style stages at strides 4, 8, 16 and 32 (named s2..s5), each conv followed by norm + ReLU."""
 
-    def __init__(self, in_channels, channels, depth, norm="GN", out_features=("s2", "s3", "s4", "s5")):
+    def __init__(
+        self, in_channels, channels, depth, norm="GN", out_features=("s2", "s3", "s4", "s5")
+    ):
         super().__init__()
         if len(channels) != 4 or len(depth) != 4:
-            raise ValueError(f"MODEL.TINYNET.CHANNELS and DEPTH need 4 entries, got {channels} and {depth}.")
+            raise ValueError(
+                f"MODEL.TINYNET.CHANNELS and DEPTH need 4 entries, got {channels} and {depth}."
+            )
 
         def conv(cin, cout, stride):
-            layer = Conv2d(cin, cout, 3, stride=stride, padding=1, bias=not norm, norm=get_norm(norm, cout))
+            layer = Conv2d(
+                cin, cout, 3, stride=stride, padding=1, bias=not norm, norm=get_norm(norm, cout)
+            )
             weight_init.c2_msra_fill(layer)
             return layer
 

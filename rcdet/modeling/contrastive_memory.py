@@ -23,7 +23,9 @@ def compact_indices(mask: torch.Tensor, capacity: int):
     capacity = min(int(capacity), mask.shape[0])
     position = mask.to(torch.int64).cumsum(0) - 1
     kept = mask & (position < capacity)
-    slot = torch.where(kept, position, torch.full_like(position, capacity))  # the rest land in a spare slot
+    slot = torch.where(
+        kept, position, torch.full_like(position, capacity)
+    )  # the rest land in a spare slot
     index = torch.zeros(capacity + 1, dtype=torch.int64, device=mask.device)
     index.scatter_(0, slot, torch.arange(mask.shape[0], device=mask.device))
     valid = torch.arange(capacity, device=mask.device) < kept.sum()
@@ -49,7 +51,13 @@ class RankedInfoNCEWithMemory(nn.Module):
     rows are sized by the exact count instead (``static_shapes``).
     """
 
-    def __init__(self, loss: RankedInfoNCELoss, queue: Optional[EmbeddingQueue] = None, gather: bool = True, static_shapes: Optional[bool] = None):
+    def __init__(
+        self,
+        loss: RankedInfoNCELoss,
+        queue: Optional[EmbeddingQueue] = None,
+        gather: bool = True,
+        static_shapes: Optional[bool] = None,
+    ):
         super().__init__()
         self.loss = loss
         self.queue = queue
@@ -88,7 +96,9 @@ class RankedInfoNCEWithMemory(nn.Module):
                 enqueue_mask = torch.zeros_like(anchor_mask)
             world = get_world_size() if self.gather else 1
             rows = emb
-            flags = torch.stack([labels.to(emb.dtype), is_anchor.to(emb.dtype), enqueue_mask.to(emb.dtype)], dim=1)
+            flags = torch.stack(
+                [labels.to(emb.dtype), is_anchor.to(emb.dtype), enqueue_mask.to(emb.dtype)], dim=1
+            )
             offset = 0
             if world > 1:
                 packed = torch.cat([emb, flags], dim=1)
@@ -98,7 +108,9 @@ class RankedInfoNCEWithMemory(nn.Module):
                     # the collective, would leave the other workers waiting until their timeout.
                     raise ValueError(f"{n} regions on this worker, more than pad_to = {width}.")
                 # Padding rows have label -1: "no key", never an anchor, never enqueued.
-                padding = torch.cat([emb.new_zeros(dim), emb.new_full((1,), -1.0), emb.new_zeros(2)])[None]
+                padding = torch.cat(
+                    [emb.new_zeros(dim), emb.new_full((1,), -1.0), emb.new_zeros(2)]
+                )[None]
                 packed = all_gather_with_grad(pad_rows(packed, width, padding))
                 rows, flags = packed[:, :dim], packed[:, dim:]
                 offset = get_rank() * width
@@ -110,8 +122,12 @@ class RankedInfoNCEWithMemory(nn.Module):
                 queue_emb, queue_labels = self.queue.all_slots()
                 keys = torch.cat([rows, queue_emb.to(rows.dtype)])
                 all_labels = torch.cat([key_labels, queue_labels])
-                anchor_keys = torch.cat([anchor_keys, torch.zeros_like(queue_labels, dtype=torch.bool)])
-            weights = anchor_weights.index_select(0, anchor_idx) if anchor_weights is not None else None
+                anchor_keys = torch.cat(
+                    [anchor_keys, torch.zeros_like(queue_labels, dtype=torch.bool)]
+                )
+            weights = (
+                anchor_weights.index_select(0, anchor_idx) if anchor_weights is not None else None
+            )
             out = self.loss(
                 emb.index_select(0, anchor_idx),
                 labels.index_select(0, anchor_idx),

@@ -54,7 +54,13 @@ class EmbeddingQueue(nn.Module):
         return self.embeddings.view(-1, self.dim)[mask], self.labels.view(-1)[mask]
 
     @torch.no_grad()
-    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor = None, gather: bool = True):
+    def enqueue(
+        self,
+        embeddings: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor = None,
+        gather: bool = True,
+    ):
         """
         Append the rows selected by ``mask`` (all rows if None). With ``gather``, the rows of
         every worker are gathered first (sizes may differ: one sync to learn them), so that all
@@ -64,12 +70,20 @@ class EmbeddingQueue(nn.Module):
         labels = labels.to(torch.int64)
         take = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.to(torch.bool)
         if embeddings.dim() != 2 or embeddings.shape[1] != self.dim:
-            raise ValueError(f"Queue holds {self.dim}-d embeddings, got shape {tuple(embeddings.shape)}.")
+            raise ValueError(
+                f"Queue holds {self.dim}-d embeddings, got shape {tuple(embeddings.shape)}."
+            )
         if gather and get_world_size() > 1:
             rows = max(gather_sizes(embeddings.shape[0], embeddings.device))
-            packed = torch.cat([embeddings.float(), labels[:, None].float(), take[:, None].float()], dim=1)
+            packed = torch.cat(
+                [embeddings.float(), labels[:, None].float(), take[:, None].float()], dim=1
+            )
             packed = all_gather_padded(pad_rows(packed, rows, packed.new_zeros(1, self.dim + 2)))
-            embeddings, labels, take = packed[:, : self.dim], packed[:, self.dim].long(), packed[:, self.dim + 1] > 0
+            embeddings, labels, take = (
+                packed[:, : self.dim],
+                packed[:, self.dim].long(),
+                packed[:, self.dim + 1] > 0,
+            )
         if embeddings.shape[0] == 0:
             return
         self._write(embeddings.to(self.embeddings.dtype), labels, take)
@@ -88,15 +102,23 @@ class EmbeddingQueue(nn.Module):
         position = (seen * per_ring).sum(dim=1) - 1
         total = seen[-1]
         keep = take & (position >= total.index_select(0, ring) - self.size)
-        slot = ring * self.size + (self.pointer.index_select(0, ring) + position).remainder(self.size)
+        slot = ring * self.size + (self.pointer.index_select(0, ring) + position).remainder(
+            self.size
+        )
 
         # Rows that are not kept rewrite the last kept row's slot with that row's value (or, when
         # nothing is kept, slot 0 with its own content): a single fixed-size write, no sync.
-        flat_emb, flat_lab, flat_fill = self.embeddings.view(-1, self.dim), self.labels.view(-1), self.filled.view(-1)
+        flat_emb, flat_lab, flat_fill = (
+            self.embeddings.view(-1, self.dim),
+            self.labels.view(-1),
+            self.filled.view(-1),
+        )
         # (an index tensor of shape (1,), not a 0-d one: indexing with a 0-d tensor reads it on the host)
         last = (keep * torch.arange(1, keep.shape[0] + 1, device=keep.device)).argmax().view(1)
         any_keep = keep.any()
-        index = torch.where(keep, slot, torch.where(any_keep, slot.index_select(0, last), torch.zeros_like(last)))
+        index = torch.where(
+            keep, slot, torch.where(any_keep, slot.index_select(0, last), torch.zeros_like(last))
+        )
         fallback_emb = torch.where(any_keep, embeddings.index_select(0, last), flat_emb[:1])
         fallback_lab = torch.where(any_keep, labels.index_select(0, last), flat_lab[:1])
         fallback_fill = any_keep | flat_fill[:1]

@@ -92,7 +92,9 @@ class RankedInfoNCEOutput:
     per_rank: torch.Tensor  # (r,) mean ell_k; 0 where no anchor has a rank-k positive
     anchor_counts: torch.Tensor  # (r,) this call's anchors with at least one rank-k positive
     normalizer: torch.Tensor  # (r,) the anchor counts each rank's mean runs over
-    mean_similarity: torch.Tensor  # (r + 1,) mean s of rank-1..r positives, then negatives (nan if none)
+    mean_similarity: (
+        torch.Tensor
+    )  # (r + 1,) mean s of rank-1..r positives, then negatives (nan if none)
     num_keys: torch.Tensor  # () keys that take part (labels >= 0), on the device
     num_anchors: torch.Tensor  # () valid anchors of this call, on the device
 
@@ -111,7 +113,9 @@ def rank_code_table(rank_matrix: torch.Tensor, num_ranks: int) -> torch.Tensor:
 
 def key_classes(key_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Column of each key in the code table: its class, K for background, K + 1 for no key."""
-    cls = torch.where(key_labels >= num_classes, torch.full_like(key_labels, num_classes), key_labels)
+    cls = torch.where(
+        key_labels >= num_classes, torch.full_like(key_labels, num_classes), key_labels
+    )
     return torch.where(key_labels < 0, torch.full_like(key_labels, num_classes + 1), cls)
 
 
@@ -145,7 +149,9 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchors, keys, key_cls, class_codes, self_index, anchor_valid, weights, taus, forms):
+    def forward(
+        ctx, anchors, keys, key_cls, class_codes, self_index, anchor_valid, weights, taus, forms
+    ):
         with torch.autocast(device_type=anchors.device.type, enabled=False):
             n, num_cls = class_codes.shape
             r = len(taus)
@@ -157,23 +163,41 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
             has_self = self_index >= 0
             self_col = self_index.clamp(min=0)[:, None]
             self_sim = sim.gather(1, self_col).squeeze(1)
-            self_onehot = _one_hot(key_cls.index_select(0, self_col.squeeze(1)), num_cls, dtype) * has_self[:, None]
-            sim.scatter_(1, self_col, torch.where(has_self, torch.full_like(self_sim, -_INF), self_sim)[:, None])
-            avail = onehot.sum(dim=0)[None, :] - self_onehot  # (N, C) keys of each class, self excluded
+            self_onehot = (
+                _one_hot(key_cls.index_select(0, self_col.squeeze(1)), num_cls, dtype)
+                * has_self[:, None]
+            )
+            sim.scatter_(
+                1,
+                self_col,
+                torch.where(has_self, torch.full_like(self_sim, -_INF), self_sim)[:, None],
+            )
+            avail = (
+                onehot.sum(dim=0)[None, :] - self_onehot
+            )  # (N, C) keys of each class, self excluded
 
             # Per-code key counts and similarity sums (logging, |P|), from (K+2) x d class sums
             # of the keys rather than another pass over N x M.
-            block_sum = anchors @ (onehot.t() @ keys).t() - self_onehot * torch.where(has_self, self_sim, torch.zeros_like(self_sim))[:, None]
-            codes_1h = _one_hot(class_codes, r + 2, dtype) * anchor_valid[:, None, None].to(dtype)  # (N, C, r + 2)
+            block_sum = (
+                anchors @ (onehot.t() @ keys).t()
+                - self_onehot * torch.where(has_self, self_sim, torch.zeros_like(self_sim))[:, None]
+            )
+            codes_1h = _one_hot(class_codes, r + 2, dtype) * anchor_valid[:, None, None].to(
+                dtype
+            )  # (N, C, r + 2)
             per_code_count = (codes_1h * avail[:, :, None]).sum(dim=1)  # (N, r + 2)
-            mean_sim = (codes_1h * block_sum[:, :, None]).sum(dim=(0, 1))[1:] / per_code_count.sum(dim=0)[1:]
+            mean_sim = (codes_1h * block_sum[:, :, None]).sum(dim=(0, 1))[1:] / per_code_count.sum(
+                dim=0
+            )[1:]
             has_pos = per_code_count[:, 1 : r + 1] > 0  # (N, r); invalid anchors count nothing
             anchor_counts = has_pos.sum(dim=0).to(dtype)
             n_pos = per_code_count[:, 1 : r + 1].clamp(min=1)
 
             block_max = torch.full((n, num_cls), -_INF, dtype=dtype, device=sim.device)
             block_max.scatter_reduce_(1, key_cls.expand(n, -1), sim, "amax")
-            block_max = torch.where(torch.isfinite(block_max), block_max, torch.zeros_like(block_max))
+            block_max = torch.where(
+                torch.isfinite(block_max), block_max, torch.zeros_like(block_max)
+            )
             shifted = sim.sub_(_per_key(block_max, key_cls))  # <= 0, -inf at self
             del sim
 
@@ -189,15 +213,33 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
                 else:
                     lse_other = _set_logsumexp(class_lse, class_codes > k)
                     # -inf outside P_k makes softplus (and the backward's sigmoid) exactly 0 there.
-                    gap = _positive_gaps(shifted, block_max, key_cls, lse_other, t, class_codes == k)
-                    ell = _drop_self(F.softplus(gap), self_col, has_self).sum(dim=1) / n_pos[:, k - 1]
+                    gap = _positive_gaps(
+                        shifted, block_max, key_cls, lse_other, t, class_codes == k
+                    )
+                    ell = (
+                        _drop_self(F.softplus(gap), self_col, has_self).sum(dim=1) / n_pos[:, k - 1]
+                    )
                     del gap
                 ell = torch.where(valid_k, ell, torch.zeros_like(ell))
                 per_rank_sum.append((weights * ell).sum())
                 saved.append((lse_pos, lse_other))
             per_rank_sum = torch.stack(per_rank_sum)
 
-        ctx.save_for_backward(anchors, keys, key_cls, class_codes, shifted, block_max, onehot, weights, has_pos, n_pos, self_col, has_self, avail)
+        ctx.save_for_backward(
+            anchors,
+            keys,
+            key_cls,
+            class_codes,
+            shifted,
+            block_max,
+            onehot,
+            weights,
+            has_pos,
+            n_pos,
+            self_col,
+            has_self,
+            avail,
+        )
         ctx.meta = (taus, forms, saved)
         ctx.mark_non_differentiable(anchor_counts, mean_sim)
         return per_rank_sum, anchor_counts, mean_sim
@@ -205,7 +247,21 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_sum, _grad_counts, _grad_mean_sim):
-        anchors, keys, key_cls, class_codes, shifted, block_max, onehot, weights, has_pos, n_pos, self_col, has_self, avail = ctx.saved_tensors
+        (
+            anchors,
+            keys,
+            key_cls,
+            class_codes,
+            shifted,
+            block_max,
+            onehot,
+            weights,
+            has_pos,
+            n_pos,
+            self_col,
+            has_self,
+            avail,
+        ) = ctx.saved_tensors
         taus, forms, saved = ctx.meta
         present = avail > 0
         with torch.autocast(device_type=anchors.device.type, enabled=False):
@@ -227,20 +283,36 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
                 t = 1.0 / taus[k - 1]
                 lse_pos, lse_other = saved[k - 1]
                 valid_k = has_pos[:, k - 1]
-                coef = torch.where(valid_k, weights * grad_sum[k - 1] * t, torch.zeros_like(weights))
+                coef = torch.where(
+                    valid_k, weights * grad_sum[k - 1] * t, torch.zeros_like(weights)
+                )
                 live = present & valid_k[:, None]
                 if forms[k - 1] == "in":
                     # d ell / d(t s_ij) = 1[j in D] softmax_D(j) - 1[j in P] softmax_P(j)
-                    add_softmax_part(t, _log_softmax_factor(live & (class_codes >= k), block_max, lse_other, t), coef)
-                    add_softmax_part(t, _log_softmax_factor(live & (class_codes == k), block_max, lse_pos, t), -coef)
+                    add_softmax_part(
+                        t,
+                        _log_softmax_factor(live & (class_codes >= k), block_max, lse_other, t),
+                        coef,
+                    )
+                    add_softmax_part(
+                        t,
+                        _log_softmax_factor(live & (class_codes == k), block_max, lse_pos, t),
+                        -coef,
+                    )
                 else:
                     # positives: -sigmoid(N - t s_p) / |P|; negatives: mean_p sigmoid(N - t s_p) softmax_N(j)
-                    sig = torch.sigmoid_(_positive_gaps(shifted, block_max, key_cls, lse_other, t, class_codes == k))
+                    sig = torch.sigmoid_(
+                        _positive_gaps(shifted, block_max, key_cls, lse_other, t, class_codes == k)
+                    )
                     sig = _drop_self(sig, self_col, has_self)
                     sig_mean = sig.sum(dim=1) / n_pos[:, k - 1]
                     add(sig, -coef / n_pos[:, k - 1])
                     del sig
-                    add_softmax_part(t, _log_softmax_factor(live & (class_codes > k), block_max, lse_other, t), coef * sig_mean)
+                    add_softmax_part(
+                        t,
+                        _log_softmax_factor(live & (class_codes > k), block_max, lse_other, t),
+                        coef * sig_mean,
+                    )
             grad_anchors = grad @ keys
             grad_keys = grad.t() @ anchors
         return grad_anchors, grad_keys, None, None, None, None, None, None, None
@@ -265,7 +337,9 @@ def _drop_self(x, self_col, has_self):
 
 def _positive_gaps(shifted, block_max, key_cls, lse_neg, t, positive):
     """``lse_N(i) - t s_ij`` where key j is a positive of anchor i, -inf elsewhere (NaN or +inf at self)."""
-    base = torch.where(positive, lse_neg[:, None] - t * block_max, torch.full_like(block_max, -_INF))
+    base = torch.where(
+        positive, lse_neg[:, None] - t * block_max, torch.full_like(block_max, -_INF)
+    )
     return _per_key(base, key_cls).sub_(shifted, alpha=t)
 
 
@@ -321,8 +395,13 @@ def ranked_info_nce(
     taus = validate_temperatures(temperatures)
     r = len(taus)
     if anchors.dim() != 2 or keys.dim() != 2 or anchors.shape[1] != keys.shape[1]:
-        raise ValueError(f"anchors (N, d) and keys (M, d) must share d; got {tuple(anchors.shape)}, {tuple(keys.shape)}.")
-    forms = tuple(("out" if k == 1 else "in") if variant == "out_in" else variant for k in range(1, r + 1))
+        raise ValueError(
+            f"anchors (N, d) and keys (M, d) must share d; got {tuple(anchors.shape)},"
+            f" {tuple(keys.shape)}."
+        )
+    forms = tuple(
+        ("out" if k == 1 else "in") if variant == "out_in" else variant for k in range(1, r + 1)
+    )
     num_classes = rank_matrix.shape[0]
     n, m = anchors.shape[0], keys.shape[0]
     device = anchors.device
@@ -332,8 +411,9 @@ def ranked_info_nce(
         bad = anchor_valid & ((anchor_labels < 0) | (anchor_labels >= num_classes))
         if bool(bad.any()):
             raise ValueError(
-                f"anchor_labels must lie in [0, {num_classes}) (the rank matrix is {num_classes} x {num_classes}); "
-                f"got {sorted(set(anchor_labels[bad].tolist()))}. Background or ignored regions are keys, never anchors."
+                f"anchor_labels must lie in [0, {num_classes}) (the rank matrix is {num_classes} x"
+                f" {num_classes}); got {sorted(set(anchor_labels[bad].tolist()))}. Background or"
+                " ignored regions are keys, never anchors."
             )
 
     dtype = torch.promote_types(anchors.dtype, torch.float32)
@@ -342,7 +422,9 @@ def ranked_info_nce(
         num_keys = (key_labels >= 0).sum()
         num_anchors = anchor_valid.sum()
         if anchor_keys is not None:
-            normalizer = positive_anchor_counts(key_labels, anchor_keys, key_labels, rank_matrix.to(device), r)
+            normalizer = positive_anchor_counts(
+                key_labels, anchor_keys, key_labels, rank_matrix.to(device), r
+            )
         if n == 0 or m == 0:
             zero = z.sum() * 0.0 + k_all.sum() * 0.0
             counts = z.new_zeros(r)
@@ -366,7 +448,9 @@ def ranked_info_nce(
             weights = anchor_weights.to(dtype) if anchor_weights is not None else z.new_ones(n)
             weights = weights * anchor_valid.to(dtype)
 
-        sums, counts, mean_sim = _RankedInfoNCEFunction.apply(z, k_all, key_cls, class_codes, self_index, anchor_valid, weights, taus, forms)
+        sums, counts, mean_sim = _RankedInfoNCEFunction.apply(
+            z, k_all, key_cls, class_codes, self_index, anchor_valid, weights, taus, forms
+        )
         normalizer = counts if normalizer is None else normalizer.to(dtype)
         per_rank = sums * world_size / normalizer.clamp(min=1)
         # Connected to the graph even when no anchor has a positive, so DDP sees every parameter.
@@ -382,7 +466,9 @@ def ranked_info_nce(
     )
 
 
-def positive_anchor_counts(anchor_labels, anchor_valid, key_labels, rank_matrix, num_ranks) -> torch.Tensor:
+def positive_anchor_counts(
+    anchor_labels, anchor_valid, key_labels, rank_matrix, num_ranks
+) -> torch.Tensor:
     """
     (r,) number of valid anchors with at least one rank-k positive among ``key_labels``, each
     anchor's own key (which must be among them) excluded. Depends on labels only, so every
@@ -393,9 +479,15 @@ def positive_anchor_counts(anchor_labels, anchor_valid, key_labels, rank_matrix,
     table = rank_code_table(rank_matrix.to(anchor_labels.device), num_ranks)  # (K, K + 2)
     key_count = _one_hot(key_classes(key_labels, num_classes), num_cls, torch.int64).sum(dim=0)
     # Keys of each class an anchor of class y can see: all of them, minus its own key in class y.
-    avail = key_count[None, :] - _one_hot(torch.arange(num_classes, device=table.device), num_cls, torch.int64)
-    has_pos = (_one_hot(table, num_ranks + 2, torch.int64) * avail[:, :, None]).sum(dim=1)[:, 1 : num_ranks + 1] > 0  # (K, r)
-    safe = torch.where(anchor_valid, anchor_labels, torch.zeros_like(anchor_labels)).clamp(0, num_classes - 1)
+    avail = key_count[None, :] - _one_hot(
+        torch.arange(num_classes, device=table.device), num_cls, torch.int64
+    )
+    has_pos = (_one_hot(table, num_ranks + 2, torch.int64) * avail[:, :, None]).sum(dim=1)[
+        :, 1 : num_ranks + 1
+    ] > 0  # (K, r)
+    safe = torch.where(anchor_valid, anchor_labels, torch.zeros_like(anchor_labels)).clamp(
+        0, num_classes - 1
+    )
     return (has_pos.index_select(0, safe) & anchor_valid[:, None]).sum(dim=0)
 
 
@@ -461,7 +553,8 @@ def build_contrastive_loss(
     else:
         if not rc.RANKING_FILE:
             raise ConfigError(
-                f"MODEL.RCDET.RANKING_FILE is empty, but MODEL.RCDET.LOSS = {rc.LOSS} needs a ranking."
+                f"MODEL.RCDET.RANKING_FILE is empty, but MODEL.RCDET.LOSS = {rc.LOSS} needs a"
+                " ranking."
             )
         try:
             ranking = load_ranking(

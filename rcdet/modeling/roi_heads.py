@@ -5,15 +5,14 @@ import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
+from torch import nn
+from torch.nn import functional as F
 
 from ..config import ConfigError
 from ..data.held_out import training_classes
@@ -70,8 +69,14 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         # Building new modules consumes random numbers; fork the RNG so that everything built
         # after us initialises exactly as it would with StandardROIHeads.
         with torch.random.fork_rng(devices=[]):
-            self.projection = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim))
-        queue = EmbeddingQueue(queue_size, embed_dim, self.num_classes, queue_class_balanced) if queue_size > 0 else None
+            self.projection = nn.Sequential(
+                nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, embed_dim)
+            )
+        queue = (
+            EmbeddingQueue(queue_size, embed_dim, self.num_classes, queue_class_balanced)
+            if queue_size > 0
+            else None
+        )
         self.contrast = RankedInfoNCEWithMemory(contrastive_loss, queue, gather)
 
     # TorchScript constants, as detectron2.export.torchscript_patch declares them on
@@ -91,11 +96,18 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         ret = super().from_config(cfg, input_shape)
         rc = cfg.MODEL.RCDET
         if rc.REWEIGHT not in ("none", "linear", "exp"):
-            raise ConfigError(f"MODEL.RCDET.REWEIGHT = '{rc.REWEIGHT}'; choose none, linear or exp.")
+            raise ConfigError(
+                f"MODEL.RCDET.REWEIGHT = '{rc.REWEIGHT}'; choose none, linear or exp."
+            )
         if not 0.0 <= rc.IOU_THRESHOLD <= 1.0 or not 0.0 <= rc.QUEUE_IOU_THRESHOLD <= 1.0:
-            raise ConfigError("MODEL.RCDET.IOU_THRESHOLD and QUEUE_IOU_THRESHOLD must lie in [0, 1].")
+            raise ConfigError(
+                "MODEL.RCDET.IOU_THRESHOLD and QUEUE_IOU_THRESHOLD must lie in [0, 1]."
+            )
         if rc.QUEUE_SIZE < 0 or rc.EMBED_DIM <= 0 or rc.PROJ_HIDDEN_DIM < 0:
-            raise ConfigError("MODEL.RCDET.QUEUE_SIZE, EMBED_DIM and PROJ_HIDDEN_DIM must be non-negative (EMBED_DIM > 0).")
+            raise ConfigError(
+                "MODEL.RCDET.QUEUE_SIZE, EMBED_DIM and PROJ_HIDDEN_DIM must be non-negative"
+                " (EMBED_DIM > 0)."
+            )
         contrastive_loss = None
         if rc.LOSS != "none":
             contrastive_loss = build_contrastive_loss(cfg, *training_classes(cfg))
@@ -118,7 +130,9 @@ class RankedContrastiveROIHeads(StandardROIHeads):
 
     @torch.jit.unused
     @torch.no_grad()
-    def label_and_sample_proposals(self, proposals: List[Instances], targets: List[Instances]) -> List[Instances]:
+    def label_and_sample_proposals(
+        self, proposals: List[Instances], targets: List[Instances]
+    ) -> List[Instances]:
         proposals = super().label_and_sample_proposals(proposals, targets)
         if self.contrast is not None:
             # The IoU of each sampled proposal with the GT it was matched to.
@@ -153,7 +167,10 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         if self.contrast is None:
             return super()._forward_box(features, proposals)
         if self.train_on_pred_boxes:
-            raise NotImplementedError("MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with the contrastive branch.")
+            raise NotImplementedError(
+                "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with the contrastive"
+                " branch."
+            )
         box_in = [features[f] for f in self.box_in_features]
         # StandardROIHeads._forward_box deletes box_features; the branch needs them.
         box_features = self.box_head(self.box_pooler(box_in, [x.proposal_boxes for x in proposals]))
@@ -164,7 +181,12 @@ class RankedContrastiveROIHeads(StandardROIHeads):
 
     @torch.jit.unused
     def _attach_embeddings(
-        self, features: List[torch.Tensor], logits: torch.Tensor, proposals: List[Instances], pred_instances: List[Instances], kept: List[torch.Tensor]
+        self,
+        features: List[torch.Tensor],
+        logits: torch.Tensor,
+        proposals: List[Instances],
+        pred_instances: List[Instances],
+        kept: List[torch.Tensor],
     ) -> None:
         """
         pred_logits from each detection's proposal; pred_embeddings (branch only) from its final
@@ -178,16 +200,22 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             return
         pooled = self.box_pooler(features, [x.pred_boxes for x in pred_instances])
         embeddings = self.embed(self.box_head(pooled))
-        for inst, emb in zip(pred_instances, embeddings.split([x.pred_boxes.tensor.shape[0] for x in pred_instances])):
+        for inst, emb in zip(
+            pred_instances, embeddings.split([x.pred_boxes.tensor.shape[0] for x in pred_instances])
+        ):
             inst.pred_embeddings = emb
 
     @torch.jit.unused
     def current_loss_weight(self, iteration: int) -> float:
         """LOSS_WEIGHT times DECAY_RATE for every decay step already reached (from the iteration, so resumes agree)."""
-        return self.loss_weight * self.decay_rate ** bisect.bisect_right(self.decay_steps, iteration)
+        return self.loss_weight * self.decay_rate ** bisect.bisect_right(
+            self.decay_steps, iteration
+        )
 
     @torch.jit.unused
-    def contrastive_losses(self, box_features: torch.Tensor, proposals: List[Instances]) -> Dict[str, torch.Tensor]:
+    def contrastive_losses(
+        self, box_features: torch.Tensor, proposals: List[Instances]
+    ) -> Dict[str, torch.Tensor]:
         storage = get_event_storage()
         embeddings = self.embed(box_features)
         labels = torch.cat([p.gt_classes for p in proposals])
@@ -220,11 +248,18 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         """Every rcdet/* scalar in one device-to-host transfer: the step's only sync from rcdet."""
         r = self.contrast.num_ranks
         queue = self.queue
-        fill = queue.num_filled() / queue.capacity if queue is not None else out.per_rank.new_zeros(())
+        fill = (
+            queue.num_filled() / queue.capacity if queue is not None else out.per_rank.new_zeros(())
+        )
         finite = torch.isfinite(embeddings).all()
         totals = torch.stack([t.float() for t in (out.num_anchors, out.num_keys, fill, finite)])
         values = torch.cat(
-            [out.per_rank.detach().float(), out.normalizer.float(), out.mean_similarity.float(), totals]
+            [
+                out.per_rank.detach().float(),
+                out.normalizer.float(),
+                out.mean_similarity.float(),
+                totals,
+            ]
         ).tolist()
         num_anchors, num_keys, fill, finite = values[3 * r + 1 :]
         return {

@@ -29,7 +29,9 @@ def reference_rince(z, y, k, ky, rank, taus, variant, self_index=None, weights=N
         for i in range(n):
             s = [sum(a * b for a, b in zip(z[i], k[j])) for j in range(m)]
             # Keys labelled < 0 are no keys at all (padding, empty queue slots).
-            others = [j for j in range(m) if ky[j] >= 0 and (self_index is None or j != self_index[i])]
+            others = [
+                j for j in range(m) if ky[j] >= 0 and (self_index is None or j != self_index[i])
+            ]
             pos = [j for j in others if rho(i, j) == rk]
             if not pos:
                 continue
@@ -41,7 +43,9 @@ def reference_rince(z, y, k, ky, rank, taus, variant, self_index=None, weights=N
                 ell = -math.log(num / d)
             else:
                 sn = sum(math.exp(s[j] / tau) for j in neg)
-                ell = -sum(math.log(math.exp(s[p] / tau) / (math.exp(s[p] / tau) + sn)) for p in pos) / len(pos)
+                ell = -sum(
+                    math.log(math.exp(s[p] / tau) / (math.exp(s[p] / tau) + sn)) for p in pos
+                ) / len(pos)
             w = 1.0 if weights is None else weights[i]
             terms.append(w * ell)
         counts.append(len(terms))

@@ -63,7 +63,9 @@ class SyncCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         self.ops += 1
         name = func._schema.name
-        if name in _SYNC_OPS and not (name == "aten::repeat_interleave" and kwargs.get("output_size") is not None):
+        if name in _SYNC_OPS and not (
+            name == "aten::repeat_interleave" and kwargs.get("output_size") is not None
+        ):
             self.sync_ops[name] += 1
         elif _is_bool_index(func, args):
             self.sync_ops[name + " (bool mask)"] += 1
