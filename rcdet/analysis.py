@@ -156,7 +156,10 @@ def plot_tsne(
     held_out: Sequence[str] = (),
     title: str = "",
 ):
-    """Two PNGs: colour by class with marker by group, and colour by group; held-out classes in black line markers."""
+    """
+    Two PNGs: colour by class with marker by group, and colour by group; held-out classes in black
+    line markers.
+    """
     plt = _plt()
     group_names = sorted(set(groups))
     cmap = plt.get_cmap("tab20")

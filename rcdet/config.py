@@ -23,7 +23,8 @@ def add_rcdet_config(cfg):
     # thresholds when it has them, else evenly spaced down to 0 at rank r.
     _C.MODEL.RCDET.TAU_MIN = 0.1
     _C.MODEL.RCDET.TAU_MAX = 0.3
-    # Projection MLP: box-head feature -> hidden (0: same as input) -> ReLU -> EMBED_DIM, L2-normalised.
+    # Projection MLP: box-head feature -> hidden (0: same as input) -> ReLU -> EMBED_DIM,
+    # L2-normalised.
     _C.MODEL.RCDET.PROJ_HIDDEN_DIM = 1024
     _C.MODEL.RCDET.EMBED_DIM = 128
     # loss_contrast = LOSS_WEIGHT * decay(iter) * L.

@@ -28,7 +28,9 @@ def get_rank() -> int:
 
 
 def gather_sizes(n: int, device) -> List[int]:
-    """Every worker's row count. Reads them back to the host: one sync, so not for a training step."""
+    """
+    Every worker's row count. Reads them back to the host: one sync, so not for a training step.
+    """
     size = torch.tensor([n], device=device, dtype=torch.int64)
     sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
     dist.all_gather(sizes, size)
@@ -46,7 +48,10 @@ def pad_rows(tensor: torch.Tensor, rows: int, fill: torch.Tensor) -> torch.Tenso
 
 
 def all_gather_padded(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` (same shape on every worker) from every worker in rank order. No gradient."""
+    """
+    Concatenate ``tensor`` (same shape on every worker) from every worker in rank order. No
+    gradient.
+    """
     if get_world_size() == 1:
         return tensor.detach()
     chunks = [torch.empty_like(tensor) for _ in range(get_world_size())]

@@ -110,7 +110,10 @@ def check_datasets_exist(cfg):
 
 
 def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True):
-    """get_cfg -> add_rcdet_config -> merge file -> merge opts -> (held-out splits) -> freeze -> default_setup."""
+    """
+    get_cfg -> add_rcdet_config -> merge file -> merge opts -> (held-out splits) -> freeze ->
+    default_setup.
+    """
     cfg = get_cfg()
     add_rcdet_config(cfg)
     if not os.path.isfile(config_file):

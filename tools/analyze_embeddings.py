@@ -9,8 +9,8 @@ through the trained box head and projection (streamed), then writes to --output:
   centroid_similarity.png     class-centroid cosine similarity, ordered by group
   box_features_*.png          the same for the box-head features (--pre-projection)
 
-    python tools/analyze_embeddings.py --config-file configs/shapes_rince_ood.yaml --output output/analysis/rince \
-        MODEL.WEIGHTS output/demo/train/model_final.pth
+    python tools/analyze_embeddings.py --config-file configs/shapes_rince_ood.yaml \\
+        --output output/analysis/rince MODEL.WEIGHTS output/demo/train/model_final.pth
 """
 
 import argparse

@@ -10,10 +10,10 @@ Also counts, per forward + backward call, the device-to-host syncs and the aten 
 
 Peak extra memory: on CUDA, torch.cuda.max_memory_allocated above the inputs; on the CPU, the
 peak resident size of a fresh process that runs one step, above its size before the step
-(glibc's mmap threshold fixed, so freed blocks leave the resident set). Prints a table and, with --json, writes
-every row plus ``rince_r3_over_supcon`` (time ratio at N=1024, M=8192, d=128, r=3): the median
-of per-pair ratios of SupCon and RINCE steps run alternately, so that load from other processes
-hits both.
+(glibc's mmap threshold fixed, so freed blocks leave the resident set). Prints a table and,
+with --json, writes every row plus ``rince_r3_over_supcon`` (time ratio at N=1024, M=8192,
+d=128, r=3): the median of per-pair ratios of SupCon and RINCE steps run alternately, so that
+load from other processes hits both.
 """
 
 import argparse
@@ -24,7 +24,6 @@ import sys
 import time
 
 import torch
-from torch.nn import functional as F
 
 from rcdet.file_io import write_json_atomic
 from rcdet.modeling.rince import ranked_info_nce
@@ -203,12 +202,12 @@ def main(argv=None):
         f"device: {device} ({platform.processor() or platform.machine()},"
         f" {torch.get_num_threads()} threads), torch {torch.__version__}"
     )
-    print(
-        f"{'loss':>14} {'N':>5} {'M':>5} {'r':>2} {'fwd+bwd ms':>11} {'peak MiB':>9} {'x N*M f32':>9}"
-    )
+    header = ("loss", "N", "M", "r", "fwd+bwd ms", "peak MiB", "x N*M f32")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (14, 5, 5, 2, 11, 9, 9))))
     for row in rows:
         print(
-            f"{row['loss']:>14} {row['N']:>5} {row['M']:>5} {row['r']:>2} {row['ms']:>11.1f} {row['peak_extra_MiB']:>9.1f} {row['peak_in_NxM_f32']:>9.2f}"
+            f"{row['loss']:>14} {row['N']:>5} {row['M']:>5} {row['r']:>2} {row['ms']:>11.1f}"
+            f" {row['peak_extra_MiB']:>9.1f} {row['peak_in_NxM_f32']:>9.2f}"
         )
     print(
         f"brute-force reference (N=16, M=64, d=16, r=3, forward only): {ref_ms:.1f} ms; vectorised"

@@ -2,9 +2,9 @@
 """
 Held-out-class OOD detection benchmark (higher scores mean "more in-distribution").
 
-    python tools/benchmark_ood.py --config-file configs/shapes_rince_ood.yaml --output output/ood/rince \
-        MODEL.WEIGHTS output/shapes_rince_ood/model_final.pth
-    python tools/benchmark_ood.py --compare output/ood/softmax output/ood/supcon output/ood/rince \
+    python tools/benchmark_ood.py --config-file configs/shapes_rince_ood.yaml \\
+        --output output/ood/rince MODEL.WEIGHTS output/shapes_rince_ood/model_final.pth
+    python tools/benchmark_ood.py --compare output/ood/softmax output/ood/supcon output/ood/rince \\
         --output output/ood/comparison
 
 Writes ood_report.json, ood_report.csv, ood_scores.npz, roc.png and score_hist.png (atomically),

@@ -4,9 +4,11 @@ Overhead of RankedContrastiveROIHeads (RINCE, r = 3, queue 4096) over StandardRO
 same model: median train-step time ratio, inference-time ratio with EMBED_AT_TEST off and on,
 and peak memory. The two models are stepped alternately in one run, so machine noise hits both.
 
-    python tools/benchmark_overhead.py --json output/bench/overhead.json                   # CPU demo config
-    python tools/benchmark_overhead.py --config-file configs/voc_rince.yaml --synthetic    # R50-FPN, on a GPU
-    python tools/benchmark_overhead.py --config-file configs/voc_rince.yaml --synthetic --amp float16
+    # the CPU demo config; then R50-FPN on a GPU, in float32 and with AMP
+    python tools/benchmark_overhead.py --json output/bench/overhead.json
+    python tools/benchmark_overhead.py --config-file configs/voc_rince.yaml --synthetic
+    python tools/benchmark_overhead.py --config-file configs/voc_rince.yaml --synthetic \\
+        --amp float16
 
 Without the dataset on disk (or with --synthetic) it uses random images with random boxes.
 The optimizer runs with --lr 0 by default: the step is timed, not the training, and a randomly
@@ -86,7 +88,9 @@ def sync(device):
 
 
 def train_step(model, opt, batch, device, amp=None):
-    """One step; ``amp``: None or (dtype, GradScaler or None), as detectron2's AMPTrainer does it."""
+    """
+    One step; ``amp``: None or (dtype, GradScaler or None), as detectron2's AMPTrainer does it.
+    """
     sync(device)
     t = time.perf_counter()
     with torch.autocast(

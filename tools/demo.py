@@ -3,7 +3,8 @@
 The main job on the built-in dataset, on the CPU: generate the data if missing, train the RINCE
 demo model with two classes held out, evaluate box AP on the known classes, run the OOD
 benchmark (both protocols), draw a grid of test images, and write OUTPUT/metrics.json
-({"AP", "AP50", "AP75", "hold_out_mode", "train_images", "ood": {...}, "ood_image_level": {...}, ...}).
+({"AP", "AP50", "AP75", "hold_out_mode", "train_images", "ood": {...}, "ood_image_level": {...},
+...}).
 
     python tools/demo.py --output output/demo            # what `make demo` runs
 """

@@ -4,7 +4,8 @@ Export a trained rcdet model to TorchScript, by scripting or by tracing, and che
 against the eager model on a test image.
 
     python tools/export_model.py --config-file configs/shapes_rince.yaml --export-method tracing \\
-        --output output/export MODEL.WEIGHTS output/shapes_rince/model_final.pth MODEL.RCDET.EMBED_AT_TEST True
+        --output output/export MODEL.WEIGHTS output/shapes_rince/model_final.pth \\
+        MODEL.RCDET.EMBED_AT_TEST True
 
 - ``scripting`` (``detectron2.export.scripting_with_instances``): the whole model, with Python
   control flow; it outputs boxes, scores and classes. The contrastive branch is training-only,
@@ -59,7 +60,10 @@ def check_scriptable(embed_at_test: bool):
 
 
 def export_tracing(model, sample):
-    """(traced module, adapter); the adapter's ``outputs_schema`` turns the flat outputs back into Instances."""
+    """
+    (traced module, adapter); the adapter's ``outputs_schema`` turns the flat outputs back into
+    Instances.
+    """
     image = [{"image": sample["image"]}]
     adapter = TracingAdapter(
         model, image, lambda m, inputs: m.inference(inputs, do_postprocess=False)

@@ -6,7 +6,8 @@ similarity-score form with your thresholds, plus a human-readable summary to edi
 The RINCE paper ranked ImageNet-100 classes the same way, with RoBERTa.
 
     pip install -e .[rankings]
-    python tools/make_ranking.py --classes voc --thresholds 0.5 0.35 --out configs/rankings/voc_text.yaml
+    python tools/make_ranking.py --classes voc --thresholds 0.5 0.35 \\
+        --out configs/rankings/voc_text.yaml
 
 --classes: voc, shapes, a comma-separated list, or @FILE with one name per line.
 """

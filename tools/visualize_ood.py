@@ -4,7 +4,7 @@ A grid of test images of an OOD benchmark run, drawn with detectron2's Visualize
 outlined in the colour of an OOD score (red: OOD-like, green: ID-like), held-out objects' ground
 truth dashed in magenta, duplicates dotted in grey.
 
-    python tools/visualize_ood.py output/demo/ood                       # -> output/demo/ood/ood_grid.png
+    python tools/visualize_ood.py output/demo/ood    # writes output/demo/ood/ood_grid.png
     python tools/visualize_ood.py output/demo/ood --score msp --num-images 12 --output grid.png
 
 Reads the run's ood_report.json and ood_scores.npz (tools/benchmark_ood.py writes them). The

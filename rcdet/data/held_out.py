@@ -150,7 +150,8 @@ def _held_out_split(name: str, held_out: List[str], mode: str, role: str, key: s
 
 
 def apply_held_out_config(cfg):
-    """Swap DATASETS.TRAIN/TEST for their held-out splits and check NUM_CLASSES; cfg must be unfrozen.
+    """Swap DATASETS.TRAIN/TEST for their held-out splits and check NUM_CLASSES; cfg must be
+    unfrozen.
 
     Idempotent: names that already are held-out splits are registered and kept.
     """

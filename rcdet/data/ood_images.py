@@ -86,7 +86,9 @@ def generate_ood_images(
 def register_shapes_ood_images(
     root: str, held_out: Sequence[str], num_images: int = OOD_IMAGES
 ) -> str:
-    """Generate (once) and register the OOD image set of ``held_out`` under ``root``; returns its name."""
+    """
+    Generate (once) and register the OOD image set of ``held_out`` under ``root``; returns its name.
+    """
     tag = "+".join(held_out)
     name = f"rcdet_shapes_ood_images__{tag}" + (
         "" if num_images == OOD_IMAGES else f"_{num_images}"

@@ -38,7 +38,8 @@ SPLIT_SIZES = {"train": 600, "val": 200, "test": 300}
 
 
 def default_root() -> str:
-    """``$RCDET_SHAPES_ROOT``, else ``$DETECTRON2_DATASETS/rcdet_shapes``, else ``datasets/rcdet_shapes``.
+    """``$RCDET_SHAPES_ROOT``, else ``$DETECTRON2_DATASETS/rcdet_shapes``, else
+    ``datasets/rcdet_shapes``.
 
     The Makefile's SHAPES_ROOT (``make data``) resolves the same order; an empty variable counts
     as unset in both.

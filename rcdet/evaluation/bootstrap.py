@@ -40,7 +40,9 @@ _CHUNK_ELEMENTS = 4_000_000
 def resample_counts(
     num_images: int, replicates: int, seed: int, strata: Optional[np.ndarray] = None
 ) -> np.ndarray:
-    """(replicates, num_images) draw counts: images resampled with replacement, within each stratum."""
+    """
+    (replicates, num_images) draw counts: images resampled with replacement, within each stratum.
+    """
     rng = np.random.default_rng(seed)
     counts = np.zeros((replicates, num_images), dtype=np.int64)
     if num_images == 0:

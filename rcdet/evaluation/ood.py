@@ -65,7 +65,10 @@ MATCHING_MODES = ("one_per_object", "all")
 def logit_scores(
     logits: np.ndarray, num_known: int, energy_temperature: float = 1.0
 ) -> Dict[str, np.ndarray]:
-    """msp, max_logit and energy from (N, K + 1) logits whose first ``num_known`` columns are the known classes."""
+    """
+    msp, max_logit and energy from (N, K + 1) logits whose first ``num_known`` columns are the known
+    classes.
+    """
     f = np.asarray(logits, dtype=np.float64)[:, :num_known]
     if f.shape[0] == 0:
         return {k: np.zeros(0) for k in LOGIT_SCORES}
@@ -132,10 +135,10 @@ class EmbeddingStatistics:
                 cov = xc.T @ xc / len(xc) if len(xc) > d else shared_cov
                 pairs.append(regularised(cov))
             precisions = np.stack([p for p, _ in pairs])
-            log_dets = np.array([l for _, l in pairs])
+            log_dets = np.array([log_det for _, log_det in pairs])
         else:
-            p, l = regularised(shared_cov)
-            precisions, log_dets = p[None], np.array([l])
+            p, log_det = regularised(shared_cov)
+            precisions, log_dets = p[None], np.array([log_det])
         return cls(protos, x, means, precisions, log_dets, int(knn_k))
 
     def scores(self, embeddings) -> Dict[str, np.ndarray]:
@@ -261,7 +264,8 @@ def ood_metrics(scores, is_id, num_ood_objects: Optional[int] = None) -> Dict[st
     FPR95 is the FPR at the highest threshold that accepts >= 95% of the ID detections (the ROC
     curve with every point kept). VOS's ``fpr_and_fdr_at_recall`` (``metric_utils.py`` of
     github.com/deeplearning-wisc/vos) takes the threshold whose TPR is *closest* to 0.95, which
-    may lie just below it; the two differ by at most one ID detection's step of the curve. With ``num_ood_objects``, also ``ood_recall_at_95_id``: at that
+    may lie just below it; the two differ by at most one ID detection's step of the curve. With
+    ``num_ood_objects``, also ``ood_recall_at_95_id``: at that
     threshold, the fraction of all held-out objects whose detection scores below it, i.e. found
     and flagged as OOD; objects no detection reached count as missed.
     """
@@ -357,7 +361,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def report_csv(report: Dict) -> str:
-    """One row per (protocol, score): the object-level ``scores`` and, if run, the ``image_level`` ones."""
+    """
+    One row per (protocol, score): the object-level ``scores`` and, if run, the ``image_level``
+    ones.
+    """
     rows = [CSV_FIELDS]
     sections = [("object", report["scores"], report["counts"])]
     if report.get("image_level"):
@@ -525,7 +532,9 @@ def protocol_of(report: Dict) -> Dict:
 
 
 def load_report(run_dir: str) -> Dict:
-    """A run's ood_report.json; a missing, malformed or foreign file is one clear error naming it."""
+    """
+    A run's ood_report.json; a missing, malformed or foreign file is one clear error naming it.
+    """
     import json
 
     path = os.path.join(run_dir, "ood_report.json")
@@ -693,7 +702,9 @@ def load_roc_set(run_dir: str) -> Optional[RocSet]:
 
 
 def _comparison_roc(runs: Sequence[tuple]):
-    """One panel per score, one colour per run (the same in every panel); None without raw scores."""
+    """
+    One panel per score, one colour per run (the same in every panel); None without raw scores.
+    """
     per_score: Dict[str, list] = {}
     for i, (name, run) in enumerate(runs):
         roc = load_roc_set(run)

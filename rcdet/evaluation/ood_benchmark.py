@@ -73,7 +73,8 @@ IMAGE_LEVEL_KEEP = 0.95
 
 def _fit_statistics(model, cfg, weights, knn_k, per_class_cov, num_known):
     train_name = cfg.DATASETS.TRAIN[0]
-    tag = f"{file_checksum(weights)[:16]}_{train_name}_k{knn_k}_{'perclass' if per_class_cov else 'shared'}"
+    covariance = "perclass" if per_class_cov else "shared"
+    tag = f"{file_checksum(weights)[:16]}_{train_name}_k{knn_k}_{covariance}"
     cache = os.path.join(os.path.dirname(os.path.abspath(weights)), f"ood_stats_{tag}.npz")
     if os.path.isfile(cache):
         logger.info(f"Loading cached OOD statistics from {cache}")

@@ -53,7 +53,9 @@ def _ensure_registered(name: str):
 
 
 def select_images(dicts: List[Dict], num_images: int) -> List[int]:
-    """Indices of the first ``num_images`` test images that show a held-out object, then of the others."""
+    """
+    Indices of the first ``num_images`` test images that show a held-out object, then of the others.
+    """
     with_ood = [i for i, d in enumerate(dicts) if d.get("ood_annotations")]
     others = [i for i, d in enumerate(dicts) if not d.get("ood_annotations")]
     return (with_ood + others)[:num_images]

@@ -11,7 +11,9 @@ __all__ = ["TinyConvNet", "build_tinynet_fpn_backbone"]
 
 
 class TinyConvNet(Backbone):
-    """VGG-style stages at strides 4, 8, 16 and 32 (named s2..s5), each conv followed by norm + ReLU."""
+    """
+    VGG-style stages at strides 4, 8, 16 and 32 (named s2..s5), each conv followed by norm + ReLU.
+    """
 
     def __init__(
         self, in_channels, channels, depth, norm="GN", out_features=("s2", "s3", "s4", "s5")

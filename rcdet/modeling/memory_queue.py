@@ -49,7 +49,9 @@ class EmbeddingQueue(nn.Module):
         return self.embeddings.view(-1, self.dim), self.labels.view(-1)
 
     def keys(self):
-        """(embeddings, labels) of the filled slots only, for inspection (boolean indexing: a sync)."""
+        """
+        (embeddings, labels) of the filled slots only, for inspection (boolean indexing: a sync).
+        """
         mask = self.filled.view(-1)
         return self.embeddings.view(-1, self.dim)[mask], self.labels.view(-1)[mask]
 
@@ -113,7 +115,8 @@ class EmbeddingQueue(nn.Module):
             self.labels.view(-1),
             self.filled.view(-1),
         )
-        # (an index tensor of shape (1,), not a 0-d one: indexing with a 0-d tensor reads it on the host)
+        # (an index tensor of shape (1,), not a 0-d one: indexing with a 0-d tensor reads it on the
+        # host)
         last = (keep * torch.arange(1, keep.shape[0] + 1, device=keep.device)).argmax().view(1)
         any_keep = keep.any()
         index = torch.where(

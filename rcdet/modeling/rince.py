@@ -12,7 +12,8 @@ For anchor i with embedding z_i and label y_i, and keys k_j with labels y_j:
 Variants (``ell_k``, per anchor):
 
 - ``in``:  ``-log( sum_{P_k} e^{s/tau_k} / sum_{D_k} e^{s/tau_k} )``
-- ``out``: ``-(1/|P_k|) sum_{p in P_k} log( e^{s_p/tau_k} / (e^{s_p/tau_k} + sum_{N_k} e^{s_n/tau_k}) )``
+- ``out``: ``-(1/|P_k|) sum_{p in P_k} log( e^{s_p/tau_k} /
+  (e^{s_p/tau_k} + sum_{N_k} e^{s_n/tau_k}) )``
 - ``out_in``: ``out`` for k = 1, ``in`` for k > 1.
 
 ``ell_k`` is averaged over the anchors that have at least one rank-k positive (optionally
@@ -300,7 +301,8 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
                         -coef,
                     )
                 else:
-                    # positives: -sigmoid(N - t s_p) / |P|; negatives: mean_p sigmoid(N - t s_p) softmax_N(j)
+                    # positives: -sigmoid(N - t s_p) / |P|; negatives: mean_p sigmoid(N - t s_p)
+                    # softmax_N(j)
                     sig = torch.sigmoid_(
                         _positive_gaps(shifted, block_max, key_cls, lse_other, t, class_codes == k)
                     )
@@ -319,12 +321,18 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
 
 
 def _per_key(table, key_cls):
-    """(N, C) per-(anchor, class) table -> (N, M) per-(anchor, key) (a gather: faster than index_select on dim 1)."""
+    """
+    (N, C) per-(anchor, class) table -> (N, M) per-(anchor, key) (a gather: faster than index_select
+    on dim 1).
+    """
     return table.gather(1, key_cls.expand(table.shape[0], -1))
 
 
 def _log_softmax_factor(member, block_max, lse, t):
-    """log(softmax over the set at j) - t (s_ij - block_max_ic) per (anchor, class); -inf outside the set."""
+    """
+    log(softmax over the set at j) - t (s_ij - block_max_ic) per (anchor, class); -inf outside the
+    set.
+    """
     inside = t * block_max - torch.where(member, lse[:, None], torch.zeros_like(block_max))
     return torch.where(member, inside, torch.full_like(block_max, -_INF))
 
@@ -336,7 +344,10 @@ def _drop_self(x, self_col, has_self):
 
 
 def _positive_gaps(shifted, block_max, key_cls, lse_neg, t, positive):
-    """``lse_N(i) - t s_ij`` where key j is a positive of anchor i, -inf elsewhere (NaN or +inf at self)."""
+    """
+    ``lse_N(i) - t s_ij`` where key j is a positive of anchor i, -inf elsewhere (NaN or +inf at
+    self).
+    """
     base = torch.where(
         positive, lse_neg[:, None] - t * block_max, torch.full_like(block_max, -_INF)
     )

@@ -1,4 +1,6 @@
-"""RankedContrastiveROIHeads: StandardROIHeads plus a RINCE projection branch on the box features."""
+"""
+RankedContrastiveROIHeads: StandardROIHeads plus a RINCE projection branch on the box features.
+"""
 
 import bisect
 import math
@@ -6,7 +8,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 from detectron2.structures.boxes import matched_pairwise_iou
@@ -207,7 +208,10 @@ class RankedContrastiveROIHeads(StandardROIHeads):
 
     @torch.jit.unused
     def current_loss_weight(self, iteration: int) -> float:
-        """LOSS_WEIGHT times DECAY_RATE for every decay step already reached (from the iteration, so resumes agree)."""
+        """
+        LOSS_WEIGHT times DECAY_RATE for every decay step already reached (from the iteration, so
+        resumes agree).
+        """
         return self.loss_weight * self.decay_rate ** bisect.bisect_right(
             self.decay_steps, iteration
         )
