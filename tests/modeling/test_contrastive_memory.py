@@ -1,8 +1,9 @@
 """
-Two gloo workers against one process holding the global batch: after DDP's averaging the
-gradient must be the one-process gradient (float64, 1e-9), the loss the same, and the queue
-the same on every worker. Uneven batches, a worker without anchors and a worker without
-regions must neither hang nor change the result. The step makes no sync.
+rcdet.modeling.contrastive_memory under DDP: two gloo workers against one process holding the
+global batch. After DDP's averaging the gradient must be the one-process gradient (float64,
+1e-9), the loss the same, and the queue the same on every worker. Uneven batches, a worker
+without anchors and a worker without regions must neither hang nor change the result. The step
+makes no sync.
 """
 
 import os
@@ -129,9 +130,9 @@ def test_ddp_step_makes_no_sync(worker_results):
 
 
 def test_remote_anchors_loss_has_a_gradient_on_local_keys():
-    # The part a gather without gradient drops (what the previous version did): the loss of
-    # worker 1's anchors with respect to worker 0's rows. It is far from zero here, so the DDP
-    # test above would catch its loss.
+    # The part that a gather without gradient would drop: the loss of worker 1's anchors with
+    # respect to worker 0's rows. It is far from zero here, so the DDP test above would catch
+    # its loss.
     proj, contrast = _model("out_in")
     feats, labels, anchors, weights, enqueue, n0 = _batch("uneven")
     emb, _ = proj(feats)

@@ -1,3 +1,7 @@
+"""rcdet.modeling.memory_queue: the ring buffer of past embeddings, on one worker and on two."""
+
+import os
+
 import torch
 
 from dist_utils import run_distributed
@@ -71,9 +75,6 @@ def _queue_worker(rank, world_size, out_dir):
         labels = torch.full((n,), 10 * rank + step)
         q.enqueue(emb, labels, mask=torch.arange(n) % 3 != 2)
     torch.save(q.state_dict(), os.path.join(out_dir, f"queue{rank}.pth"))
-
-
-import os  # noqa: E402
 
 
 def test_two_workers_hold_identical_queues(tmp_path):

@@ -1,12 +1,21 @@
+"""
+rcdet.modeling.rince: the ranked InfoNCE loss against closed forms and a brute-force reference,
+its gradients, and what a GPU training run needs, checked on the CPU: no device-to-host syncs,
+an operator count independent of the number of classes, mixed precision, clear label errors.
+The configs' losses are built from their rankings.
+"""
+
 import math
+import os
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from conftest import REPO
 from rcdet.modeling.rince import RankedInfoNCELoss, iou_reweight, parse_loss_name, ranked_info_nce
 from rcdet.ranking import temperatures_from_similarity, validate_temperatures
-from rcdet.testing import reference_rince
+from rcdet.testing import SyncCounter, random_loss_inputs, reference_rince, ring_rank_matrix
 
 RANK = torch.tensor([[1, 2, 3, -1], [2, 1, -1, 3], [3, -1, 1, 2], [-1, -1, 2, 1]])
 BG = 4
@@ -238,3 +247,98 @@ def test_positive_anchor_counts_from_labels_equal_the_loss_counts():
         valid = torch.rand(9, generator=torch.Generator().manual_seed(seed)) > 0.3
         out = ranked_info_nce(z, y, k, ky, RANK, [0.1, 0.2, 0.3], "in", si, anchor_valid=valid)
         assert positive_anchor_counts(y, valid, ky, RANK, 3).tolist() == out.anchor_counts.long().tolist()
+
+
+# ---------------------------------------------------------------- syncs, operators, precision
+
+
+def _loss_inputs(num_classes, n=96, m=512, d=32, dtype=torch.float32):
+    z, y, k, ky, self_idx = random_loss_inputs(n, m, d, num_classes, torch.device("cpu"))
+    return z.to(dtype).requires_grad_(True), y, k.to(dtype).requires_grad_(True), ky, self_idx
+
+
+def _count_loss(num_classes, variant="out_in", r=3):
+    z, y, k, ky, self_idx = _loss_inputs(num_classes)
+    loss = RankedInfoNCELoss(ring_rank_matrix(num_classes, r, "cpu"), [0.1 * (i + 1) for i in range(r)], variant)
+    with SyncCounter() as counter:
+        loss(z, y, k, ky, self_idx, check_inputs=False).loss.backward()
+    return counter
+
+
+@pytest.mark.parametrize("variant", ["out_in", "in", "out"])
+def test_loss_forward_and_backward_make_no_sync(variant):
+    counter = _count_loss(20, variant)
+    assert counter.syncs == 0, dict(counter.sync_ops)
+
+
+def test_operator_count_does_not_grow_with_the_number_of_classes():
+    ops20, ops80 = _count_loss(20).ops, _count_loss(80).ops
+    assert abs(ops80 - ops20) <= 0.1 * ops20, (ops20, ops80)
+    # ... but it does grow with the number of ranks (the count is real).
+    assert _count_loss(20, r=4).ops > _count_loss(20, r=2).ops
+
+
+def test_label_check_of_the_functional_api():
+    z, y, k, ky, self_idx = _loss_inputs(5)
+    bad = y.clone()
+    bad[3] = 5
+    with pytest.raises(ValueError, match=r"anchor_labels must lie in \[0, 5\).*\[5\]"):
+        ranked_info_nce(z, bad, k, ky, ring_rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx)
+    bad[3] = -1
+    with pytest.raises(ValueError, match=r"\[-1\]"):
+        ranked_info_nce(z, bad, k, ky, ring_rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx)
+
+
+@pytest.mark.parametrize("variant", ["out_in", "in", "out"])
+@pytest.mark.parametrize("tau", [0.1, 0.01])
+def test_bfloat16_autocast_close_to_float32(variant, tau):
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(24, 16)
+    feats = torch.randn(64, 24)
+    labels = torch.randint(0, 6, (64,))
+    ranks = ring_rank_matrix(6, 3, "cpu")
+    taus = [tau, 2 * tau, 3 * tau]
+
+    def run(autocast):
+        proj.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            emb = F.normalize(proj(feats), dim=1)
+            out = ranked_info_nce(emb, labels, emb, labels, ranks, taus, variant, torch.arange(64))
+        out.loss.backward()
+        return emb.dtype, out.loss.detach(), proj.weight.grad.clone()
+
+    dtype16, loss16, grad16 = run(True)
+    dtype32, loss32, grad32 = run(False)
+    assert dtype16 == torch.bfloat16 and dtype32 == torch.float32  # autocast really was on
+    assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
+    assert abs(loss16.item() - loss32.item()) <= 0.02 * abs(loss32.item())
+    assert torch.isfinite(grad16).all()
+
+
+def test_float16_inputs_at_tau_001_are_finite():
+    z, y, k, ky, self_idx = _loss_inputs(8, dtype=torch.float16)
+    out = ranked_info_nce(z, y, k, ky, ring_rank_matrix(8, 3, "cpu"), [0.01, 0.02, 0.03], "out_in", self_idx)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(z.grad).all() and torch.isfinite(k.grad).all()
+    assert z.grad.dtype == torch.float16
+
+
+# ---------------------------------------------------------------- the configs' losses
+
+
+@pytest.mark.parametrize("config", ["configs/voc_rince.yaml", "configs/voc_rince_text.yaml", "configs/voc_supcon.yaml"])
+def test_voc_configs_load_their_rankings_for_voc_classes(config):
+    from detectron2.config import get_cfg
+    from detectron2.data.datasets.pascal_voc import CLASS_NAMES
+
+    from rcdet.config import add_rcdet_config
+    from rcdet.data.held_out import training_classes
+    from rcdet.modeling.rince import build_contrastive_loss
+
+    cfg = get_cfg()
+    add_rcdet_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, config))
+    # voc_2007_trainval metadata exists without the images
+    loss = build_contrastive_loss(cfg, *training_classes(cfg))
+    assert loss.rank_matrix.shape == (len(CLASS_NAMES), len(CLASS_NAMES))
+    assert loss.num_ranks == (1 if "supcon" in config else 3)

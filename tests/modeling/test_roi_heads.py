@@ -1,13 +1,29 @@
+"""
+rcdet.modeling.roi_heads: the branch off is detectron2's StandardROIHeads, on it adds only its
+loss; degenerate batches, the loss weight schedule, embeddings at test time, config errors; the
+device syncs of a training step, mixed precision, non-finite embeddings; two gloo workers against
+one; TorchScript scripting of the head and tracing of the whole model with embeddings.
+"""
+
+import os
+
 import pytest
 import torch
 
+from detectron2.export import TracingAdapter
+from detectron2.export.torchscript_patch import freeze_training_mode, patch_instances
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
 from conftest import tiny_cfg
+from dist_utils import run_distributed
 from rcdet.config import ConfigError
 from rcdet.modeling import RankedContrastiveROIHeads
+from rcdet.testing import SyncCounter
+
+# Every model here is built for the tiny built-in dataset.
+pytestmark = pytest.mark.usefixtures("tiny_shapes")
 
 
 def _build(*opts, seed=0):
@@ -142,3 +158,256 @@ def test_config_errors_name_the_key(opts, key):
     with pytest.raises(ConfigError) as e:
         _build(*opts)
     assert key in str(e.value)
+
+
+# ---------------------------------------------------------------- syncs, precision, non-finite
+
+
+def _batch(seed=1, n_images=2):
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(n_images):
+        inst = Instances((160, 176))
+        xy = torch.rand(3, 2, generator=g) * 90
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + 30 + torch.rand(3, 2, generator=g) * 50], dim=1))
+        inst.gt_classes = torch.randint(0, 9, (3,), generator=g)
+        img = torch.randint(0, 256, (3, 160, 176), generator=g, dtype=torch.uint8)
+        batch.append({"image": img, "instances": inst, "height": 160, "width": 176})
+    return batch
+
+
+def _train_step_syncs(model, batch):
+    model.train()
+    torch.manual_seed(5)
+    with EventStorage(0), SyncCounter() as counter:
+        losses = model(batch)
+        sum(losses.values()).backward()
+    return counter, losses
+
+
+def test_head_step_adds_at_most_one_sync(tiny_shapes):
+    # Everything detectron2 itself syncs on (proposal sampling, pooler level assignment) is the
+    # same with and without the branch, so the difference is what rcdet adds: the one transfer
+    # of the logged scalars.
+    torch.manual_seed(0)
+    with_branch = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "32"))
+    with_branch.roi_heads.contrast.static_shapes = True  # the accelerator path (auto on the CPU reads the anchor count)
+    torch.manual_seed(0)
+    without = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.LOSS", "none"))
+    batch = _batch()
+    on, losses = _train_step_syncs(with_branch, batch)
+    off, _ = _train_step_syncs(without, batch)
+    assert "loss_contrast" in losses and losses["loss_contrast"] > 0
+    diff = on.sync_ops - off.sync_ops
+    assert sum(diff.values()) <= 1, dict(diff)
+    assert (off.sync_ops - on.sync_ops) == {}, "the branch changed detectron2's own path"
+
+    # The contrastive step alone, queue enqueue and logging included.
+    head = with_branch.roi_heads
+    feats = torch.randn(20, head.box_head.output_shape.channels, requires_grad=True)
+    props = _proposals()
+    with EventStorage(3), SyncCounter() as c:
+        head.contrastive_losses(feats, props)["loss_contrast"].backward()
+    assert c.syncs == 1 and c.sync_ops == {"Tensor.tolist": 1}
+    with SyncCounter() as c:  # the queue's fill count stays on the device
+        count = head.queue.num_filled()
+    assert c.syncs == 0 and int(count) == int(head.queue.filled.sum()) > 0
+
+
+def test_cpu_exact_anchor_count_equals_the_static_path(tiny_shapes):
+    torch.manual_seed(0)
+    head = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "32")).roi_heads
+    feats = torch.randn(20, head.box_head.output_shape.channels)
+    results = {}
+    for static in (True, False):
+        head.contrast.static_shapes = static
+        head.queue.load_state_dict({k: torch.zeros_like(v) if k != "labels" else torch.full_like(v, -1) for k, v in head.queue.state_dict().items()})
+        with EventStorage(3), SyncCounter() as c:
+            results[static] = head.contrastive_losses(feats, _proposals())["loss_contrast"]
+        results[static, "syncs"] = dict(c.sync_ops)
+    torch.testing.assert_close(results[True], results[False], atol=1e-6, rtol=1e-6)
+    assert results[False, "syncs"] == {"Tensor.tolist": 1, "aten::_local_scalar_dense": 1}
+    assert head.contrast.static_shapes is False and build_model(tiny_cfg("configs/shapes_rince.yaml")).roi_heads.contrast.static_shapes is None
+
+
+def _proposals():
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(4)
+    out = []
+    for n in (12, 8):
+        p = Instances((64, 64))
+        p.proposal_boxes = Boxes(torch.rand(n, 4, generator=g))
+        p.gt_classes = torch.randint(0, 10, (n,), generator=g)
+        p.gt_iou = 0.5 + 0.5 * torch.rand(n, generator=g)
+        out.append(p)
+    return out
+
+
+def test_one_head_training_step_under_bfloat16_autocast(tiny_shapes):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "32", "MODEL.RCDET.TEMPERATURES", "[0.01, 0.02, 0.03]"))
+    model.train()
+    with EventStorage(0):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = model(_batch())
+        sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_contrast"].dtype == torch.float32
+    grads = [p.grad for p in model.roi_heads.projection.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_non_finite_embeddings_get_detectron2_style_error(tiny_shapes):
+    torch.manual_seed(0)
+    head = build_model(tiny_cfg("configs/shapes_rince.yaml")).roi_heads
+    feats = torch.randn(20, head.box_head.output_shape.channels)
+    feats[4, 0] = float("nan")
+    with EventStorage(7), pytest.raises(FloatingPointError, match=r"Inf/NaN at iteration=7.*SOLVER.BASE_LR"):
+        head.contrastive_losses(feats, _proposals())
+    # A caller that skips the batch keeps a clean queue: the non-finite row was not enqueued.
+    assert head.queue.filled.any() and torch.isfinite(head.queue.embeddings).all()
+
+
+# ---------------------------------------------------------------- 2 workers against 1
+# Two CPU workers (gloo), each with half the batch, against one worker with the whole batch.
+
+
+STEPS = 2
+
+
+def _worker_proposals(step):
+    """Two images' sampled proposals with hand-set labels and IoUs (uneven sizes)."""
+    g = torch.Generator().manual_seed(100 + step)
+    out = []
+    for n in (9, 6):
+        p = Instances((64, 64))
+        p.proposal_boxes = Boxes(torch.rand(n, 4, generator=g))
+        p.gt_classes = torch.randint(0, 10, (n,), generator=g)  # 9 = background
+        p.gt_iou = 0.4 + 0.6 * torch.rand(n, generator=g)
+        out.append(p)
+    return out
+
+
+def _worker_features(step, dim):
+    g = torch.Generator().manual_seed(200 + step)
+    return torch.randn(15, dim, generator=g)
+
+
+def _worker_head():
+    cfg = tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "16", "MODEL.RCDET.IOU_THRESHOLD", "0.5",
+                   "MODEL.RCDET.QUEUE_IOU_THRESHOLD", "0.5", "MODEL.RCDET.REWEIGHT", "linear")
+    torch.manual_seed(0)
+    return build_model(cfg).roi_heads
+
+
+def _contrastive_losses(head, image_slice):
+    losses = []
+    with EventStorage(0):
+        for step in range(STEPS):
+            props = _worker_proposals(step)[image_slice]
+            feats = _worker_features(step, head.box_head.output_shape.channels)
+            sizes = [9, 6]
+            start = sum(sizes[: image_slice.start or 0])
+            stop = start + sum(len(p) for p in props)
+            losses.append(head.contrastive_losses(feats[start:stop], props)["loss_contrast"].item())
+    return losses
+
+
+def _head_worker(rank, world_size, out_dir, shapes_root):
+    from rcdet.data import register_rcdet_shapes
+
+    # A spawned process imports rcdet afresh: point it at the test's dataset again.
+    register_rcdet_shapes(shapes_root)
+    head = _worker_head()
+    losses = _contrastive_losses(head, slice(rank, rank + 1))
+    torch.save({"losses": losses, "queue": head.queue.state_dict()}, os.path.join(out_dir, f"rank{rank}.pth"))
+
+
+def test_two_workers_average_to_single_worker_loss(tmp_path, tiny_shapes):
+    single_head = _worker_head()
+    single = _contrastive_losses(single_head, slice(0, 2))
+    run_distributed(_head_worker, 2, str(tmp_path), tiny_shapes)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pth") for r in (0, 1))
+    for step in range(STEPS):
+        # Each worker's loss is its anchors' share rescaled by world size, so the mean over
+        # workers (what DDP averages and detectron2 logs) equals the single-worker loss.
+        assert abs((r0["losses"][step] + r1["losses"][step]) / 2 - single[step]) < 1e-5
+    assert r0["losses"][0] != r1["losses"][0]
+    # Identical on both workers (they write the same gathered rows); equal to the one-process
+    # queue up to float rounding, since the embeddings come from differently shaped matmuls.
+    for key, value in single_head.queue.state_dict().items():
+        assert torch.equal(r0["queue"][key], r1["queue"][key]), key
+        torch.testing.assert_close(r0["queue"][key], value, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- TorchScript
+
+
+def _head_inputs(head, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(96, 112), (80, 96)]
+    images = ImageList(torch.zeros(2, 3, 96, 112), sizes)
+    features = {f: torch.randn(2, head.box_head.input_shape.channels if hasattr(head.box_head, "input_shape") else 64, 96 // s, 112 // s, generator=g)
+                for f, s in zip(head.box_in_features, (8, 16, 32))}
+    proposals = []
+    for h, w in sizes:
+        p = Instances((h, w))
+        xy = torch.rand(30, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        p.proposal_boxes = Boxes(torch.cat([xy, xy + 10 + torch.rand(30, 2, generator=g) * 30], dim=1))
+        p.objectness_logits = torch.randn(30, generator=g)
+        proposals.append(p)
+    return images, features, proposals
+
+
+@pytest.mark.parametrize("loss", ["none", "rince_out_in"])
+def test_head_scripts_like_standard_roi_heads(tiny_shapes, loss):
+    cfg = tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.LOSS", loss, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    torch.manual_seed(0)
+    head = build_model(cfg).roi_heads.eval()
+    images, features, proposals = _head_inputs(head)
+    fields = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor, "pred_boxes": Boxes, "scores": torch.Tensor, "pred_classes": torch.Tensor}
+    with torch.no_grad():
+        eager, _ = head(images, features, proposals)
+        with freeze_training_mode(head), patch_instances(fields) as new_instances:
+            scripted_head = torch.jit.script(head)
+            scripted, _ = scripted_head(images, features, [new_instances.from_instances(p) for p in proposals])
+    assert sum(len(x) for x in eager) > 0
+    for e, s in zip(eager, scripted):
+        assert torch.equal(e.pred_boxes.tensor, s.pred_boxes.tensor)
+        assert torch.equal(e.scores, s.scores) and torch.equal(e.pred_classes, s.pred_classes)
+
+
+def _model_and_images(tiny_shapes, embed=True):
+    cfg = tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.EMBED_AT_TEST", str(embed), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                   "TEST.DETECTIONS_PER_IMAGE", "1000")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).float() for h, w in ((160, 192), (128, 224))]
+    return model, images
+
+
+def test_tracing_exports_logits_and_embeddings_for_any_input_size(tiny_shapes):
+    model, (first, second) = _model_and_images(tiny_shapes)
+
+    def inference(m, inputs):
+        return m.inference(inputs, do_postprocess=False)
+
+    adapter = TracingAdapter(model, [{"image": first}], inference)
+    traced = torch.jit.trace(adapter, adapter.flattened_inputs)
+    counts = set()
+    for image in (first, second):  # the second size was never seen by the tracer
+        with torch.no_grad():
+            ref = model.inference([{"image": image}], do_postprocess=False)[0]
+            got = adapter.outputs_schema(traced(image))[0]
+        counts.add(len(ref))
+        assert len(got) == len(ref) > 0
+        for field in ("pred_boxes", "scores", "pred_classes", "pred_logits", "pred_embeddings"):
+            a, b = ref.get(field), got.get(field)
+            a, b = (a.tensor, b.tensor) if isinstance(a, Boxes) else (a, b)
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=field)
+        assert got.pred_embeddings.shape[1] == 64 and got.pred_logits.shape[1] == 10
+    assert len(counts) == 2, "both sizes gave the same number of detections: the check would not catch a frozen split"

@@ -1,12 +1,17 @@
+"""
+tools/compare_methods.py: the study's plan (quick, VOC, the drop_annotations variant, --num-gpus),
+resuming finished stages and re-evaluating reports of an older protocol, each stage's provenance,
+the study's commits and wall time over invocations, the configs and meta.json next to the
+results, and a git state that ignores the study's own results.
+"""
+
 import json
 import os
 
 import pytest
 
-from conftest import load_tool
 from rcdet.evaluation.ood_benchmark import PROTOCOL_VERSION
-
-cm = load_tool("compare_methods")
+from tools import compare_methods as cm
 
 METHODS = ["softmax", "supcon_out", "rince_in", "rince_out_in", "rince_out_in_shuffled"]
 

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import load_tool
+from tools import demo
 
 TINY = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
         "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160", "MODEL.RCDET.QUEUE_SIZE", "64"]
@@ -10,8 +10,6 @@ TINY = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()
 
 def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RCDET_SHAPES_ROOT", tiny_shapes)  # the data exists: no generation
-    demo = load_tool("demo")
-
     assert demo.main(["--output", str(tmp_path)] + TINY) == 0
     with open(tmp_path / "metrics.json") as f:
         metrics = json.load(f)
