@@ -40,10 +40,28 @@ def free_port() -> int:
 def fake_ood_report(folder, matching="one_per_object", version=2):
     """A minimal ood_report.json in ``folder``: one score, msp, with intervals."""
     os.makedirs(folder, exist_ok=True)
-    entry = {"available": True, "auroc": 0.7, "fpr95": 0.8, "aupr_in": 0.9, "aupr_out": 0.5,
-             "auroc_ci": [0.6, 0.8], "fpr95_ci": [0.7, 0.9], "aupr_in_ci": None, "aupr_out_ci": None}
-    rep = {"name": os.path.basename(folder), "detection": {}, "scores": {"msp": entry},
-           "protocol": {"version": version, "matching": matching, "match_iou": 0.5, "score_threshold": 0.05}}
+    entry = {
+        "available": True,
+        "auroc": 0.7,
+        "fpr95": 0.8,
+        "aupr_in": 0.9,
+        "aupr_out": 0.5,
+        "auroc_ci": [0.6, 0.8],
+        "fpr95_ci": [0.7, 0.9],
+        "aupr_in_ci": None,
+        "aupr_out_ci": None,
+    }
+    rep = {
+        "name": os.path.basename(folder),
+        "detection": {},
+        "scores": {"msp": entry},
+        "protocol": {
+            "version": version,
+            "matching": matching,
+            "match_iou": 0.5,
+            "score_threshold": 0.05,
+        },
+    }
     with open(os.path.join(folder, "ood_report.json"), "w") as f:
         json.dump(rep, f)
 
@@ -73,9 +91,22 @@ def tiny_cfg(config="configs/shapes_rince.yaml", *opts, output_dir=None):
     from rcdet.engine import setup_cfg
 
     base = [
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
-        "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
-        "MODEL.RCDET.QUEUE_SIZE", "64",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "SOLVER.MAX_ITER",
+        "2",
+        "SOLVER.STEPS",
+        "()",
+        "SOLVER.WARMUP_ITERS",
+        "1",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(160,)",
+        "INPUT.MIN_SIZE_TEST",
+        "160",
+        "MODEL.RCDET.QUEUE_SIZE",
+        "64",
     ]
     if output_dir:
         base += ["OUTPUT_DIR", str(output_dir)]
@@ -116,8 +147,13 @@ def image_level_report(tiny_models, tmp_path_factory):
     from rcdet.data.ood_images import register_shapes_ood_images
     from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 
-    cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["rince"],
-                   "MODEL.RCDET.EMBED_AT_TEST", "True")
+    cfg = tiny_cfg(
+        "configs/shapes_rince_ood.yaml",
+        "MODEL.WEIGHTS",
+        tiny_models["rince"],
+        "MODEL.RCDET.EMBED_AT_TEST",
+        "True",
+    )
     cfg.freeze()
     root = MetadataCatalog.get("rcdet_shapes_test").dirname
     ood_name = register_shapes_ood_images(root, ["ring", "triangle"], num_images=6)

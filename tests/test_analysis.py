@@ -8,8 +8,12 @@ import matplotlib.figure
 import numpy as np
 import pytest
 
-from rcdet.analysis import (nearest_centroid_outliers, plot_centroid_similarity, ranking_fidelity,
-                            retrieval_at_1)
+from rcdet.analysis import (
+    nearest_centroid_outliers,
+    plot_centroid_similarity,
+    ranking_fidelity,
+    retrieval_at_1,
+)
 from rcdet.ranking import NEGATIVE_RANK
 
 N = NEGATIVE_RANK
@@ -71,7 +75,9 @@ def test_ranking_fidelity_orders_ranks_on_a_ranked_embedding():
     cent /= np.linalg.norm(cent, axis=1, keepdims=True)
     off = ~np.eye(6, dtype=bool)
     codes = np.where(rank == N, 3, rank)
-    assert fid["spearman"] == pytest.approx(spearmanr(-codes[off], (cent @ cent.T)[off]).correlation, abs=1e-12)
+    assert fid["spearman"] == pytest.approx(
+        spearmanr(-codes[off], (cent @ cent.T)[off]).correlation, abs=1e-12
+    )
     assert fid["spearman"] > 0.6  # ties cap it well below 1 here
     wrong = rank[np.ix_([0, 2, 4, 1, 3, 5], [0, 2, 4, 1, 3, 5])]  # siblings moved across groups
     bad = ranking_fidelity(x, y, wrong)

@@ -12,15 +12,21 @@ import sys
 
 import pytest
 import torch
-
+from conftest import REPO, run_training, tiny_cfg
 from detectron2.engine import default_argument_parser
 
-from conftest import REPO, run_training, tiny_cfg
 from rcdet.checkpoint import WeightsError, load_trained_weights
 from rcdet.engine import Trainer
 from tools import analyze_embeddings, benchmark_ood, train_net
 
-EVAL_OPTS = ["INPUT.MIN_SIZE_TEST", "160", "MODEL.RCDET.QUEUE_SIZE", "64", "DATALOADER.NUM_WORKERS", "0"]
+EVAL_OPTS = [
+    "INPUT.MIN_SIZE_TEST",
+    "160",
+    "MODEL.RCDET.QUEUE_SIZE",
+    "64",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+]
 
 
 def run_in_process(tool, argv, capsys):
@@ -36,7 +42,9 @@ def run_in_process(tool, argv, capsys):
             except SystemExit as e:
                 code = e.code
         else:
-            module = {"benchmark_ood": benchmark_ood, "analyze_embeddings": analyze_embeddings}[tool]
+            module = {"benchmark_ood": benchmark_ood, "analyze_embeddings": analyze_embeddings}[
+                tool
+            ]
             code = module.main(argv)
     finally:
         logging.disable(logging.NOTSET)
@@ -67,18 +75,26 @@ def assert_one_error_line(code, err, *needles):
 
 
 @pytest.mark.parametrize("tool", TOOLS)
-def test_checkpoint_for_another_class_count_is_an_error(tiny_shapes, tiny_models, tmp_path, capsys, tool):
+def test_checkpoint_for_another_class_count_is_an_error(
+    tiny_shapes, tiny_models, tmp_path, capsys, tool
+):
     # A 7-class (held-out) checkpoint with the 9-class config.
     weights = tiny_models["rince"]
-    code, err = run_in_process(tool, tool_argv(tool, "configs/shapes_rince.yaml", weights, tmp_path), capsys)
-    assert_one_error_line(code, err, weights, "trained for 7 classes", "MODEL.ROI_HEADS.NUM_CLASSES = 9")
+    code, err = run_in_process(
+        tool, tool_argv(tool, "configs/shapes_rince.yaml", weights, tmp_path), capsys
+    )
+    assert_one_error_line(
+        code, err, weights, "trained for 7 classes", "MODEL.ROI_HEADS.NUM_CLASSES = 9"
+    )
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_missing_weights_file_is_named(tiny_shapes, tmp_path, capsys, tool):
     missing = str(tmp_path / "model_nowhere.pth")
-    code, err = run_in_process(tool, tool_argv(tool, "configs/shapes_rince_ood.yaml", missing, tmp_path), capsys)
+    code, err = run_in_process(
+        tool, tool_argv(tool, "configs/shapes_rince_ood.yaml", missing, tmp_path), capsys
+    )
     assert_one_error_line(code, err, "MODEL.WEIGHTS", missing, "not found")
 
 
@@ -93,21 +109,37 @@ def test_unreadable_weights_file_is_named(tiny_shapes, tiny_models, tmp_path, ca
         bad.write_bytes(b"")
     else:
         bad.write_text("not a checkpoint\n")
-    code, err = run_in_process(tool, tool_argv(tool, "configs/shapes_rince_ood.yaml", str(bad), tmp_path), capsys)
+    code, err = run_in_process(
+        tool, tool_argv(tool, "configs/shapes_rince_ood.yaml", str(bad), tmp_path), capsys
+    )
     assert_one_error_line(code, err, str(bad), "cannot be read")
 
 
 def test_eval_only_without_weights_refuses(tiny_shapes, tmp_path):
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", "configs/shapes_rince_ood.yaml",
-         "--eval-only", "OUTPUT_DIR", str(tmp_path)] + EVAL_OPTS,
-        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes), timeout=300,
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "train_net.py"),
+            "--config-file",
+            "configs/shapes_rince_ood.yaml",
+            "--eval-only",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ]
+        + EVAL_OPTS,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes),
+        timeout=300,
     )
     assert_one_error_line(proc.returncode, proc.stderr, "MODEL.WEIGHTS is empty")
     assert "copypaste" not in proc.stdout  # nothing was evaluated
 
 
-def test_eval_only_resume_uses_the_last_checkpoint_without_weights(tiny_shapes, tiny_models, tmp_path):
+def test_eval_only_resume_uses_the_last_checkpoint_without_weights(
+    tiny_shapes, tiny_models, tmp_path
+):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copy(tiny_models["rince"], run_dir / "model_final.pth")
@@ -122,14 +154,31 @@ def test_eval_only_resume_uses_the_last_checkpoint_without_weights(tiny_shapes, 
 
 def test_evaluation_needs_every_parameter_from_the_file(tiny_shapes, tiny_models, tmp_path):
     # The softmax model has no projection branch: the RINCE model's would stay random.
-    cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["softmax"], output_dir=tmp_path)
-    with pytest.raises(WeightsError, match=r"does not fit this config's model: \d+ of its parameters .*roi_heads.projection"):
+    cfg = tiny_cfg(
+        "configs/shapes_rince_ood.yaml",
+        "MODEL.WEIGHTS",
+        tiny_models["softmax"],
+        output_dir=tmp_path,
+    )
+    with pytest.raises(
+        WeightsError,
+        match=r"does not fit this config's model: \d+ of its parameters .*roi_heads.projection",
+    ):
         load_trained_weights(Trainer.build_model(cfg), cfg)
 
 
-def test_training_from_another_class_count_needs_the_finetune_key(tiny_shapes, tiny_models, tmp_path):
+def test_training_from_another_class_count_needs_the_finetune_key(
+    tiny_shapes, tiny_models, tmp_path
+):
     weights = tiny_models["softmax"]  # 7 classes
-    cfg = tiny_cfg("configs/shapes_softmax.yaml", "MODEL.WEIGHTS", weights, "DATASETS.TEST", "()", output_dir=tmp_path)
+    cfg = tiny_cfg(
+        "configs/shapes_softmax.yaml",
+        "MODEL.WEIGHTS",
+        weights,
+        "DATASETS.TEST",
+        "()",
+        output_dir=tmp_path,
+    )
     cfg.freeze()
     with pytest.raises(WeightsError) as e:
         Trainer(cfg).resume_or_load(resume=False)
@@ -145,7 +194,9 @@ def test_training_from_another_class_count_needs_the_finetune_key(tiny_shapes, t
     saved = torch.load(weights, map_location="cpu")["model"]
     state = trainer.model.state_dict()
     # Everything but the class-specific layers comes from the checkpoint.
-    assert torch.equal(state["roi_heads.box_head.fc1.weight"], saved["roi_heads.box_head.fc1.weight"])
+    assert torch.equal(
+        state["roi_heads.box_head.fc1.weight"], saved["roi_heads.box_head.fc1.weight"]
+    )
     assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 10
     assert saved["roi_heads.box_predictor.cls_score.weight"].shape[0] == 8
 
@@ -154,8 +205,16 @@ def test_training_from_another_class_count_needs_the_finetune_key(tiny_shapes, t
 
 
 def test_resume_restores_the_queue_exactly(tiny_shapes, tmp_path):
-    cfg = tiny_cfg("configs/shapes_rince.yaml", "DATASETS.TEST", "()", "MODEL.RCDET.IOU_THRESHOLD", "0.5",
-                   "MODEL.RCDET.QUEUE_IOU_THRESHOLD", "0.5", output_dir=tmp_path)
+    cfg = tiny_cfg(
+        "configs/shapes_rince.yaml",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.RCDET.IOU_THRESHOLD",
+        "0.5",
+        "MODEL.RCDET.QUEUE_IOU_THRESHOLD",
+        "0.5",
+        output_dir=tmp_path,
+    )
     first = run_training(cfg.clone())
     queue = {k: v.clone() for k, v in first.model.roi_heads.queue.state_dict().items()}
     assert queue["filled"].any(), "the queue should hold embeddings after training"

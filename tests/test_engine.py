@@ -18,16 +18,27 @@ import time
 import numpy as np
 import pytest
 import torch
-
+from conftest import REPO, run_training, tiny_cfg
 from detectron2.engine import AMPTrainer
 from detectron2.utils.events import EventStorage
 
-from conftest import REPO, run_training, tiny_cfg
 from rcdet.config import ConfigError
 from rcdet.engine import Trainer, amp_precision
 
-TINY = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
-        "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160", "MODEL.RCDET.QUEUE_SIZE", "64"]
+TINY = [
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(160,)",
+    "INPUT.MIN_SIZE_TEST",
+    "160",
+    "MODEL.RCDET.QUEUE_SIZE",
+    "64",
+]
 TRAIN_SPLIT = "rcdet_shapes_trainval__minus_ring+triangle_drop_images"
 TEST_SPLIT = "rcdet_shapes_test__minus_ring+triangle_ood_test"
 
@@ -43,29 +54,74 @@ def _env(shapes_root):
 # ---------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("config", ["configs/shapes_softmax.yaml", "configs/shapes_supcon.yaml", "configs/shapes_rince.yaml"])
+@pytest.mark.parametrize(
+    "config",
+    ["configs/shapes_softmax.yaml", "configs/shapes_supcon.yaml", "configs/shapes_rince.yaml"],
+)
 def test_each_shapes_config_trains_a_few_iterations(tiny_shapes, tmp_path, config):
-    cfg = tiny_cfg(config, "SOLVER.MAX_ITER", "3", "TEST.EVAL_PERIOD", "0", "DATASETS.TEST", "()", output_dir=tmp_path)
+    cfg = tiny_cfg(
+        config,
+        "SOLVER.MAX_ITER",
+        "3",
+        "TEST.EVAL_PERIOD",
+        "0",
+        "DATASETS.TEST",
+        "()",
+        output_dir=tmp_path,
+    )
     trainer = run_training(cfg)
     assert trainer.iter == cfg.SOLVER.MAX_ITER
     assert os.path.isfile(tmp_path / "model_final.pth")
 
 
-@pytest.mark.parametrize("config", ["configs/voc_softmax.yaml", "configs/voc_supcon.yaml", "configs/voc_rince.yaml", "configs/voc_rince_text.yaml"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        "configs/voc_softmax.yaml",
+        "configs/voc_supcon.yaml",
+        "configs/voc_rince.yaml",
+        "configs/voc_rince_text.yaml",
+    ],
+)
 def test_voc_configs_build_and_train_one_iteration(tiny_shapes, tmp_path, config):
     """The R50-FPN VOC configs, from scratch, on the tiny built-in data instead of VOC2007."""
     cfg = tiny_cfg(
-        config, "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('rcdet_shapes_trainval',)", "DATASETS.TEST", "()",
-        "MODEL.ROI_HEADS.NUM_CLASSES", "9", "MODEL.RCDET.RANKING_FILE", "configs/rankings/shapes_families.yaml",
-        "SOLVER.MAX_ITER", "1", "INPUT.MIN_SIZE_TRAIN", "(128,)", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32", output_dir=tmp_path,
+        config,
+        "MODEL.WEIGHTS",
+        "",
+        "MODEL.DEVICE",
+        "cpu",
+        "DATASETS.TRAIN",
+        "('rcdet_shapes_trainval',)",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "9",
+        "MODEL.RCDET.RANKING_FILE",
+        "configs/rankings/shapes_families.yaml",
+        "SOLVER.MAX_ITER",
+        "1",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(128,)",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        "100",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "32",
+        output_dir=tmp_path,
     )
     trainer = run_training(cfg)
     assert trainer.iter == 1 and (tmp_path / "model_final.pth").is_file()
 
 
 def test_amp_precision_key(tiny_shapes, tmp_path):
-    cfg = tiny_cfg("configs/shapes_rince.yaml", "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16", output_dir=tmp_path)
+    cfg = tiny_cfg(
+        "configs/shapes_rince.yaml",
+        "SOLVER.AMP.ENABLED",
+        "True",
+        "SOLVER.AMP.PRECISION",
+        "bfloat16",
+        output_dir=tmp_path,
+    )
     assert amp_precision(cfg) == torch.bfloat16
     with pytest.warns(UserWarning):  # torch.cuda.amp.GradScaler without CUDA: disabled
         trainer = Trainer(cfg)
@@ -78,10 +134,28 @@ def test_voc_amp_config_runs_one_float16_step(tiny_shapes, tmp_path):
     """configs/voc_rince_amp.yaml on the tiny data: detectron2's AMPTrainer is chosen, and one
     of its steps (float16 autocast, scaled loss) runs; AMPTrainer.run_step itself needs CUDA."""
     cfg = tiny_cfg(
-        "configs/voc_rince_amp.yaml", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('rcdet_shapes_trainval',)",
-        "DATASETS.TEST", "()", "MODEL.ROI_HEADS.NUM_CLASSES", "9", "MODEL.RCDET.RANKING_FILE", "configs/rankings/shapes_families.yaml",
-        "INPUT.MIN_SIZE_TRAIN", "(128,)", "MODEL.RPN.POST_NMS_TOPK_TRAIN", "100", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
-        "SOLVER.BASE_LR", "0.0", output_dir=tmp_path,
+        "configs/voc_rince_amp.yaml",
+        "MODEL.WEIGHTS",
+        "",
+        "MODEL.DEVICE",
+        "cpu",
+        "DATASETS.TRAIN",
+        "('rcdet_shapes_trainval',)",
+        "DATASETS.TEST",
+        "()",
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "9",
+        "MODEL.RCDET.RANKING_FILE",
+        "configs/rankings/shapes_families.yaml",
+        "INPUT.MIN_SIZE_TRAIN",
+        "(128,)",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+        "100",
+        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+        "32",
+        "SOLVER.BASE_LR",
+        "0.0",
+        output_dir=tmp_path,
     )
     with pytest.warns(UserWarning):
         trainer = Trainer(cfg)
@@ -100,8 +174,13 @@ def test_voc_amp_config_runs_one_float16_step(tiny_shapes, tmp_path):
 
 def run_tool(tool, *argv, shapes_root):
     return subprocess.run(
-        _tool_cmd(tool, *argv), cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=_env(shapes_root), preexec_fn=lambda: os.umask(0o022),
+        _tool_cmd(tool, *argv),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(shapes_root),
+        preexec_fn=lambda: os.umask(0o022),
     )
 
 
@@ -109,9 +188,19 @@ def run_tool(tool, *argv, shapes_root):
 def held_out_run(tiny_shapes, tmp_path_factory):
     """2 iterations of the held-out demo config through tools/train_net.py, which saves config.yaml."""
     out = tmp_path_factory.mktemp("held_out_run")
-    proc = run_tool("train_net.py", "--config-file", "configs/shapes_rince_ood.yaml", *TINY,
-                    "SOLVER.MAX_ITER", "2", "DATALOADER.NUM_WORKERS", "0", "OUTPUT_DIR", str(out),
-                    shapes_root=tiny_shapes)
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        "configs/shapes_rince_ood.yaml",
+        *TINY,
+        "SOLVER.MAX_ITER",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "OUTPUT_DIR",
+        str(out),
+        shapes_root=tiny_shapes,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "config.yaml") as f:
         saved = f.read()
@@ -124,30 +213,60 @@ def _mode(path):
 
 
 def test_train_net_eval_only_with_the_saved_config(held_out_run, tiny_shapes):
-    proc = run_tool("train_net.py", "--config-file", str(held_out_run / "config.yaml"), "--eval-only",
-                    "MODEL.WEIGHTS", str(held_out_run / "model_final.pth"), "OUTPUT_DIR", str(held_out_run / "eval"),
-                    shapes_root=tiny_shapes)
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        str(held_out_run / "config.yaml"),
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        str(held_out_run / "model_final.pth"),
+        "OUTPUT_DIR",
+        str(held_out_run / "eval"),
+        shapes_root=tiny_shapes,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copypaste: AP,AP50,AP75" in proc.stdout
 
 
 def test_benchmark_ood_with_the_saved_config_writes_readable_reports(held_out_run, tiny_shapes):
     out = held_out_run / "ood"
-    proc = run_tool("benchmark_ood.py", "--config-file", str(held_out_run / "config.yaml"), "--output", str(out),
-                    "MODEL.WEIGHTS", str(held_out_run / "model_final.pth"), shapes_root=tiny_shapes)
+    proc = run_tool(
+        "benchmark_ood.py",
+        "--config-file",
+        str(held_out_run / "config.yaml"),
+        "--output",
+        str(out),
+        "MODEL.WEIGHTS",
+        str(held_out_run / "model_final.pth"),
+        shapes_root=tiny_shapes,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Report:" in proc.stdout
     # Under umask 022 every report, plot and the statistics cache is 0644, not mkstemp's 0600.
     written = [out / name for name in os.listdir(out)] + list(held_out_run.glob("ood_stats_*.npz"))
-    assert {p.name for p in written} >= {"ood_report.json", "ood_report.csv", "roc.png", "ood_scores.npz"}
+    assert {p.name for p in written} >= {
+        "ood_report.json",
+        "ood_report.csv",
+        "roc.png",
+        "ood_scores.npz",
+    }
     assert any(p.name.startswith("ood_stats_") for p in written)
     assert {p.name: oct(_mode(p)) for p in written} == {p.name: oct(0o644) for p in written}
 
 
 def test_analyze_embeddings_with_the_saved_config(held_out_run, tiny_shapes):
     out = held_out_run / "analysis"
-    proc = run_tool("analyze_embeddings.py", "--config-file", str(held_out_run / "config.yaml"), "--output", str(out),
-                    "--no-tsne", "MODEL.WEIGHTS", str(held_out_run / "model_final.pth"), shapes_root=tiny_shapes)
+    proc = run_tool(
+        "analyze_embeddings.py",
+        "--config-file",
+        str(held_out_run / "config.yaml"),
+        "--output",
+        str(out),
+        "--no-tsne",
+        "MODEL.WEIGHTS",
+        str(held_out_run / "model_final.pth"),
+        shapes_root=tiny_shapes,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "analysis.json").is_file() and _mode(out / "analysis.json") == 0o644
 
@@ -184,9 +303,25 @@ def test_unreadable_image_met_while_training(shapes_copy, tmp_path):
     # Zero-byte JPEGs, read in a DataLoader worker process as the shapes configs do.
     damaged = _damage_split(shapes_copy, "trainval", "empty")
     proc = subprocess.run(
-        _tool_cmd("train_net.py", "--config-file", "configs/shapes_rince.yaml", *TINY, "SOLVER.MAX_ITER", "2",
-                  "DATALOADER.NUM_WORKERS", "1", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path / "out")),
-        cwd=REPO, env=_env(shapes_copy), capture_output=True, text=True, timeout=300,
+        _tool_cmd(
+            "train_net.py",
+            "--config-file",
+            "configs/shapes_rince.yaml",
+            *TINY,
+            "SOLVER.MAX_ITER",
+            "2",
+            "DATALOADER.NUM_WORKERS",
+            "1",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ),
+        cwd=REPO,
+        env=_env(shapes_copy),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     line = _one_error_line(proc)
     named = re.match(r"error: (\S+\.jpg): cannot read the image", line)
@@ -197,9 +332,24 @@ def test_unreadable_image_met_while_training(shapes_copy, tmp_path):
 def test_unreadable_image_met_while_evaluating(shapes_copy, tiny_models, tmp_path):
     damaged = _damage_split(shapes_copy, "test", "truncated")
     proc = subprocess.run(
-        _tool_cmd("train_net.py", "--config-file", "configs/shapes_rince_ood.yaml", "--eval-only", *TINY,
-                  "DATALOADER.NUM_WORKERS", "0", "MODEL.WEIGHTS", tiny_models["rince"], "OUTPUT_DIR", str(tmp_path / "out")),
-        cwd=REPO, env=_env(shapes_copy), capture_output=True, text=True, timeout=300,
+        _tool_cmd(
+            "train_net.py",
+            "--config-file",
+            "configs/shapes_rince_ood.yaml",
+            "--eval-only",
+            *TINY,
+            "DATALOADER.NUM_WORKERS",
+            "0",
+            "MODEL.WEIGHTS",
+            tiny_models["rince"],
+            "OUTPUT_DIR",
+            str(tmp_path / "out"),
+        ),
+        cwd=REPO,
+        env=_env(shapes_copy),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     line = _one_error_line(proc)
     named = re.match(r"error: (\S+\.jpg): cannot read the image \(image file is truncated", line)
@@ -241,8 +391,15 @@ def _interrupt(cmd, env, tmp_path, ready, what):
     with open(out, "w") as fo, open(err, "w") as fe:
         # SIG_DFL first: a test run started in the background of a non-interactive shell (as CI
         # may do) inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt.
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fo, stderr=fe, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=fo,
+            stderr=fe,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             _wait_for(lambda: ready(out.read_text(), err.read_text()), proc, 300, what)
             os.killpg(proc.pid, signal.SIGINT)
@@ -263,15 +420,35 @@ def _assert_interrupted(code, stderr):
 
 def test_ctrl_c_during_training(tiny_shapes, tmp_path):
     run = tmp_path / "run"
-    cmd = _tool_cmd("train_net.py", "--config-file", "configs/shapes_rince_ood.yaml", *TINY, "SOLVER.MAX_ITER", "100000",
-                    "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "1", "DATASETS.TEST", "()",
-                    "OUTPUT_DIR", str(run))
-    code, _, stderr = _interrupt(cmd, _env(tiny_shapes), tmp_path, lambda out, err: (run / "last_checkpoint").is_file(),
-                                 "the first checkpoint")
+    cmd = _tool_cmd(
+        "train_net.py",
+        "--config-file",
+        "configs/shapes_rince_ood.yaml",
+        *TINY,
+        "SOLVER.MAX_ITER",
+        "100000",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "1",
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(run),
+    )
+    code, _, stderr = _interrupt(
+        cmd,
+        _env(tiny_shapes),
+        tmp_path,
+        lambda out, err: (run / "last_checkpoint").is_file(),
+        "the first checkpoint",
+    )
     _assert_interrupted(code, stderr)
     # Nothing half-written: the checkpoint that resuming would load is complete.
     last = run / (run / "last_checkpoint").read_text().strip()
-    assert "roi_heads.box_predictor.cls_score.weight" in torch.load(last, map_location="cpu")["model"]
+    assert (
+        "roi_heads.box_predictor.cls_score.weight" in torch.load(last, map_location="cpu")["model"]
+    )
     assert not [p for p in os.listdir(run) if p.startswith(".tmp_")]
 
 
@@ -280,11 +457,30 @@ def test_ctrl_c_during_evaluation(tiny_shapes, tiny_models, tmp_path):
     shutil.copy(tiny_models["rince"], weights)
     out = tmp_path / "ood"
     # Large test images give the interrupt a window of a few seconds.
-    cmd = _tool_cmd("benchmark_ood.py", "--config-file", "configs/shapes_rince_ood.yaml", "--output", str(out),
-                    "MODEL.WEIGHTS", str(weights), "MODEL.RCDET.QUEUE_SIZE", "64", "DATALOADER.NUM_WORKERS", "0",
-                    "INPUT.MIN_SIZE_TEST", "800", "INPUT.MAX_SIZE_TEST", "1333")
-    code, _, stderr = _interrupt(cmd, _env(tiny_shapes), tmp_path, lambda o, e: "fitting OOD statistics" in e,
-                                 "the OOD statistics pass")
+    cmd = _tool_cmd(
+        "benchmark_ood.py",
+        "--config-file",
+        "configs/shapes_rince_ood.yaml",
+        "--output",
+        str(out),
+        "MODEL.WEIGHTS",
+        str(weights),
+        "MODEL.RCDET.QUEUE_SIZE",
+        "64",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+        "INPUT.MIN_SIZE_TEST",
+        "800",
+        "INPUT.MAX_SIZE_TEST",
+        "1333",
+    )
+    code, _, stderr = _interrupt(
+        cmd,
+        _env(tiny_shapes),
+        tmp_path,
+        lambda o, e: "fitting OOD statistics" in e,
+        "the OOD statistics pass",
+    )
     _assert_interrupted(code, stderr)
     # Every file is complete or absent; no temporary file is left next to the weights or reports.
     for folder in (tmp_path, out):

@@ -77,7 +77,9 @@ def test_interrupt_during_the_write_leaves_no_file(tmp_path, monkeypatch):
             self.f.write(data[: len(data) // 2])  # half of it reached the disk
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(file_io.os, "fdopen", lambda fd, mode: InterruptedFile(real_fdopen(fd, mode)))
+    monkeypatch.setattr(
+        file_io.os, "fdopen", lambda fd, mode: InterruptedFile(real_fdopen(fd, mode))
+    )
     with pytest.raises(KeyboardInterrupt):
         save_npz_atomic(str(tmp_path / "ood_stats.npz"), a=np.arange(1000))
     assert os.listdir(tmp_path) == []

@@ -16,7 +16,14 @@ def test_import_without_detectron2_says_how_to_install_it():
 def test_loss_core_has_no_detectron2_import():
     import re
 
-    for path in ("modeling/rince.py", "testing/rince_reference.py", "modeling/memory_queue.py", "modeling/contrastive_memory.py", "distributed.py", "ranking.py"):
+    for path in (
+        "modeling/rince.py",
+        "testing/rince_reference.py",
+        "modeling/memory_queue.py",
+        "modeling/contrastive_memory.py",
+        "distributed.py",
+        "ranking.py",
+    ):
         with open(os.path.join(REPO, "rcdet", path)) as f:
             assert not re.search(r"^\s*(from|import)\s+detectron2", f.read(), re.M), path
 
@@ -34,6 +41,11 @@ def test_detectron2_model_zoo_and_testing_import():
         "from detectron2 import model_zoo; import detectron2.utils.testing; "
         "print(model_zoo.get_config_file('COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml'))"
     )
-    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr
     assert os.path.isfile(proc.stdout.strip())

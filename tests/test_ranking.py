@@ -6,13 +6,37 @@ import pytest
 import yaml
 
 from rcdet.data.shapes import CLASS_NAMES as SHAPES
-from rcdet.ranking import (NEGATIVE_RANK, RankingError, load_ranking, ranking_from_dict,
-                          ranks_from_similarity, similarity_ranking_yaml)
+from rcdet.ranking import (
+    NEGATIVE_RANK,
+    RankingError,
+    load_ranking,
+    ranking_from_dict,
+    ranks_from_similarity,
+    similarity_ranking_yaml,
+)
 
 N = NEGATIVE_RANK
 VOC = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 ABC = ("a", "b", "c", "d")
 
@@ -24,7 +48,9 @@ def write(tmp_path, data, name="r.yaml"):
 
 
 def test_ordered_lists_and_ties():
-    r = ranking_from_dict({"ranks": {"a": [["b"], ["c", "d"]], "b": ["a"], "c": [], "d": ["c", "a"]}}, ABC)
+    r = ranking_from_dict(
+        {"ranks": {"a": [["b"], ["c", "d"]], "b": ["a"], "c": [], "d": ["c", "a"]}}, ABC
+    )
     assert r.matrix.tolist() == [[1, 2, 3, 3], [2, 1, N, N], [N, N, 1, N], [3, N, 2, 1]]
     assert r.num_ranks == 3
 
@@ -38,14 +64,21 @@ def test_symmetric_fills_only_missing_direction():
 
 
 def test_max_rank_truncates_to_negative():
-    r = ranking_from_dict({"ranks": {"a": ["b", "c", "d"], "b": [], "c": [], "d": []}}, ABC, max_rank=2)
+    r = ranking_from_dict(
+        {"ranks": {"a": ["b", "c", "d"], "b": [], "c": [], "d": []}}, ABC, max_rank=2
+    )
     assert r.matrix[0].tolist() == [1, 2, N, N]
     r1 = ranking_from_dict({"max_rank": 1, "ranks": {"a": ["b"], "b": [], "c": [], "d": []}}, ABC)
     assert (r1.matrix == np.where(np.eye(4, dtype=bool), 1, N)).all()
 
 
 def test_hierarchy_levels():
-    data = {"levels": [{"g1": ["a", "b"], "g2": ["c"], "g3": ["d"]}, {"top": ["a", "b", "c"], "other": ["d"]}]}
+    data = {
+        "levels": [
+            {"g1": ["a", "b"], "g2": ["c"], "g3": ["d"]},
+            {"top": ["a", "b", "c"], "other": ["d"]},
+        ]
+    }
     r = ranking_from_dict(data, ABC)
     assert r.matrix.tolist() == [[1, 2, 3, N], [2, 1, 3, N], [3, 3, 1, N], [N, N, N, 1]]
     assert r.group_labels(0) == ["g1", "g1", "g2", "g3"]
@@ -54,23 +87,38 @@ def test_hierarchy_levels():
 
 def test_similarity_matrix_and_pairs():
     sims = [[1, 0.6, 0.4, 0.1], [0.6, 1, 0.2, 0.5], [0.4, 0.2, 1, 0.36], [0.1, 0.5, 0.36, 1]]
-    r = ranking_from_dict({"thresholds": [0.5, 0.35], "similarities": {"classes": list(ABC), "matrix": sims}}, ABC)
+    r = ranking_from_dict(
+        {"thresholds": [0.5, 0.35], "similarities": {"classes": list(ABC), "matrix": sims}}, ABC
+    )
     assert r.matrix.tolist() == [[1, 2, 3, N], [2, 1, N, 2], [3, N, 1, 3], [N, 2, 3, 1]]
     assert r.rank_similarities == (0.5, 0.35)
-    pairs = {"thresholds": [0.5, 0.35], "symmetric": True, "similarities": {"pairs": [["a", "b", 0.6], ["c", "d", 0.4]]},
-             "allow_uncovered": True}
+    pairs = {
+        "thresholds": [0.5, 0.35],
+        "symmetric": True,
+        "similarities": {"pairs": [["a", "b", 0.6], ["c", "d", 0.4]]},
+        "allow_uncovered": True,
+    }
     r2 = ranking_from_dict(pairs, ABC)
     assert r2.matrix[0, 1] == r2.matrix[1, 0] == 2 and r2.matrix[2, 3] == r2.matrix[3, 2] == 3
 
 
 def test_ranks_from_similarity_hand_made():
-    s = np.array([[1.0, 0.7, 0.45, 0.2], [0.7, 1.0, 0.5, 0.35], [0.45, 0.5, 1.0, 0.0], [0.2, 0.35, 0.0, 1.0]])
-    assert ranks_from_similarity(s, [0.5, 0.35]).tolist() == [[1, 2, 3, N], [2, 1, 2, 3], [3, 2, 1, N], [N, 3, N, 1]]
+    s = np.array(
+        [[1.0, 0.7, 0.45, 0.2], [0.7, 1.0, 0.5, 0.35], [0.45, 0.5, 1.0, 0.0], [0.2, 0.35, 0.0, 1.0]]
+    )
+    assert ranks_from_similarity(s, [0.5, 0.35]).tolist() == [
+        [1, 2, 3, N],
+        [2, 1, 2, 3],
+        [3, 2, 1, N],
+        [N, 3, N, 1],
+    ]
 
 
 def test_ranking_builder_turns_similarities_into_ranks():
     names = ["cat", "dog", "car", "bus"]
-    sim = np.array([[1, 0.62, 0.2, 0.1], [0.62, 1, 0.25, 0.36], [0.2, 0.25, 1, 0.55], [0.1, 0.36, 0.55, 1]])
+    sim = np.array(
+        [[1, 0.62, 0.2, 0.1], [0.62, 1, 0.25, 0.36], [0.2, 0.25, 1, 0.55], [0.1, 0.36, 0.55, 1]]
+    )
     text = similarity_ranking_yaml(names, sim, [0.5, 0.35], source="hand-made")
     assert "#   dog: rank 2: cat; rank 3: bus" in text
     r = ranking_from_dict(yaml.safe_load(text), names)
@@ -93,11 +141,20 @@ def test_subset_and_permuted():
         ({"ranks": {"aa": ["b"], "b": [], "c": [], "d": []}}, "did you mean 'a'?"),
         ({"ranks": {"a": ["a"], "b": [], "c": [], "d": []}}, "lists itself"),
         ({"ranks": {"a": ["b", ["c", "b"]], "b": [], "c": [], "d": []}}, "appears more than once"),
-        ({"levels": [{"x": ["a", "b"], "y": ["b", "c", "d"]}]}, "appears more than once in this level"),
-        ({"thresholds": [0.3, 0.5], "similarities": {"pairs": [["a", "b", 0.6]]}}, "strictly decreasing"),
+        (
+            {"levels": [{"x": ["a", "b"], "y": ["b", "c", "d"]}]},
+            "appears more than once in this level",
+        ),
+        (
+            {"thresholds": [0.3, 0.5], "similarities": {"pairs": [["a", "b", 0.6]]}},
+            "strictly decreasing",
+        ),
         ({"ranks": {"a": ["b"], "b": []}}, "does not cover the dataset classes ['c', 'd']"),
         ({"ranks": {}, "levels": []}, "exactly one of"),
-        ({"thresholds": [0.5], "similarities": {"classes": ["a", "b"], "matrix": [[1, 0.5]]}}, "must be 2x2"),
+        (
+            {"thresholds": [0.5], "similarities": {"classes": ["a", "b"], "matrix": [[1, 0.5]]}},
+            "must be 2x2",
+        ),
     ],
 )
 def test_errors_name_file_and_entry(tmp_path, content, expected):
@@ -128,7 +185,10 @@ def test_uncovered_allowed_explicitly():
     assert r.matrix[2].tolist() == [N, N, 1, N]
 
 
-@pytest.mark.parametrize("name, classes", [("voc_human.yaml", VOC), ("voc_groups.yaml", VOC), ("shapes_families.yaml", SHAPES)])
+@pytest.mark.parametrize(
+    "name, classes",
+    [("voc_human.yaml", VOC), ("voc_groups.yaml", VOC), ("shapes_families.yaml", SHAPES)],
+)
 def test_shipped_rankings_load(repo_path, name, classes):
     r = load_ranking(repo_path("configs", "rankings", name), classes)
     assert r.num_ranks >= 2

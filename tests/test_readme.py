@@ -14,9 +14,22 @@ from conftest import REPO
 SNIPPET_HEADING = "## Using rcdet in your own detectron2 project"
 # The tiny schedule of conftest.tiny_cfg, as command-line KEY VALUE overrides.
 TINY_OVERRIDES = [
-    "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
-    "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160",
-    "MODEL.RCDET.QUEUE_SIZE", "64",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.MAX_ITER",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(160,)",
+    "INPUT.MIN_SIZE_TEST",
+    "160",
+    "MODEL.RCDET.QUEUE_SIZE",
+    "64",
 ]
 
 
@@ -28,7 +41,9 @@ def _read(*path):
 def _studies():
     """The committed studies: results/<study>/ folders with a results.md."""
     root = os.path.join(REPO, "results")
-    return [s for s in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, s, "results.md"))]
+    return [
+        s for s in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, s, "results.md"))
+    ]
 
 
 def _commits(study):
@@ -52,7 +67,9 @@ def test_readme_snippet_trains_a_model_in_your_own_project(tiny_shapes, tmp_path
     passes a tiny schedule and OUTPUT_DIR there, as a user would pass them to their script."""
     code = _snippet()
     assert len(code.strip().splitlines()) <= 20, "the README snippet should stay about 15 lines"
-    assert "sys.argv[1:]" in code, "the snippet no longer takes KEY VALUE overrides from the command line"
+    assert (
+        "sys.argv[1:]" in code
+    ), "the snippet no longer takes KEY VALUE overrides from the command line"
     out = tmp_path / "mine"
     monkeypatch.setattr(sys, "argv", ["train_mine.py", *TINY_OVERRIDES, "OUTPUT_DIR", str(out)])
     monkeypatch.chdir(REPO)  # the snippet's config and ranking paths are relative to the checkout
@@ -62,11 +79,17 @@ def test_readme_snippet_trains_a_model_in_your_own_project(tiny_shapes, tmp_path
     assert (out / "model_final.pth").is_file()
     with open(out / "metrics.json") as f:
         logged = [json.loads(line) for line in f if line.strip()]
-    assert any("loss_contrast" in entry for entry in logged), "the snippet's training logged no loss_contrast"
-    assert any(key.startswith("rcdet/") for entry in logged for key in entry), "no rcdet/* scalars logged"
+    assert any(
+        "loss_contrast" in entry for entry in logged
+    ), "the snippet's training logged no loss_contrast"
+    assert any(
+        key.startswith("rcdet/") for entry in logged for key in entry
+    ), "no rcdet/* scalars logged"
     trainer = namespace["trainer"]
     assert trainer.iter == 2
-    assert "bbox" in trainer._last_eval_results, "the snippet's training did not evaluate on DATASETS.TEST"
+    assert (
+        "bbox" in trainer._last_eval_results
+    ), "the snippet's training did not evaluate on DATASETS.TEST"
 
 
 def test_readme_results_table_matches_the_committed_results():
@@ -78,12 +101,18 @@ def test_readme_results_table_matches_the_committed_results():
     for study in studies:
         table = _read("results", study, "results.md")
         study_readme_path = os.path.join("results", study, "README.md")
-        assert os.path.isfile(os.path.join(REPO, study_readme_path)), f"{study_readme_path} is missing"
+        assert os.path.isfile(
+            os.path.join(REPO, study_readme_path)
+        ), f"{study_readme_path} is missing"
         study_readme = _read(study_readme_path)
-        assert table.strip() in study_readme, f"{study_readme_path} does not quote results/{study}/results.md verbatim"
+        assert (
+            table.strip() in study_readme
+        ), f"{study_readme_path} does not quote results/{study}/results.md verbatim"
         assert f"]({study_readme_path})" in readme, f"README.md does not link {study_readme_path}"
         for commit in _commits(study):
-            assert commit[:7] in study_readme, f"{study_readme_path} does not name commit {commit[:7]}"
+            assert (
+                commit[:7] in study_readme
+            ), f"{study_readme_path} does not name commit {commit[:7]}"
             assert commit[:7] in readme, f"README.md does not name commit {commit[:7]} of {study}"
 
 
@@ -108,7 +137,9 @@ def test_readme_summary_table_copies_the_committed_figures_exactly():
     checked = 0
     for row in rows:
         study = re.search(r"\(results/([^/]+)/README\.md\)", row[0]).group(1)
-        (study_header, study_rows), = [t for t in _table_rows(_read("results", study, "results.md"))]
+        ((study_header, study_rows),) = [
+            t for t in _table_rows(_read("results", study, "results.md"))
+        ]
         method = row[header.index("method")]
         (study_row,) = [r for r in study_rows if r[0] == method]
         for column, value in zip(header, row):
@@ -123,9 +154,14 @@ def test_readme_summary_table_copies_the_committed_figures_exactly():
 
 def _markdown_files():
     names = ["README.md", "datasets/README.md"]
-    names += [f"docs/{n}" for n in sorted(os.listdir(os.path.join(REPO, "docs"))) if n.endswith(".md")]
-    names += [f"results/{s}/README.md" for s in sorted(os.listdir(os.path.join(REPO, "results")))
-              if os.path.isfile(os.path.join(REPO, "results", s, "README.md"))]
+    names += [
+        f"docs/{n}" for n in sorted(os.listdir(os.path.join(REPO, "docs"))) if n.endswith(".md")
+    ]
+    names += [
+        f"results/{s}/README.md"
+        for s in sorted(os.listdir(os.path.join(REPO, "results")))
+        if os.path.isfile(os.path.join(REPO, "results", s, "README.md"))
+    ]
     return names
 
 
@@ -149,7 +185,11 @@ def test_readme_and_docs_relative_links_point_to_existing_files():
             if re.match(r"[a-z]+:", target):
                 continue  # https:, mailto:
             file_part, _, anchor = target.partition("#")
-            resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+            resolved = (
+                os.path.normpath(os.path.join(os.path.dirname(path), file_part))
+                if file_part
+                else path
+            )
             if not os.path.exists(resolved):
                 dangling.append(f"{name}: {target}")
             elif anchor and resolved.endswith(".md") and anchor not in _anchors(resolved):
@@ -184,7 +224,9 @@ def test_usage_examples_put_tool_options_before_config_overrides():
             tokens = shlex.split(example)
             first_key = next((i for i, t in enumerate(tokens) if _KEY.match(t)), len(tokens))
             late = [t for t in tokens[first_key:] if t.startswith("--")]
-            assert not late, f"{source}: `{example}` puts {late} after the config overrides, which the parser rejects"
+            assert (
+                not late
+            ), f"{source}: `{example}` puts {late} after the config overrides, which the parser rejects"
             checked += 1
     assert checked >= 10
 
@@ -192,8 +234,11 @@ def test_usage_examples_put_tool_options_before_config_overrides():
 def test_readme_links_every_tool_and_every_rcdet_module():
     """One link from the README to any tool and any module of the package."""
     readme = _read("README.md")
-    tools = [n for n in sorted(os.listdir(os.path.join(REPO, "tools")))
-             if n.endswith((".py", ".sh")) and n != "__init__.py"]
+    tools = [
+        n
+        for n in sorted(os.listdir(os.path.join(REPO, "tools")))
+        if n.endswith((".py", ".sh")) and n != "__init__.py"
+    ]
     missing = [f"tools/{n}" for n in tools if f"](tools/{n})" not in readme]
     for name in sorted(os.listdir(os.path.join(REPO, "rcdet"))):
         full = os.path.join(REPO, "rcdet", name)
@@ -211,9 +256,18 @@ def test_readme_links_every_tool_and_every_rcdet_module():
 def test_readme_is_a_front_door():
     readme = _read("README.md")
     lines = readme.splitlines()
-    assert len(lines) <= 160, f"README.md has {len(lines)} lines; details belong in docs/ and results/<study>/"
+    assert (
+        len(lines) <= 160
+    ), f"README.md has {len(lines)} lines; details belong in docs/ and results/<study>/"
     first_screen = "\n".join(lines[:30])
     assert "make demo" in first_screen and "make test" in first_screen
-    for section in ("## Installation", "## Configs", "## Tools", "## Layout", "## Results", "## Citation"):
+    for section in (
+        "## Installation",
+        "## Configs",
+        "## Tools",
+        "## Layout",
+        "## Results",
+        "## Citation",
+    ):
         assert f"\n{section}" in readme, f"README.md lost its '{section}' section"
     assert "Ranking Info Noise Contrastive Estimation" in readme and "Detectron2" in readme

@@ -13,16 +13,34 @@ from rcdet.evaluation.ood import ood_metrics
 
 def test_table_builder_mean_and_sample_std():
     def res(ap, msp, cos, knn, out_c, rho):
-        return {"AP": ap, "AP50": ap + 10, "AP75": ap - 10, "msp_auroc": msp, "msp_fpr95": 1 - msp,
-                "cosine_auroc": cos, "cosine_fpr95": 0.5, "knn_auroc": knn, "knn_fpr95": 0.4,
-                "gaussian_auroc": None, "gaussian_fpr95": None, "outliers_class": out_c,
-                "outliers_group": out_c / 2, "spearman": rho, "space": "projection"}
+        return {
+            "AP": ap,
+            "AP50": ap + 10,
+            "AP75": ap - 10,
+            "msp_auroc": msp,
+            "msp_fpr95": 1 - msp,
+            "cosine_auroc": cos,
+            "cosine_fpr95": 0.5,
+            "knn_auroc": knn,
+            "knn_fpr95": 0.4,
+            "gaussian_auroc": None,
+            "gaussian_fpr95": None,
+            "outliers_class": out_c,
+            "outliers_group": out_c / 2,
+            "spearman": rho,
+            "space": "projection",
+        }
 
-    rows = study.build_table({
-        "rince": [res(50, 0.6, 0.70, 0.72, 0.10, 0.5), res(52, 0.7, 0.74, 0.70, 0.20, 0.7),
-                  res(54, 0.8, 0.78, 0.68, 0.30, 0.9)],
-        "softmax": [res(40, 0.5, None, None, 0.4, None)],
-    })
+    rows = study.build_table(
+        {
+            "rince": [
+                res(50, 0.6, 0.70, 0.72, 0.10, 0.5),
+                res(52, 0.7, 0.74, 0.70, 0.20, 0.7),
+                res(54, 0.8, 0.78, 0.68, 0.30, 0.9),
+            ],
+            "softmax": [res(40, 0.5, None, None, 0.4, None)],
+        }
+    )
     r = {row["method"]: row for row in rows}
     assert r["rince"]["AP"] == (52.0, 2.0)
     assert r["rince"]["msp_auroc"][0] == pytest.approx(0.7)
@@ -51,8 +69,13 @@ def _fake_run(folder, rng, quality, image_ids, scores=("msp", "knn")):
     status[::7] = -2  # duplicates: left out of the ROC set
     values = {s: rng.normal(size=3 * n) + quality.get(s, 0.0) * is_id for s in scores}
     os.makedirs(os.path.join(folder, "ood"), exist_ok=True)
-    np.savez(os.path.join(folder, "ood", "ood_scores.npz"), status=status, image_index=image_index,
-             image_ids=np.array(image_ids), **values)
+    np.savez(
+        os.path.join(folder, "ood", "ood_scores.npz"),
+        status=status,
+        image_index=image_index,
+        image_ids=np.array(image_ids),
+        **values,
+    )
     m = status >= 0
     return {s: v[m] for s, v in values.items()}, status[m] == 1
 
@@ -61,9 +84,11 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     rng = np.random.default_rng(0)
     ids = [f"{i:06d}" for i in range(60)]
     dirs, raw = {}, {}
-    for method, quality, seeds in (("softmax", {"msp": 0.5}, 1),
-                                   ("supcon_out", {"msp": 0.5, "knn": 1.0}, 2),
-                                   ("rince_in", {"msp": 0.5, "knn": 2.0}, 2)):
+    for method, quality, seeds in (
+        ("softmax", {"msp": 0.5}, 1),
+        ("supcon_out", {"msp": 0.5, "knn": 1.0}, 2),
+        ("rince_in", {"msp": 0.5, "knn": 2.0}, 2),
+    ):
         for seed in range(seeds):
             folder = str(tmp_path / method / f"seed{seed}")
             scores = ("msp",) if method == "softmax" else ("msp", "knn")
@@ -72,8 +97,13 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
 
     def result(method, values, is_id):
         auc = {s: ood_metrics(v, is_id)["auroc"] for s, v in values.items()}
-        return {"AP": 50.0, "msp_auroc": auc["msp"], "knn_auroc": auc.get("knn"),
-                "cosine_auroc": None, "gaussian_auroc": None}
+        return {
+            "AP": 50.0,
+            "msp_auroc": auc["msp"],
+            "knn_auroc": auc.get("knn"),
+            "cosine_auroc": None,
+            "gaussian_auroc": None,
+        }
 
     rows = study.build_table({m: [result(m, *r) for r in runs] for m, runs in raw.items()})
     study.attach_paired_tests(rows, dirs, replicates=200)
@@ -83,9 +113,11 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     # The observed difference is the mean over seeds of each side's AUROC.
     auc = lambda m, s: np.mean([ood_metrics(v[s], y)["auroc"] for v, y in raw[m]])
     assert r["rince_in"]["vs_msp"]["difference"] == pytest.approx(
-        auc("rince_in", "knn") - auc("rince_in", "msp"))
+        auc("rince_in", "knn") - auc("rince_in", "msp")
+    )
     assert r["rince_in"]["vs_supcon"]["difference"] == pytest.approx(
-        auc("rince_in", "knn") - auc("supcon_out", "knn"))
+        auc("rince_in", "knn") - auc("supcon_out", "knn")
+    )
     t = r["rince_in"]["vs_supcon"]
     assert t["ci"][0] <= t["difference"] <= t["ci"][1] and 0 <= t["p_value"] <= 1
     md = study.table_markdown(rows)
@@ -94,8 +126,11 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     assert cell in md and md.splitlines()[3].startswith("| supcon_out |")
     assert "| — |" in md.splitlines()[3]
     assert md.splitlines()[2].endswith("| n/a | n/a |")  # softmax: no embedding score
-    assert study.table_csv(rows).splitlines()[0].endswith(
-        "vs_msp_difference,vs_msp_ci_lo,vs_msp_ci_hi,vs_msp_p_value")
+    assert (
+        study.table_csv(rows)
+        .splitlines()[0]
+        .endswith("vs_msp_difference,vs_msp_ci_lo,vs_msp_ci_hi,vs_msp_p_value")
+    )
     # Runs evaluated on different test images cannot be paired.
     _fake_run(dirs["rince_in"][0], rng, {"knn": 2.0}, ids[:-1])
     study.attach_paired_tests(rows, dirs, replicates=20)
@@ -111,23 +146,38 @@ def test_write_results_reads_version_2_reports(tmp_path):
     for (method, _, run_dir), quality in zip(runs, (0.0, 1.0, 2.0)):
         values, is_id = _fake_run(run_dir, rng, {"msp": 0.5, "knn": quality}, ids)
         undefined = {"auroc": None, "fpr95": None}
-        scores = {s: {"available": s in values,
-                      **(ood_metrics(values[s], is_id) if s in values else undefined)}
-                  for s in ("msp", "max_logit", "energy", "cosine", "knn", "gaussian")}
+        scores = {
+            s: {
+                "available": s in values,
+                **(ood_metrics(values[s], is_id) if s in values else undefined),
+            }
+            for s in ("msp", "max_logit", "energy", "cosine", "knn", "gaussian")
+        }
         if method == "softmax":
             scores["knn"] = {"available": False, "auroc": None, "fpr95": None}
-        report = {"detection": {"AP": 50.0, "AP50": 70.0, "AP75": 40.0}, "scores": scores,
-                  "open_set": {"a_ose": 12, "wilderness_impact": 0.05},
-                  "image_level": {"scores": {"msp": {"available": True, "auroc": 0.6},
-                                             "knn": scores["knn"]}},
-                  "protocol": {"version": 2}}
+        report = {
+            "detection": {"AP": 50.0, "AP50": 70.0, "AP75": 40.0},
+            "scores": scores,
+            "open_set": {"a_ose": 12, "wilderness_impact": 0.05},
+            "image_level": {
+                "scores": {"msp": {"available": True, "auroc": 0.6}, "knn": scores["knn"]}
+            },
+            "protocol": {"version": 2},
+        }
         with open(os.path.join(run_dir, "ood", "ood_report.json"), "w") as f:
             json.dump(report, f)
         os.makedirs(os.path.join(run_dir, "analysis"), exist_ok=True)
         with open(os.path.join(run_dir, "analysis", "analysis.json"), "w") as f:
             space = {"outliers": {"class": {"fraction": 0.1}}, "ranking_fidelity": None}
-            json.dump({"spaces": {"projection": space}, "class_names": [], "held_out_classes": [],
-                       "group_levels": []}, f)
+            json.dump(
+                {
+                    "spaces": {"projection": space},
+                    "class_names": [],
+                    "held_out_classes": [],
+                    "group_levels": [],
+                },
+                f,
+            )
     md, per_method = study.write_results(runs, str(tmp_path / "out"))
     rows = {line.split(" | ")[0][2:]: line for line in md.splitlines()[2:]}
     assert "| 12 | 0.0500 | 0.600 |" in rows["rince_in"]
@@ -152,8 +202,10 @@ def test_roc_figure_draws_msp_dotted_and_the_best_embedding_score_solid(tmp_path
     ax = fig.axes[0]
     curves = {l.get_label(): l for l in ax.get_lines() if not l.get_label().startswith("_")}
     auc = {(m, s): ood_metrics(v[s], y)["auroc"] for m, (v, y) in raw.items() for s in v}
-    assert list(curves) == [f"{m} {s} ({auc[m, s]:.3f})" for m, s in
-                            (("softmax", "msp"), ("rince_in", "msp"), ("rince_in", "knn"))]
+    assert list(curves) == [
+        f"{m} {s} ({auc[m, s]:.3f})"
+        for m, s in (("softmax", "msp"), ("rince_in", "msp"), ("rince_in", "knn"))
+    ]
     styles = [l.get_linestyle() for l in curves.values()]
     assert styles == [":", ":", "-"]
     colours = [mcolors.to_hex(l.get_color()) for l in curves.values()]
@@ -169,8 +221,14 @@ def test_tsne_panel_has_a_class_legend(tmp_path):
         folder = os.path.join(runs[method], "analysis")
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, "analysis.json"), "w") as f:
-            json.dump({"class_names": names, "held_out_classes": ["ring"],
-                       "group_levels": [["round"] * 3]}, f)
+            json.dump(
+                {
+                    "class_names": names,
+                    "held_out_classes": ["ring"],
+                    "group_levels": [["round"] * 3],
+                },
+                f,
+            )
         points, labels = np.random.default_rng(0).normal(size=(9, 2)), np.repeat([0, 1, 2], 3)
         np.savez(os.path.join(folder, "tsne_points.npz"), points=points, labels=labels)
     tsne = study.tsne_panel(runs)

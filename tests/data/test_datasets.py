@@ -9,7 +9,6 @@ import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 

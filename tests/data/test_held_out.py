@@ -9,10 +9,9 @@ import os
 import xml.etree.ElementTree as ET
 
 import pytest
-
+from conftest import tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from conftest import tiny_cfg
 from rcdet.config import ConfigError
 from rcdet.data.held_out import register_held_out_split
 from rcdet.data.shapes import CLASS_NAMES
@@ -22,7 +21,10 @@ TEST_SPLIT = "rcdet_shapes_test__minus_ring+triangle_ood_test"
 
 
 def _names_in(root, fileid):
-    return [o.find("name").text for o in ET.parse(os.path.join(root, "Annotations", f"{fileid}.xml")).findall("object")]
+    return [
+        o.find("name").text
+        for o in ET.parse(os.path.join(root, "Annotations", f"{fileid}.xml")).findall("object")
+    ]
 
 
 @pytest.mark.parametrize("mode", ["drop_images", "drop_annotations"])
@@ -30,10 +32,16 @@ def test_held_out_splits(tiny_shapes, mode):
     held = ["ring", "triangle"]
     known = [c for c in CLASS_NAMES if c not in held]
     base = DatasetCatalog.get("rcdet_shapes_trainval")
-    train = DatasetCatalog.get(register_held_out_split("rcdet_shapes_trainval", held, mode, "train"))
-    meta = MetadataCatalog.get(register_held_out_split("rcdet_shapes_trainval", held, mode, "train"))
+    train = DatasetCatalog.get(
+        register_held_out_split("rcdet_shapes_trainval", held, mode, "train")
+    )
+    meta = MetadataCatalog.get(
+        register_held_out_split("rcdet_shapes_trainval", held, mode, "train")
+    )
     assert meta.thing_classes == known and meta.all_classes == list(CLASS_NAMES)
-    with_held = [d["image_id"] for d in base if set(_names_in(tiny_shapes, d["image_id"])) & set(held)]
+    with_held = [
+        d["image_id"] for d in base if set(_names_in(tiny_shapes, d["image_id"])) & set(held)
+    ]
     assert with_held, "the tiny split should contain held-out objects"
     ids = [d["image_id"] for d in train]
     if mode == "drop_images":
@@ -44,22 +52,34 @@ def test_held_out_splits(tiny_shapes, mode):
         names = [n for n in _names_in(tiny_shapes, d["image_id"]) if n not in held]
         assert [known[a["category_id"]] for a in d["annotations"]] == names
     test = DatasetCatalog.get(register_held_out_split("rcdet_shapes_test", held, mode, "test"))
-    assert [d["image_id"] for d in test] == [d["image_id"] for d in DatasetCatalog.get("rcdet_shapes_test")]
+    assert [d["image_id"] for d in test] == [
+        d["image_id"] for d in DatasetCatalog.get("rcdet_shapes_test")
+    ]
     for d in test:
         names = _names_in(tiny_shapes, d["image_id"])
-        assert [known[a["category_id"]] for a in d["annotations"]] == [n for n in names if n not in held]
-        assert [held[a["category_id"]] for a in d["ood_annotations"]] == [n for n in names if n in held]
+        assert [known[a["category_id"]] for a in d["annotations"]] == [
+            n for n in names if n not in held
+        ]
+        assert [held[a["category_id"]] for a in d["ood_annotations"]] == [
+            n for n in names if n in held
+        ]
 
 
 def test_held_out_config_errors(tiny_shapes):
     with pytest.raises(ConfigError, match=r"'rign' \(did you mean 'ring'\?\)"):
         tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.RCDET.OOD.HELD_OUT_CLASSES", "['rign']")
     with pytest.raises(ConfigError, match="holds out every class"):
-        tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.RCDET.OOD.HELD_OUT_CLASSES", str(list(CLASS_NAMES)))
+        tiny_cfg(
+            "configs/shapes_rince_ood.yaml",
+            "MODEL.RCDET.OOD.HELD_OUT_CLASSES",
+            str(list(CLASS_NAMES)),
+        )
     with pytest.raises(ConfigError, match="NUM_CLASSES 7"):
         tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.ROI_HEADS.NUM_CLASSES", "9")
     with pytest.raises(ConfigError, match="HOLD_OUT_MODE"):
-        tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.RCDET.OOD.HOLD_OUT_MODE", "drop_everything")
+        tiny_cfg(
+            "configs/shapes_rince_ood.yaml", "MODEL.RCDET.OOD.HOLD_OUT_MODE", "drop_everything"
+        )
 
 
 def test_num_classes_mismatch_is_a_config_error(tiny_shapes):
@@ -84,8 +104,13 @@ def test_derived_split_names_are_registered_again(tiny_shapes):
     expected = {name: DatasetCatalog.get(name) for name in (TRAIN_SPLIT, TEST_SPLIT)}
     _forget(TRAIN_SPLIT, TEST_SPLIT)
 
-    again = tiny_cfg("configs/shapes_rince_ood.yaml", "DATASETS.TRAIN", f"('{TRAIN_SPLIT}',)",
-                     "DATASETS.TEST", f"('{TEST_SPLIT}',)")
+    again = tiny_cfg(
+        "configs/shapes_rince_ood.yaml",
+        "DATASETS.TRAIN",
+        f"('{TRAIN_SPLIT}',)",
+        "DATASETS.TEST",
+        f"('{TEST_SPLIT}',)",
+    )
     assert (again.DATASETS.TRAIN, again.DATASETS.TEST) == ((TRAIN_SPLIT,), (TEST_SPLIT,))
     for name in (TRAIN_SPLIT, TEST_SPLIT):
         assert DatasetCatalog.get(name) == expected[name]
@@ -106,4 +131,8 @@ def test_derived_split_that_contradicts_the_held_out_classes_is_an_error(tiny_sh
 
 def test_derived_split_of_an_unregistered_base_is_an_error(tiny_shapes):
     with pytest.raises(ConfigError, match="'rcdet_shapes_nope' is not a registered dataset"):
-        tiny_cfg("configs/shapes_rince_ood.yaml", "DATASETS.TRAIN", "('rcdet_shapes_nope__minus_ring+triangle_drop_images',)")
+        tiny_cfg(
+            "configs/shapes_rince_ood.yaml",
+            "DATASETS.TRAIN",
+            "('rcdet_shapes_nope__minus_ring+triangle_drop_images',)",
+        )

@@ -11,8 +11,8 @@ import sys
 import xml.etree.ElementTree as ET
 
 import pytest
-
 from conftest import REPO, TINY_SIZES
+
 from rcdet.data.shapes import CLASS_NAMES, FAMILIES, default_root, generate
 
 
@@ -57,7 +57,9 @@ def test_voc_files_are_valid(tiny_shapes):
         for obj in objects:
             assert obj.find("name").text in CLASS_NAMES
             assert obj.find("difficult").text == "0"
-            x0, y0, x1, y1 = (int(obj.find(f"bndbox/{t}").text) for t in ("xmin", "ymin", "xmax", "ymax"))
+            x0, y0, x1, y1 = (
+                int(obj.find(f"bndbox/{t}").text) for t in ("xmin", "ymin", "xmax", "ymax")
+            )
             assert 1 <= x0 < x1 <= w and 1 <= y0 < y1 <= h
 
 
@@ -73,13 +75,17 @@ ENVS = [
 
 
 def _env(variables):
-    env = {k: v for k, v in os.environ.items() if k not in ("RCDET_SHAPES_ROOT", "DETECTRON2_DATASETS")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RCDET_SHAPES_ROOT", "DETECTRON2_DATASETS")
+    }
     env.update(variables)
     return env
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
-@pytest.mark.parametrize("variables", ENVS, ids=lambda v: "+".join(f"{k}={v[k]}" for k in sorted(v)) or "unset")
+@pytest.mark.parametrize(
+    "variables", ENVS, ids=lambda v: "+".join(f"{k}={v[k]}" for k in sorted(v)) or "unset"
+)
 def test_make_data_writes_where_the_tools_look(monkeypatch, variables):
     for key in ("RCDET_SHAPES_ROOT", "DETECTRON2_DATASETS"):
         monkeypatch.delenv(key, raising=False)
@@ -87,8 +93,14 @@ def test_make_data_writes_where_the_tools_look(monkeypatch, variables):
         monkeypatch.setenv(key, value)
     root = default_root()
     # -n prints the recipe without running it (or the setup it depends on).
-    proc = subprocess.run(["make", "-n", "--no-print-directory", "data"], cwd=REPO, env=_env(variables),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["make", "-n", "--no-print-directory", "data"],
+        cwd=REPO,
+        env=_env(variables),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"generate_shapes.py --out {root};" in proc.stdout
     assert f"[ -f {root}/ImageSets/Main/test.txt ]" in proc.stdout
@@ -98,8 +110,17 @@ def test_missing_root_error_names_the_resolved_folder_and_make_data(tmp_path):
     d2 = tmp_path / "d2"
     d2.mkdir()
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", "configs/shapes_rince.yaml"],
-        cwd=REPO, env=_env({"DETECTRON2_DATASETS": str(d2)}), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "train_net.py"),
+            "--config-file",
+            "configs/shapes_rince.yaml",
+        ],
+        cwd=REPO,
+        env=_env({"DETECTRON2_DATASETS": str(d2)}),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -37,8 +37,12 @@ def test_bootstrap_interval_contains_estimate_is_deterministic_and_narrows():
         for k in ("auroc", "fpr95", "aupr_in", "aupr_out"):
             lo, hi = ci[f"{k}_ci"]
             assert lo <= point[k] <= hi, k
-        assert bootstrap_intervals({"s": scores}, is_id, groups, n, replicates=400, seed=3)["s"] == ci
-        assert bootstrap_intervals({"s": scores}, is_id, groups, n, replicates=400, seed=4)["s"] != ci
+        assert (
+            bootstrap_intervals({"s": scores}, is_id, groups, n, replicates=400, seed=3)["s"] == ci
+        )
+        assert (
+            bootstrap_intervals({"s": scores}, is_id, groups, n, replicates=400, seed=4)["s"] != ci
+        )
         widths.append(ci["auroc_ci"][1] - ci["auroc_ci"][0])
     assert widths[1] < widths[0] / 2  # 20x the images: about 1/sqrt(20) the width
     assert bootstrap_intervals({"s": None}, is_id, groups, 400, replicates=10) == {"s": None}
@@ -46,9 +50,13 @@ def test_bootstrap_interval_contains_estimate_is_deterministic_and_narrows():
 
 def test_paired_bootstrap():
     scores, is_id, groups = _sample(200)
-    same = paired_bootstrap([(scores, is_id, groups)], [(scores, is_id, groups)], 200, replicates=200)
+    same = paired_bootstrap(
+        [(scores, is_id, groups)], [(scores, is_id, groups)], 200, replicates=200
+    )
     assert same["difference"] == 0.0 and same["ci"] == [0.0, 0.0] and same["p_value"] == 1.0
     better = np.where(is_id, scores + 1.0, scores)  # the same detections, better separated
     d = paired_bootstrap([(better, is_id, groups)], [(scores, is_id, groups)], 200, replicates=200)
-    assert d["difference"] == pytest.approx(ood_metrics(better, is_id)["auroc"] - ood_metrics(scores, is_id)["auroc"])
+    assert d["difference"] == pytest.approx(
+        ood_metrics(better, is_id)["auroc"] - ood_metrics(scores, is_id)["auroc"]
+    )
     assert d["ci"][0] > 0 and d["p_value"] == 0.0

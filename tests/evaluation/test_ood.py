@@ -13,12 +13,25 @@ matplotlib.use("Agg")
 import matplotlib.colors as mcolors
 import numpy as np
 import pytest
+from conftest import fake_ood_report
 from scipy.stats import multivariate_normal
 
-from conftest import fake_ood_report
-from rcdet.evaluation.ood import (BACKGROUND, DUPLICATE, ID, OOD, EmbeddingStatistics, ReportError,
-                                  _comparison_roc, _histogram_figure, detector_confidence, logit_scores,
-                                  match_detections, merge_reports, ood_metrics, score_report)
+from rcdet.evaluation.ood import (
+    BACKGROUND,
+    DUPLICATE,
+    ID,
+    OOD,
+    EmbeddingStatistics,
+    ReportError,
+    _comparison_roc,
+    _histogram_figure,
+    detector_confidence,
+    logit_scores,
+    match_detections,
+    merge_reports,
+    ood_metrics,
+    score_report,
+)
 
 # ---------------------------------------------------------------- metrics
 
@@ -36,17 +49,33 @@ def test_metrics_hand_computed():
 def test_metrics_perfect_and_undefined():
     m = ood_metrics([3.0, 2.0, 1.0], [1, 1, 0])
     assert m["auroc"] == 1.0 and m["fpr95"] == 0.0
-    assert ood_metrics([1.0, 2.0], [1, 1]) == {"auroc": None, "fpr95": None, "aupr_in": None, "aupr_out": None}
+    assert ood_metrics([1.0, 2.0], [1, 1]) == {
+        "auroc": None,
+        "fpr95": None,
+        "aupr_in": None,
+        "aupr_out": None,
+    }
     rep = score_report({"msp": np.array([0.9, 0.1]), "cosine": None}, np.array([1, 0]))
     assert rep["msp"]["auroc"] == 1.0 and rep["msp"]["auroc_ci"] is None  # no bootstrap asked for
-    assert rep["cosine"] == {"available": False, "auroc": None, "fpr95": None, "aupr_in": None, "aupr_out": None,
-                             "auroc_ci": None, "fpr95_ci": None, "aupr_in_ci": None, "aupr_out_ci": None}
+    assert rep["cosine"] == {
+        "available": False,
+        "auroc": None,
+        "fpr95": None,
+        "aupr_in": None,
+        "aupr_out": None,
+        "auroc_ci": None,
+        "fpr95_ci": None,
+        "aupr_in_ci": None,
+        "aupr_out_ci": None,
+    }
 
 
 def test_ood_recall_at_95_id_hand_computed():
     id_scores = np.arange(1.0, 21.0)  # 20 ID detections
     ood_scores = np.array([0.5, 5.5, 25.0])  # 3 detected of 5 held-out objects
-    m = ood_metrics(np.r_[id_scores, ood_scores], np.r_[np.ones(20), np.zeros(3)], num_ood_objects=5)
+    m = ood_metrics(
+        np.r_[id_scores, ood_scores], np.r_[np.ones(20), np.zeros(3)], num_ood_objects=5
+    )
     # Accepting 95% of ID (19 of 20) means accepting scores >= 2: 5.5 and 25 are accepted, 0.5 flagged.
     assert m["fpr95"] == pytest.approx(2 / 3)
     assert m["ood_recall_at_95_id"] == pytest.approx(1 / 5)
@@ -78,23 +107,35 @@ def test_matching_all_hand_made_boxes():
 
 
 def test_one_per_object_matching_hand_made():
-    gt = np.array([[0, 0, 10, 10],    # 0 ID
-                   [20, 0, 30, 10],   # 1 OOD
-                   [40, 0, 50, 10],   # 2 ID, no detection reaches it
-                   [60, 0, 70, 10],   # 3 ID
-                   [64, 0, 74, 10]],  # 4 OOD, overlapping 3
-                  dtype=float)
+    gt = np.array(
+        [
+            [0, 0, 10, 10],  # 0 ID
+            [20, 0, 30, 10],  # 1 OOD
+            [40, 0, 50, 10],  # 2 ID, no detection reaches it
+            [60, 0, 70, 10],  # 3 ID
+            [64, 0, 74, 10],
+        ],  # 4 OOD, overlapping 3
+        dtype=float,
+    )
     gt_ood = np.array([False, True, False, False, True])
-    dets = np.array([
-        [0, 0, 10, 10],        # d0 IoU 1 with gt0, but d1 is more confident -> duplicate
-        [1, 0, 11, 10],        # d1 IoU 90/110 with gt0, confidence 0.9 -> claims gt0 (ID)
-        [20, 0, 30, 10],       # d2 claims gt1 (OOD)
-        [20, 0, 30, 10],       # d3 same confidence as d2: the earlier detection wins -> duplicate
-        [63, 0, 73, 10],       # d4 between gt3 (70/130) and gt4 (90/110): the higher IoU, OOD
-        [100, 100, 110, 110],  # d5 overlaps nothing: background
-        [61, 0, 71, 10],       # d6 gt3 (90/110) over gt4 (70/130): claims gt3 (ID)
-        [62, 0, 72, 10],       # d7 tie gt3/gt4 (80/120 each): the first GT, gt3, already claimed -> duplicate
-    ], dtype=float)
+    dets = np.array(
+        [
+            [0, 0, 10, 10],  # d0 IoU 1 with gt0, but d1 is more confident -> duplicate
+            [1, 0, 11, 10],  # d1 IoU 90/110 with gt0, confidence 0.9 -> claims gt0 (ID)
+            [20, 0, 30, 10],  # d2 claims gt1 (OOD)
+            [20, 0, 30, 10],  # d3 same confidence as d2: the earlier detection wins -> duplicate
+            [63, 0, 73, 10],  # d4 between gt3 (70/130) and gt4 (90/110): the higher IoU, OOD
+            [100, 100, 110, 110],  # d5 overlaps nothing: background
+            [61, 0, 71, 10],  # d6 gt3 (90/110) over gt4 (70/130): claims gt3 (ID)
+            [
+                62,
+                0,
+                72,
+                10,
+            ],  # d7 tie gt3/gt4 (80/120 each): the first GT, gt3, already claimed -> duplicate
+        ],
+        dtype=float,
+    )
     conf = np.array([0.6, 0.9, 0.5, 0.5, 0.7, 0.95, 0.3, 0.1])
     status, index = match_detections(dets, gt, gt_ood, 0.5, conf)
     assert status.tolist() == [DUPLICATE, ID, OOD, DUPLICATE, OOD, BACKGROUND, ID, DUPLICATE]
@@ -129,7 +170,9 @@ def test_logit_scores_direct():
     p = np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum()
     assert s["msp"].tolist() == pytest.approx([p.max(), 1 / 3])
     assert s["max_logit"].tolist() == [2.0, 0.0]
-    assert s["energy"].tolist() == pytest.approx([2 * np.log(np.exp(1.0) + 1 + np.exp(-0.5)), 2 * np.log(3)])
+    assert s["energy"].tolist() == pytest.approx(
+        [2 * np.log(np.exp(1.0) + 1 + np.exp(-0.5)), 2 * np.log(3)]
+    )
 
 
 def _toy_embeddings():
@@ -156,13 +199,19 @@ def test_embedding_scores_direct():
     cov = cov + 1e-3 * np.trace(cov) / 3 * np.eye(3) + 1e-9 * np.eye(3)
     ref = np.max([multivariate_normal(means[c], cov).logpdf(q) for c in (0, 1)], axis=0)
     assert s["gaussian"] == pytest.approx(ref, rel=1e-6)
-    assert s["cosine"][0] > s["cosine"][1] and s["knn"][0] > s["knn"][1] and s["gaussian"][0] > s["gaussian"][1]
+    assert (
+        s["cosine"][0] > s["cosine"][1]
+        and s["knn"][0] > s["knn"][1]
+        and s["gaussian"][0] > s["gaussian"][1]
+    )
 
 
 def test_gaussian_never_fails_on_singular_covariance():
     x = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # rank-deficient
     for per_class in (False, True):
-        stats = EmbeddingStatistics.fit(x, np.array([0, 0, 1]), num_classes=3, knn_k=5, per_class_covariance=per_class)
+        stats = EmbeddingStatistics.fit(
+            x, np.array([0, 0, 1]), num_classes=3, knn_k=5, per_class_covariance=per_class
+        )
         s = stats.scores(np.array([[0.5, 0.5, 0.0]]))
         assert all(np.isfinite(v).all() for v in s.values())
 
@@ -184,7 +233,9 @@ def test_merge_reports_refuses_mixed_protocols(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     fake_ood_report(a)
     fake_ood_report(b, matching="all")
-    with pytest.raises(ReportError, match=r"different protocols: .*matching 'one_per_object' vs 'all'"):
+    with pytest.raises(
+        ReportError, match=r"different protocols: .*matching 'one_per_object' vs 'all'"
+    ):
         merge_reports([a, b], str(tmp_path / "out"))
     # A report without a protocol section is protocol version 1.
     with open(os.path.join(b, "ood_report.json")) as f:
@@ -205,25 +256,39 @@ def test_merge_reports_refuses_mixed_protocols(tmp_path):
 
 def test_score_histogram_has_axes_labels_and_title():
     is_id = np.array([True, True, False])
-    fig = _histogram_figure({"msp": np.array([0.9, 0.8, 0.2]), "knn": np.array([-1.0, -2.0, -5.0]), "cosine": None},
-                            is_id, "demo: OOD scores")
+    fig = _histogram_figure(
+        {"msp": np.array([0.9, 0.8, 0.2]), "knn": np.array([-1.0, -2.0, -5.0]), "cosine": None},
+        is_id,
+        "demo: OOD scores",
+    )
     axes = fig.axes
     assert [a.get_title() for a in axes] == ["msp", "knn"]
-    assert axes[0].get_xlabel() == "msp (higher = more in-distribution)" and axes[0].get_ylabel() == "density"
+    assert (
+        axes[0].get_xlabel() == "msp (higher = more in-distribution)"
+        and axes[0].get_ylabel() == "density"
+    )
     assert fig._suptitle.get_text() == "demo: OOD scores"
 
 
 def _npz_run(folder, rng, scores=("msp", "max_logit", "knn")):
     os.makedirs(folder, exist_ok=True)
     status = np.where(rng.random(40) < 0.6, 1, 0)
-    np.savez(os.path.join(folder, "ood_scores.npz"), status=status, **{s: rng.normal(size=40) + status for s in scores})
+    np.savez(
+        os.path.join(folder, "ood_scores.npz"),
+        status=status,
+        **{s: rng.normal(size=40) + status for s in scores},
+    )
 
 
 def test_comparison_roc_one_panel_per_score_and_one_colour_per_run(tmp_path):
     rng = np.random.default_rng(0)
     runs = []
     for name in ("softmax", "supcon", "rince"):
-        _npz_run(str(tmp_path / name), rng, ("msp", "max_logit") if name == "softmax" else ("msp", "max_logit", "knn"))
+        _npz_run(
+            str(tmp_path / name),
+            rng,
+            ("msp", "max_logit") if name == "softmax" else ("msp", "max_logit", "knn"),
+        )
         runs.append((name, str(tmp_path / name)))
     fig = _comparison_roc(runs)
     panels = [a for a in fig.axes if a.get_title()]
@@ -234,6 +299,10 @@ def test_comparison_roc_one_panel_per_score_and_one_colour_per_run(tmp_path):
         within = [mcolors.to_hex(l.get_color()) for l in curves]
         assert len(set(within)) == len(within)  # distinct colours in a panel
         for l in curves:
-            colours.setdefault(l.get_label().split(" (")[0], set()).add(mcolors.to_hex(l.get_color()))
+            colours.setdefault(l.get_label().split(" (")[0], set()).add(
+                mcolors.to_hex(l.get_color())
+            )
         assert ax.get_xlabel().startswith("false positive rate")
-    assert all(len(c) == 1 for c in colours.values()) and len(colours) == 3  # a run keeps its colour
+    assert (
+        all(len(c) == 1 for c in colours.values()) and len(colours) == 3
+    )  # a run keeps its colour

@@ -9,20 +9,28 @@ import os
 
 import numpy as np
 import pytest
-
+from conftest import tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from conftest import tiny_cfg
 from rcdet.config import ConfigError
 from rcdet.data.held_out import register_held_out_split
 from rcdet.evaluation.ood import merge_reports
-from rcdet.evaluation.ood_benchmark import (default_report_name, resolve_ood_dataset,
-                                            run_ood_benchmark)
+from rcdet.evaluation.ood_benchmark import (
+    default_report_name,
+    resolve_ood_dataset,
+    run_ood_benchmark,
+)
 
 
 def _bench_cfg(weights, *opts, method="rince"):
-    cfg = tiny_cfg(f"configs/shapes_{method}_ood.yaml", "MODEL.WEIGHTS", weights,
-                   "MODEL.RCDET.EMBED_AT_TEST", "True", *opts)
+    cfg = tiny_cfg(
+        f"configs/shapes_{method}_ood.yaml",
+        "MODEL.WEIGHTS",
+        weights,
+        "MODEL.RCDET.EMBED_AT_TEST",
+        "True",
+        *opts,
+    )
     cfg.freeze()
     return cfg
 
@@ -48,24 +56,47 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
     assert set(on_disk["detection"]) == {"AP", "AP50", "AP75"}
     assert on_disk["counts"]["id"] > 0 and on_disk["counts"]["ood"] > 0
     assert all(0 <= e["auroc"] <= 1 for e in on_disk["scores"].values())
-    assert on_disk["held_out_classes"] == ["ring", "triangle"] and isinstance(on_disk["open_set"]["a_ose"], int)
+    assert on_disk["held_out_classes"] == ["ring", "triangle"] and isinstance(
+        on_disk["open_set"]["a_ose"], int
+    )
     counts = on_disk["counts"]
-    assert counts["id"] <= counts["id_objects"] and counts["ood"] <= counts["ood_objects"]  # one detection per object
-    assert counts["id"] + counts["ood"] + counts["duplicates"] + counts["background"] == counts["detections"]
-    assert on_disk["protocol"]["matching"] == "one_per_object" and on_disk["protocol"]["version"] == 2
+    assert (
+        counts["id"] <= counts["id_objects"] and counts["ood"] <= counts["ood_objects"]
+    )  # one detection per object
+    assert (
+        counts["id"] + counts["ood"] + counts["duplicates"] + counts["background"]
+        == counts["detections"]
+    )
+    assert (
+        on_disk["protocol"]["matching"] == "one_per_object" and on_disk["protocol"]["version"] == 2
+    )
     # Containment of the estimate is tested on synthetic data: test_bootstrap.py.
     for e in on_disk["scores"].values():
         lo, hi = e["auroc_ci"]
         assert 0 <= lo <= hi <= 1
     csv_lines = (tmp_path / "rince" / "ood_report.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("protocol,score,available,auroc,auroc_ci_lo,auroc_ci_hi,fpr95") and len(csv_lines) == 7
+    assert (
+        csv_lines[0].startswith("protocol,score,available,auroc,auroc_ci_lo,auroc_ci_hi,fpr95")
+        and len(csv_lines) == 7
+    )
     assert on_disk["image_level"] is None
     # The statistics are cached next to the weights, keyed by their checksum.
-    assert any(n.startswith("ood_stats_") for n in os.listdir(os.path.dirname(tiny_models["rince"])))
+    assert any(
+        n.startswith("ood_stats_") for n in os.listdir(os.path.dirname(tiny_models["rince"]))
+    )
 
-    softmax = _bench("softmax", tiny_models["softmax"], tmp_path / "softmax", score_threshold=0.0, match_iou=0.1,
-                     time_plain_inference=True)
-    assert softmax["timing_seconds"]["plain_inference"] > 0 and "overhead_vs_plain_inference" in softmax
+    softmax = _bench(
+        "softmax",
+        tiny_models["softmax"],
+        tmp_path / "softmax",
+        score_threshold=0.0,
+        match_iou=0.1,
+        time_plain_inference=True,
+    )
+    assert (
+        softmax["timing_seconds"]["plain_inference"] > 0
+        and "overhead_vs_plain_inference" in softmax
+    )
     for s in ("cosine", "knn", "gaussian"):
         assert softmax["scores"][s]["available"] is False and softmax["scores"][s]["auroc"] is None
     assert softmax["scores"]["msp"]["available"] is True
@@ -73,14 +104,24 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
     md = merge_reports([str(tmp_path / "rince"), str(tmp_path / "softmax")], str(tmp_path / "cmp"))
     assert "| rince |" in md and "n/a" in md
     lo, hi = on_disk["scores"]["msp"]["auroc_ci"]
-    assert f"{on_disk['scores']['msp']['auroc']:.3f} [{lo:.3f}, {hi:.3f}]" in md  # the table shows the intervals
-    assert (tmp_path / "cmp" / "ood_comparison.csv").is_file() and (tmp_path / "cmp" / "roc_comparison.png").is_file()
+    assert (
+        f"{on_disk['scores']['msp']['auroc']:.3f} [{lo:.3f}, {hi:.3f}]" in md
+    )  # the table shows the intervals
+    assert (tmp_path / "cmp" / "ood_comparison.csv").is_file() and (
+        tmp_path / "cmp" / "roc_comparison.png"
+    ).is_file()
 
 
 def test_bad_inputs(tiny_models, tmp_path):
     # Weights for a different class count: a clear error before any output is written.
     with pytest.raises(ConfigError, match="trained for 7 classes"):
-        cfg = tiny_cfg("configs/shapes_rince.yaml", "MODEL.WEIGHTS", tiny_models["rince"], "MODEL.RCDET.EMBED_AT_TEST", "True")
+        cfg = tiny_cfg(
+            "configs/shapes_rince.yaml",
+            "MODEL.WEIGHTS",
+            tiny_models["rince"],
+            "MODEL.RCDET.EMBED_AT_TEST",
+            "True",
+        )
         cfg.freeze()
         run_ood_benchmark(cfg, str(tmp_path / "wrong"))
     assert not (tmp_path / "wrong").exists()
@@ -97,13 +138,25 @@ def test_no_held_out_objects_warns(tiny_models, tmp_path, tiny_shapes):
     name = "rcdet_test_no_ood"
     if name not in DatasetCatalog.list():
         base = "rcdet_shapes_trainval__minus_ring+triangle_drop_images"
-        register_held_out_split("rcdet_shapes_trainval", ["ring", "triangle"], "drop_images", "train")
+        register_held_out_split(
+            "rcdet_shapes_trainval", ["ring", "triangle"], "drop_images", "train"
+        )
         DatasetCatalog.register(name, lambda: DatasetCatalog.get(base))
-        MetadataCatalog.get(name).set(**{k: v for k, v in MetadataCatalog.get(base).as_dict().items() if k != "name"})
-    cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["rince"], "MODEL.RCDET.EMBED_AT_TEST", "True")
+        MetadataCatalog.get(name).set(
+            **{k: v for k, v in MetadataCatalog.get(base).as_dict().items() if k != "name"}
+        )
+    cfg = tiny_cfg(
+        "configs/shapes_rince_ood.yaml",
+        "MODEL.WEIGHTS",
+        tiny_models["rince"],
+        "MODEL.RCDET.EMBED_AT_TEST",
+        "True",
+    )
     cfg.DATASETS.TEST = (name,)
     cfg.freeze()
-    report = run_ood_benchmark(cfg, str(tmp_path / "none"), score_threshold=0.0, ood_dataset="none", bootstrap=0)
+    report = run_ood_benchmark(
+        cfg, str(tmp_path / "none"), score_threshold=0.0, ood_dataset="none", bootstrap=0
+    )
     assert report["counts"]["ood"] == 0 and not report["defined"]
     assert any("no held-out objects" in w for w in report["warnings"])
     assert report["scores"]["msp"]["auroc"] is None
@@ -123,16 +176,31 @@ def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
     raw = np.load(out / "ood_image_level_scores.npz")
     assert il["counts"] == {"id": int(raw["is_id"].sum()), "ood": int((~raw["is_id"]).sum())}
     assert il["counts"]["id"] > 0 and il["counts"]["ood"] > 0
-    assert (raw["msp"] >= 0).all() and set(il["scores"]) == {"msp", "max_logit", "energy", "cosine", "knn", "gaussian"}
+    assert (raw["msp"] >= 0).all() and set(il["scores"]) == {
+        "msp",
+        "max_logit",
+        "energy",
+        "cosine",
+        "knn",
+        "gaussian",
+    }
     for e in il["scores"].values():
         assert 0 <= e["auroc"] <= 1 and 0 <= e["auroc_ci"][0] <= e["auroc_ci"][1] <= 1
-    assert "the confidence that keeps 95%" in il["min_score_rule"] or "score threshold" in il["min_score_rule"]
+    assert (
+        "the confidence that keeps 95%" in il["min_score_rule"]
+        or "score threshold" in il["min_score_rule"]
+    )
     assert (out / "roc_image_level.png").is_file()
     csv_rows = (out / "ood_report.csv").read_text().splitlines()
-    assert sum(r.startswith("image,") for r in csv_rows) == 6 and sum(r.startswith("object,") for r in csv_rows) == 6
+    assert (
+        sum(r.startswith("image,") for r in csv_rows) == 6
+        and sum(r.startswith("object,") for r in csv_rows) == 6
+    )
     # The report's default name comes from the config's OUTPUT_DIR for a generic .../ood folder.
     assert report["name"] == "il"
-    assert default_report_name(cfg, str(tmp_path / "ood")) == os.path.basename(cfg.OUTPUT_DIR.rstrip("/"))
+    assert default_report_name(cfg, str(tmp_path / "ood")) == os.path.basename(
+        cfg.OUTPUT_DIR.rstrip("/")
+    )
 
 
 def test_ood_image_set_with_known_objects_warns(tiny_models, tmp_path):
@@ -140,9 +208,15 @@ def test_ood_image_set_with_known_objects_warns(tiny_models, tmp_path):
     cfg = _bench_cfg(tiny_models["rince"])
     known = set(MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes)
     classes = MetadataCatalog.get("rcdet_shapes_test").thing_classes
-    n_known = sum(classes[a["category_id"]] in known for d in DatasetCatalog.get("rcdet_shapes_test") for a in d["annotations"])
+    n_known = sum(
+        classes[a["category_id"]] in known
+        for d in DatasetCatalog.get("rcdet_shapes_test")
+        for a in d["annotations"]
+    )
     assert n_known > 0
-    report = run_ood_benchmark(cfg, str(tmp_path / "w"), score_threshold=0.0, ood_dataset="rcdet_shapes_test", bootstrap=0)
+    report = run_ood_benchmark(
+        cfg, str(tmp_path / "w"), score_threshold=0.0, ood_dataset="rcdet_shapes_test", bootstrap=0
+    )
     assert report["image_level"]["known_class_objects_in_ood_images"] == n_known
     assert any(f"contains {n_known} known-class objects" in w for w in report["warnings"])
     assert report["image_level"]["scores"]["msp"]["auroc_ci"] is None  # --bootstrap 0

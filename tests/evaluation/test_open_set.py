@@ -8,11 +8,28 @@ from rcdet.evaluation.open_set import absolute_open_set_error, wilderness_impact
 def _open_set_case():
     # Two known classes; image A has known objects of both and one held-out object U1, image B a
     # class-0 object and a held-out object U2.
-    a = {"gt_boxes": [[0, 0, 10, 10], [20, 0, 30, 10]], "gt_classes": [0, 1], "unknown_boxes": [[40, 0, 50, 10]],
-         "boxes": [[0, 0, 10, 10], [40, 0, 50, 10], [41, 0, 51, 10], [20, 0, 30, 10], [45, 0, 55, 10]],
-         "scores": [0.9, 0.8, 0.4, 0.7, 0.3], "classes": [0, 0, 1, 1, 0]}
-    b = {"gt_boxes": [[0, 0, 10, 10]], "gt_classes": [0], "unknown_boxes": [[20, 0, 30, 10]],
-         "boxes": [[0, 0, 10, 10], [20, 0, 30, 10]], "scores": [0.6, 0.95], "classes": [0, 0]}
+    a = {
+        "gt_boxes": [[0, 0, 10, 10], [20, 0, 30, 10]],
+        "gt_classes": [0, 1],
+        "unknown_boxes": [[40, 0, 50, 10]],
+        "boxes": [
+            [0, 0, 10, 10],
+            [40, 0, 50, 10],
+            [41, 0, 51, 10],
+            [20, 0, 30, 10],
+            [45, 0, 55, 10],
+        ],
+        "scores": [0.9, 0.8, 0.4, 0.7, 0.3],
+        "classes": [0, 0, 1, 1, 0],
+    }
+    b = {
+        "gt_boxes": [[0, 0, 10, 10]],
+        "gt_classes": [0],
+        "unknown_boxes": [[20, 0, 30, 10]],
+        "boxes": [[0, 0, 10, 10], [20, 0, 30, 10]],
+        "scores": [0.6, 0.95],
+        "classes": [0, 0],
+    }
     return [a, b]
 
 

@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
+from dist_utils import run_distributed
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_utils import run_distributed
 from rcdet.modeling.contrastive_memory import RankedInfoNCEWithMemory
 from rcdet.modeling.memory_queue import EmbeddingQueue
 from rcdet.modeling.rince import RankedInfoNCELoss
@@ -58,7 +58,11 @@ def _model(variant):
     queue = EmbeddingQueue(size=8, dim=DIM)
     # Queue entries from "earlier steps", identical everywhere.
     g = torch.Generator().manual_seed(3)
-    queue.enqueue(F.normalize(torch.randn(6, DIM, generator=g, dtype=torch.float64), dim=1), torch.tensor([0, 1, 2, 3, 4, 1]), gather=False)
+    queue.enqueue(
+        F.normalize(torch.randn(6, DIM, generator=g, dtype=torch.float64), dim=1),
+        torch.tensor([0, 1, 2, 3, 4, 1]),
+        gather=False,
+    )
     contrast = RankedInfoNCEWithMemory(RankedInfoNCELoss(RANK, [0.1, 0.2, 0.35], variant), queue)
     return proj, contrast
 
@@ -84,12 +88,24 @@ def _worker(rank, world_size, out_dir):
     for variant in ("out_in", "in"):
         for scenario in SCENARIOS:
             proj, contrast = _model(variant)
-            contrast.static_shapes = True  # the accelerator path; the one-process reference uses the CPU's exact sizes
+            contrast.static_shapes = (
+                True  # the accelerator path; the one-process reference uses the CPU's exact sizes
+            )
             ddp = DistributedDataParallel(proj)
             feats, labels, anchors, weights, enqueue, n0 = _batch(scenario)
             part = slice(0, n0) if rank == 0 else slice(n0, None)
             with SyncCounter() as counter:
-                loss = _step(ddp, contrast, feats[part], labels[part], anchors[part], weights[part], enqueue[part], world_size, len(labels))
+                loss = _step(
+                    ddp,
+                    contrast,
+                    feats[part],
+                    labels[part],
+                    anchors[part],
+                    weights[part],
+                    enqueue[part],
+                    world_size,
+                    len(labels),
+                )
                 loss.backward()
             results[variant, scenario] = {
                 "loss": loss.item(),

@@ -3,8 +3,8 @@
 import os
 
 import torch
-
 from dist_utils import run_distributed
+
 from rcdet.modeling.memory_queue import EmbeddingQueue
 
 
@@ -92,7 +92,12 @@ def test_fill_count_is_read_without_a_sync_and_survives_a_restore():
 
     q = EmbeddingQueue(size=4, dim=2)
     assert int(q.num_filled()) == 0
-    q.enqueue(torch.ones(3, 2), torch.tensor([0, 1, 2]), mask=torch.tensor([True, False, True]), gather=False)
+    q.enqueue(
+        torch.ones(3, 2),
+        torch.tensor([0, 1, 2]),
+        mask=torch.tensor([True, False, True]),
+        gather=False,
+    )
     with SyncCounter() as c:
         count = q.num_filled()
         fraction = count / q.capacity

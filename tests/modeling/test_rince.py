@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
+from conftest import REPO
 from torch.nn import functional as F
 
-from conftest import REPO
 from rcdet.modeling.rince import RankedInfoNCELoss, iou_reweight, parse_loss_name, ranked_info_nce
 from rcdet.ranking import temperatures_from_similarity, validate_temperatures
 from rcdet.testing import SyncCounter, random_loss_inputs, reference_rince, ring_rank_matrix
@@ -47,7 +47,9 @@ def test_closed_form_in():
 def test_closed_form_out():
     out = ranked_info_nce(*_closed_form_inputs(), RANK, [0.5, 1.0], "out")
     # N_1 = {rank-2 key, negative}: the other rank-1 positive is not a negative of rank 1.
-    l1 = -0.5 * (math.log(E(2) / (E(2) + E(0) + E(-2))) + math.log(E(1.2) / (E(1.2) + E(0) + E(-2))))
+    l1 = -0.5 * (
+        math.log(E(2) / (E(2) + E(0) + E(-2))) + math.log(E(1.2) / (E(1.2) + E(0) + E(-2)))
+    )
     l2 = -math.log(E(0) / (E(0) + E(-1)))
     assert out.per_rank.tolist() == pytest.approx([l1, l2], abs=1e-12)
 
@@ -55,13 +57,17 @@ def test_closed_form_out():
 def test_closed_form_out_in_and_supcon():
     inputs = _closed_form_inputs()
     out = ranked_info_nce(*inputs, RANK, [0.5, 1.0], "out_in")
-    l1 = -0.5 * (math.log(E(2) / (E(2) + E(0) + E(-2))) + math.log(E(1.2) / (E(1.2) + E(0) + E(-2))))
+    l1 = -0.5 * (
+        math.log(E(2) / (E(2) + E(0) + E(-2))) + math.log(E(1.2) / (E(1.2) + E(0) + E(-2)))
+    )
     l2 = -math.log(E(0) / (E(0) + E(-1)))
     assert out.loss.item() == pytest.approx(l1 + l2, abs=1e-12)
     form, max_rank = parse_loss_name("supcon_in")
     supcon = RankedInfoNCELoss(RANK, [0.5, 1.0][:max_rank], form)(*inputs)
     # r = 1: the rank-2 key becomes a plain negative.
-    assert supcon.loss.item() == pytest.approx(-math.log((E(2) + E(1.2)) / (E(2) + E(1.2) + E(0) + E(-2))), abs=1e-12)
+    assert supcon.loss.item() == pytest.approx(
+        -math.log((E(2) + E(1.2)) / (E(2) + E(1.2) + E(0) + E(-2))), abs=1e-12
+    )
 
 
 def _random_case(seed, n=7, m=13, d=5, self_exclude=True, bg=True, weights=True):
@@ -82,12 +88,21 @@ def _random_case(seed, n=7, m=13, d=5, self_exclude=True, bg=True, weights=True)
 @pytest.mark.parametrize("variant", ["in", "out", "out_in"])
 @pytest.mark.parametrize("seed", range(6))
 def test_matches_bruteforce_reference(variant, seed):
-    z, y, k, ky, si, w = _random_case(seed, self_exclude=seed % 2 == 0, bg=seed % 3 != 0, weights=seed < 3)
+    z, y, k, ky, si, w = _random_case(
+        seed, self_exclude=seed % 2 == 0, bg=seed % 3 != 0, weights=seed < 3
+    )
     taus = [0.07, 0.2, 0.5]
     out = ranked_info_nce(z, y, k, ky, RANK, taus, variant, si, w)
     total, per_rank, counts = reference_rince(
-        z.tolist(), y.tolist(), k.tolist(), ky.tolist(), RANK.tolist(), taus, variant,
-        None if si is None else si.tolist(), None if w is None else w.tolist(),
+        z.tolist(),
+        y.tolist(),
+        k.tolist(),
+        ky.tolist(),
+        RANK.tolist(),
+        taus,
+        variant,
+        None if si is None else si.tolist(),
+        None if w is None else w.tolist(),
     )
     assert out.loss.item() == pytest.approx(total, abs=1e-6)
     assert out.per_rank.tolist() == pytest.approx(per_rank, abs=1e-6)
@@ -102,7 +117,9 @@ def test_empty_rank_and_uneven_positive_counts():
     taus = [0.1, 0.2, 0.3]
     for variant in ("in", "out", "out_in"):
         out = ranked_info_nce(z, y, k, ky, RANK, taus, variant)
-        total, per_rank, counts = reference_rince(z.tolist(), y.tolist(), k.tolist(), ky.tolist(), RANK.tolist(), taus, variant)
+        total, per_rank, counts = reference_rince(
+            z.tolist(), y.tolist(), k.tolist(), ky.tolist(), RANK.tolist(), taus, variant
+        )
         assert counts[2] == 0 and out.per_rank[2].item() == 0.0
         assert out.loss.item() == pytest.approx(total, abs=1e-6)
 
@@ -118,10 +135,16 @@ def test_ranked_class_without_any_key(variant):
     si = torch.tensor([0, 1, 2])
     taus = [0.1, 0.2, 0.3]
     out = ranked_info_nce(z, y, k, ky, RANK, taus, variant, si)
-    total, per_rank, counts = reference_rince(z.tolist(), y.tolist(), k.tolist(), ky.tolist(), RANK.tolist(), taus, variant, si.tolist())
-    assert out.loss.item() == pytest.approx(total, abs=1e-9) and out.anchor_counts.tolist() == counts
+    total, per_rank, counts = reference_rince(
+        z.tolist(), y.tolist(), k.tolist(), ky.tolist(), RANK.tolist(), taus, variant, si.tolist()
+    )
+    assert (
+        out.loss.item() == pytest.approx(total, abs=1e-9) and out.anchor_counts.tolist() == counts
+    )
     zz, kk = z.clone().requires_grad_(True), k.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: ranked_info_nce(a, y, b, ky, RANK, taus, variant, si).loss, (zz, kk))
+    assert torch.autograd.gradcheck(
+        lambda a, b: ranked_info_nce(a, y, b, ky, RANK, taus, variant, si).loss, (zz, kk)
+    )
 
 
 def test_self_exclusion_is_by_index_not_value():
@@ -146,11 +169,15 @@ def test_gradcheck(variant):
 def test_no_positive_gives_connected_zero():
     z = F.normalize(torch.randn(3, 4), dim=1).requires_grad_(True)
     k = F.normalize(torch.randn(5, 4), dim=1)
-    out = ranked_info_nce(z, torch.tensor([0, 1, 2]), k, torch.full((5,), BG), RANK, [0.1, 0.2], "out_in")
+    out = ranked_info_nce(
+        z, torch.tensor([0, 1, 2]), k, torch.full((5,), BG), RANK, [0.1, 0.2], "out_in"
+    )
     assert out.loss.item() == 0.0 and out.anchor_counts.tolist() == [0, 0]
     out.loss.backward()
     assert z.grad is not None and torch.all(z.grad == 0)
-    empty = ranked_info_nce(z[:0], torch.tensor([], dtype=torch.long), k, torch.full((5,), BG), RANK, [0.1], "in")
+    empty = ranked_info_nce(
+        z[:0], torch.tensor([], dtype=torch.long), k, torch.full((5,), BG), RANK, [0.1], "in"
+    )
     assert empty.loss.item() == 0.0
 
 
@@ -213,16 +240,28 @@ def test_void_keys_padded_anchors_and_normalizer_match_the_reference(variant, se
     y_padded[2] = 99  # out of range, but a padding row
     taus = [0.01, 0.2, 0.5] if seed % 2 else [0.07, 0.2, 0.5]
     norm = torch.tensor([7.0, 3.0, 2.0], dtype=torch.float64)
-    out = ranked_info_nce(z, y_padded, k, ky, RANK, taus, variant, si, w, anchor_valid=valid, normalizer=norm)
+    out = ranked_info_nce(
+        z, y_padded, k, ky, RANK, taus, variant, si, w, anchor_valid=valid, normalizer=norm
+    )
     keep = valid.nonzero().squeeze(1)
     _, per_rank, counts = reference_rince(
-        z[keep].tolist(), y[keep].tolist(), k.tolist(), ky.tolist(), RANK.tolist(), taus, variant, si[keep].tolist(), w[keep].tolist()
+        z[keep].tolist(),
+        y[keep].tolist(),
+        k.tolist(),
+        ky.tolist(),
+        RANK.tolist(),
+        taus,
+        variant,
+        si[keep].tolist(),
+        w[keep].tolist(),
     )
     expected = [p * c / nm for p, c, nm in zip(per_rank, counts, norm.tolist())]
     assert out.per_rank.tolist() == pytest.approx(expected, abs=1e-9)
     assert out.anchor_counts.tolist() == counts
     zz, kk = z.clone().requires_grad_(True), k.clone().requires_grad_(True)
-    fn = lambda a, b: ranked_info_nce(a, y_padded, b, ky, RANK, taus, variant, si, w, anchor_valid=valid, normalizer=norm).loss
+    fn = lambda a, b: ranked_info_nce(
+        a, y_padded, b, ky, RANK, taus, variant, si, w, anchor_valid=valid, normalizer=norm
+    ).loss
     if seed % 2 == 0:
         assert torch.autograd.gradcheck(fn, (zz, kk))
 
@@ -230,7 +269,9 @@ def test_void_keys_padded_anchors_and_normalizer_match_the_reference(variant, se
 def test_second_order_gradients_are_refused_not_wrong():
     z, y, k, ky, si, _ = _random_case(2, n=4, m=7, d=3)
     z.requires_grad_(True)
-    (g,) = torch.autograd.grad(ranked_info_nce(z, y, k, ky, RANK, [0.1, 0.3], "out_in", si).loss, z, create_graph=True)
+    (g,) = torch.autograd.grad(
+        ranked_info_nce(z, y, k, ky, RANK, [0.1, 0.3], "out_in", si).loss, z, create_graph=True
+    )
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|twice"):
         g.sum().backward()
 
@@ -246,7 +287,10 @@ def test_positive_anchor_counts_from_labels_equal_the_loss_counts():
         ky[-3:] = torch.tensor([-1, 4, -1])
         valid = torch.rand(9, generator=torch.Generator().manual_seed(seed)) > 0.3
         out = ranked_info_nce(z, y, k, ky, RANK, [0.1, 0.2, 0.3], "in", si, anchor_valid=valid)
-        assert positive_anchor_counts(y, valid, ky, RANK, 3).tolist() == out.anchor_counts.long().tolist()
+        assert (
+            positive_anchor_counts(y, valid, ky, RANK, 3).tolist()
+            == out.anchor_counts.long().tolist()
+        )
 
 
 # ---------------------------------------------------------------- syncs, operators, precision
@@ -259,7 +303,9 @@ def _loss_inputs(num_classes, n=96, m=512, d=32, dtype=torch.float32):
 
 def _count_loss(num_classes, variant="out_in", r=3):
     z, y, k, ky, self_idx = _loss_inputs(num_classes)
-    loss = RankedInfoNCELoss(ring_rank_matrix(num_classes, r, "cpu"), [0.1 * (i + 1) for i in range(r)], variant)
+    loss = RankedInfoNCELoss(
+        ring_rank_matrix(num_classes, r, "cpu"), [0.1 * (i + 1) for i in range(r)], variant
+    )
     with SyncCounter() as counter:
         loss(z, y, k, ky, self_idx, check_inputs=False).loss.backward()
     return counter
@@ -283,10 +329,14 @@ def test_label_check_of_the_functional_api():
     bad = y.clone()
     bad[3] = 5
     with pytest.raises(ValueError, match=r"anchor_labels must lie in \[0, 5\).*\[5\]"):
-        ranked_info_nce(z, bad, k, ky, ring_rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx)
+        ranked_info_nce(
+            z, bad, k, ky, ring_rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx
+        )
     bad[3] = -1
     with pytest.raises(ValueError, match=r"\[-1\]"):
-        ranked_info_nce(z, bad, k, ky, ring_rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx)
+        ranked_info_nce(
+            z, bad, k, ky, ring_rank_matrix(5, 2, "cpu"), [0.1, 0.2], "out_in", self_idx
+        )
 
 
 @pytest.mark.parametrize("variant", ["out_in", "in", "out"])
@@ -317,16 +367,22 @@ def test_bfloat16_autocast_close_to_float32(variant, tau):
 
 def test_float16_inputs_at_tau_001_are_finite():
     z, y, k, ky, self_idx = _loss_inputs(8, dtype=torch.float16)
-    out = ranked_info_nce(z, y, k, ky, ring_rank_matrix(8, 3, "cpu"), [0.01, 0.02, 0.03], "out_in", self_idx)
+    out = ranked_info_nce(
+        z, y, k, ky, ring_rank_matrix(8, 3, "cpu"), [0.01, 0.02, 0.03], "out_in", self_idx
+    )
     out.loss.backward()
-    assert torch.isfinite(out.loss) and torch.isfinite(z.grad).all() and torch.isfinite(k.grad).all()
+    assert (
+        torch.isfinite(out.loss) and torch.isfinite(z.grad).all() and torch.isfinite(k.grad).all()
+    )
     assert z.grad.dtype == torch.float16
 
 
 # ---------------------------------------------------------------- the configs' losses
 
 
-@pytest.mark.parametrize("config", ["configs/voc_rince.yaml", "configs/voc_rince_text.yaml", "configs/voc_supcon.yaml"])
+@pytest.mark.parametrize(
+    "config", ["configs/voc_rince.yaml", "configs/voc_rince_text.yaml", "configs/voc_supcon.yaml"]
+)
 def test_voc_configs_load_their_rankings_for_voc_classes(config):
     from detectron2.config import get_cfg
     from detectron2.data.datasets.pascal_voc import CLASS_NAMES

@@ -9,15 +9,14 @@ import os
 
 import pytest
 import torch
-
+from conftest import tiny_cfg
 from detectron2.export import TracingAdapter
 from detectron2.export.torchscript_patch import freeze_training_mode, patch_instances
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
-
-from conftest import tiny_cfg
 from dist_utils import run_distributed
+
 from rcdet.config import ConfigError
 from rcdet.modeling import RankedContrastiveROIHeads
 from rcdet.testing import SyncCounter
@@ -42,7 +41,9 @@ def _inputs(num_boxes=(3, 2), classes=None, seed=1):
         wh = 30 + torch.rand(n, 2, generator=g) * 50
         inst.gt_boxes = Boxes(torch.cat([xy, xy + wh], dim=1))
         inst.gt_classes = (
-            torch.full((n,), classes, dtype=torch.int64) if classes is not None else torch.randint(0, 9, (n,), generator=g)
+            torch.full((n,), classes, dtype=torch.int64)
+            if classes is not None
+            else torch.randint(0, 9, (n,), generator=g)
         )
         batch.append({"image": img, "instances": inst, "height": 160, "width": 176})
     return batch
@@ -80,7 +81,9 @@ def test_branch_on_keeps_standard_initialisation_and_losses():
     sd_std, sd_on = std.state_dict(), on.state_dict()
     assert all(torch.equal(sd_std[k], sd_on[k]) for k in sd_std)
     assert {k for k in sd_on if k not in sd_std} == {
-        k for k in sd_on if k.startswith("roi_heads.projection") or k.startswith("roi_heads.contrast.queue")
+        k
+        for k in sd_on
+        if k.startswith("roi_heads.projection") or k.startswith("roi_heads.contrast.queue")
     }
     batch = _inputs()
     l_std, l_on = _train_losses(std, batch), _train_losses(on, batch)
@@ -89,7 +92,9 @@ def test_branch_on_keeps_standard_initialisation_and_losses():
     assert "loss_contrast" in l_on
 
 
-@pytest.mark.parametrize("loss", ["rince_in", "rince_out", "rince_out_in", "supcon_in", "supcon_out"])
+@pytest.mark.parametrize(
+    "loss", ["rince_in", "rince_out", "rince_out_in", "supcon_in", "supcon_out"]
+)
 def test_losses_finite_and_gradient_reaches_backbone(loss):
     model = _build("MODEL.RCDET.LOSS", loss, "MODEL.RCDET.IOU_THRESHOLD", "0.5")
     losses = _train_losses(model, _inputs((4, 4), seed=3))
@@ -103,7 +108,9 @@ def test_losses_finite_and_gradient_reaches_backbone(loss):
 
 
 @pytest.mark.parametrize(
-    "num_boxes, classes", [((0, 2), None), ((0, 0), None), ((3, 3), 4)], ids=["empty-gt", "all-background", "single-class"]
+    "num_boxes, classes",
+    [((0, 2), None), ((0, 0), None), ((3, 3), 4)],
+    ids=["empty-gt", "all-background", "single-class"],
 )
 def test_degenerate_batches_stay_finite_and_differentiable(num_boxes, classes):
     model = _build("MODEL.RCDET.LOSS", "rince_out_in")
@@ -116,9 +123,23 @@ def test_degenerate_batches_stay_finite_and_differentiable(num_boxes, classes):
 
 
 def test_decay_schedule_comes_from_iteration():
-    model = _build("MODEL.RCDET.LOSS_WEIGHT", "0.8", "MODEL.RCDET.DECAY_STEPS", "[10, 20]", "MODEL.RCDET.DECAY_RATE", "0.5")
+    model = _build(
+        "MODEL.RCDET.LOSS_WEIGHT",
+        "0.8",
+        "MODEL.RCDET.DECAY_STEPS",
+        "[10, 20]",
+        "MODEL.RCDET.DECAY_RATE",
+        "0.5",
+    )
     head = model.roi_heads
-    assert [head.current_loss_weight(i) for i in (0, 9, 10, 19, 20, 100)] == [0.8, 0.8, 0.4, 0.4, 0.2, 0.2]
+    assert [head.current_loss_weight(i) for i in (0, 9, 10, 19, 20, 100)] == [
+        0.8,
+        0.8,
+        0.4,
+        0.4,
+        0.2,
+        0.2,
+    ]
 
 
 def test_embed_at_test():
@@ -146,10 +167,16 @@ def test_embed_at_test():
     "opts, key",
     [
         (("MODEL.RCDET.RANKING_FILE", "configs/rankings/missing.yaml"), "MODEL.RCDET.RANKING_FILE"),
-        (("MODEL.RCDET.RANKING_FILE", "configs/rankings/voc_human.yaml"), "MODEL.RCDET.RANKING_FILE"),
+        (
+            ("MODEL.RCDET.RANKING_FILE", "configs/rankings/voc_human.yaml"),
+            "MODEL.RCDET.RANKING_FILE",
+        ),
         (("MODEL.RCDET.TEMPERATURES", "[0.3, 0.2, 0.4]"), "MODEL.RCDET.TEMPERATURES"),
         (("MODEL.RCDET.TEMPERATURES", "[0.1]"), "MODEL.RCDET.TEMPERATURES"),
-        (("MODEL.RCDET.TAU_MIN", "0.5", "MODEL.RCDET.TAU_MAX", "0.2"), "MODEL.RCDET.TAU_MIN/TAU_MAX"),
+        (
+            ("MODEL.RCDET.TAU_MIN", "0.5", "MODEL.RCDET.TAU_MAX", "0.2"),
+            "MODEL.RCDET.TAU_MIN/TAU_MAX",
+        ),
         (("MODEL.RCDET.LOSS", "rince_sideways"), "MODEL.RCDET.LOSS"),
         (("MODEL.RCDET.REWEIGHT", "cubic"), "MODEL.RCDET.REWEIGHT"),
     ],
@@ -193,7 +220,9 @@ def test_head_step_adds_at_most_one_sync(tiny_shapes):
     # of the logged scalars.
     torch.manual_seed(0)
     with_branch = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "32"))
-    with_branch.roi_heads.contrast.static_shapes = True  # the accelerator path (auto on the CPU reads the anchor count)
+    with_branch.roi_heads.contrast.static_shapes = (
+        True  # the accelerator path (auto on the CPU reads the anchor count)
+    )
     torch.manual_seed(0)
     without = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.LOSS", "none"))
     batch = _batch()
@@ -218,18 +247,29 @@ def test_head_step_adds_at_most_one_sync(tiny_shapes):
 
 def test_cpu_exact_anchor_count_equals_the_static_path(tiny_shapes):
     torch.manual_seed(0)
-    head = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "32")).roi_heads
+    head = build_model(
+        tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "32")
+    ).roi_heads
     feats = torch.randn(20, head.box_head.output_shape.channels)
     results = {}
     for static in (True, False):
         head.contrast.static_shapes = static
-        head.queue.load_state_dict({k: torch.zeros_like(v) if k != "labels" else torch.full_like(v, -1) for k, v in head.queue.state_dict().items()})
+        head.queue.load_state_dict(
+            {
+                k: torch.zeros_like(v) if k != "labels" else torch.full_like(v, -1)
+                for k, v in head.queue.state_dict().items()
+            }
+        )
         with EventStorage(3), SyncCounter() as c:
             results[static] = head.contrastive_losses(feats, _proposals())["loss_contrast"]
         results[static, "syncs"] = dict(c.sync_ops)
     torch.testing.assert_close(results[True], results[False], atol=1e-6, rtol=1e-6)
     assert results[False, "syncs"] == {"Tensor.tolist": 1, "aten::_local_scalar_dense": 1}
-    assert head.contrast.static_shapes is False and build_model(tiny_cfg("configs/shapes_rince.yaml")).roi_heads.contrast.static_shapes is None
+    assert (
+        head.contrast.static_shapes is False
+        and build_model(tiny_cfg("configs/shapes_rince.yaml")).roi_heads.contrast.static_shapes
+        is None
+    )
 
 
 def _proposals():
@@ -248,7 +288,15 @@ def _proposals():
 
 def test_one_head_training_step_under_bfloat16_autocast(tiny_shapes):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "32", "MODEL.RCDET.TEMPERATURES", "[0.01, 0.02, 0.03]"))
+    model = build_model(
+        tiny_cfg(
+            "configs/shapes_rince.yaml",
+            "MODEL.RCDET.QUEUE_SIZE",
+            "32",
+            "MODEL.RCDET.TEMPERATURES",
+            "[0.01, 0.02, 0.03]",
+        )
+    )
     model.train()
     with EventStorage(0):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -265,7 +313,10 @@ def test_non_finite_embeddings_get_detectron2_style_error(tiny_shapes):
     head = build_model(tiny_cfg("configs/shapes_rince.yaml")).roi_heads
     feats = torch.randn(20, head.box_head.output_shape.channels)
     feats[4, 0] = float("nan")
-    with EventStorage(7), pytest.raises(FloatingPointError, match=r"Inf/NaN at iteration=7.*SOLVER.BASE_LR"):
+    with (
+        EventStorage(7),
+        pytest.raises(FloatingPointError, match=r"Inf/NaN at iteration=7.*SOLVER.BASE_LR"),
+    ):
         head.contrastive_losses(feats, _proposals())
     # A caller that skips the batch keeps a clean queue: the non-finite row was not enqueued.
     assert head.queue.filled.any() and torch.isfinite(head.queue.embeddings).all()
@@ -297,8 +348,17 @@ def _worker_features(step, dim):
 
 
 def _worker_head():
-    cfg = tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.QUEUE_SIZE", "16", "MODEL.RCDET.IOU_THRESHOLD", "0.5",
-                   "MODEL.RCDET.QUEUE_IOU_THRESHOLD", "0.5", "MODEL.RCDET.REWEIGHT", "linear")
+    cfg = tiny_cfg(
+        "configs/shapes_rince.yaml",
+        "MODEL.RCDET.QUEUE_SIZE",
+        "16",
+        "MODEL.RCDET.IOU_THRESHOLD",
+        "0.5",
+        "MODEL.RCDET.QUEUE_IOU_THRESHOLD",
+        "0.5",
+        "MODEL.RCDET.REWEIGHT",
+        "linear",
+    )
     torch.manual_seed(0)
     return build_model(cfg).roi_heads
 
@@ -323,7 +383,10 @@ def _head_worker(rank, world_size, out_dir, shapes_root):
     register_rcdet_shapes(shapes_root)
     head = _worker_head()
     losses = _contrastive_losses(head, slice(rank, rank + 1))
-    torch.save({"losses": losses, "queue": head.queue.state_dict()}, os.path.join(out_dir, f"rank{rank}.pth"))
+    torch.save(
+        {"losses": losses, "queue": head.queue.state_dict()},
+        os.path.join(out_dir, f"rank{rank}.pth"),
+    )
 
 
 def test_two_workers_average_to_single_worker_loss(tmp_path, tiny_shapes):
@@ -350,13 +413,23 @@ def _head_inputs(head, seed=0):
     g = torch.Generator().manual_seed(seed)
     sizes = [(96, 112), (80, 96)]
     images = ImageList(torch.zeros(2, 3, 96, 112), sizes)
-    features = {f: torch.randn(2, head.box_head.input_shape.channels if hasattr(head.box_head, "input_shape") else 64, 96 // s, 112 // s, generator=g)
-                for f, s in zip(head.box_in_features, (8, 16, 32))}
+    features = {
+        f: torch.randn(
+            2,
+            head.box_head.input_shape.channels if hasattr(head.box_head, "input_shape") else 64,
+            96 // s,
+            112 // s,
+            generator=g,
+        )
+        for f, s in zip(head.box_in_features, (8, 16, 32))
+    }
     proposals = []
     for h, w in sizes:
         p = Instances((h, w))
         xy = torch.rand(30, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
-        p.proposal_boxes = Boxes(torch.cat([xy, xy + 10 + torch.rand(30, 2, generator=g) * 30], dim=1))
+        p.proposal_boxes = Boxes(
+            torch.cat([xy, xy + 10 + torch.rand(30, 2, generator=g) * 30], dim=1)
+        )
         p.objectness_logits = torch.randn(30, generator=g)
         proposals.append(p)
     return images, features, proposals
@@ -364,16 +437,30 @@ def _head_inputs(head, seed=0):
 
 @pytest.mark.parametrize("loss", ["none", "rince_out_in"])
 def test_head_scripts_like_standard_roi_heads(tiny_shapes, loss):
-    cfg = tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.LOSS", loss, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0")
+    cfg = tiny_cfg(
+        "configs/shapes_rince.yaml",
+        "MODEL.RCDET.LOSS",
+        loss,
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        "0.0",
+    )
     torch.manual_seed(0)
     head = build_model(cfg).roi_heads.eval()
     images, features, proposals = _head_inputs(head)
-    fields = {"proposal_boxes": Boxes, "objectness_logits": torch.Tensor, "pred_boxes": Boxes, "scores": torch.Tensor, "pred_classes": torch.Tensor}
+    fields = {
+        "proposal_boxes": Boxes,
+        "objectness_logits": torch.Tensor,
+        "pred_boxes": Boxes,
+        "scores": torch.Tensor,
+        "pred_classes": torch.Tensor,
+    }
     with torch.no_grad():
         eager, _ = head(images, features, proposals)
         with freeze_training_mode(head), patch_instances(fields) as new_instances:
             scripted_head = torch.jit.script(head)
-            scripted, _ = scripted_head(images, features, [new_instances.from_instances(p) for p in proposals])
+            scripted, _ = scripted_head(
+                images, features, [new_instances.from_instances(p) for p in proposals]
+            )
     assert sum(len(x) for x in eager) > 0
     for e, s in zip(eager, scripted):
         assert torch.equal(e.pred_boxes.tensor, s.pred_boxes.tensor)
@@ -381,12 +468,22 @@ def test_head_scripts_like_standard_roi_heads(tiny_shapes, loss):
 
 
 def _model_and_images(tiny_shapes, embed=True):
-    cfg = tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.EMBED_AT_TEST", str(embed), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
-                   "TEST.DETECTIONS_PER_IMAGE", "1000")
+    cfg = tiny_cfg(
+        "configs/shapes_rince.yaml",
+        "MODEL.RCDET.EMBED_AT_TEST",
+        str(embed),
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
+        "0.0",
+        "TEST.DETECTIONS_PER_IMAGE",
+        "1000",
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(2)
-    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).float() for h, w in ((160, 192), (128, 224))]
+    images = [
+        torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).float()
+        for h, w in ((160, 192), (128, 224))
+    ]
     return model, images
 
 
@@ -410,4 +507,6 @@ def test_tracing_exports_logits_and_embeddings_for_any_input_size(tiny_shapes):
             a, b = (a.tensor, b.tensor) if isinstance(a, Boxes) else (a, b)
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=field)
         assert got.pred_embeddings.shape[1] == 64 and got.pred_logits.shape[1] == 10
-    assert len(counts) == 2, "both sizes gave the same number of detections: the check would not catch a frozen split"
+    assert (
+        len(counts) == 2
+    ), "both sizes gave the same number of detections: the check would not catch a frozen split"

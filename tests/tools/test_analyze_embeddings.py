@@ -4,9 +4,9 @@ split lists this dataset's splits, a held-out split's name is derived on demand.
 import json
 import logging
 
+from conftest import tiny_cfg
 from detectron2.data import DatasetCatalog
 
-from conftest import tiny_cfg
 from tools import analyze_embeddings
 
 
@@ -14,8 +14,14 @@ def test_analyze_embeddings_tool_writes_its_files(tiny_models, tmp_path):
     cfg = tiny_cfg("configs/shapes_rince_ood.yaml", "MODEL.WEIGHTS", tiny_models["rince"])
     cfg.freeze()
     analyze_embeddings.run(cfg, str(tmp_path), pre_projection=True, max_tsne=200)
-    for f in ("analysis.json", "tsne_class.png", "tsne_group.png", "centroid_similarity.png",
-              "box_features_tsne_class.png", "box_features_centroid_similarity.png"):
+    for f in (
+        "analysis.json",
+        "tsne_class.png",
+        "tsne_group.png",
+        "centroid_similarity.png",
+        "box_features_tsne_class.png",
+        "box_features_centroid_similarity.png",
+    ):
         assert (tmp_path / f).is_file(), f
     with open(tmp_path / "analysis.json") as f:
         data = json.load(f)
@@ -24,18 +30,38 @@ def test_analyze_embeddings_tool_writes_its_files(tiny_models, tmp_path):
     proj = data["spaces"]["projection"]
     assert set(proj["outliers"]) == {"class", "group_level1", "group_level2"}
     assert set(proj["retrieval_r1"]) == {"class", "group_level1", "group_level2"}
-    assert set(proj["ranking_fidelity"]["mean_similarity"]) == {"rank1", "rank2", "rank3", "negative"}
+    assert set(proj["ranking_fidelity"]["mean_similarity"]) == {
+        "rank1",
+        "rank2",
+        "rank3",
+        "negative",
+    }
     # Held-out boxes are embedded too (for the t-SNE), but the metrics use known classes only.
     assert data["num_boxes_per_class"]["ring"] + data["num_boxes_per_class"]["triangle"] > 0
-    assert proj["num_embeddings"] == sum(v for k, v in data["num_boxes_per_class"].items() if k not in ("ring", "triangle"))
+    assert proj["num_embeddings"] == sum(
+        v for k, v in data["num_boxes_per_class"].items() if k not in ("ring", "triangle")
+    )
 
 
-def test_analyze_embeddings_unregistered_dataset_lists_the_registered_splits(tiny_shapes, tmp_path, capsys):
-    logging.disable(logging.CRITICAL)  # detectron2's cached log handlers hold a closed capture stream
+def test_analyze_embeddings_unregistered_dataset_lists_the_registered_splits(
+    tiny_shapes, tmp_path, capsys
+):
+    logging.disable(
+        logging.CRITICAL
+    )  # detectron2's cached log handlers hold a closed capture stream
     try:
-        code = analyze_embeddings.main(["--config-file", "configs/shapes_rince_ood.yaml",
-                                        "--dataset", "rcdet_shapes_tset", "--output", str(tmp_path),
-                                        "MODEL.WEIGHTS", str(tmp_path / "unused.pth")])
+        code = analyze_embeddings.main(
+            [
+                "--config-file",
+                "configs/shapes_rince_ood.yaml",
+                "--dataset",
+                "rcdet_shapes_tset",
+                "--output",
+                str(tmp_path),
+                "MODEL.WEIGHTS",
+                str(tmp_path / "unused.pth"),
+            ]
+        )
     finally:
         logging.disable(logging.NOTSET)
     err = capsys.readouterr().err
@@ -43,7 +69,12 @@ def test_analyze_embeddings_unregistered_dataset_lists_the_registered_splits(tin
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "--dataset 'rcdet_shapes_tset' is not a registered dataset" in line
     assert "Did you mean 'rcdet_shapes_test'?" in line
-    for split in ("rcdet_shapes_train", "rcdet_shapes_val", "rcdet_shapes_trainval", "rcdet_shapes_test"):
+    for split in (
+        "rcdet_shapes_train",
+        "rcdet_shapes_val",
+        "rcdet_shapes_trainval",
+        "rcdet_shapes_test",
+    ):
         assert split in line
     assert "coco_2017_train" not in line  # only the splits of this dataset
 

@@ -8,8 +8,17 @@ from tools import benchmark_loss
 
 def test_benchmark_loss_reports_syncs_and_operators(tmp_path):
     loss_json = tmp_path / "loss.json"
-    argv = ["--sizes", "64x256", "--ranks", "2", "--no-memory", "--repeats", "1",
-            "--json", str(loss_json)]
+    argv = [
+        "--sizes",
+        "64x256",
+        "--ranks",
+        "2",
+        "--no-memory",
+        "--repeats",
+        "1",
+        "--json",
+        str(loss_json),
+    ]
     assert benchmark_loss.main(argv) == 0
     rows = json.loads(loss_json.read_text())["syncs_and_operators"]
     rince = [r for r in rows if r["loss"] != "supcon_out"]

@@ -5,6 +5,7 @@ import json
 import os
 
 from conftest import REPO, fake_ood_report
+
 from tools import benchmark_ood
 
 

@@ -7,8 +7,20 @@ from tools import benchmark_overhead
 
 def test_benchmark_overhead_reports_syncs_and_operators(tmp_path):
     out = tmp_path / "overhead.json"
-    argv = ["--synthetic", "--steps", "1", "--batches", "1", "--no-memory", "--json", str(out),
-            "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TEST", "128"]
+    argv = [
+        "--synthetic",
+        "--steps",
+        "1",
+        "--batches",
+        "1",
+        "--no-memory",
+        "--json",
+        str(out),
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "INPUT.MIN_SIZE_TEST",
+        "128",
+    ]
     assert benchmark_overhead.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["lr"] == 0.0 and result["amp"] == "off"

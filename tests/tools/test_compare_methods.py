@@ -35,13 +35,23 @@ def test_voc_dry_run_uses_the_r50_fpn_configs(capsys, tmp_path):
 
 
 def test_resume_skips_finished_stages(tmp_path, monkeypatch):
-    args = cm.argparse.Namespace(quick=True, quick_iters=10, seeds=[0], methods=None, voc=False, runs_dir=str(tmp_path), opts=[])
+    args = cm.argparse.Namespace(
+        quick=True,
+        quick_iters=10,
+        seeds=[0],
+        methods=None,
+        voc=False,
+        runs_dir=str(tmp_path),
+        opts=[],
+    )
     runs = cm.plan(args)
     finished = runs[0]
     for name, marker, _ in finished.stages(False):
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         with open(marker, "w") as f:
-            f.write(json.dumps({"protocol": {"version": PROTOCOL_VERSION}}) if name == "ood" else "")
+            f.write(
+                json.dumps({"protocol": {"version": PROTOCOL_VERSION}}) if name == "ood" else ""
+            )
     partial = runs[1]  # trained, not evaluated
     os.makedirs(partial.run_dir, exist_ok=True)
     open(partial.weights, "w").close()
@@ -56,13 +66,24 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
 
 
 def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
-    args = cm.argparse.Namespace(quick=True, quick_iters=10, seeds=[0], methods=["softmax", "rince_in"], voc=False,
-                                 runs_dir=str(tmp_path), opts=[])
+    args = cm.argparse.Namespace(
+        quick=True,
+        quick_iters=10,
+        seeds=[0],
+        methods=["softmax", "rince_in"],
+        voc=False,
+        runs_dir=str(tmp_path),
+        opts=[],
+    )
     old, current = cm.plan(args)
     for run, version in ((old, None), (current, PROTOCOL_VERSION)):
         for name, marker, _ in run.stages(False):
             os.makedirs(os.path.dirname(marker), exist_ok=True)
-            report = {"scores": {}} if version is None else {"scores": {}, "protocol": {"version": version}}
+            report = (
+                {"scores": {}}
+                if version is None
+                else {"scores": {}, "protocol": {"version": version}}
+            )
             with open(marker, "w") as f:
                 f.write(json.dumps(report) if name == "ood" else "")
     calls = []
@@ -70,48 +91,105 @@ def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monk
     counts = cm.execute([old, current], voc=False, log=lambda *a: None)
     # Only the OOD stage of the run evaluated under the old protocol runs again, from its checkpoint.
     assert counts["ran"] == 1 and counts["skipped"] == 5
-    assert calls[0][1] == "tools/benchmark_ood.py" and f"MODEL.WEIGHTS {old.weights}" in " ".join(calls[0])
+    assert calls[0][1] == "tools/benchmark_ood.py" and f"MODEL.WEIGHTS {old.weights}" in " ".join(
+        calls[0]
+    )
     calls.clear()
     assert cm.execute([old, current], voc=False, log=lambda *a: None, reevaluate=True)["ran"] == 2
     assert all(a[1] == "tools/benchmark_ood.py" for a in calls)
-    assert cm.main(["--quick", "--dry-run", "--methods", "softmax", "rince_in", "--runs-dir", str(tmp_path)]) == 0
+    assert (
+        cm.main(
+            [
+                "--quick",
+                "--dry-run",
+                "--methods",
+                "softmax",
+                "rince_in",
+                "--runs-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "run softmax seed 0 [todo]" in out and "  ood (re-evaluate):" in out and "run rince_in seed 0 [done]" in out
+    assert (
+        "run softmax seed 0 [todo]" in out
+        and "  ood (re-evaluate):" in out
+        and "run rince_in seed 0 [done]" in out
+    )
 
 
 def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
-    assert cm.main(["--hold-out-mode", "drop_annotations", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
+    assert (
+        cm.main(["--hold-out-mode", "drop_annotations", "--dry-run", "--runs-dir", str(tmp_path)])
+        == 0
+    )
     out = capsys.readouterr().out
     runs = [line.split()[1] for line in out.splitlines() if line.startswith("run ")]
     assert runs == ["softmax"] * 3 + ["supcon_out"] * 3 + ["rince_out_in"] * 3
     stages = [line for line in out.splitlines() if line.startswith("  ")]
-    assert len(stages) == 27 and all("MODEL.RCDET.OOD.HOLD_OUT_MODE drop_annotations" in line for line in stages)
+    assert len(stages) == 27 and all(
+        "MODEL.RCDET.OOD.HOLD_OUT_MODE drop_annotations" in line for line in stages
+    )
     assert cm.main(["--hold-out-mode", "drop_annotations", "--dry-run"]) == 0
     assert "output/compare_builtin_drop_annotations/softmax/seed0" in capsys.readouterr().out
     # --voc passes --num-gpus through to training (and only to training); --ood-dataset to the benchmark.
-    assert cm.main(["--voc", "--num-gpus", "8", "--ood-dataset", "coco_ood_val", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
+    assert (
+        cm.main(
+            [
+                "--voc",
+                "--num-gpus",
+                "8",
+                "--ood-dataset",
+                "coco_ood_val",
+                "--dry-run",
+                "--runs-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     train = [line for line in out.splitlines() if line.startswith("  train")]
     ood = [line for line in out.splitlines() if line.startswith("  ood")]
-    assert len(train) == 15 and all("tools/train_net.py --config-file" in l and "--num-gpus 8" in l for l in train)
+    assert len(train) == 15 and all(
+        "tools/train_net.py --config-file" in l and "--num-gpus 8" in l for l in train
+    )
     assert all("--num-gpus" not in l and "--ood-dataset coco_ood_val" in l for l in ood)
 
 
 def test_execute_records_each_stage_in_the_run_provenance(tmp_path, monkeypatch):
-    args = cm.argparse.Namespace(quick=True, quick_iters=10, seeds=[0], methods=["softmax"], voc=False, runs_dir=str(tmp_path), opts=[])
+    args = cm.argparse.Namespace(
+        quick=True,
+        quick_iters=10,
+        seeds=[0],
+        methods=["softmax"],
+        voc=False,
+        runs_dir=str(tmp_path),
+        opts=[],
+    )
     (run,) = cm.plan(args)
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: None)
     cm.execute([run], voc=False, log=lambda *a: None, commit=("abc123", True))
     with open(os.path.join(run.run_dir, "provenance.json")) as f:
         stages = json.load(f)["stages"]
     assert set(stages) == {"train", "ood", "analysis"}
-    assert all(s["commit"] == "abc123" and s["uncommitted_changes"] is True and s["seconds"] >= 0 for s in stages.values())
+    assert all(
+        s["commit"] == "abc123" and s["uncommitted_changes"] is True and s["seconds"] >= 0
+        for s in stages.values()
+    )
 
 
 def test_resumed_study_names_every_commit_and_sums_wall_time():
     # meta.json written before invocations were recorded: it stands for one invocation.
     legacy = {"commit": "a" * 40, "uncommitted_changes": True, "seeds": [0], "wall_seconds": 100.0}
-    now = {"commit": "b" * 40, "uncommitted_changes": False, "seeds_run": [1, 2], "stages_run": 30, "wall_seconds": 200.04}
+    now = {
+        "commit": "b" * 40,
+        "uncommitted_changes": False,
+        "seeds_run": [1, 2],
+        "stages_run": 30,
+        "wall_seconds": 200.04,
+    }
     prov = cm.study_provenance(legacy, now)
     assert prov["commit"] == "b" * 40 and prov["uncommitted_changes"] is False
     assert prov["commits"] == ["a" * 40, "b" * 40]
@@ -119,29 +197,58 @@ def test_resumed_study_names_every_commit_and_sums_wall_time():
     assert [i["wall_seconds"] for i in prov["invocations"]] == [100.0, 200.04]
     # Re-aggregating without running anything keeps the study as it was.
     again = cm.study_provenance({**prov, "wall_seconds": 300.0}, None)
-    assert again["commits"] == prov["commits"] and again["wall_seconds"] == 300.0 and again["commit"] == "b" * 40
+    assert (
+        again["commits"] == prov["commits"]
+        and again["wall_seconds"] == 300.0
+        and again["commit"] == "b" * 40
+    )
     assert cm.study_provenance(None, None)["wall_seconds"] is None
 
 
 @pytest.mark.parametrize("skipped,inherits", [(0, False), (5, True)])
-def test_only_a_resumed_study_inherits_the_previous_invocations(tmp_path, monkeypatch, skipped, inherits):
+def test_only_a_resumed_study_inherits_the_previous_invocations(
+    tmp_path, monkeypatch, skipped, inherits
+):
     out = tmp_path / "results"
     out.mkdir()
-    (out / "meta.json").write_text(json.dumps({"commit": "a" * 40, "uncommitted_changes": False, "wall_seconds": 7.0}))
+    (out / "meta.json").write_text(
+        json.dumps({"commit": "a" * 40, "uncommitted_changes": False, "wall_seconds": 7.0})
+    )
     seen = {}
     monkeypatch.setattr(cm, "git_state", lambda **kw: ("b" * 40, False))
-    monkeypatch.setattr(cm, "execute", lambda runs, voc, commit=None, **kw: {"skipped": skipped, "ran": 3, "seeds_run": [0]})
-    monkeypatch.setattr(cm, "aggregate", lambda runs, output, args, invocation, previous: seen.update(inv=invocation, prev=previous) or "")
+    monkeypatch.setattr(
+        cm,
+        "execute",
+        lambda runs, voc, commit=None, **kw: {"skipped": skipped, "ran": 3, "seeds_run": [0]},
+    )
+    monkeypatch.setattr(
+        cm,
+        "aggregate",
+        lambda runs, output, args, invocation, previous: seen.update(inv=invocation, prev=previous)
+        or "",
+    )
     assert cm.main(["--quick", "--runs-dir", str(tmp_path / "runs"), "--output", str(out)]) == 0
-    assert seen["inv"]["commit"] == "b" * 40 and seen["inv"]["stages_run"] == 3 and seen["inv"]["seeds_run"] == [0]
+    assert (
+        seen["inv"]["commit"] == "b" * 40
+        and seen["inv"]["stages_run"] == 3
+        and seen["inv"]["seeds_run"] == [0]
+    )
     assert (seen["prev"] is not None) == inherits
 
 
 def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
     """The results come from rcdet.study; the tool adds the first seed's configs and meta.json."""
-    args = cm.argparse.Namespace(quick=True, quick_iters=10, seeds=[0], voc=False,
-                                 methods=["softmax", "supcon_out"], runs_dir=str(tmp_path / "runs"),
-                                 opts=[], argv=[], hold_out_mode="drop_images")
+    args = cm.argparse.Namespace(
+        quick=True,
+        quick_iters=10,
+        seeds=[0],
+        voc=False,
+        methods=["softmax", "supcon_out"],
+        runs_dir=str(tmp_path / "runs"),
+        opts=[],
+        argv=[],
+        hold_out_mode="drop_images",
+    )
     runs = cm.plan(args)
     for run in runs:
         os.makedirs(run.run_dir)
@@ -176,10 +283,15 @@ def test_git_state_ignores_the_studys_own_results(tmp_path):
     subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
     subprocess.run(git + ["add", "."], cwd=repo, check=True)
     subprocess.run(git + ["commit", "-qm", "init"], cwd=repo, check=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
     (repo / "results" / "study" / "results.md").write_text("new\n")
     assert cm.git_state(exclude=str(repo / "results" / "study"), repo=str(repo)) == (head, False)
     assert cm.git_state(repo=str(repo)) == (head, True)
-    assert cm.git_state(exclude=str(repo), repo=str(repo)) == (head, True)  # the checkout itself: not excluded
+    assert cm.git_state(exclude=str(repo), repo=str(repo)) == (
+        head,
+        True,
+    )  # the checkout itself: not excluded
     (repo / "code.py").write_text("x = 2\n")
     assert cm.git_state(exclude=str(repo / "results" / "study"), repo=str(repo)) == (head, True)

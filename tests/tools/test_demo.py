@@ -4,8 +4,24 @@ import json
 
 from tools import demo
 
-TINY = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "1",
-        "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MIN_SIZE_TEST", "160", "MODEL.RCDET.QUEUE_SIZE", "64"]
+TINY = [
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.MAX_ITER",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(160,)",
+    "INPUT.MIN_SIZE_TEST",
+    "160",
+    "MODEL.RCDET.QUEUE_SIZE",
+    "64",
+]
 
 
 def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch, capsys):
@@ -23,16 +39,23 @@ def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch,
     assert set(metrics["ood_image_level"]["scores"]) == set(metrics["ood"])
     assert {"a_ose", "wilderness_impact"} <= set(metrics["open_set"])
     # The demo states its hold-out mode and how many training images that left.
+    from conftest import TINY_SIZES
     from detectron2.data import DatasetCatalog
 
-    from conftest import TINY_SIZES
-
     assert metrics["hold_out_mode"] == "drop_images"
-    assert metrics["train_images_available"] == len(DatasetCatalog.get("rcdet_shapes_trainval")) == TINY_SIZES["train"] + TINY_SIZES["val"]
+    assert (
+        metrics["train_images_available"]
+        == len(DatasetCatalog.get("rcdet_shapes_trainval"))
+        == TINY_SIZES["train"] + TINY_SIZES["val"]
+    )
     assert 0 < metrics["train_images"] < metrics["train_images_available"]
     assert (tmp_path / "train" / "model_final.pth").is_file()
-    assert (tmp_path / "ood" / "roc.png").is_file() and (tmp_path / "ood" / "ood_grid.png").is_file()
+    assert (tmp_path / "ood" / "roc.png").is_file() and (
+        tmp_path / "ood" / "ood_grid.png"
+    ).is_file()
     out = capsys.readouterr().out
     assert f"ROC plot: {tmp_path / 'ood' / 'roc.png'}" in out
-    assert (f"hold-out mode drop_images: training on {metrics['train_images']} of the "
-            f"{metrics['train_images_available']} images of rcdet_shapes_trainval (every image showing ring or triangle removed)") in out
+    assert (
+        f"hold-out mode drop_images: training on {metrics['train_images']} of the "
+        f"{metrics['train_images_available']} images of rcdet_shapes_trainval (every image showing ring or triangle removed)"
+    ) in out

@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 
+from conftest import REPO, run_training, tiny_cfg
 from detectron2.engine import default_argument_parser
 
-from conftest import REPO, run_training, tiny_cfg
 from tools import train_net
 
 
@@ -19,9 +19,19 @@ def test_train_checkpoint_then_eval_only_reports_ap(tiny_shapes, tmp_path):
     assert weights.is_file()
     # --eval-only through the real CLI entry point, in-process.
     args = default_argument_parser().parse_args(
-        ["--config-file", os.path.join(REPO, "configs/shapes_rince.yaml"), "--eval-only",
-         "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(out / "eval"), "INPUT.MIN_SIZE_TEST", "160",
-         "MODEL.RCDET.QUEUE_SIZE", "64"]
+        [
+            "--config-file",
+            os.path.join(REPO, "configs/shapes_rince.yaml"),
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(weights),
+            "OUTPUT_DIR",
+            str(out / "eval"),
+            "INPUT.MIN_SIZE_TEST",
+            "160",
+            "MODEL.RCDET.QUEUE_SIZE",
+            "64",
+        ]
     )
     res = train_net.main(args)
     bbox = res["bbox"]
@@ -31,9 +41,19 @@ def test_train_checkpoint_then_eval_only_reports_ap(tiny_shapes, tmp_path):
 
 def test_cli_reports_config_errors_without_traceback(tiny_shapes):
     proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", "train_net.py"), "--config-file", "configs/shapes_rince.yaml",
-         "MODEL.RCDET.TEMPERATURES", "[0.3, 0.1, 0.2]"],
-        cwd=REPO, capture_output=True, text=True, env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes), timeout=300,
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "train_net.py"),
+            "--config-file",
+            "configs/shapes_rince.yaml",
+            "MODEL.RCDET.TEMPERATURES",
+            "[0.3, 0.1, 0.2]",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes),
+        timeout=300,
     )
     assert proc.returncode == 2
     assert "error: MODEL.RCDET.TEMPERATURES" in proc.stderr
