@@ -186,7 +186,9 @@ def run_tool(tool, *argv, shapes_root):
 
 @pytest.fixture(scope="module")
 def held_out_run(tiny_shapes, tmp_path_factory):
-    """2 iterations of the held-out demo config through tools/train_net.py, which saves config.yaml."""
+    """
+    2 iterations of the held-out demo config through tools/train_net.py, which saves config.yaml.
+    """
     out = tmp_path_factory.mktemp("held_out_run")
     proc = run_tool(
         "train_net.py",
@@ -362,8 +364,9 @@ def test_worker_traceback_is_reduced_to_the_original_message():
 
     # What torch's ExceptionWrapper.reraise builds from an exception in a DataLoader worker.
     wrapped = DatasetError(
-        "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
-        '  File "x.py", line 1, in f\nrcdet.data.datasets.DatasetError: /d/JPEGImages/000001.jpg: cannot read the image (x).\n'
+        "Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call"
+        ' last):\n  File "x.py", line 1, in f\nrcdet.data.datasets.DatasetError:'
+        " /d/JPEGImages/000001.jpg: cannot read the image (x).\n"
     )
     assert user_error_message(wrapped) == "/d/JPEGImages/000001.jpg: cannot read the image (x)."
     assert user_error_message(DatasetError("a: b: c")) == "a: b: c"

@@ -1,7 +1,9 @@
 import os
+import shutil
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -49,3 +51,27 @@ def test_detectron2_model_zoo_and_testing_import():
     )
     assert proc.returncode == 0, proc.stderr
     assert os.path.isfile(proc.stdout.strip())
+
+
+LINT_PATHS = ["rcdet", "tools", "tests", "datasets/generate_shapes.py", "setup.py"]
+
+
+@pytest.mark.parametrize(
+    "tool, args",
+    [
+        ("black", ["--check", "--quiet"]),
+        ("isort", ["--check-only", "--quiet"]),
+        ("ruff", ["check"]),
+    ],
+)
+def test_tree_is_formatted_and_lint_clean(tool, args):
+    """What `make lint` checks, with the settings of pyproject.toml and setup.cfg."""
+    binary = shutil.which(tool, path=os.path.dirname(sys.executable))
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is not installed next to {sys.executable}; run `make setup`.")
+        pytest.skip(f"{tool} is not installed in this environment (requirements.txt pins it)")
+    proc = subprocess.run([binary, *args, *LINT_PATHS], capture_output=True, text=True, cwd=REPO)
+    assert (
+        proc.returncode == 0
+    ), f"{tool} {' '.join(args)}: run `make format`.\n{proc.stdout}{proc.stderr}"

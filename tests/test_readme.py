@@ -224,9 +224,10 @@ def test_usage_examples_put_tool_options_before_config_overrides():
             tokens = shlex.split(example)
             first_key = next((i for i, t in enumerate(tokens) if _KEY.match(t)), len(tokens))
             late = [t for t in tokens[first_key:] if t.startswith("--")]
-            assert (
-                not late
-            ), f"{source}: `{example}` puts {late} after the config overrides, which the parser rejects"
+            assert not late, (
+                f"{source}: `{example}` puts {late} after the config overrides, which the parser"
+                " rejects"
+            )
             checked += 1
     assert checked >= 10
 

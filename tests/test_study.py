@@ -110,8 +110,11 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     r = {row["method"]: row for row in rows}
     assert r["softmax"]["vs_msp"] is None and r["softmax"]["vs_supcon"] is None
     assert r["supcon_out"]["vs_supcon"] == "self"
+
     # The observed difference is the mean over seeds of each side's AUROC.
-    auc = lambda m, s: np.mean([ood_metrics(v[s], y)["auroc"] for v, y in raw[m]])
+    def auc(m, s):
+        return np.mean([ood_metrics(v[s], y)["auroc"] for v, y in raw[m]])
+
     assert r["rince_in"]["vs_msp"]["difference"] == pytest.approx(
         auc("rince_in", "knn") - auc("rince_in", "msp")
     )
@@ -200,15 +203,15 @@ def test_roc_figure_draws_msp_dotted_and_the_best_embedding_score_solid(tmp_path
         raw[method] = _fake_run(runs[method], rng, {"msp": 0.5, "knn": 1.5}, ids, scores)
     fig = study.roc_figure(runs, {"softmax": "n/a", "rince_in": "knn"}, seed=0)
     ax = fig.axes[0]
-    curves = {l.get_label(): l for l in ax.get_lines() if not l.get_label().startswith("_")}
+    curves = {lab.get_label(): lab for lab in ax.get_lines() if not lab.get_label().startswith("_")}
     auc = {(m, s): ood_metrics(v[s], y)["auroc"] for m, (v, y) in raw.items() for s in v}
     assert list(curves) == [
         f"{m} {s} ({auc[m, s]:.3f})"
         for m, s in (("softmax", "msp"), ("rince_in", "msp"), ("rince_in", "knn"))
     ]
-    styles = [l.get_linestyle() for l in curves.values()]
+    styles = [lab.get_linestyle() for lab in curves.values()]
     assert styles == [":", ":", "-"]
-    colours = [mcolors.to_hex(l.get_color()) for l in curves.values()]
+    colours = [mcolors.to_hex(lab.get_color()) for lab in curves.values()]
     assert colours[1] == colours[2] != colours[0]  # one colour per method
     assert ax.get_title().startswith("OOD ROC, seed 0 of each method")
 

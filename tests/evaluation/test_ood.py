@@ -76,7 +76,8 @@ def test_ood_recall_at_95_id_hand_computed():
     m = ood_metrics(
         np.r_[id_scores, ood_scores], np.r_[np.ones(20), np.zeros(3)], num_ood_objects=5
     )
-    # Accepting 95% of ID (19 of 20) means accepting scores >= 2: 5.5 and 25 are accepted, 0.5 flagged.
+    # Accepting 95% of ID (19 of 20) means accepting scores >= 2: 5.5 and 25 are accepted, 0.5
+    # flagged.
     assert m["fpr95"] == pytest.approx(2 / 3)
     assert m["ood_recall_at_95_id"] == pytest.approx(1 / 5)
 
@@ -145,7 +146,8 @@ def test_one_per_object_matching_hand_made():
     # The per-detection protocol counts every matched detection.
     all_status, _ = match_detections(dets, gt, gt_ood, 0.5, matching="all")
     assert all_status.tolist() == [ID, ID, OOD, OOD, OOD, BACKGROUND, ID, ID]
-    # Detector order decides only through the confidence: permuting the detections permutes the result.
+    # Detector order decides only through the confidence: permuting the detections permutes the
+    # result.
     perm = np.array([7, 6, 5, 4, 1, 0, 2, 3])  # keeps d2 before d3 (their tie)
     s2, i2 = match_detections(dets[perm], gt, gt_ood, 0.5, conf[perm])
     assert s2.tolist() == status[perm].tolist() and i2.tolist() == index[perm].tolist()
@@ -295,12 +297,14 @@ def test_comparison_roc_one_panel_per_score_and_one_colour_per_run(tmp_path):
     assert [a.get_title() for a in panels] == ["msp", "max_logit", "knn"]
     colours = {}
     for ax in panels:
-        curves = [l for l in ax.get_lines() if l.get_label() and not l.get_label().startswith("_")]
-        within = [mcolors.to_hex(l.get_color()) for l in curves]
+        curves = [
+            lab for lab in ax.get_lines() if lab.get_label() and not lab.get_label().startswith("_")
+        ]
+        within = [mcolors.to_hex(lab.get_color()) for lab in curves]
         assert len(set(within)) == len(within)  # distinct colours in a panel
-        for l in curves:
-            colours.setdefault(l.get_label().split(" (")[0], set()).add(
-                mcolors.to_hex(l.get_color())
+        for lab in curves:
+            colours.setdefault(lab.get_label().split(" (")[0], set()).add(
+                mcolors.to_hex(lab.get_color())
             )
         assert ax.get_xlabel().startswith("false positive rate")
     assert (

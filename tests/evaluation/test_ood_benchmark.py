@@ -204,7 +204,8 @@ def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
 
 
 def test_ood_image_set_with_known_objects_warns(tiny_models, tmp_path):
-    # The plain test split as "OOD images": every known-class object in it is counted in the warning.
+    # The plain test split as "OOD images": every known-class object in it is counted in the
+    # warning.
     cfg = _bench_cfg(tiny_models["rince"])
     known = set(MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes)
     classes = MetadataCatalog.get("rcdet_shapes_test").thing_classes

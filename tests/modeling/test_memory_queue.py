@@ -84,7 +84,7 @@ def test_two_workers_hold_identical_queues(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     labels = a["labels"][a["filled"]].tolist()
-    assert {l // 10 for l in labels} == {0, 1}  # rows from both workers
+    assert {lab // 10 for lab in labels} == {0, 1}  # rows from both workers
 
 
 def test_fill_count_is_read_without_a_sync_and_survives_a_restore():

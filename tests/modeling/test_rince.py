@@ -162,7 +162,10 @@ def test_gradcheck(variant):
     z, y, k, ky, si, w = _random_case(3, n=4, m=7, d=3)
     z.requires_grad_(True)
     k.requires_grad_(True)
-    fn = lambda a, b: ranked_info_nce(a, y, b, ky, RANK, [0.1, 0.3, 0.6], variant, si, w).loss
+
+    def fn(a, b):
+        return ranked_info_nce(a, y, b, ky, RANK, [0.1, 0.3, 0.6], variant, si, w).loss
+
     assert torch.autograd.gradcheck(fn, (z, k))
 
 
@@ -259,9 +262,12 @@ def test_void_keys_padded_anchors_and_normalizer_match_the_reference(variant, se
     assert out.per_rank.tolist() == pytest.approx(expected, abs=1e-9)
     assert out.anchor_counts.tolist() == counts
     zz, kk = z.clone().requires_grad_(True), k.clone().requires_grad_(True)
-    fn = lambda a, b: ranked_info_nce(
-        a, y_padded, b, ky, RANK, taus, variant, si, w, anchor_valid=valid, normalizer=norm
-    ).loss
+
+    def fn(a, b):
+        return ranked_info_nce(
+            a, y_padded, b, ky, RANK, taus, variant, si, w, anchor_valid=valid, normalizer=norm
+        ).loss
+
     if seed % 2 == 0:
         assert torch.autograd.gradcheck(fn, (zz, kk))
 

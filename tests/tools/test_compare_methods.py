@@ -30,7 +30,9 @@ def test_quick_dry_run_lists_the_expected_runs(capsys, tmp_path):
 def test_voc_dry_run_uses_the_r50_fpn_configs(capsys, tmp_path):
     assert cm.main(["--voc", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert len([l for l in out.splitlines() if l.startswith("run ")]) == 15  # 5 methods x 3 seeds
+    assert (
+        len([lab for lab in out.splitlines() if lab.startswith("run ")]) == 15
+    )  # 5 methods x 3 seeds
     assert "configs/voc_rince_ood.yaml" in out and "configs/voc_softmax_ood.yaml" in out
 
 
@@ -89,7 +91,8 @@ def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monk
     calls = []
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
     counts = cm.execute([old, current], voc=False, log=lambda *a: None)
-    # Only the OOD stage of the run evaluated under the old protocol runs again, from its checkpoint.
+    # Only the OOD stage of the run evaluated under the old protocol runs again, from its
+    # checkpoint.
     assert counts["ran"] == 1 and counts["skipped"] == 5
     assert calls[0][1] == "tools/benchmark_ood.py" and f"MODEL.WEIGHTS {old.weights}" in " ".join(
         calls[0]
@@ -133,7 +136,8 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
     )
     assert cm.main(["--hold-out-mode", "drop_annotations", "--dry-run"]) == 0
     assert "output/compare_builtin_drop_annotations/softmax/seed0" in capsys.readouterr().out
-    # --voc passes --num-gpus through to training (and only to training); --ood-dataset to the benchmark.
+    # --voc passes --num-gpus through to training (and only to training); --ood-dataset to the
+    # benchmark.
     assert (
         cm.main(
             [
@@ -153,9 +157,9 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
     train = [line for line in out.splitlines() if line.startswith("  train")]
     ood = [line for line in out.splitlines() if line.startswith("  ood")]
     assert len(train) == 15 and all(
-        "tools/train_net.py --config-file" in l and "--num-gpus 8" in l for l in train
+        "tools/train_net.py --config-file" in lab and "--num-gpus 8" in lab for lab in train
     )
-    assert all("--num-gpus" not in l and "--ood-dataset coco_ood_val" in l for l in ood)
+    assert all("--num-gpus" not in lab and "--ood-dataset coco_ood_val" in lab for lab in ood)
 
 
 def test_execute_records_each_stage_in_the_run_provenance(tmp_path, monkeypatch):
@@ -272,7 +276,9 @@ def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
 
 
 def test_git_state_ignores_the_studys_own_results(tmp_path):
-    """A resumed study rewrites its committed results; that alone must not flag the code as changed."""
+    """
+    A resumed study rewrites its committed results; that alone must not flag the code as changed.
+    """
     import subprocess
 
     repo = tmp_path / "repo"

@@ -1,4 +1,7 @@
-"""tools/demo.py, the `make demo` job, end to end on the tiny built-in data with a 2-iteration schedule."""
+"""
+tools/demo.py, the `make demo` job, end to end on the tiny built-in data with a 2-iteration
+schedule.
+"""
 
 import json
 
@@ -56,6 +59,7 @@ def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert f"ROC plot: {tmp_path / 'ood' / 'roc.png'}" in out
     assert (
-        f"hold-out mode drop_images: training on {metrics['train_images']} of the "
-        f"{metrics['train_images_available']} images of rcdet_shapes_trainval (every image showing ring or triangle removed)"
-    ) in out
+        f"hold-out mode drop_images: training on {metrics['train_images']} of the"
+        f" {metrics['train_images_available']} images of rcdet_shapes_trainval (every image showing"
+        " ring or triangle removed)" in out
+    )
