@@ -50,6 +50,9 @@ def add_rcdet_config(cfg):
     # Start training from MODEL.WEIGHTS of a model with another class count: its class-specific
     # box predictor layers are skipped and start from scratch. Off: that mismatch is an error.
     _C.MODEL.RCDET.FINETUNE_FROM_OTHER_CLASSES = False
+    # Unpickle weight files in full, which runs any code in them: only for files you trust.
+    # Off: .pth files load as tensors and plain data only, .pkl files as numpy arrays only.
+    _C.MODEL.RCDET.TRUST_PICKLED_WEIGHTS = False
 
     _C.MODEL.RCDET.OOD = CN()
     # Classes left out of training; they are the OOD objects at test time.

@@ -2,18 +2,28 @@
 Registration of VOC-layout datasets through detectron2's own loader, with a validation pass
 first, so that a missing folder, an empty split file, a corrupt XML, an unknown class name or a
 missing image is reported with the file and the fix instead of a deep traceback. Images are
-only decoded by the data loader; CheckedDatasetMapper names one that cannot be.
+only decoded by the data loader; CheckedDatasetMapper names one that cannot be, or whose size
+differs from its annotation's.
+
+detectron2's training mapper silently drops every box that has no area once clipped to its
+image, so a split whose boxes all lie outside their images trains on nothing at losses of 0.
+The loader counts those boxes (count_box_drops): it warns with the counts when some are dropped
+and fails when none is left.
 """
 
+import collections
 import difflib
+import logging
 import os
 import signal
-from typing import Iterable, List, Sequence
+from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence
 from xml.etree import ElementTree as ET
 
 import torch.utils.data
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
+from detectron2.data import detection_utils as utils
 from detectron2.data.datasets.pascal_voc import load_voc_instances, register_pascal_voc
+from detectron2.structures import BoxMode
 
 from .shapes import CLASS_NAMES as SHAPES_CLASSES
 from .shapes import default_root as shapes_default_root
@@ -21,6 +31,8 @@ from .shapes import default_root as shapes_default_root
 __all__ = [
     "DatasetError",
     "CheckedDatasetMapper",
+    "BoxDrops",
+    "count_box_drops",
     "check_voc_split",
     "load_checked_voc_instances",
     "register_voc_dataset",
@@ -41,8 +53,97 @@ SHAPES_HINT = (
 )
 
 
+logger = logging.getLogger(__name__)
+
+# detectron2.data.detection_utils.filter_empty_instances' default: a box must be wider and
+# taller than this (after clipping to the image) to be kept.
+_BOX_THRESHOLD = 1e-5
+# reason -> (what one box does, what several do)
+_DROP_REASONS = {
+    "crowd": ("is marked iscrowd", "are marked iscrowd"),
+    "no_area": ("has xmax <= xmin or ymax <= ymin", "have xmax <= xmin or ymax <= ymin"),
+    "outside": ("lies outside its image", "lie outside their image"),
+}
+
+
 class DatasetError(RuntimeError):
     """A dataset on disk is missing or malformed; the message names the file and the fix."""
+
+
+class BoxDrops(NamedTuple):
+    """What detectron2's training loader keeps of a list of dataset dicts."""
+
+    images: int
+    boxes: int
+    usable: int
+    # reason ("crowd", "no_area", "outside") -> number of boxes dropped for it
+    dropped: "collections.Counter"
+    # (record, annotation index, reason) of the first dropped box, or None
+    example: Optional[tuple]
+
+    def describe(self, name_box: Callable = None) -> str:
+        """'3 lie outside their image, 1 has ... (e.g. <name_box(record, index)>)'."""
+        parts = [f"{n} {_DROP_REASONS[r][n != 1]}" for r, n in sorted(self.dropped.items())]
+        if self.example is None:
+            return ", ".join(parts)
+        record, index, _ = self.example
+        box = (name_box or _name_box)(record, index)
+        size = f"{record.get('width', '?')}x{record.get('height', '?')}"
+        return f"{', '.join(parts)} (e.g. {box}, in a {size} image)"
+
+
+def _name_box(record, index):
+    bbox = ", ".join(f"{v:g}" for v in record["annotations"][index]["bbox"])
+    return f"box {index} ({bbox}) of {record['file_name']}"
+
+
+def count_box_drops(records: Sequence[dict]) -> BoxDrops:
+    """
+    Count the boxes that detectron2's training DatasetMapper drops: crowd boxes, and boxes with
+    no area once clipped to the image (annotations_to_instances clips, filter_empty_instances
+    drops). Resizing and flipping keep the others; a random crop may drop more.
+    """
+    dropped = collections.Counter()
+    boxes, example = 0, None
+    for record in records:
+        width, height = record.get("width"), record.get("height")
+        for index, anno in enumerate(record.get("annotations", [])):
+            boxes += 1
+            x1, y1, x2, y2 = BoxMode.convert(
+                list(anno["bbox"]), anno["bbox_mode"], BoxMode.XYXY_ABS
+            )
+            if anno.get("iscrowd", 0):
+                reason = "crowd"
+            elif x2 - x1 <= _BOX_THRESHOLD or y2 - y1 <= _BOX_THRESHOLD:
+                reason = "no_area"
+            elif (
+                width is not None
+                and height is not None
+                and (
+                    min(x2, width) - max(x1, 0) <= _BOX_THRESHOLD
+                    or min(y2, height) - max(y1, 0) <= _BOX_THRESHOLD
+                )
+            ):
+                reason = "outside"
+            else:
+                continue
+            dropped[reason] += 1
+            if example is None:
+                example = (record, index, reason)
+    return BoxDrops(len(records), boxes, boxes - sum(dropped.values()), dropped, example)
+
+
+def _voc_annotation(record) -> str:
+    """The VOC-layout annotation file of a dataset dict: dirname/Annotations/<image_id>.xml."""
+    root = os.path.dirname(os.path.dirname(record["file_name"]))
+    return os.path.join(root, "Annotations", f"{record.get('image_id', '')}.xml")
+
+
+def _name_voc_box(record, index):
+    # load_voc_instances turns VOC's 1-based xmin, ymin into 0-based coordinates.
+    x1, y1, x2, y2 = record["annotations"][index]["bbox"]
+    bndbox = f"{x1 + 1:g},{y1 + 1:g},{x2:g},{y2:g}"
+    return f"object {index} of {_voc_annotation(record)}, bndbox {bndbox}"
 
 
 class CheckedDatasetMapper(DatasetMapper):
@@ -59,12 +160,26 @@ class CheckedDatasetMapper(DatasetMapper):
             self._worker_ignores_sigint = True
         try:
             return super().__call__(dataset_dict)
+        except utils.SizeMismatchError:
+            raise DatasetError(self._size_mismatch(dataset_dict)) from None
         except (OSError, SyntaxError) as e:  # PIL's errors for a broken or unknown image file
             raise DatasetError(
                 f"{dataset_dict['file_name']}: cannot read the image ({e}). The file is empty,"
                 " truncated or not an image: replace it (for the built-in dataset, delete its"
                 " folder and run `make data`)."
             ) from None
+
+    def _size_mismatch(self, dataset_dict) -> str:
+        file_name = dataset_dict["file_name"]
+        image = utils.read_image(file_name, format=self.image_format)
+        xml = _voc_annotation(dataset_dict)
+        where = xml if os.path.isfile(xml) else "its dataset annotation"
+        return (
+            f"{file_name}: the image is {image.shape[1]}x{image.shape[0]} pixels (width x"
+            f" height), but {where} gives its size as {dataset_dict.get('width')}x"
+            f"{dataset_dict.get('height')}. Fix the annotation's size/width and size/height (its"
+            " boxes must be in the image's pixels), or replace the image."
+        )
 
 
 def check_voc_split(
@@ -120,11 +235,35 @@ def check_voc_split(
     return ids
 
 
+def check_voc_boxes(dirname: str, split: str, records: Sequence[dict]) -> BoxDrops:
+    """Warn with the counts if detectron2's training loader drops some of the split's boxes;
+    a DatasetError if it has boxes but drops them all."""
+    drops = count_box_drops(records)
+    if drops.usable == drops.boxes:
+        return drops
+    split_file = os.path.join(dirname, "ImageSets", "Main", f"{split}.txt")
+    why = drops.describe(_name_voc_box)
+    if drops.usable == 0:
+        raise DatasetError(
+            f"{split_file}: none of the {drops.boxes} boxes of its {drops.images} images is"
+            f" usable: {why}, and detectron2's training loader drops every box that has no area"
+            " once clipped to its image, so training would see no object. Fix the bndbox or size"
+            " fields of the annotations."
+        )
+    logger.warning(
+        f"{split_file}: detectron2's training loader drops {drops.boxes - drops.usable} of its"
+        f" {drops.boxes} boxes, which have no area once clipped to their image: {why}."
+    )
+    return drops
+
+
 def load_checked_voc_instances(
     dirname: str, split: str, class_names: Sequence[str], hint: str = ""
 ):
     check_voc_split(dirname, split, class_names, hint)
-    return load_voc_instances(dirname, split, list(class_names))
+    records = load_voc_instances(dirname, split, list(class_names))
+    check_voc_boxes(dirname, split, records)
+    return records
 
 
 def register_voc_dataset(

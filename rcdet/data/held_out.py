@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from ..config import ConfigError
+from .datasets import DatasetError, count_box_drops
 
 __all__ = [
     "HOLD_OUT_MODES",
@@ -55,12 +56,13 @@ def known_classes(all_classes: Sequence[str], held_out: Sequence[str]) -> List[s
     return known
 
 
-def _load_split(base_name, all_classes, held_out, mode, role):
+def _load_split(base_name, all_classes, held_out, mode, role, name=None):
     known = [c for c in all_classes if c not in held_out]
     remap = {all_classes.index(c): i for i, c in enumerate(known)}
     ood_index = {all_classes.index(c): j for j, c in enumerate(held_out)}
+    base = DatasetCatalog.get(base_name)
     out = []
-    for record in DatasetCatalog.get(base_name):
+    for record in base:
         annos = record.get("annotations", [])
         has_ood = any(a["category_id"] in ood_index for a in annos)
         if role == "train" and has_ood and mode == "drop_images":
@@ -78,7 +80,44 @@ def _load_split(base_name, all_classes, held_out, mode, role):
                 if a["category_id"] in ood_index
             ]
         out.append(record)
+    if role == "train":
+        _check_training_split(name or base_name, base_name, base, out, all_classes, held_out, mode)
     return out
+
+
+def _check_training_split(name, base_name, base, out, all_classes, held_out, mode):
+    """A DatasetError that says which held-out classes emptied the training split, and how."""
+    drops = count_box_drops(out)
+    if drops.usable:
+        return
+    per_class = []
+    for c in held_out:
+        index = all_classes.index(c)
+        images = sum(any(a["category_id"] == index for a in r.get("annotations", [])) for r in base)
+        boxes = sum(a["category_id"] == index for r in base for a in r.get("annotations", []))
+        per_class.append(f"'{c}' is in {images} images ({boxes} boxes)")
+    held = f"MODEL.RCDET.OOD.HELD_OUT_CLASSES {list(held_out)} (HOLD_OUT_MODE {mode})"
+    if not out:
+        what = f"removes all {len(base)} images of '{base_name}'"
+    elif drops.boxes:
+        what = (
+            f"leaves {len(out)} images whose {drops.boxes} known-class boxes are all unusable:"
+            f" {drops.describe()}"
+        )
+    else:
+        what = (
+            f"leaves {len(out)} of the {len(base)} images of '{base_name}', with no known-class box"
+        )
+    fix = (
+        "Set MODEL.RCDET.OOD.HOLD_OUT_MODE drop_annotations (it keeps the images and removes only"
+        " the held-out boxes), or hold out fewer classes."
+        if mode == "drop_images"
+        else "Hold out fewer classes, or train on a split with known-class objects."
+    )
+    raise DatasetError(
+        f"DATASETS.TRAIN '{name}': {held} {what}, so there is nothing to train on"
+        f" ({'; '.join(per_class)}). {fix}"
+    )
 
 
 def register_held_out_split(base_name: str, held_out: Sequence[str], mode: str, role: str) -> str:
@@ -100,8 +139,8 @@ def register_held_out_split(base_name: str, held_out: Sequence[str], mode: str, 
         return name
     DatasetCatalog.register(
         name,
-        lambda b=base_name, a=tuple(all_classes), h=tuple(held_out), m=mode, r=role: _load_split(
-            b, list(a), list(h), m, r
+        lambda b=base_name, a=tuple(all_classes), h=tuple(held_out), m=mode, r=role, n=name: (
+            _load_split(b, list(a), list(h), m, r, n)
         ),
     )
     MetadataCatalog.get(name).set(

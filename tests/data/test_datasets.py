@@ -1,16 +1,21 @@
 """
 rcdet.data.datasets: the built-in dataset registers through detectron2's VOC loader; a broken
 VOC folder (unknown class, missing image, corrupt XML, empty or missing split file) and a missing
-dataset root are one clear error that names the file, or the folder and its variable.
+dataset root are one clear error that names the file, or the folder and its variable. The boxes
+detectron2's training mapper drops are counted as it drops them: some is a warning with the
+counts, all is an error; an image whose size differs from its annotation's is one error line.
 """
 
+import logging
 import os
+import re
 import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances
+from PIL import Image
 
 from rcdet.data import DatasetError, register_voc_dataset
 from rcdet.data.shapes import CLASS_NAMES
@@ -103,3 +108,218 @@ def test_missing_voc_root_names_path_and_variable():
     with pytest.raises(DatasetError) as e:
         DatasetCatalog.get("voc_2007_trainval")
     assert os.path.abspath(voc_dir) in str(e.value) and "DETECTRON2_DATASETS" in str(e.value)
+
+
+# ---------------------------------------------------------------- boxes the loader drops
+
+
+def _train_net(argv, capsys):
+    """(exit code, stderr) of tools/train_net.py's command line, run in this process."""
+    from detectron2.engine import default_argument_parser
+
+    from tools import train_net
+
+    capsys.readouterr()
+    # detectron2's setup_logger is cached with a capture stream closed by now; the errors under
+    # test are printed, not logged.
+    logging.disable(logging.CRITICAL)
+    try:
+        train_net.cli_main(default_argument_parser().parse_args(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        logging.disable(logging.NOTSET)
+    return code, capsys.readouterr().err
+
+
+TRAIN_ARGV = [
+    "--config-file",
+    "configs/shapes_softmax.yaml",
+    "DATASETS.TEST",
+    "()",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.MAX_ITER",
+    "2",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(160,)",
+]
+
+
+def _one_error_line(code, err):
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _edit_xmls(root, edit):
+    """Apply ``edit(tree)`` to every annotation of the dataset at ``root``."""
+    folder = os.path.join(root, "Annotations")
+    for name in sorted(os.listdir(folder)):
+        tree = ET.parse(os.path.join(folder, name))
+        edit(tree)
+        tree.write(os.path.join(folder, name))
+
+
+def _split_ids(root, split):
+    with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt")) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def test_count_box_drops_matches_detectron2_mapper():
+    from detectron2.data import detection_utils as utils
+    from detectron2.data import transforms as T
+    from detectron2.structures import BoxMode
+
+    from rcdet.data.datasets import count_box_drops
+
+    def anno(box, mode=BoxMode.XYXY_ABS, **kw):
+        return dict(bbox=box, bbox_mode=mode, category_id=0, **kw)
+
+    records = [
+        {
+            "file_name": "a.jpg",
+            "width": 100,
+            "height": 50,
+            "annotations": [
+                anno([10, 10, 20, 20]),  # inside
+                anno([90, 40, 130, 70]),  # partly outside: clipped, kept
+                anno([120, 10, 130, 20]),  # right of the image
+                anno([-30, -20, -10, -5]),  # above and left of it
+                anno([10, 60, 20, 80]),  # below it
+                anno([30, 10, 30, 20]),  # no width
+                anno([30, 20, 40, 10]),  # ymax < ymin
+                anno([1, 1, 5, 5], iscrowd=1),
+                anno([95, 5, 10, 10], mode=BoxMode.XYWH_ABS),  # XYWH: 95..105, kept
+            ],
+        },
+        {"file_name": "b.jpg", "width": 10, "height": 10, "annotations": []},
+    ]
+    drops = count_box_drops(records)
+    assert (drops.images, drops.boxes, drops.usable) == (2, 9, 3)
+    assert dict(drops.dropped) == {"outside": 3, "no_area": 2, "crowd": 1}
+    assert drops.example[1:] == (2, "outside")
+    assert drops.describe() == (
+        "1 is marked iscrowd, 2 have xmax <= xmin or ymax <= ymin, 3 lie outside their image"
+        " (e.g. box 2 (120, 10, 130, 20) of a.jpg, in a 100x50 image)"
+    )
+    # Independent reference: what detectron2's training mapper keeps of each image.
+    kept = 0
+    for r in records:
+        annos = [
+            utils.transform_instance_annotations(
+                dict(a), T.TransformList([]), (r["height"], r["width"])
+            )
+            for a in r["annotations"]
+            if not a.get("iscrowd", 0)
+        ]
+        instances = utils.annotations_to_instances(annos, (r["height"], r["width"]))
+        kept += len(utils.filter_empty_instances(instances))
+    assert kept == drops.usable
+
+
+def test_split_whose_boxes_all_lie_outside_their_images_fails(broken_copy, tiny_shapes, capsys):
+    from rcdet.data import register_rcdet_shapes
+
+    def move_out(tree):
+        width = int(tree.find("size/width").text)
+        for box in tree.findall("object/bndbox"):
+            box.find("xmin").text, box.find("xmax").text = str(width + 10), str(width + 40)
+
+    _edit_xmls(broken_copy, move_out)
+    ids = _split_ids(broken_copy, "trainval")
+    boxes = sum(len(_objects(broken_copy, i)) for i in ids)
+    register_rcdet_shapes(broken_copy)
+    try:
+        code, err = _train_net(TRAIN_ARGV, capsys)
+    finally:
+        register_rcdet_shapes(tiny_shapes)
+    line = _one_error_line(code, err)
+    split_file = os.path.join(broken_copy, "ImageSets", "Main", "trainval.txt")
+    xml = os.path.join(broken_copy, "Annotations", f"{ids[0]}.xml")
+    width = ET.parse(xml).find("size/width").text
+    assert (
+        f"error: {split_file}: none of the {boxes} boxes of its {len(ids)} images is usable:"
+        in line
+    )
+    assert (
+        f"{boxes} lie outside their image (e.g. object 0 of {xml}, bndbox {int(width) + 10},"
+        in line
+    )
+    assert "fix the bndbox or size fields" in line.lower()
+
+
+def _objects(root, fileid):
+    return ET.parse(os.path.join(root, "Annotations", f"{fileid}.xml")).findall("object")
+
+
+def test_split_with_some_unusable_boxes_warns_with_the_counts(broken_copy):
+    fileid = _first_id(broken_copy)
+    xml = os.path.join(broken_copy, "Annotations", f"{fileid}.xml")
+    tree = ET.parse(xml)
+    box = tree.find("object/bndbox")
+    # VOC boxes are 1-based and inclusive: xmax = xmin is one pixel wide, xmin - 1 is empty.
+    box.find("xmax").text = str(int(box.find("xmin").text) - 1)
+    tree.write(xml)
+    boxes = sum(len(_objects(broken_copy, i)) for i in _split_ids(broken_copy, "train"))
+    handler = _ListHandler()
+    logger = logging.getLogger("rcdet.data.datasets")
+    logger.addHandler(handler)
+    try:
+        records = _register_and_load(broken_copy)
+    finally:
+        logger.removeHandler(handler)
+    assert sum(len(r["annotations"]) for r in records) == boxes  # nothing removed by rcdet
+    split_file = os.path.join(broken_copy, "ImageSets", "Main", "train.txt")
+    xmin, xmax = box.find("xmin").text, box.find("xmax").text
+    assert handler.messages == [
+        f"{split_file}: detectron2's training loader drops 1 of its {boxes} boxes, which have no"
+        f" area once clipped to their image: 1 has xmax <= xmin or ymax <= ymin (e.g. object 0 of"
+        f" {xml}, bndbox {xmin},{box.find('ymin').text},{xmax},{box.find('ymax').text}, in a"
+        f" {tree.find('size/width').text}x{tree.find('size/height').text} image)."
+    ]
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+# ---------------------------------------------------------------- image and annotation sizes
+
+
+def test_size_mismatch_names_image_annotation_and_both_sizes(broken_copy, tiny_shapes, capsys):
+    from rcdet.data import register_rcdet_shapes
+
+    def widen(tree):
+        node = tree.find("size/width")
+        node.text = str(int(node.text) + 7)
+
+    _edit_xmls(broken_copy, widen)
+    register_rcdet_shapes(broken_copy)
+    try:
+        code, err = _train_net(TRAIN_ARGV, capsys)
+    finally:
+        register_rcdet_shapes(tiny_shapes)
+    line = _one_error_line(code, err)
+    m = re.fullmatch(
+        r"error: (\S+\.jpg): the image is (\d+)x(\d+) pixels \(width x height\), but (\S+\.xml)"
+        r" gives its size as (\d+)x(\d+)\. Fix the annotation's size/width and size/height .*",
+        line,
+    )
+    assert m, line
+    jpg, w, h, xml, xml_w, xml_h = m.groups()
+    fileid = os.path.splitext(os.path.basename(jpg))[0]
+    assert jpg == os.path.join(broken_copy, "JPEGImages", f"{fileid}.jpg")
+    assert xml == os.path.join(broken_copy, "Annotations", f"{fileid}.xml")
+    with Image.open(jpg) as image:
+        assert (int(w), int(h)) == image.size
+    assert (int(xml_w), int(xml_h)) == (image.size[0] + 7, image.size[1])

@@ -2,10 +2,14 @@
 rcdet.data.held_out: the held-out splits drop the held-out classes from training and keep them as
 OOD objects for testing; bad held-out configs are config errors. The config that training saves
 names the derived splits, which a new process has not registered: the derivation recognises them
-and registers them again instead of deriving from them a second time.
+and registers them again instead of deriving from them a second time. A held-out training split
+left without a usable box is an error that names the classes, their image and box counts, and
+the other hold-out mode.
 """
 
+import logging
 import os
+import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -136,3 +140,85 @@ def test_derived_split_of_an_unregistered_base_is_an_error(tiny_shapes):
             "DATASETS.TRAIN",
             "('rcdet_shapes_nope__minus_ring+triangle_drop_images',)",
         )
+
+
+# ---------------------------------------------------------------- training splits left empty
+
+
+def test_held_out_classes_that_remove_every_training_image_are_explained(tiny_shapes, capsys):
+    from detectron2.engine import default_argument_parser
+
+    from tools import train_net
+
+    base = DatasetCatalog.get("rcdet_shapes_trainval")
+    names = {d["image_id"]: set(_names_in(tiny_shapes, d["image_id"])) for d in base}
+    # A known class that no image shows alone: holding out all the others removes every image.
+    keep = next(c for c in CLASS_NAMES if all(n - {c} for n in names.values()))
+    held = [c for c in CLASS_NAMES if c != keep]
+    argv = [
+        "--config-file",
+        "configs/shapes_softmax_ood.yaml",
+        "MODEL.RCDET.OOD.HELD_OUT_CLASSES",
+        str(held),
+        "MODEL.ROI_HEADS.NUM_CLASSES",
+        "1",
+        "DATASETS.TEST",
+        "()",
+        "SOLVER.IMS_PER_BATCH",
+        "2",
+        "DATALOADER.NUM_WORKERS",
+        "0",
+    ]
+    capsys.readouterr()
+    logging.disable(logging.CRITICAL)  # detectron2's cached log handlers; the error is printed
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_net.cli_main(default_argument_parser().parse_args(argv))
+    finally:
+        logging.disable(logging.NOTSET)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
+    split = f"rcdet_shapes_trainval__minus_{'+'.join(held)}_drop_images"
+    assert line.startswith(
+        f"error: DATASETS.TRAIN '{split}': MODEL.RCDET.OOD.HELD_OUT_CLASSES {held} (HOLD_OUT_MODE"
+        f" drop_images) removes all {len(base)} images of 'rcdet_shapes_trainval', so there is"
+        " nothing to train on ("
+    )
+    for c in held:
+        images = sum(c in n for n in names.values())
+        boxes = sum(_names_in(tiny_shapes, i).count(c) for i in names)
+        assert f"'{c}' is in {images} images ({boxes} boxes)" in line
+    assert line.endswith(
+        "Set MODEL.RCDET.OOD.HOLD_OUT_MODE drop_annotations (it keeps the images and removes only"
+        " the held-out boxes), or hold out fewer classes."
+    )
+
+
+def test_drop_annotations_without_a_known_box_left_is_an_error(tiny_shapes, tmp_path):
+    from rcdet.data import DatasetError, register_voc_dataset
+
+    root = str(tmp_path / "only_held_out")
+    shutil.copytree(tiny_shapes, root)
+    folder = os.path.join(root, "Annotations")
+    for name in os.listdir(folder):
+        tree = ET.parse(os.path.join(folder, name))
+        for n, node in enumerate(tree.findall("object/name")):
+            node.text = ("ring", "triangle")[n % 2]
+        tree.write(os.path.join(folder, name))
+    base = "rcdet_test_only_held_out"
+    _forget(base)
+    register_voc_dataset(base, root, "train", 2007, CLASS_NAMES)
+    images = len(DatasetCatalog.get(base))
+    name = register_held_out_split(base, ["ring", "triangle"], "drop_annotations", "train")
+    with pytest.raises(DatasetError) as e:
+        DatasetCatalog.get(name)
+    assert str(e.value).startswith(
+        f"DATASETS.TRAIN '{name}': MODEL.RCDET.OOD.HELD_OUT_CLASSES ['ring', 'triangle']"
+        f" (HOLD_OUT_MODE drop_annotations) leaves {images} of the {images} images of '{base}',"
+        " with no known-class box, so there is nothing to train on"
+    )
+    assert str(e.value).endswith(
+        "Hold out fewer classes, or train on a split with known-class objects."
+    )
+    _forget(base, name)
