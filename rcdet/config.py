@@ -1,6 +1,10 @@
+import difflib
+import math
+import numbers
+
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_rcdet_config", "ConfigError"]
+__all__ = ["add_rcdet_config", "check_rcdet_config", "ConfigError"]
 
 
 def add_rcdet_config(cfg):
@@ -77,3 +81,134 @@ def add_rcdet_config(cfg):
 
 class ConfigError(ValueError):
     """An impossible or inconsistent config; the message names the config key and the fix."""
+
+
+def check_rcdet_config(cfg) -> None:
+    """
+    Check the type and range of every ``MODEL.RCDET`` and ``MODEL.RCDET.OOD`` key; raise
+    ConfigError naming the key, its value and what is allowed. A key without a rule of its own
+    must keep its default's type. Checks that need a file or the dataset (the ranking, the
+    temperature count, held-out class names) come where those are read.
+    """
+    rc = cfg.MODEL.get("RCDET")
+    if rc is None:
+        raise ConfigError("MODEL.RCDET is missing: call rcdet.add_rcdet_config(cfg) first.")
+    defaults = CN({"MODEL": CN(), "SOLVER": CN({"AMP": CN()})})
+    add_rcdet_config(defaults)
+    rules = _rcdet_rules()
+    for key, default in _flat_keys(defaults.MODEL.RCDET):
+        value = _lookup(rc, key)
+        if value is _MISSING:
+            raise ConfigError(
+                f"MODEL.RCDET.{key} is missing: build the config with add_rcdet_config."
+            )
+        ok, allowed = rules.get(key) or _same_type_rule(default)
+        if not ok(value):
+            raise ConfigError(f"MODEL.RCDET.{key} = {value!r}; allowed: {allowed}.")
+    known = {key for key, _ in _flat_keys(defaults.MODEL.RCDET)}
+    for key, _ in _flat_keys(rc):
+        if key not in known:
+            match = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean MODEL.RCDET.{match[0]}?)" if match else ""
+            raise ConfigError(f"MODEL.RCDET.{key} is not an rcdet config key{hint}.")
+    if not rc.TAU_MIN < rc.TAU_MAX:
+        raise ConfigError(
+            f"MODEL.RCDET.TAU_MIN/TAU_MAX = {rc.TAU_MIN!r}/{rc.TAU_MAX!r}; allowed:"
+            " 0 < TAU_MIN < TAU_MAX."
+        )
+
+
+_MISSING = object()
+
+
+def _flat_keys(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, CN):
+            yield from _flat_keys(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
+def _lookup(node, dotted):
+    for part in dotted.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _in_unit_interval(v) -> bool:
+    return _is_number(v) and 0 <= v <= 1
+
+
+def _same_type_rule(default):
+    if isinstance(default, bool):
+        return (lambda v: isinstance(v, bool)), "True or False"
+    if isinstance(default, int):
+        return _is_int, "an integer"
+    if isinstance(default, float):
+        return _is_number, "a finite number"
+    if isinstance(default, str):
+        return (lambda v: isinstance(v, str)), "a string"
+    return (lambda v: isinstance(v, (list, tuple))), "a list"
+
+
+def _rcdet_rules():
+    # Imported here: both modules import this one for ConfigError.
+    from .data.held_out import HOLD_OUT_MODES
+    from .modeling.rince import VARIANTS
+
+    losses = tuple(VARIANTS) + ("none",)
+    flag = (lambda v: isinstance(v, bool)), "True or False"
+    unit = _in_unit_interval, "a number in [0, 1]"
+    return {
+        "LOSS": ((lambda v: isinstance(v, str) and v in losses), f"one of {', '.join(losses)}"),
+        "RANKING_FILE": ((lambda v: isinstance(v, str)), "a path, or '' for none"),
+        "RANKING_ALLOW_UNCOVERED": flag,
+        "MAX_RANK": ((lambda v: _is_int(v) and v >= 0), "an integer >= 0 (0: every rank)"),
+        "TEMPERATURES": (
+            lambda v: isinstance(v, (list, tuple))
+            and all(_is_number(t) and t > 0 for t in v)
+            and all(a < b for a, b in zip(v, v[1:])),
+            "a list of positive numbers tau_1 < tau_2 < ..., or [] to derive them",
+        ),
+        "TAU_MIN": ((lambda v: _is_number(v) and v > 0), "a number > 0"),
+        "TAU_MAX": ((lambda v: _is_number(v) and v > 0), "a number > 0"),
+        "PROJ_HIDDEN_DIM": (
+            (lambda v: _is_int(v) and v >= 0),
+            "an integer >= 0 (0: the box head's width)",
+        ),
+        "EMBED_DIM": ((lambda v: _is_int(v) and v >= 1), "an integer >= 1"),
+        "LOSS_WEIGHT": ((lambda v: _is_number(v) and v >= 0), "a finite number >= 0"),
+        "DECAY_STEPS": (
+            lambda v: isinstance(v, (list, tuple))
+            and all(_is_int(s) and s >= 0 for s in v)
+            and len(set(v)) == len(v),
+            "a list of distinct iterations >= 0",
+        ),
+        "DECAY_RATE": unit,
+        "IOU_THRESHOLD": unit,
+        "REWEIGHT": ((lambda v: v in ("none", "linear", "exp")), "none, linear or exp"),
+        "QUEUE_SIZE": ((lambda v: _is_int(v) and v >= 0), "an integer >= 0 (0: no queue)"),
+        "QUEUE_IOU_THRESHOLD": unit,
+        "QUEUE_CLASS_BALANCED": flag,
+        "GATHER": flag,
+        "EMBED_AT_TEST": flag,
+        "FINETUNE_FROM_OTHER_CLASSES": flag,
+        "OOD.HELD_OUT_CLASSES": (
+            lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) and c for c in v),
+            "a list of class names",
+        ),
+        "OOD.HOLD_OUT_MODE": (
+            (lambda v: isinstance(v, str) and v in HOLD_OUT_MODES),
+            f"one of {', '.join(HOLD_OUT_MODES)}",
+        ),
+    }

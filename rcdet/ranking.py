@@ -62,6 +62,31 @@ class RankingError(ValueError):
     """A ranking file or option is invalid; the message names the file, the entry and the fix."""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader, except that a key given twice in one mapping is an error: plain YAML
+    keeps the last one, so a second entry for a class would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_line = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *anchor" merges are allowed to be overridden
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # SafeLoader reports unhashable keys itself
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise RankingError(
+                        f"{key_node.start_mark.name}: line {line}: key '{key}' appears twice in"
+                        f" one mapping (first at line {first_line[key]}). Merge the two entries."
+                    )
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 @dataclass(frozen=True)
 class ClassRanking:
     class_names: Tuple[str, ...]
@@ -226,6 +251,32 @@ class _Builder:
         self.matrix = np.where(only_ba, self.matrix.T, self.matrix)
 
 
+def _is_finite_number(value) -> bool:
+    # YAML's own numbers only: a quoted "0.5" or a boolean is a mistake, .nan and .inf too.
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, (bool, np.bool_))
+        and math.isfinite(value)
+    )
+
+
+def _check_class_names(class_names, source: str):
+    if isinstance(class_names, str):
+        names = [c.strip() for c in class_names.split(",")]
+        raise RankingError(
+            f"{source}: class_names must be a list of class names, got the string"
+            f" {class_names!r}; pass a list such as {names!r}."
+        )
+    if not all(isinstance(c, str) and c for c in class_names):
+        raise RankingError(
+            f"{source}: class_names must be non-empty strings, got {list(class_names)!r}."
+        )
+    if len(set(class_names)) != len(class_names):
+        raise RankingError(
+            f"{source}: the dataset class names contain duplicates: {list(class_names)}."
+        )
+
+
 def _check_mapping(value, entry: str, source: str, what: str):
     if not isinstance(value, Mapping):
         raise RankingError(f"{source}: entry '{entry}' must be {what}, got {type(value).__name__}.")
@@ -299,6 +350,13 @@ def _build_levels(b: _Builder, levels) -> Tuple[Dict[str, Tuple[str, ...]], ...]
 
 def validate_temperatures(temperatures: Sequence[float]) -> Tuple[float, ...]:
     """The temperatures as a tuple; ValueError unless finite, positive and increasing with rank."""
+    # Anything float() takes as a number (numpy and 0-d torch scalars too), but no strings
+    # or booleans: float("0.1") would hide a quoting mistake, and a string is iterable.
+    if isinstance(temperatures, (str, bytes)) or not all(
+        hasattr(type(t), "__float__") and not isinstance(t, (str, bool, np.bool_))
+        for t in temperatures
+    ):
+        raise ValueError(f"Temperatures must be a list of numbers, got {temperatures!r}.")
     taus = tuple(float(t) for t in temperatures)
     if not taus:
         raise ValueError("At least one temperature is needed (tau_1 for rank 1).")
@@ -339,17 +397,21 @@ def ranks_from_similarity(similarity: np.ndarray, thresholds: Sequence[float]) -
 
 
 def _build_similarities(b: _Builder, sims, thresholds) -> Tuple[float, ...]:
-    if thresholds is None or not isinstance(thresholds, list) or not thresholds:
+    if thresholds is None:
         raise RankingError(
             f"{b.source}: entry 'thresholds' is required with 'similarities': a list t_2 > t_3"
             " > ..."
         )
-    try:
-        thresholds = [float(t) for t in thresholds]
-    except (TypeError, ValueError):
+    if not isinstance(thresholds, list) or not thresholds:
         raise RankingError(
-            f"{b.source}: entry 'thresholds' must be numbers, got {thresholds}."
-        ) from None
+            f"{b.source}: entry 'thresholds' must be a non-empty list t_2 > t_3 > ..., got"
+            f" {thresholds!r}."
+        )
+    if not all(_is_finite_number(t) for t in thresholds):
+        raise RankingError(
+            f"{b.source}: entry 'thresholds' must be finite numbers, got {thresholds}."
+        )
+    thresholds = [float(t) for t in thresholds]
     if any(t2 <= t3 for t2, t3 in zip(thresholds, thresholds[1:])):
         raise RankingError(
             f"{b.source}: entry 'thresholds' must be strictly decreasing (t_2 > t_3 > ...), "
@@ -365,6 +427,12 @@ def _build_similarities(b: _Builder, sims, thresholds) -> Tuple[float, ...]:
                 return rank
         return NEGATIVE_RANK
 
+    unknown = sorted(set(sims) - {"classes", "matrix", "pairs"}, key=str)
+    if unknown or ("matrix" in sims and "pairs" in sims):
+        raise b.error(
+            "similarities",
+            f"has keys {sorted(sims, key=str)}; give either 'classes' + 'matrix' or 'pairs'.",
+        )
     if "matrix" in sims:
         classes = sims.get("classes")
         if not isinstance(classes, list):
@@ -379,10 +447,15 @@ def _build_similarities(b: _Builder, sims, thresholds) -> Tuple[float, ...]:
                 f"must be {len(classes)}x{len(classes)} to match 'classes', got shape"
                 f" {matrix.shape}.",
             )
-        try:
-            scores = matrix.astype(np.float64)
-        except (TypeError, ValueError):
-            raise b.error("similarities.matrix", "must contain only numbers.") from None
+        bad = [(i, j) for (i, j), v in np.ndenumerate(matrix) if not _is_finite_number(v)]
+        if bad:
+            i, j = bad[0]
+            raise b.error(
+                "similarities.matrix",
+                f"must contain only finite numbers; row {i + 1}, column {j + 1} is"
+                f" {matrix[i, j]!r}.",
+            )
+        scores = matrix.astype(np.float64)
         ranks = ranks_from_similarity(scores, thresholds)
         for i, a in enumerate(idx):
             for j, c in enumerate(idx):
@@ -406,10 +479,9 @@ def _build_similarities(b: _Builder, sims, thresholds) -> Tuple[float, ...]:
             if (a, c) in seen:
                 raise b.error(entry, f"pair ({pair[0]}, {pair[1]}) appears more than once.")
             seen.add((a, c))
-            try:
-                score = float(pair[2])
-            except (TypeError, ValueError):
-                raise b.error(entry, f"score must be a number, got {pair[2]!r}.") from None
+            if not _is_finite_number(pair[2]):
+                raise b.error(entry, f"score must be a finite number, got {pair[2]!r}.")
+            score = float(pair[2])
             rank = rank_of(score)
             b.given[a, c] = True
             if rank != NEGATIVE_RANK:
@@ -445,9 +517,17 @@ def ranking_from_dict(
         raise RankingError(
             f"{source}: unknown top-level keys {unknown_keys}; allowed: {_FORMS + _OPTION_KEYS}."
         )
-    if len(set(class_names)) != len(class_names):
+    _check_class_names(class_names, source)
+    for key in ("symmetric", "allow_uncovered"):
+        if key in data and not isinstance(data[key], bool):
+            raise RankingError(
+                f"{source}: entry '{key}' must be true or false, got {data[key]!r}"
+                f" ({type(data[key]).__name__}). Write it unquoted."
+            )
+    if "thresholds" in data and forms[0] != "similarities":
         raise RankingError(
-            f"{source}: the dataset class names contain duplicates: {list(class_names)}."
+            f"{source}: entry 'thresholds' only applies to the 'similarities' form; this file"
+            f" uses '{forms[0]}'. Remove it."
         )
 
     b = _Builder(class_names, source)
@@ -507,16 +587,34 @@ def load_ranking(
     max_rank: Optional[int] = None,
 ) -> ClassRanking:
     """Load a ranking YAML for ``class_names`` (the dataset's classes, in label order)."""
+    _check_class_names(class_names, path)
+    if os.path.isdir(path):
+        raise RankingError(f"{path}: is a folder, not a ranking file.")
     if not os.path.isfile(path):
         raise RankingError(f"{path}: ranking file not found.")
-    with open(path) as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise RankingError(f"{path}: not valid YAML: {e}") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as e:
+        raise RankingError(
+            f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r});"
+            " save the ranking file as UTF-8."
+        ) from None
+    except OSError as e:
+        raise RankingError(f"{path}: cannot be read: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise RankingError(f"{path}: not valid YAML: {_one_line(e)}") from None
     return ranking_from_dict(
         data, class_names, source=path, allow_uncovered=allow_uncovered, max_rank=max_rank
     )
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(error).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}."
 
 
 def similarity_ranking_yaml(

@@ -211,3 +211,133 @@ def test_shapes_ranking_matches_families(repo_path):
             for y in members:
                 if x != y:
                     assert r.matrix[SHAPES.index(x), SHAPES.index(y)] == 2
+
+
+@pytest.mark.parametrize(
+    "text, key, line, first",
+    [
+        ("ranks:\n  a: [b]\n  b: []\n  a: [c]\n  c: []\n  d: []\n", "a", 4, 2),
+        ("ranks: {a: [b], b: [], c: [], d: []}\nmax_rank: 2\nmax_rank: 3\n", "max_rank", 3, 2),
+        ("levels:\n  - {g1: [a, b], g2: [c, d], g1: [c]}\n", "g1", 2, 2),
+    ],
+)
+def test_duplicate_yaml_keys_name_file_line_and_key(tmp_path, text, key, line, first):
+    path = write(tmp_path, text)
+    with pytest.raises(RankingError) as e:
+        load_ranking(path, ABC)
+    assert str(e.value) == (
+        f"{path}: line {line}: key '{key}' appears twice in one mapping (first at line {first})."
+        " Merge the two entries."
+    )
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    path = write(tmp_path, "ranks:\n  <<: {a: [c], b: []}\n  a: [b]\n  c: []\n  d: []\n")
+    assert load_ranking(path, ABC).matrix[0].tolist() == [1, 2, N, N]
+
+
+@pytest.mark.parametrize("key", ["symmetric", "allow_uncovered"])
+def test_options_must_be_real_booleans(tmp_path, key):
+    path = write(tmp_path, f"{key}: 'false'\nranks: {{a: [b], b: [], c: [], d: []}}\n")
+    with pytest.raises(RankingError) as e:
+        load_ranking(path, ABC)
+    assert str(e.value) == (
+        f"{path}: entry '{key}' must be true or false, got 'false' (str). Write it unquoted."
+    )
+    # An unquoted false really is false: b -> a is not copied.
+    r = load_ranking(
+        write(tmp_path, "symmetric: false\nranks: {a: [b], b: [], c: [], d: []}\n"), ABC
+    )
+    assert r.matrix[1, 0] == N
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (
+            {
+                "thresholds": [0.5],
+                "similarities": {
+                    "classes": list(ABC),
+                    "matrix": [[1, 0.6, 0, 0], [0.6, 1, 0, 0], [0, 0, 1, float("nan")], [0] * 4],
+                },
+            },
+            "entry 'similarities.matrix': must contain only finite numbers; row 3, column 4 is"
+            " nan.",
+        ),
+        (
+            {
+                "thresholds": [0.5],
+                "allow_uncovered": True,
+                "similarities": {"pairs": [["a", "b", float("inf")]]},
+            },
+            "entry 'similarities.pairs[0]': score must be a finite number, got inf.",
+        ),
+        (
+            {
+                "thresholds": [0.5],
+                "allow_uncovered": True,
+                "similarities": {"pairs": [["a", "b", "0.6"]]},
+            },
+            "entry 'similarities.pairs[0]': score must be a finite number, got '0.6'.",
+        ),
+        (
+            {
+                "thresholds": [float("nan")],
+                "allow_uncovered": True,
+                "similarities": {"pairs": [["a", "b", 0.6]]},
+            },
+            "entry 'thresholds' must be finite numbers, got [nan].",
+        ),
+        (
+            {"thresholds": 0.5, "allow_uncovered": True, "similarities": {"pairs": []}},
+            "entry 'thresholds' must be a non-empty list t_2 > t_3 > ..., got 0.5.",
+        ),
+        (
+            {"thresholds": [0.5], "ranks": {"a": ["b"], "b": [], "c": [], "d": []}},
+            "entry 'thresholds' only applies to the 'similarities' form; this file uses 'ranks'.",
+        ),
+        (
+            {
+                "thresholds": [0.5],
+                "similarities": {"classes": list(ABC), "matrix": np.eye(4).tolist(), "pairs": []},
+            },
+            "entry 'similarities': has keys ['classes', 'matrix', 'pairs']; give either",
+        ),
+    ],
+)
+def test_similarity_values_must_be_finite_numbers(tmp_path, content, expected):
+    path = write(tmp_path, content)
+    with pytest.raises(RankingError) as e:
+        load_ranking(path, ABC)
+    assert str(e.value).startswith(f"{path}: {expected}")
+
+
+def test_file_that_is_not_utf8_or_not_yaml_or_a_folder(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("# café\nranks: {a: [b], b: [], c: [], d: []}\n".encode("latin-1"))
+    with pytest.raises(RankingError) as e:
+        load_ranking(str(path), ABC)
+    assert str(e.value) == (
+        f"{path}: not UTF-8 text (byte 5 is b'\\xe9'); save the ranking file as UTF-8."
+    )
+    bad = write(tmp_path, "ranks:\n  a: [b\n  b: []\n")
+    with pytest.raises(RankingError) as e:
+        load_ranking(bad, ABC)
+    assert str(e.value) == (
+        f"{bad}: not valid YAML: line 3, column 4: expected ',' or ']', but got ':'."
+    )
+    with pytest.raises(RankingError, match="is a folder, not a ranking file"):
+        load_ranking(str(tmp_path), ABC)
+
+
+def test_class_names_as_a_string_get_a_clear_error(tmp_path):
+    path = write(tmp_path, {"ranks": {"a": ["b"], "b": [], "c": [], "d": []}})
+    with pytest.raises(RankingError) as e:
+        load_ranking(path, "a, b,c,d")
+    assert str(e.value) == (
+        f"{path}: class_names must be a list of class names, got the string 'a, b,c,d'; pass a"
+        " list such as ['a', 'b', 'c', 'd']."
+    )
+    with pytest.raises(RankingError, match=r"class_names must be non-empty strings, got \['a', 2"):
+        ranking_from_dict({"ranks": {"a": []}}, ["a", 2])

@@ -392,9 +392,16 @@ def ranked_info_nce(
         world_size: the number of shares the batch's anchors are split into. ``loss`` and
             ``per_rank`` are this share's sum times ``world_size`` over the normaliser, so their
             mean over the shares (what DDP's gradient averaging computes) is the batch's mean.
-        check_inputs: check on the host that the valid anchor labels lie in ``[0, K)``. That
-            reads a value back from the device; training passes False because its labels
-            are correct by construction, so the loss makes no sync at all.
+        check_inputs: also check the values, in one read back to the host: anchors and keys
+            finite (every row, padding included), valid anchors and keys with labels >= 0 of
+            unit norm (within a few roundings of their dtype), valid anchor labels in
+            ``[0, K)``, ``self_index`` in ``[-1, M)``, ``anchor_weights`` and ``normalizer``
+            finite and >= 0, 1 on the rank matrix's diagonal. Training passes False because
+            its inputs are correct by construction, so the loss makes no sync at all. Shapes,
+            dtypes and devices are checked either way: that reads no value.
+
+    Each failed check is a ValueError naming the argument. Integer labels of any width are
+    accepted; the rank matrix may live on another device (it is copied to the anchors').
 
     Half-precision inputs, and calls under autocast, are computed in float32: e^(s / 0.01)
     overflows float16.
@@ -405,11 +412,16 @@ def ranked_info_nce(
         raise ValueError("Give normalizer or anchor_keys, not both.")
     taus = validate_temperatures(temperatures)
     r = len(taus)
-    if anchors.dim() != 2 or keys.dim() != 2 or anchors.shape[1] != keys.shape[1]:
-        raise ValueError(
-            f"anchors (N, d) and keys (M, d) must share d; got {tuple(anchors.shape)},"
-            f" {tuple(keys.shape)}."
-        )
+    optional = dict(
+        self_index=self_index,
+        anchor_weights=anchor_weights,
+        anchor_valid=anchor_valid,
+        normalizer=normalizer,
+        anchor_keys=anchor_keys,
+    )
+    _check_structure(anchors, anchor_labels, keys, key_labels, rank_matrix, r, world_size, optional)
+    anchor_labels, key_labels = anchor_labels.long(), key_labels.long()
+    self_index = self_index.long() if self_index is not None else None
     forms = tuple(
         ("out" if k == 1 else "in") if variant == "out_in" else variant for k in range(1, r + 1)
     )
@@ -418,14 +430,18 @@ def ranked_info_nce(
     device = anchors.device
     if anchor_valid is None:
         anchor_valid = torch.ones(n, dtype=torch.bool, device=device)
-    if check_inputs and n:
-        bad = anchor_valid & ((anchor_labels < 0) | (anchor_labels >= num_classes))
-        if bool(bad.any()):
-            raise ValueError(
-                f"anchor_labels must lie in [0, {num_classes}) (the rank matrix is {num_classes} x"
-                f" {num_classes}); got {sorted(set(anchor_labels[bad].tolist()))}. Background or"
-                " ignored regions are keys, never anchors."
-            )
+    if check_inputs:
+        _check_values(
+            anchors,
+            anchor_labels,
+            keys,
+            key_labels,
+            rank_matrix,
+            anchor_valid,
+            self_index,
+            anchor_weights,
+            normalizer,
+        )
 
     dtype = torch.promote_types(anchors.dtype, torch.float32)
     with torch.autocast(device_type=device.type, enabled=False):
@@ -477,6 +493,149 @@ def ranked_info_nce(
     )
 
 
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
+    return f"a {type(x).__name__}"
+
+
+_KINDS = {
+    "floating-point": lambda t: t.is_floating_point(),
+    "integer": lambda t: not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
+    "bool": lambda t: t.dtype == torch.bool,
+    "numeric": lambda t: not t.is_complex() and t.dtype != torch.bool,
+}
+
+
+def _check_structure(
+    anchors, anchor_labels, keys, key_labels, rank_matrix, r, world_size, optional
+):
+    """Shapes, dtypes and devices: tensor metadata only, never a read from the device."""
+    for name, x, rows in (("anchors", anchors, "N"), ("keys", keys, "M")):
+        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+            raise ValueError(
+                f"{name} must be a floating-point ({rows}, d) tensor; got {_describe(x)}."
+            )
+    if anchors.shape[1] != keys.shape[1]:
+        raise ValueError(
+            f"anchors (N, d) and keys (M, d) must share d; got {tuple(anchors.shape)},"
+            f" {tuple(keys.shape)}."
+        )
+    if (
+        not isinstance(rank_matrix, torch.Tensor)
+        or rank_matrix.dim() != 2
+        or rank_matrix.shape[0] != rank_matrix.shape[1]
+        or not _KINDS["integer"](rank_matrix)
+    ):
+        raise ValueError(
+            f"rank_matrix must be a square (K, K) integer tensor; got {_describe(rank_matrix)}."
+        )
+    n, m = anchors.shape[0], keys.shape[0]
+    expected = [
+        ("anchor_labels", anchor_labels, "integer", "N", n),
+        ("key_labels", key_labels, "integer", "M", m),
+        ("self_index", optional["self_index"], "integer", "N", n),
+        ("anchor_weights", optional["anchor_weights"], "floating-point", "N", n),
+        ("anchor_valid", optional["anchor_valid"], "bool", "N", n),
+        ("normalizer", optional["normalizer"], "numeric", "r", r),
+        ("anchor_keys", optional["anchor_keys"], "bool", "M", m),
+    ]
+    for name, x, kind, dim, size in expected:
+        if x is None and name not in ("anchor_labels", "key_labels"):
+            continue
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != (size,) or not _KINDS[kind](x):
+            raise ValueError(
+                f"{name} must be a 1-D {kind} tensor of length {dim} = {size}; got {_describe(x)}."
+            )
+    # The rank matrix is small and copied to the anchors' device; everything else must be there.
+    for name, x in [("keys", keys)] + [(e[0], e[1]) for e in expected]:
+        if x is not None and x.device != anchors.device:
+            raise ValueError(
+                f"{name} is on {x.device} but anchors on {anchors.device}; put every tensor"
+                " argument on one device."
+            )
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}.")
+
+
+def _unit_norm_tolerance(x: torch.Tensor) -> float:
+    # A few roundings of the input dtype: bfloat16 rows normalised in bfloat16 pass.
+    return max(1e-3, 4 * torch.finfo(x.dtype).eps)
+
+
+def _check_values(
+    anchors,
+    anchor_labels,
+    keys,
+    key_labels,
+    rank_matrix,
+    anchor_valid,
+    self_index,
+    anchor_weights,
+    normalizer,
+):
+    """
+    Everything the loss needs of the values, in one read back to the host (more only to describe
+    a failure). Every row of anchors and keys must be finite, even padding, because it enters the
+    similarity matmuls; the unit norm is asked of valid anchors and of real keys (labels >= 0).
+    """
+    num_classes, m = rank_matrix.shape[0], keys.shape[0]
+
+    def off_unit(x, rows):
+        return rows & ((x.float().norm(dim=1) - 1).abs() > _unit_norm_tolerance(x))
+
+    checks = [
+        ("anchors", ~torch.isfinite(anchors).all(dim=1)),
+        ("keys", ~torch.isfinite(keys).all(dim=1)),
+        ("anchors", off_unit(anchors, anchor_valid)),
+        ("keys", off_unit(keys, key_labels >= 0)),
+        ("anchor_labels", anchor_valid & ((anchor_labels < 0) | (anchor_labels >= num_classes))),
+        ("rank_matrix", (rank_matrix.diagonal() != 1).to(anchors.device)),
+    ]
+    if self_index is not None:
+        checks.append(("self_index", anchor_valid & ((self_index < -1) | (self_index >= m))))
+    for name, x in (("anchor_weights", anchor_weights), ("normalizer", normalizer)):
+        if x is not None:
+            checks.append((name, ~torch.isfinite(x) | (x < 0)))
+    failed = torch.stack([bad.any() for _, bad in checks]).tolist()
+    if not any(failed):
+        return
+    index = failed.index(True)
+    name, bad = checks[index]
+    rows = bad.nonzero().flatten()[:5].tolist()
+    if index < 2:
+        raise ValueError(
+            f"{name} contain NaN or Inf (rows {rows}); the embeddings diverged or the inputs"
+            " are broken."
+        )
+    if index < 4:
+        x = anchors if name == "anchors" else keys
+        norms = [round(v, 4) for v in x[rows].float().norm(dim=1).tolist()]
+        which = "valid anchors" if name == "anchors" else "keys with labels >= 0"
+        raise ValueError(
+            f"{name} must be L2-normalised (norm 1 within {_unit_norm_tolerance(x):g} for"
+            f" {which}); rows {rows} have norms {norms}. Apply F.normalize(x, dim=1)."
+        )
+    if name == "anchor_labels":
+        raise ValueError(
+            f"anchor_labels must lie in [0, {num_classes}) (the rank matrix is {num_classes} x"
+            f" {num_classes}); got {sorted(set(anchor_labels[bad].tolist()))}. Background or"
+            " ignored regions are keys, never anchors."
+        )
+    if name == "rank_matrix":
+        raise ValueError(
+            "rank_matrix must have 1 on its diagonal (each class is rank 1 for itself); got"
+            f" diagonal {rank_matrix.diagonal().tolist()}."
+        )
+    if name == "self_index":
+        raise ValueError(
+            f"self_index must be -1 or a key index in [0, {m}) for valid anchors; got"
+            f" {sorted(set(self_index[bad].tolist()))[:5]}."
+        )
+    values = anchor_weights if name == "anchor_weights" else normalizer
+    raise ValueError(f"{name} must be finite and >= 0; got {values[bad][:5].tolist()}.")
+
+
 def positive_anchor_counts(
     anchor_labels, anchor_valid, key_labels, rank_matrix, num_ranks
 ) -> torch.Tensor:
@@ -511,10 +670,13 @@ class RankedInfoNCELoss(nn.Module):
             raise ValueError(f"form must be one of {_FORMS}, got '{form}'.")
         self.form = form
         self.temperatures = validate_temperatures(temperatures)
+        rank = torch.as_tensor(rank_matrix)
+        if rank.dim() != 2 or rank.shape[0] != rank.shape[1] or not _KINDS["integer"](rank):
+            raise ValueError(
+                f"rank_matrix must be a square (K, K) integer matrix; got {_describe(rank)}."
+            )
         # A buffer so it follows the module's device; not persistent: it comes from the config.
-        self.register_buffer(
-            "rank_matrix", torch.as_tensor(rank_matrix, dtype=torch.int64), persistent=False
-        )
+        self.register_buffer("rank_matrix", rank.to(torch.int64), persistent=False)
 
     @property
     def num_ranks(self) -> int:

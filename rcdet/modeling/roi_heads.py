@@ -15,7 +15,7 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
 
-from ..config import ConfigError
+from ..config import check_rcdet_config
 from ..data.held_out import training_classes
 from .contrastive_memory import RankedInfoNCEWithMemory
 from .memory_queue import EmbeddingQueue
@@ -94,21 +94,9 @@ class RankedContrastiveROIHeads(StandardROIHeads):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
+        check_rcdet_config(cfg)
         ret = super().from_config(cfg, input_shape)
         rc = cfg.MODEL.RCDET
-        if rc.REWEIGHT not in ("none", "linear", "exp"):
-            raise ConfigError(
-                f"MODEL.RCDET.REWEIGHT = '{rc.REWEIGHT}'; choose none, linear or exp."
-            )
-        if not 0.0 <= rc.IOU_THRESHOLD <= 1.0 or not 0.0 <= rc.QUEUE_IOU_THRESHOLD <= 1.0:
-            raise ConfigError(
-                "MODEL.RCDET.IOU_THRESHOLD and QUEUE_IOU_THRESHOLD must lie in [0, 1]."
-            )
-        if rc.QUEUE_SIZE < 0 or rc.EMBED_DIM <= 0 or rc.PROJ_HIDDEN_DIM < 0:
-            raise ConfigError(
-                "MODEL.RCDET.QUEUE_SIZE, EMBED_DIM and PROJ_HIDDEN_DIM must be non-negative"
-                " (EMBED_DIM > 0)."
-            )
         contrastive_loss = None
         if rc.LOSS != "none":
             contrastive_loss = build_contrastive_loss(cfg, *training_classes(cfg))

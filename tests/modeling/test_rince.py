@@ -404,3 +404,175 @@ def test_voc_configs_load_their_rankings_for_voc_classes(config):
     loss = build_contrastive_loss(cfg, *training_classes(cfg))
     assert loss.rank_matrix.shape == (len(CLASS_NAMES), len(CLASS_NAMES))
     assert loss.num_ranks == (1 if "supcon" in config else 3)
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _checked_inputs():
+    z, y, k, ky, self_idx = random_loss_inputs(12, 20, 8, 5, torch.device("cpu"))
+    return dict(
+        anchors=z,
+        anchor_labels=y,
+        keys=k,
+        key_labels=ky,
+        rank_matrix=ring_rank_matrix(5, 2, "cpu"),
+        temperatures=[0.1, 0.2],
+        self_index=self_idx,
+    )
+
+
+def test_non_finite_embeddings_are_refused_naming_the_argument():
+    base = _checked_inputs()
+    assert torch.isfinite(ranked_info_nce(**base).loss)
+    for name, row, value in [("anchors", 3, math.nan), ("keys", 7, math.inf)]:
+        args = dict(base, **{name: base[name].clone()})
+        args[name][row, 0] = value
+        with pytest.raises(ValueError, match=rf"^{name} contain NaN or Inf \(rows \[{row}\]\)"):
+            ranked_info_nce(**args)
+    # A NaN in a "no key" row would still reach every sum through the matmuls.
+    args = dict(base, keys=base["keys"].clone(), key_labels=base["key_labels"].clone())
+    args["key_labels"][5] = -1
+    args["keys"][5] = math.nan
+    with pytest.raises(ValueError, match=r"^keys contain NaN or Inf \(rows \[5\]\)"):
+        ranked_info_nce(**args)
+
+
+def test_unnormalised_embeddings_are_refused_padding_rows_are_not():
+    base = _checked_inputs()
+    with pytest.raises(ValueError) as e:
+        ranked_info_nce(**dict(base, anchors=base["anchors"] * 9))
+    assert str(e.value).startswith(
+        "anchors must be L2-normalised (norm 1 within 0.001 for valid anchors); rows [0, 1, 2, 3,"
+        " 4] have norms [9.0, 9.0, 9.0, 9.0, 9.0]."
+    )
+    keys = base["keys"].clone()
+    keys[2] *= 0.5
+    with pytest.raises(ValueError, match=r"^keys must be L2-normalised .* rows \[2\] have norms"):
+        ranked_info_nce(**dict(base, keys=keys))
+    # Zero rows are fine where they take part in nothing: keys labelled -1, padding anchors.
+    labels, valid, anchors = base["key_labels"].clone(), torch.ones(12, dtype=torch.bool), None
+    keys[2], labels[2] = 0.0, -1
+    anchors = base["anchors"].clone()
+    anchors[4], valid[4] = 0.0, False
+    out = ranked_info_nce(
+        **dict(base, keys=keys, key_labels=labels, anchors=anchors), anchor_valid=valid
+    )
+    assert torch.isfinite(out.loss)
+    # Half precision passes within a few of its own roundings.
+    half = ranked_info_nce(**dict(base, anchors=base["anchors"].half(), keys=base["keys"].half()))
+    assert half.loss.item() == pytest.approx(ranked_info_nce(**base).loss.item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("check_inputs", [True, False])
+def test_tensors_on_another_device_are_refused_before_any_computation(check_inputs):
+    # The meta device stands in for a second accelerator: any computation on it would fail.
+    base = _checked_inputs()
+    for name in ("keys", "key_labels", "anchor_labels", "self_index"):
+        args = dict(base, **{name: base[name].to("meta")})
+        with pytest.raises(ValueError) as e:
+            ranked_info_nce(**args, check_inputs=check_inputs)
+        assert str(e.value) == (
+            f"{name} is on meta but anchors on cpu; put every tensor argument on one device."
+        )
+
+
+@pytest.mark.parametrize(
+    "name, bad, expected",
+    [
+        (
+            "anchor_labels",
+            lambda t: t[:-1],
+            "length N = 12; got a torch.int64 tensor of shape (11,)",
+        ),
+        (
+            "anchor_labels",
+            lambda t: t.float(),
+            "integer tensor of length N = 12; got a torch.float32",
+        ),
+        ("anchor_labels", lambda t: t[:, None], "got a torch.int64 tensor of shape (12, 1)"),
+        ("anchor_labels", lambda t: t.tolist(), "integer tensor of length N = 12; got a list"),
+        ("key_labels", lambda t: t[:5], "length M = 20; got a torch.int64 tensor of shape (5,)"),
+        ("key_labels", lambda t: t.bool(), "integer tensor of length M = 20; got a torch.bool"),
+        (
+            "self_index",
+            lambda t: t.double(),
+            "integer tensor of length N = 12; got a torch.float64",
+        ),
+        ("anchors", lambda t: t[0], "floating-point (N, d) tensor; got a torch.float32 tensor of"),
+        ("keys", lambda t: t.long(), "floating-point (M, d) tensor; got a torch.int64 tensor"),
+    ],
+)
+def test_wrong_lengths_and_dtypes_name_the_argument(name, bad, expected):
+    base = _checked_inputs()
+    with pytest.raises(ValueError) as e:
+        ranked_info_nce(**dict(base, **{name: bad(base[name])}))
+    assert str(e.value).startswith(f"{name} must be a ") and expected in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("anchor_weights", torch.ones(3), "anchor_weights must be a 1-D floating-point tensor of"),
+        ("anchor_weights", -torch.ones(12), "anchor_weights must be finite and >= 0; got [-1.0,"),
+        ("anchor_valid", torch.ones(12, dtype=torch.long), "anchor_valid must be a 1-D bool"),
+        ("normalizer", torch.ones(1), "normalizer must be a 1-D numeric tensor of length r = 2"),
+        ("normalizer", torch.tensor([2.0, math.nan]), "normalizer must be finite and >= 0"),
+        ("world_size", 0, "world_size must be an integer >= 1, got 0."),
+        ("self_index", torch.arange(12) + 20, "self_index must be -1 or a key index in [0, 20)"),
+    ],
+)
+def test_optional_arguments_are_checked(name, value, expected):
+    with pytest.raises(ValueError) as e:
+        ranked_info_nce(**dict(_checked_inputs(), **{name: value}))
+    assert str(e.value).startswith(expected)
+
+
+def test_rank_matrix_must_be_square_integer_with_unit_diagonal():
+    base = _checked_inputs()
+    rank = base["rank_matrix"]
+    for bad, described in [
+        (rank[:3], "torch.int64 tensor of shape (3, 5)"),
+        (rank[:, :4], "torch.int64 tensor of shape (5, 4)"),
+        (rank.float(), "torch.float32 tensor of shape (5, 5)"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            ranked_info_nce(**dict(base, rank_matrix=bad))
+        assert str(e.value) == (
+            f"rank_matrix must be a square (K, K) integer tensor; got a {described} on cpu."
+        )
+    with pytest.raises(ValueError, match=r"^rank_matrix must have 1 on its diagonal.*\[0, 1, 1"):
+        ranked_info_nce(**dict(base, rank_matrix=rank - torch.diag(torch.tensor([1, 0, 0, 0, 0]))))
+    with pytest.raises(ValueError, match=r"^rank_matrix must be a square \(K, K\) integer matrix"):
+        RankedInfoNCELoss(rank.float() + 0.5, [0.1, 0.2])
+    with pytest.raises(ValueError, match=r"^Temperatures must be a list of numbers, got '0.1'"):
+        ranked_info_nce(**dict(base, temperatures="0.1"))
+
+
+def test_narrow_integer_labels_and_a_cpu_rank_matrix_give_the_same_loss():
+    base = _checked_inputs()
+    expected = ranked_info_nce(**base)
+    out = ranked_info_nce(
+        **dict(
+            base,
+            anchor_labels=base["anchor_labels"].int(),
+            key_labels=base["key_labels"].to(torch.int16),
+            self_index=base["self_index"].int(),
+        )
+    )
+    assert out.per_rank.tolist() == expected.per_rank.tolist()
+
+
+def test_checks_make_one_sync_and_none_without_check_inputs():
+    base = _checked_inputs()
+    extra = dict(
+        anchor_weights=torch.rand(12),
+        anchor_valid=torch.arange(12) % 5 != 0,
+        normalizer=torch.tensor([12.0, 6.0]),
+    )
+    with SyncCounter() as off:
+        ranked_info_nce(**base, **extra, check_inputs=False)
+    assert off.syncs == 0, dict(off.sync_ops)
+    with SyncCounter() as on:
+        ranked_info_nce(**base, **extra, check_inputs=True)
+    assert on.sync_ops == {"Tensor.tolist": 1}

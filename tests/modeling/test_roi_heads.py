@@ -179,6 +179,14 @@ def test_embed_at_test():
         ),
         (("MODEL.RCDET.LOSS", "rince_sideways"), "MODEL.RCDET.LOSS"),
         (("MODEL.RCDET.REWEIGHT", "cubic"), "MODEL.RCDET.REWEIGHT"),
+        (("MODEL.RCDET.LOSS_WEIGHT", "-0.5"), "MODEL.RCDET.LOSS_WEIGHT = -0.5; allowed: a finite"),
+        (("MODEL.RCDET.DECAY_RATE", "2.0"), "MODEL.RCDET.DECAY_RATE = 2.0; allowed: a number in"),
+        (("MODEL.RCDET.EMBED_DIM", "0"), "MODEL.RCDET.EMBED_DIM = 0; allowed: an integer >= 1"),
+        # Without the branch the keys are still checked: a later run with it would fail.
+        (
+            ("MODEL.RCDET.LOSS", "none", "MODEL.RCDET.QUEUE_SIZE", "-1"),
+            "MODEL.RCDET.QUEUE_SIZE = -1; allowed: an integer >= 0",
+        ),
     ],
 )
 def test_config_errors_name_the_key(opts, key):
