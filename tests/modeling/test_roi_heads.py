@@ -108,6 +108,15 @@ def test_losses_finite_and_gradient_reaches_backbone(loss):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("old, form", [("supcon_out", "out"), ("supcon_in", "in")])
+def test_saved_configs_with_the_old_one_rank_names_still_build(old, form):
+    with pytest.warns(FutureWarning, match=f"'{old}' is RINCE with one rank"):
+        model = _build("MODEL.RCDET.LOSS", old)
+    loss = model.roi_heads.contrast.loss
+    assert loss.form == form and loss.num_ranks == 1
+    assert _build("MODEL.RCDET.LOSS", "supcon").roi_heads.contrast.loss.form == "supcon"
+
+
 @pytest.mark.parametrize(
     "num_boxes, classes",
     [((0, 2), None), ((0, 0), None), ((3, 3), 4)],

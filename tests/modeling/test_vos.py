@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import run_training, tiny_cfg
+from conftest import REPO, run_training, tiny_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 from dist_utils import run_distributed
@@ -307,6 +307,38 @@ def test_impossible_vos_keys_are_config_errors(tiny_shapes, opts, match):
     )
     with pytest.raises(ConfigError, match=match):
         build_model(cfg)
+
+
+@pytest.mark.parametrize(
+    "config, classes, start",
+    [
+        ("configs/shapes_vos_ood.yaml", 7, 600),
+        ("configs/shapes_rince_vos_ood.yaml", 7, 600),
+        ("configs/voc_vos.yaml", 20, 4000),
+        ("configs/voc_vos_ood.yaml", 18, 4000),
+    ],
+)
+def test_vos_configs_keep_vos_settings(config, classes, start):
+    from detectron2.config import get_cfg
+
+    from rcdet.config import add_rcdet_config
+    from rcdet.modeling.vos import build_vos
+
+    cfg = get_cfg()
+    add_rcdet_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, config))
+    assert cfg.MODEL.ROI_HEADS.NUM_CLASSES == classes
+    dim = cfg.MODEL.ROI_BOX_HEAD.FC_DIM
+    vos = build_vos(cfg, classes, dim)
+    assert (vos.starting_iter, vos.sample_from, vos.select, vos.loss_weight) == (
+        start,
+        10000,
+        1,
+        0.1,
+    )
+    assert vos.starting_iter < cfg.SOLVER.MAX_ITER and vos.covariance_eps == 1e-4
+    assert vos.queue.size == (1000 if "voc" in config else 200)
+    assert (cfg.MODEL.RCDET.LOSS != "none") == ("rince" in config)
 
 
 def test_starting_iter_beyond_max_iter_warns(tiny_shapes):
