@@ -12,8 +12,9 @@ def add_rcdet_config(cfg):
     _C = cfg
 
     _C.MODEL.RCDET = CN()
-    # Contrastive loss on the box features: rince_in, rince_out, rince_out_in, supcon_in,
-    # supcon_out, or none (the branch is not built; the model equals StandardROIHeads).
+    # Contrastive loss on the box features: supcon (Khosla et al.'s L^sup_out, as in FSCE),
+    # rince_in, rince_out, rince_out_in, rince_in_r1 or rince_out_r1 (RINCE with one rank; the
+    # old names supcon_in and supcon_out still load), or none (the branch is not built).
     _C.MODEL.RCDET.LOSS = "rince_out_in"
     # Ranking YAML (see rcdet/ranking.py); required by the rince_* losses.
     _C.MODEL.RCDET.RANKING_FILE = ""
@@ -64,6 +65,24 @@ def add_rcdet_config(cfg):
     # drop_images: remove training images that contain a held-out object;
     # drop_annotations: keep the images, remove the held-out boxes.
     _C.MODEL.RCDET.OOD.HOLD_OUT_MODE = "drop_images"
+
+    # VOS, virtual outlier synthesis (Du et al., ICLR 2022; docs/vos.md), on the box features.
+    _C.MODEL.RCDET.VOS = CN()
+    # Off: no VOS module (with LOSS none as well, the head equals StandardROIHeads).
+    _C.MODEL.RCDET.VOS.ENABLED = False
+    # Box-head features kept per class, from foreground proposals (VOS: 1000).
+    _C.MODEL.RCDET.VOS.SAMPLE_NUMBER = 1000
+    # From this iteration on (once every class queue is full) outliers are sampled and
+    # loss_vos is trained (VOS: 12000, its first LR step).
+    _C.MODEL.RCDET.VOS.STARTING_ITER = 12000
+    # Samples drawn per class from its Gaussian (VOS: 10000) ...
+    _C.MODEL.RCDET.VOS.SAMPLE_FROM = 10000
+    # ... of which the SELECT least likely are kept as virtual outliers (VOS: 1).
+    _C.MODEL.RCDET.VOS.SELECT = 1
+    # loss_vos = LOSS_WEIGHT * the logistic regression's cross-entropy (VOS: 0.1).
+    _C.MODEL.RCDET.VOS.LOSS_WEIGHT = 0.1
+    # Added to the shared covariance's diagonal, so that it is invertible (VOS: 1e-4).
+    _C.MODEL.RCDET.VOS.COVARIANCE_EPS = 1e-4
 
     # A small VGG-style backbone with GroupNorm, for from-scratch CPU training.
     _C.MODEL.TINYNET = CN()
@@ -164,13 +183,15 @@ def _same_type_rule(default):
 def _rcdet_rules():
     # Imported here: both modules import this one for ConfigError.
     from .data.held_out import HOLD_OUT_MODES
-    from .modeling.rince import VARIANTS
+    from .modeling.rince import DEPRECATED_NAMES, VARIANTS
 
     losses = tuple(VARIANTS) + ("none",)
+    # Old names still build saved configs (the loss builder warns and names the new one).
+    accepted = losses + tuple(DEPRECATED_NAMES)
     flag = (lambda v: isinstance(v, bool)), "True or False"
     unit = _in_unit_interval, "a number in [0, 1]"
     return {
-        "LOSS": ((lambda v: isinstance(v, str) and v in losses), f"one of {', '.join(losses)}"),
+        "LOSS": ((lambda v: isinstance(v, str) and v in accepted), f"one of {', '.join(losses)}"),
         "RANKING_FILE": ((lambda v: isinstance(v, str)), "a path, or '' for none"),
         "RANKING_ALLOW_UNCOVERED": flag,
         "MAX_RANK": ((lambda v: _is_int(v) and v >= 0), "an integer >= 0 (0: every rank)"),

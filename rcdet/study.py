@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 # The method the paired tests compare every other method's best embedding score with.
-SUPCON = "supcon_out"
+SUPCON = "supcon"
 # Paired bootstrap replicates over the test images for the table's tests.
 PAIRED_REPLICATES = 1000
 # (key, label, digits) of the table's mean ± std columns. "best_emb" stands for the method's

@@ -58,7 +58,11 @@ def test_defaults_and_shipped_configs_pass():
         ("LOSS_WEIGHT", -0.5, "a finite number >= 0"),
         ("LOSS_WEIGHT", math.nan, "a finite number >= 0"),
         ("LOSS_WEIGHT", "0.5", "a finite number >= 0"),
-        ("LOSS", "rince", "one of rince_in, rince_out, rince_out_in, supcon_in, supcon_out, none"),
+        (
+            "LOSS",
+            "rince",
+            "one of rince_in, rince_out, rince_out_in, rince_in_r1, rince_out_r1, supcon, none",
+        ),
         ("RANKING_FILE", None, "a path, or '' for none"),
         ("RANKING_ALLOW_UNCOVERED", "false", "True or False"),
         ("MAX_RANK", -1, "an integer >= 0 (0: every rank)"),

@@ -12,6 +12,8 @@ import sys
 from conftest import REPO
 
 SNIPPET_HEADING = "## Using rcdet in your own detectron2 project"
+# README name -> the name in the committed results.md tables, which keep the name of their day.
+RENAMED_METHODS = {"rince_out_r1": "supcon_out"}
 # The tiny schedule of conftest.tiny_cfg, as command-line KEY VALUE overrides.
 TINY_OVERRIDES = [
     "SOLVER.IMS_PER_BATCH",
@@ -141,9 +143,12 @@ def test_readme_summary_table_copies_the_committed_figures_exactly():
             t for t in _table_rows(_read("results", study, "results.md"))
         ]
         method = row[header.index("method")]
+        # The committed results.md tables predate the rename of the one-rank RINCE-out loss.
+        method = RENAMED_METHODS.get(method, method)
         (study_row,) = [r for r in study_rows if r[0] == method]
         for column, value in zip(header, row):
             if column in study_header:
+                value = RENAMED_METHODS.get(value, value) if column == "method" else value
                 assert value == study_row[study_header.index(column)], (
                     f"README.md: {study} {method} {column} is {value}, results.md says "
                     f"{study_row[study_header.index(column)]}"

@@ -86,7 +86,7 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     dirs, raw = {}, {}
     for method, quality, seeds in (
         ("softmax", {"msp": 0.5}, 1),
-        ("supcon_out", {"msp": 0.5, "knn": 1.0}, 2),
+        ("supcon", {"msp": 0.5, "knn": 1.0}, 2),
         ("rince_in", {"msp": 0.5, "knn": 2.0}, 2),
     ):
         for seed in range(seeds):
@@ -109,7 +109,7 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     study.attach_paired_tests(rows, dirs, replicates=200)
     r = {row["method"]: row for row in rows}
     assert r["softmax"]["vs_msp"] is None and r["softmax"]["vs_supcon"] is None
-    assert r["supcon_out"]["vs_supcon"] == "self"
+    assert r["supcon"]["vs_supcon"] == "self"
 
     # The observed difference is the mean over seeds of each side's AUROC.
     def auc(m, s):
@@ -119,14 +119,14 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
         auc("rince_in", "knn") - auc("rince_in", "msp")
     )
     assert r["rince_in"]["vs_supcon"]["difference"] == pytest.approx(
-        auc("rince_in", "knn") - auc("supcon_out", "knn")
+        auc("rince_in", "knn") - auc("supcon", "knn")
     )
     t = r["rince_in"]["vs_supcon"]
     assert t["ci"][0] <= t["difference"] <= t["ci"][1] and 0 <= t["p_value"] <= 1
     md = study.table_markdown(rows)
     assert md.splitlines()[0].endswith("| best emb. − SupCon AUROC | best emb. − MSP AUROC |")
     cell = f"{t['difference']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p {t['p_value']:.3f}"
-    assert cell in md and md.splitlines()[3].startswith("| supcon_out |")
+    assert cell in md and md.splitlines()[3].startswith("| supcon |")
     assert "| — |" in md.splitlines()[3]
     assert md.splitlines()[2].endswith("| n/a | n/a |")  # softmax: no embedding score
     assert (
@@ -142,7 +142,7 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
 
 def test_write_results_reads_version_2_reports(tmp_path):
     """results.md from finished runs: open-set, image-level and paired-test columns."""
-    methods = ("softmax", "supcon_out", "rince_in")
+    methods = ("softmax", "supcon", "rince_in")
     runs = [(m, 0, str(tmp_path / "runs" / m / "seed0")) for m in methods]
     rng = np.random.default_rng(0)
     ids = [f"{i:06d}" for i in range(30)]
@@ -185,7 +185,7 @@ def test_write_results_reads_version_2_reports(tmp_path):
     rows = {line.split(" | ")[0][2:]: line for line in md.splitlines()[2:]}
     assert "| 12 | 0.0500 | 0.600 |" in rows["rince_in"]
     assert rows["softmax"].endswith("| n/a | n/a |")
-    assert rows["supcon_out"].split(" | ")[-2] == "—"
+    assert rows["supcon"].split(" | ")[-2] == "—"
     versions = {m["protocol_version"] for results in per_method.values() for m in results}
     assert sorted(versions) == [2]
     assert (tmp_path / "out" / "results.md").read_text() == md

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """
-Forward + backward time and peak extra memory of the vectorised RINCE loss, against one plain
-SupCon pass over the same inputs and (small case only) the brute-force reference.
+Forward + backward time and peak extra memory of the vectorised RINCE loss and of rcdet's SupCon
+(``MODEL.RCDET.LOSS supcon``, the same kernel), against one plain autograd SupCon pass over the
+same inputs and (small case only) the brute-force reference.
 
     python tools/benchmark_loss.py --json output/bench/loss.json
 
@@ -12,7 +13,8 @@ Peak extra memory: on CUDA, torch.cuda.max_memory_allocated above the inputs; on
 peak resident size of a fresh process that runs one step, above its size before the step
 (glibc's mmap threshold fixed, so freed blocks leave the resident set). Prints a table and,
 with --json, writes every row plus ``rince_r3_over_supcon`` (time ratio at N=1024, M=8192,
-d=128, r=3): the median of per-pair ratios of SupCon and RINCE steps run alternately, so that
+d=128, r=3, against the autograd SupCon) and ``supcon_over_rince_r1`` (rcdet's SupCon against
+RINCE-out with r = 1, same size): medians of per-pair ratios of steps run alternately, so that
 load from other processes hits both.
 """
 
@@ -37,7 +39,7 @@ from rcdet.testing import (
 )
 
 
-def supcon_out(z, y, k, ky, tau, self_index):
+def supcon_autograd(z, y, k, ky, tau, self_index):
     """Plain SupCon (Khosla et al., L_out) with an explicit key set: the usual autograd code."""
     logits = z @ k.t() / tau
     self_mask = torch.zeros_like(logits, dtype=torch.bool)
@@ -88,6 +90,10 @@ def peak_extra_bytes(variant, n, m, r, args, device):
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def _loss_name(variant):
+    return variant if variant.startswith("supcon") else f"rince_{variant}"
+
+
 class _Args:
     def __init__(self, dim, num_classes):
         self.dim, self.num_classes = dim, num_classes
@@ -97,8 +103,8 @@ def _make_step(variant, n, m, r, args, device):
     z, y, k, ky, self_idx = random_loss_inputs(n, m, args.dim, args.num_classes, device)
     z.requires_grad_(True)
     k.requires_grad_(True)
-    if variant == "supcon":
-        return lambda: supcon_out(z, y, k, ky, 0.1, self_idx).backward()
+    if variant == "supcon_autograd":
+        return lambda: supcon_autograd(z, y, k, ky, 0.1, self_idx).backward()
     ranks = ring_rank_matrix(args.num_classes, r, device)
     taus = [0.1 + 0.1 * i for i in range(r)]
     # As the training step calls it: without the host-side label check.
@@ -113,8 +119,8 @@ def count_call(variant, n, m, r, dim, num_classes, device):
     z.requires_grad_(True)
     k.requires_grad_(True)
     with SyncCounter() as counter:
-        if variant == "supcon":
-            supcon_out(z, y, k, ky, 0.1, self_idx).backward()
+        if variant == "supcon_autograd":
+            supcon_autograd(z, y, k, ky, 0.1, self_idx).backward()
         else:
             taus = [0.1 + 0.1 * i for i in range(r)]
             ranked_info_nce(
@@ -155,7 +161,7 @@ def main(argv=None):
         matrix = n * m * 4
         rows.append(
             {
-                "loss": "supcon_out" if variant == "supcon" else f"rince_{variant}",
+                "loss": _loss_name(variant),
                 "N": n,
                 "M": m,
                 "d": args.dim,
@@ -168,6 +174,7 @@ def main(argv=None):
 
     for size in args.sizes:
         n, m = (int(v) for v in size.split("x"))
+        run("supcon_autograd", n, m, 1)
         run("supcon", n, m, 1)
         for r in args.ranks:
             for variant in ("out_in", "in", "out"):
@@ -203,10 +210,10 @@ def main(argv=None):
         f" {torch.get_num_threads()} threads), torch {torch.__version__}"
     )
     header = ("loss", "N", "M", "r", "fwd+bwd ms", "peak MiB", "x N*M f32")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (14, 5, 5, 2, 11, 9, 9))))
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (16, 5, 5, 2, 11, 9, 9))))
     for row in rows:
         print(
-            f"{row['loss']:>14} {row['N']:>5} {row['M']:>5} {row['r']:>2} {row['ms']:>11.1f}"
+            f"{row['loss']:>16} {row['N']:>5} {row['M']:>5} {row['r']:>2} {row['ms']:>11.1f}"
             f" {row['peak_extra_MiB']:>9.1f} {row['peak_in_NxM_f32']:>9.2f}"
         )
     print(
@@ -228,11 +235,11 @@ def main(argv=None):
         "reference_small_ms": ref_ms,
         "vectorised_small_ms": vec_ms,
     }
-    r3, sc = pick("rince_out_in", 1024, 8192, 3), pick("supcon_out", 1024, 8192, 1)
+    r3, sc = pick("rince_out_in", 1024, 8192, 3), pick("supcon_autograd", 1024, 8192, 1)
     if r3 and sc:
         summary["rince_r3_over_supcon"] = paired_ratio(
             _make_step("out_in", 1024, 8192, 3, args, device),
-            _make_step("supcon", 1024, 8192, 1, args, device),
+            _make_step("supcon_autograd", 1024, 8192, 1, args, device),
             device,
             max(args.repeats, 9),
         )
@@ -241,9 +248,21 @@ def main(argv=None):
             f"rince_r3_over_supcon (N=1024, M=8192): {summary['rince_r3_over_supcon']:.2f}x time; "
             f"peak extra memory {r3['peak_in_NxM_f32']:.2f} N*M float32 matrices"
         )
+    if pick("supcon", 1024, 8192, 1) and pick("rince_out", 1024, 8192, 1):
+        summary["supcon_over_rince_r1"] = paired_ratio(
+            _make_step("supcon", 1024, 8192, 1, args, device),
+            _make_step("out", 1024, 8192, 1, args, device),
+            device,
+            max(args.repeats, 9),
+        )
+        print(
+            "supcon_over_rince_r1 (N=1024, M=8192): "
+            f"{summary['supcon_over_rince_r1']:.2f}x time (rcdet's SupCon / RINCE-out, r = 1)"
+        )
     counts = []
     for num_classes in (20, 80):
         for variant, r in [
+            ("supcon_autograd", 1),
             ("supcon", 1),
             ("out_in", 1),
             ("out_in", 3),
@@ -254,7 +273,7 @@ def main(argv=None):
             syncs, ops = count_call(variant, 256, 2048, r, args.dim, num_classes, device)
             counts.append(
                 {
-                    "loss": "supcon_out" if variant == "supcon" else f"rince_{variant}",
+                    "loss": _loss_name(variant),
                     "r": r,
                     "classes": num_classes,
                     "syncs": syncs,
@@ -262,12 +281,12 @@ def main(argv=None):
                 }
             )
     print(
-        f"{'loss':>14} {'r':>2} {'classes':>7} {'syncs':>5} {'operators':>9}   (one forward +"
+        f"{'loss':>16} {'r':>2} {'classes':>7} {'syncs':>5} {'operators':>9}   (one forward +"
         " backward)"
     )
     for row in counts:
         print(
-            f"{row['loss']:>14} {row['r']:>2} {row['classes']:>7} {row['syncs']:>5} {row['ops']:>9}"
+            f"{row['loss']:>16} {row['r']:>2} {row['classes']:>7} {row['syncs']:>5} {row['ops']:>9}"
         )
     summary["syncs_and_operators"] = counts
     if args.json:

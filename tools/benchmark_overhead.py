@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """
-Overhead of RankedContrastiveROIHeads (RINCE, r = 3, queue 4096) over StandardROIHeads on the
-same model: median train-step time ratio, inference-time ratio with EMBED_AT_TEST off and on,
-and peak memory. The two models are stepped alternately in one run, so machine noise hits both.
+Overhead of RankedContrastiveROIHeads (RINCE, r = 3, queue 4096; with --branch vos: VOS alone,
+active from the first step) over StandardROIHeads on the same model: median train-step time
+ratio, inference-time ratio with EMBED_AT_TEST off and on, and peak memory. The two models are
+stepped alternately in one run, so machine noise hits both.
 
     # the CPU demo config; then R50-FPN on a GPU, in float32 and with AMP
     python tools/benchmark_overhead.py --json output/bench/overhead.json
     python tools/benchmark_overhead.py --config-file configs/voc_rince.yaml --synthetic
     python tools/benchmark_overhead.py --config-file configs/voc_rince.yaml --synthetic \\
         --amp float16
+    python tools/benchmark_overhead.py --config-file configs/shapes_vos_ood.yaml --branch vos
 
 Without the dataset on disk (or with --synthetic) it uses random images with random boxes.
 The optimizer runs with --lr 0 by default: the step is timed, not the training, and a randomly
@@ -36,7 +38,7 @@ from rcdet.testing import SyncCounter
 
 
 def build_cfg(config_file, mode, device, opts=()):
-    """mode: standard | rince (r = 3, queue 4096)."""
+    """mode: standard | rince (r = 3, queue 4096) | vos (VOS only, from iteration 0)."""
     from detectron2.config import get_cfg
 
     cfg = get_cfg()
@@ -47,6 +49,11 @@ def build_cfg(config_file, mode, device, opts=()):
     cfg.MODEL.WEIGHTS = ""
     if mode == "standard":
         cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+    elif mode == "vos":
+        cfg.MODEL.ROI_HEADS.NAME = "RankedContrastiveROIHeads"
+        cfg.MODEL.RCDET.LOSS = "none"
+        cfg.MODEL.RCDET.VOS.ENABLED = True
+        cfg.MODEL.RCDET.VOS.STARTING_ITER = 0
     else:
         cfg.MODEL.ROI_HEADS.NAME = "RankedContrastiveROIHeads"
         cfg.MODEL.RCDET.LOSS = "rince_out_in"
@@ -152,14 +159,14 @@ def infer(model, batch, device):
 
 def models_and_data(args):
     cfgs = {
-        m: build_cfg(args.config_file, m, args.device, args.opts) for m in ("standard", "rince")
+        m: build_cfg(args.config_file, m, args.device, args.opts) for m in ("standard", args.branch)
     }
     torch.manual_seed(0)
     models = {}
     for m, cfg in cfgs.items():
         torch.manual_seed(0)
         models[m] = build_model(cfg)
-    cfg = cfgs["rince"]
+    cfg = cfgs[args.branch]
     use_real = not args.synthetic and cfg.DATASETS.TRAIN and _dataset_exists(cfg)
     batches = (
         real_batches(cfg, args.batches)
@@ -187,6 +194,8 @@ def peak_memory_probe(mode, args):
             os.path.abspath(__file__),
             "--probe-memory",
             mode,
+            "--branch",
+            args.branch,
             "--config-file",
             args.config_file,
             "--batches",
@@ -229,6 +238,12 @@ def main(argv=None):
     parser.add_argument(
         "--no-memory", dest="memory", action="store_false", help="skip the CPU memory probes"
     )
+    parser.add_argument(
+        "--branch",
+        choices=["rince", "vos"],
+        default="rince",
+        help="the rcdet head to compare: RINCE (r = 3) or VOS alone, active from iteration 0",
+    )
     parser.add_argument("--json", default="")
     parser.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER)
@@ -250,6 +265,7 @@ def main(argv=None):
         print(peak_rss_bytes() - base)
         return 0
 
+    branch = args.branch
     cfgs, models, batches, use_real = models_and_data(args)
     opts = {m: torch.optim.SGD(models[m].parameters(), lr=args.lr, momentum=0.9) for m in models}
     amp = {m: make_amp(args.amp, args.device) for m in models}
@@ -261,7 +277,7 @@ def main(argv=None):
             for b in batches:
                 train_step(models[m], opts[m], b, args.device, amp[m])
         for i in range(args.steps):
-            order = ("standard", "rince") if i % 2 == 0 else ("rince", "standard")
+            order = ("standard", branch) if i % 2 == 0 else (branch, "standard")
             for m in order:
                 if args.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
@@ -271,23 +287,23 @@ def main(argv=None):
                 )
                 if args.device.startswith("cuda"):
                     peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated())
-    train_ratio = statistics.median(r / s for r, s in zip(times["rince"], times["standard"]))
+    train_ratio = statistics.median(r / s for r, s in zip(times[branch], times["standard"]))
     syncs = {
         m: count_step_syncs(models[m], opts[m], batches[0], args.device, amp[m]) for m in models
     }
-    added = syncs["rince"].sync_ops - syncs["standard"].sync_ops
+    added = syncs[branch].sync_ops - syncs["standard"].sync_ops
 
     inf = {"standard": [], "embed_off": [], "embed_on": []}
     for m in models.values():
         m.eval()
-    heads = models["rince"].roi_heads
+    heads = models[branch].roi_heads
     for i in range(args.steps):
         b = batches[i % len(batches)]
         keys = ["standard", "embed_off", "embed_on"]
         for key in keys if i % 2 == 0 else reversed(keys):
             heads.embed_at_test = key == "embed_on"
             inf[key].append(
-                infer(models["standard" if key == "standard" else "rince"], b, args.device)
+                infer(models["standard" if key == "standard" else branch], b, args.device)
             )
     heads.embed_at_test = False
     ratio_off = statistics.median(o / s for o, s in zip(inf["embed_off"], inf["standard"]))
@@ -297,6 +313,7 @@ def main(argv=None):
         peaks = {m: peak_memory_probe(m, args) if args.memory else None for m in models}
     result = {
         "config": args.config_file,
+        "branch": branch,
         "device": (
             args.device if not args.device.startswith("cuda") else torch.cuda.get_device_name()
         ),

@@ -2,8 +2,10 @@
 """
 Reproducible comparison: softmax vs SupCon vs RINCE, with two classes held out.
 
-Methods: softmax (branch off), supcon_out, rince_in and rince_out_in with the family ranking,
-and rince_out_in with a deliberately wrong (shuffled) ranking as a control. For each method and
+Methods: softmax (branch off), supcon (Khosla et al.'s SupCon, as FSCE uses it), rince_out_r1
+(RINCE-out with one rank: the official RINCE code's one-rank baseline, the seed report's
+"SupCL"), rince_in and rince_out_in with the family ranking, and rince_out_in with a
+deliberately wrong (shuffled) ranking as a control. For each method and
 seed: train, then the OOD benchmark (AP, AP50, AP75 and every OOD score) and the embedding
 analysis. Every stage is a real command (see --dry-run) and is skipped when its output exists,
 so an interrupted study resumes where it stopped.
@@ -43,7 +45,7 @@ from rcdet.file_io import atomic_write, write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The drop_annotations variant study compares these methods.
-VARIANT_METHODS = ("softmax", "supcon_out", "rince_out_in")
+VARIANT_METHODS = ("softmax", "supcon", "rince_out_r1", "rince_out_in")
 
 
 @dataclass
@@ -58,7 +60,10 @@ def methods_for(voc: bool) -> List[Method]:
     p = "voc" if voc else "shapes"
     return [
         Method("softmax", f"configs/{p}_softmax_ood.yaml"),
-        Method("supcon_out", f"configs/{p}_supcon_ood.yaml"),
+        Method("supcon", f"configs/{p}_supcon_ood.yaml"),
+        Method(
+            "rince_out_r1", f"configs/{p}_supcon_ood.yaml", ["MODEL.RCDET.LOSS", "rince_out_r1"]
+        ),
         Method("rince_in", f"configs/{p}_rince_ood.yaml", ["MODEL.RCDET.LOSS", "rince_in"]),
         Method("rince_out_in", f"configs/{p}_rince_ood.yaml"),
         Method("rince_out_in_shuffled", f"configs/{p}_rince_ood.yaml", shuffled_ranking=True),
@@ -346,7 +351,7 @@ def main(argv=None):
         default="drop_images",
         help=(
             "drop_annotations: the variant study "
-            "(softmax, supcon_out, rince_out_in unless --methods)"
+            "(softmax, supcon, rince_out_r1, rince_out_in unless --methods)"
         ),
     )
     parser.add_argument(

@@ -3,6 +3,7 @@ from .contrastive_memory import RankedInfoNCEWithMemory
 from .memory_queue import EmbeddingQueue
 from .rince import RankedInfoNCELoss, build_contrastive_loss, ranked_info_nce
 from .roi_heads import RankedContrastiveROIHeads
+from .vos import VirtualOutlierSynthesis, build_vos
 
 __all__ = [
     "TinyConvNet",
@@ -13,4 +14,6 @@ __all__ = [
     "RankedInfoNCEWithMemory",
     "RankedContrastiveROIHeads",
     "build_contrastive_loss",
+    "VirtualOutlierSynthesis",
+    "build_vos",
 ]

@@ -15,9 +15,13 @@ Variants (``ell_k``, per anchor):
 - ``out``: ``-(1/|P_k|) sum_{p in P_k} log( e^{s_p/tau_k} /
   (e^{s_p/tau_k} + sum_{N_k} e^{s_n/tau_k}) )``
 - ``out_in``: ``out`` for k = 1, ``in`` for k > 1.
+- ``supcon``: ``-(1/|P_k|) sum_{p in P_k} log( e^{s_p/tau_k} / sum_{D_k} e^{s/tau_k} )``: with
+  r = 1, D_1 is every key but the anchor's own, and this is the supervised contrastive loss
+  ``L^sup_out`` of Khosla et al. (NeurIPS 2020), the one FSCE and pytorch-metric-learning use.
+  RINCE's ``out`` with r = 1 differs: its denominator leaves the other positives out.
 
 ``ell_k`` is averaged over the anchors that have at least one rank-k positive (optionally
-weighted per anchor) and ``L = sum_k mean_i ell_k(i)``. SupCon is r = 1.
+weighted per anchor) and ``L = sum_k mean_i ell_k(i)``.
 
 Key labels: ``[0, K)`` are classes, ``>= K`` background (a negative of every anchor), and
 ``< 0`` "no key": padding and empty queue slots, excluded from every set.
@@ -28,9 +32,10 @@ depends on r only, never on the number of classes, so it runs at full speed on a
 
 :func:`build_contrastive_loss` parses the loss name once; the ranking
 (:class:`rcdet.ranking.ClassRanking`) gives the rank matrix and the temperatures, the one-rank
-identity of SupCon included.
+identity included.
 """
 
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -55,20 +60,33 @@ __all__ = [
     "positive_anchor_counts",
 ]
 
-# Public loss names -> (per-rank form, rank limit). SupCon is RINCE with r = 1.
+# Public loss names -> (per-rank form, rank limit). ``supcon`` is Khosla et al.'s L^sup_out;
+# ``rince_*_r1`` are RINCE with one rank (the official RINCE code's one-rank baseline).
 VARIANTS = {
     "rince_in": ("in", None),
     "rince_out": ("out", None),
     "rince_out_in": ("out_in", None),
-    "supcon_in": ("in", 1),
-    "supcon_out": ("out", 1),
+    "rince_in_r1": ("in", 1),
+    "rince_out_r1": ("out", 1),
+    "supcon": ("supcon", 1),
 }
-_FORMS = ("in", "out", "out_in")
+# Earlier names of the one-rank RINCE losses, still accepted in saved configs.
+DEPRECATED_NAMES = {"supcon_in": "rince_in_r1", "supcon_out": "rince_out_r1"}
+_FORMS = ("in", "out", "out_in", "supcon")
 _INF = float("inf")
 
 
 def parse_loss_name(name: str) -> Tuple[str, Optional[int]]:
-    """``"rince_out_in"`` -> ``("out_in", None)``; ``"supcon_out"`` -> ``("out", 1)``."""
+    """``"rince_out_in"`` -> ``("out_in", None)``; ``"supcon"`` -> ``("supcon", 1)``."""
+    if name in DEPRECATED_NAMES:
+        new = DEPRECATED_NAMES[name]
+        warnings.warn(
+            f"MODEL.RCDET.LOSS '{name}' is RINCE with one rank, not SupCon; it is now named"
+            f" '{new}' ('supcon' is Khosla et al.'s loss).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        name = new
     if name not in VARIANTS:
         raise ValueError(
             f"Unknown contrastive loss '{name}'; choose one of {sorted(VARIANTS)} or 'none'."
@@ -144,7 +162,8 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
     (anchor, class) block, and one matmul with the keys' one-hot classes give a log-sum-exp per
     (anchor, class); every set sum of the definition is then a log-sum-exp over at most K + 2
     classes, each set shifted by its own maximum (exact at tau = 0.01). Only the ``out`` form
-    needs per-positive terms. Everything is dense and masked: no host syncs, no Python loop
+    needs per-positive terms; ``supcon`` reads the positives' similarity sums from per-class
+    sums of the keys. Everything is dense and masked: no host syncs, no Python loop
     over classes. The backward is written out and rebuilds the N x M gradient once, rank by
     rank, for the two final matmuls.
     """
@@ -211,6 +230,12 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
                 if forms[k - 1] == "in":
                     lse_other = _set_logsumexp(class_lse, class_codes >= k)
                     ell = lse_other - lse_pos
+                elif forms[k - 1] == "supcon":
+                    # -mean_p log softmax_D(p) = lse_D - t mean_p s_p, the positives' similarity
+                    # sum read from the per-class sums above: no per-positive pass.
+                    lse_other = _set_logsumexp(class_lse, class_codes >= k)
+                    pos_sim = (block_sum * (class_codes == k)).sum(dim=1)
+                    ell = lse_other - t * pos_sim / n_pos[:, k - 1]
                 else:
                     lse_other = _set_logsumexp(class_lse, class_codes > k)
                     # -inf outside P_k makes softplus (and the backward's sigmoid) exactly 0 there.
@@ -300,6 +325,16 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
                         _log_softmax_factor(live & (class_codes == k), block_max, lse_pos, t),
                         -coef,
                     )
+                elif forms[k - 1] == "supcon":
+                    # d ell / d(t s_ij) = 1[j in D] softmax_D(j) - 1[j in P] / |P|
+                    add_softmax_part(
+                        t,
+                        _log_softmax_factor(live & (class_codes >= k), block_max, lse_other, t),
+                        coef,
+                    )
+                    positive = _per_key((live & (class_codes == k)).to(shifted.dtype), key_cls)
+                    add(_drop_self(positive, self_col, has_self), -coef / n_pos[:, k - 1])
+                    del positive
                 else:
                     # positives: -sigmoid(N - t s_p) / |P|; negatives: mean_p sigmoid(N - t s_p)
                     # softmax_N(j)
@@ -379,7 +414,7 @@ def ranked_info_nce(
         rank_matrix: (K, K) integer ranks: 1 on the diagonal, 2..r similar, others negative.
         temperatures: tau_1 < ... < tau_r, one per rank; r = len(temperatures), and ranks
             above r in ``rank_matrix`` count as negatives.
-        variant: ``in``, ``out`` or ``out_in``.
+        variant: ``in``, ``out``, ``out_in`` or ``supcon``.
         self_index: (N,) index of each anchor's own key in ``keys``, or -1; excluded by index.
         anchor_weights: (N,) optional per-anchor weights (e.g. IoU reweighting).
         anchor_valid: (N,) bool; rows that are False are padding and count nowhere.
@@ -712,7 +747,8 @@ def build_contrastive_loss(
     The loss that ``MODEL.RCDET`` describes for a model of ``class_names``, or None when
     ``MODEL.RCDET.LOSS`` is ``none``. The ranking file is read for ``all_class_names`` (the
     base dataset's classes, held-out ones included) and restricted to ``class_names``; it gives
-    the rank matrix and the temperatures. A one-rank loss (``supcon_*``) needs no file.
+    the rank matrix and the temperatures. A one-rank loss (``supcon``, ``rince_*_r1``) needs no
+    file.
     """
     rc = cfg.MODEL.RCDET
     if rc.LOSS == "none":

@@ -1,5 +1,6 @@
 """
-RankedContrastiveROIHeads: StandardROIHeads plus a RINCE projection branch on the box features.
+RankedContrastiveROIHeads: StandardROIHeads plus a RINCE projection branch on the box features,
+and optionally VOS (virtual outlier synthesis) on the same features.
 """
 
 import bisect
@@ -20,6 +21,7 @@ from ..data.held_out import training_classes
 from .contrastive_memory import RankedInfoNCEWithMemory
 from .memory_queue import EmbeddingQueue
 from .rince import RankedInfoNCELoss, build_contrastive_loss, iou_reweight
+from .vos import VirtualOutlierSynthesis, build_vos
 
 __all__ = ["RankedContrastiveROIHeads"]
 
@@ -30,7 +32,8 @@ class RankedContrastiveROIHeads(StandardROIHeads):
     StandardROIHeads whose box-head features also feed a projection MLP trained with RINCE (or
     SupCon) over per-region class rankings. Anchors are foreground proposals with IoU >=
     ``iou_threshold``; keys are all sampled proposals of the global batch plus a memory queue.
-    With ``contrastive_loss=None`` it is exactly StandardROIHeads.
+    ``vos`` adds VOS's uncertainty loss (rcdet.modeling.vos). With ``contrastive_loss=None``
+    and ``vos=None`` it is exactly StandardROIHeads.
     """
 
     @configurable
@@ -50,9 +53,11 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         queue_class_balanced: bool = False,
         gather: bool = True,
         embed_at_test: bool = False,
+        vos: Optional[VirtualOutlierSynthesis] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.vos = vos
         self.loss_weight = loss_weight
         self.decay_steps = sorted(decay_steps)
         self.decay_rate = decay_rate
@@ -115,6 +120,9 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             gather=rc.GATHER,
             embed_at_test=rc.EMBED_AT_TEST,
         )
+        shape = ret["box_head"].output_shape
+        feature_dim = shape.channels * (shape.height or 1) * (shape.width or 1)
+        ret["vos"] = build_vos(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES, feature_dim)
         return ret
 
     @torch.jit.unused
@@ -153,20 +161,54 @@ class RankedContrastiveROIHeads(StandardROIHeads):
 
     @torch.jit.unused
     def _forward_box_train(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
-        if self.contrast is None:
+        if self.contrast is None and self.vos is None:
             return super()._forward_box(features, proposals)
         if self.train_on_pred_boxes:
             raise NotImplementedError(
                 "MODEL.ROI_BOX_HEAD.TRAIN_ON_PRED_BOXES is not supported with the contrastive"
-                " branch."
+                " branch or VOS."
             )
         box_in = [features[f] for f in self.box_in_features]
         # StandardROIHeads._forward_box deletes box_features; the branch needs them.
         box_features = self.box_head(self.box_pooler(box_in, [x.proposal_boxes for x in proposals]))
         predictions = self.box_predictor(box_features)
         losses = self.box_predictor.losses(predictions, proposals)
-        losses.update(self.contrastive_losses(box_features, proposals))
+        scalars = {}  # device scalars, logged in the step's one transfer
+        if self.vos is not None:
+            losses.update(self.vos_losses(box_features, predictions[0], proposals, scalars))
+        if self.contrast is not None:
+            losses.update(self.contrastive_losses(box_features, proposals, scalars))
+        else:
+            self._log_scalars(get_event_storage(), scalars)
         return losses
+
+    @torch.jit.unused
+    def vos_losses(
+        self,
+        box_features: torch.Tensor,
+        logits: torch.Tensor,
+        proposals: List[Instances],
+        scalars: Dict[str, torch.Tensor],
+    ) -> Dict[str, torch.Tensor]:
+        out = self.vos(
+            box_features,
+            logits,
+            torch.cat([p.gt_classes for p in proposals]),
+            lambda x: self.box_predictor(x)[0],
+            get_event_storage().iter,
+            max_foreground=len(proposals) * int(self.batch_size_per_image * self.positive_fraction),
+        )
+        scalars.update(out.scalars)
+        return {"loss_vos": out.loss}
+
+    @torch.jit.unused
+    def _log_scalars(self, storage, scalars: Dict[str, torch.Tensor]) -> None:
+        """Log ``rcdet/<name>`` for device scalars, read back in one transfer."""
+        if not scalars:
+            return
+        names = list(scalars)
+        for name, value in zip(names, torch.stack([scalars[k].float() for k in names]).tolist()):
+            storage.put_scalar(f"rcdet/{name}", value)
 
     @torch.jit.unused
     def _attach_embeddings(
@@ -206,7 +248,10 @@ class RankedContrastiveROIHeads(StandardROIHeads):
 
     @torch.jit.unused
     def contrastive_losses(
-        self, box_features: torch.Tensor, proposals: List[Instances]
+        self,
+        box_features: torch.Tensor,
+        proposals: List[Instances],
+        extra_scalars: Optional[Dict[str, torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         storage = get_event_storage()
         embeddings = self.embed(box_features)
@@ -225,7 +270,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             max_anchors=len(proposals) * int(self.batch_size_per_image * self.positive_fraction),
             pad_to=len(proposals) * self.batch_size_per_image,
         )
-        stats = self._branch_statistics(out, embeddings)
+        stats = self._branch_statistics(out, embeddings, extra_scalars or {})
         if not stats["finite"]:
             raise FloatingPointError(
                 "rcdet: the contrastive branch's box embeddings contain Inf/NaN at "
@@ -233,18 +278,26 @@ class RankedContrastiveROIHeads(StandardROIHeads):
                 "SOLVER.WARMUP_ITERS, or check the input data."
             )
         self._log_branch_statistics(storage, stats)
+        for name, value in stats["extra"].items():
+            storage.put_scalar(f"rcdet/{name}", value)
         return {"loss_contrast": out.loss * self.current_loss_weight(storage.iter)}
 
     @torch.jit.unused
-    def _branch_statistics(self, out, embeddings) -> Dict[str, object]:
-        """Every rcdet/* scalar in one device-to-host transfer: the step's only sync from rcdet."""
+    def _branch_statistics(self, out, embeddings, extra=None) -> Dict[str, object]:
+        """
+        Every rcdet/* scalar, ``extra`` ({name: device scalar}) included, in one device-to-host
+        transfer: the step's only sync from rcdet.
+        """
+        extra = extra or {}
         r = self.contrast.num_ranks
         queue = self.queue
         fill = (
             queue.num_filled() / queue.capacity if queue is not None else out.per_rank.new_zeros(())
         )
         finite = torch.isfinite(embeddings).all()
-        totals = torch.stack([t.float() for t in (out.num_anchors, out.num_keys, fill, finite)])
+        totals = torch.stack(
+            [t.float() for t in (out.num_anchors, out.num_keys, fill, finite, *extra.values())]
+        )
         values = torch.cat(
             [
                 out.per_rank.detach().float(),
@@ -253,7 +306,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
                 totals,
             ]
         ).tolist()
-        num_anchors, num_keys, fill, finite = values[3 * r + 1 :]
+        num_anchors, num_keys, fill, finite = values[3 * r + 1 : 3 * r + 5]
         return {
             "per_rank": values[:r],
             "anchors_per_rank": values[r : 2 * r],
@@ -262,6 +315,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             "num_keys": num_keys,
             "queue_fill": fill,
             "finite": bool(finite),
+            "extra": dict(zip(extra, values[3 * r + 5 :])),
         }
 
     @torch.jit.unused

@@ -41,6 +41,9 @@ def reference_rince(z, y, k, ky, rank, taus, variant, self_index=None, weights=N
                 num = sum(math.exp(s[j] / tau) for j in pos)
                 d = sum(math.exp(s[j] / tau) for j in den)
                 ell = -math.log(num / d)
+            elif form == "supcon":
+                d = sum(math.exp(s[j] / tau) for j in den)
+                ell = -sum(math.log(math.exp(s[p] / tau) / d) for p in pos) / len(pos)
             else:
                 sn = sum(math.exp(s[j] / tau) for j in neg)
                 ell = -sum(

@@ -23,6 +23,7 @@ NUM_CLASSES, FEAT, DIM, PAD = 4, 6, 5, 16
 RANK = torch.tensor([[1, 2, 3, -1], [2, 1, -1, 3], [3, -1, 1, 2], [-1, -1, 2, 1]])
 # (rows of worker 0, rows of worker 1); worker 1's rows in the third case have no anchor.
 SCENARIOS = {"uneven": (11, 5), "no_anchors": (9, 7), "no_regions": (14, 0)}
+VARIANTS = ("out_in", "in", "supcon")
 
 
 def _batch(scenario):
@@ -85,7 +86,7 @@ def _reference(scenario, variant):
 
 def _worker(rank, world_size, out_dir):
     results = {}
-    for variant in ("out_in", "in"):
+    for variant in VARIANTS:
         for scenario in SCENARIOS:
             proj, contrast = _model(variant)
             contrast.static_shapes = (
@@ -123,7 +124,7 @@ def worker_results(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pth") for r in (0, 1)]
 
 
-@pytest.mark.parametrize("variant", ["out_in", "in"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_ddp_gradient_and_loss_equal_one_process(worker_results, scenario, variant):
     ref_loss, ref_grads, ref_queue = _reference(scenario, variant)

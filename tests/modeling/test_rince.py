@@ -19,6 +19,8 @@ from rcdet.testing import SyncCounter, random_loss_inputs, reference_rince, ring
 
 RANK = torch.tensor([[1, 2, 3, -1], [2, 1, -1, 3], [3, -1, 1, 2], [-1, -1, 2, 1]])
 BG = 4
+# Every per-rank form; "supcon" is Khosla et al.'s loss (MODEL.RCDET.LOSS supcon with r = 1).
+VARIANTS = ["in", "out", "out_in", "supcon"]
 
 
 def _closed_form_inputs():
@@ -54,7 +56,7 @@ def test_closed_form_out():
     assert out.per_rank.tolist() == pytest.approx([l1, l2], abs=1e-12)
 
 
-def test_closed_form_out_in_and_supcon():
+def test_closed_form_out_in_and_rince_in_r1():
     inputs = _closed_form_inputs()
     out = ranked_info_nce(*inputs, RANK, [0.5, 1.0], "out_in")
     l1 = -0.5 * (
@@ -62,12 +64,131 @@ def test_closed_form_out_in_and_supcon():
     )
     l2 = -math.log(E(0) / (E(0) + E(-1)))
     assert out.loss.item() == pytest.approx(l1 + l2, abs=1e-12)
-    form, max_rank = parse_loss_name("supcon_in")
-    supcon = RankedInfoNCELoss(RANK, [0.5, 1.0][:max_rank], form)(*inputs)
+    form, max_rank = parse_loss_name("rince_in_r1")
+    one_rank = RankedInfoNCELoss(RANK, [0.5, 1.0][:max_rank], form)(*inputs)
     # r = 1: the rank-2 key becomes a plain negative.
-    assert supcon.loss.item() == pytest.approx(
+    assert one_rank.loss.item() == pytest.approx(
         -math.log((E(2) + E(1.2)) / (E(2) + E(1.2) + E(0) + E(-2))), abs=1e-12
     )
+
+
+def _three_anchor_case():
+    # Anchors z0, z1 (class 0) and z2 (class 1) are also keys 0-2; key 3 is class 1, key 4
+    # class 0 (not anchors), key 5 background.
+    z = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=torch.float64)
+    extra = torch.tensor([[-0.6, 0.8], [0.8, 0.6], [-1.0, 0.0]], dtype=torch.float64)
+    return z, torch.tensor([0, 0, 1]), torch.cat([z, extra]), torch.tensor([0, 0, 1, 1, 0, BG])
+
+
+def test_supcon_three_anchors_by_hand():
+    z, y, k, ky = _three_anchor_case()
+    # t = 1 / tau = 2. Similarities times t, each anchor's own key left out:
+    # anchor 0: z1 1.2, z2 0, key3 -1.2, key4 1.6, bg -2; positives z1, key4
+    # anchor 1: z0 1.2, z2 1.6, key3 0.56, key4 1.92, bg -1.2; positives z0, key4
+    # anchor 2: z0 0, z1 1.6, key3 1.6, key4 1.2, bg 0; positive key3
+    den0 = math.log(E(1.2) + E(0) + E(-1.2) + E(1.6) + E(-2))
+    den1 = math.log(E(1.2) + E(1.6) + E(0.56) + E(1.92) + E(-1.2))
+    den2 = math.log(E(0) + E(1.6) + E(1.6) + E(1.2) + E(0))
+    ell = [den0 - (1.2 + 1.6) / 2, den1 - (1.2 + 1.92) / 2, den2 - 1.6]
+    w = torch.tensor([0.9, 0.8, 1.0], dtype=torch.float64)  # FSCE's linear IoU reweighting
+    eye = torch.eye(4, dtype=torch.long)
+    out = ranked_info_nce(z, y, k, ky, eye, [0.5], "supcon", torch.arange(3), w)
+    expected = sum(wi * li for wi, li in zip(w.tolist(), ell)) / 3
+    assert out.loss.item() == pytest.approx(expected, abs=1e-12)
+    assert out.anchor_counts.tolist() == [3]
+    # RINCE-out with one rank leaves the other positives out of each denominator: another loss.
+    out_r1 = ranked_info_nce(z, y, k, ky, eye, [0.5], "out", torch.arange(3), w)
+
+    def out_term(positives, negatives):
+        sn = sum(E(v) for v in negatives)
+        return sum(math.log1p(sn / E(p)) for p in positives) / len(positives)
+
+    rince = [
+        out_term([1.2, 1.6], [0, -1.2, -2]),
+        out_term([1.2, 1.92], [1.6, 0.56, -1.2]),
+        out_term([1.6], [0, 1.6, 1.2, 0]),
+    ]
+    expected_r1 = sum(wi * li for wi, li in zip(w.tolist(), rince)) / 3
+    assert out_r1.loss.item() == pytest.approx(expected_r1, abs=1e-12)
+    assert abs(expected_r1 - expected) > 0.1
+
+
+def _pml_supcon(z, y, tau, ref=None, ref_labels=None):
+    from pytorch_metric_learning.losses import SupConLoss
+
+    if ref is None:
+        return SupConLoss(temperature=tau)(z, y)
+    return SupConLoss(temperature=tau)(z, y, ref_emb=ref, ref_labels=ref_labels)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.07, 0.01])
+@pytest.mark.parametrize("seed", range(3))
+def test_supcon_equals_pytorch_metric_learning(seed, tau):
+    # In-batch (every embedding an anchor and a key, self excluded by index) and against a
+    # separate key set with background keys (a label no anchor has), value and gradient with
+    # respect to the raw vectors before normalisation, which both losses see normalised.
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (64,), generator=g)
+    keys = torch.randn(40, 16, generator=g, dtype=torch.float64)
+    key_labels = torch.randint(0, 6, (40,), generator=g)  # 5 = background
+    eye = torch.eye(5, dtype=torch.long)
+
+    def grads(fn):
+        a = x.clone().requires_grad_(True)
+        b = keys.clone().requires_grad_(True)
+        loss = fn(F.normalize(a, dim=1), F.normalize(b, dim=1))
+        loss.backward()
+        return loss.item(), a.grad, b.grad
+
+    ref, ref_ga, _ = grads(lambda a, b: _pml_supcon(a, y, tau))
+    got, got_ga, _ = grads(
+        lambda a, b: ranked_info_nce(a, y, a, y, eye, [tau], "supcon", torch.arange(64)).loss
+    )
+    assert got == pytest.approx(ref, abs=1e-6)
+    torch.testing.assert_close(got_ga, ref_ga, atol=1e-6, rtol=0)
+
+    ref, ref_ga, ref_gb = grads(lambda a, b: _pml_supcon(a, y, tau, b, key_labels))
+    got, got_ga, got_gb = grads(
+        lambda a, b: ranked_info_nce(a, y, b, key_labels, eye, [tau], "supcon").loss
+    )
+    assert got == pytest.approx(ref, abs=1e-6)
+    torch.testing.assert_close(got_ga, ref_ga, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_gb, ref_gb, atol=1e-6, rtol=0)
+
+
+def test_supcon_float32_matches_float64():
+    g = torch.Generator().manual_seed(4)
+    z = F.normalize(torch.randn(64, 16, generator=g, dtype=torch.float64), dim=1)
+    y = torch.randint(0, 5, (64,), generator=g)
+    eye = torch.eye(5, dtype=torch.long)
+    ref = _pml_supcon(z, y, 0.1).item()
+    z32 = z.float()
+    got = ranked_info_nce(z32, y, z32, y, eye, [0.1], "supcon", torch.arange(64)).loss.item()
+    assert got == pytest.approx(ref, abs=1e-5)
+
+
+def test_one_rank_rince_out_is_not_supcon():
+    # The case of the report that renamed the losses: 64 unit vectors of 5 classes, tau 0.1.
+    torch.manual_seed(0)
+    z = F.normalize(torch.randn(64, 16, dtype=torch.float64), dim=1)
+    y = torch.randint(0, 5, (64,))
+    eye = torch.eye(5, dtype=torch.long)
+    assert _pml_supcon(z, y, 0.1).item() == pytest.approx(6.5746, abs=1e-4)
+    out = ranked_info_nce(z, y, z, y, eye, [0.1], "out", torch.arange(64))
+    assert out.loss.item() == pytest.approx(6.3105, abs=1e-4)
+    assert parse_loss_name("supcon") == ("supcon", 1)
+    assert parse_loss_name("rince_out_r1") == ("out", 1)
+
+
+@pytest.mark.parametrize(
+    "old, new, parsed",
+    [("supcon_out", "rince_out_r1", ("out", 1)), ("supcon_in", "rince_in_r1", ("in", 1))],
+)
+def test_old_one_rank_names_still_work_with_a_warning(old, new, parsed):
+    with pytest.warns(FutureWarning, match=f"'{old}'.*now named '{new}'") as record:
+        assert parse_loss_name(old) == parsed
+    assert len(record) == 1 and "\n" not in str(record[0].message)
 
 
 def _random_case(seed, n=7, m=13, d=5, self_exclude=True, bg=True, weights=True):
@@ -85,7 +206,7 @@ def _random_case(seed, n=7, m=13, d=5, self_exclude=True, bg=True, weights=True)
     return z, y, k, ky, self_index, w
 
 
-@pytest.mark.parametrize("variant", ["in", "out", "out_in"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed", range(6))
 def test_matches_bruteforce_reference(variant, seed):
     z, y, k, ky, si, w = _random_case(
@@ -115,7 +236,7 @@ def test_empty_rank_and_uneven_positive_counts():
     y = torch.tensor([0, 0, 1, 1, 0])
     ky = torch.tensor([0, 0, 0, 0, 1, 4, 4, 4, 4])
     taus = [0.1, 0.2, 0.3]
-    for variant in ("in", "out", "out_in"):
+    for variant in VARIANTS:
         out = ranked_info_nce(z, y, k, ky, RANK, taus, variant)
         total, per_rank, counts = reference_rince(
             z.tolist(), y.tolist(), k.tolist(), ky.tolist(), RANK.tolist(), taus, variant
@@ -124,7 +245,7 @@ def test_empty_rank_and_uneven_positive_counts():
         assert out.loss.item() == pytest.approx(total, abs=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["in", "out", "out_in"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_ranked_class_without_any_key(variant):
     # Class 1 is rank 2 for class-0 anchors, but no key has class 1; class 2 (rank 3) has only
     # the anchors' own keys. Those ranks are empty: finite loss, finite and exact gradients.
@@ -157,7 +278,7 @@ def test_self_exclusion_is_by_index_not_value():
     assert out.loss.item() == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("variant", ["in", "out", "out_in"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_gradcheck(variant):
     z, y, k, ky, si, w = _random_case(3, n=4, m=7, d=3)
     z.requires_grad_(True)
@@ -184,7 +305,7 @@ def test_no_positive_gives_connected_zero():
     assert empty.loss.item() == 0.0
 
 
-@pytest.mark.parametrize("variant", ["in", "out", "out_in"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_finite_at_low_temperature_half_precision_and_identical_keys(variant):
     z, y, k, ky, si, _ = _random_case(5, n=16, m=40, d=8)
     for zz, kk, taus in [
@@ -230,7 +351,7 @@ def test_iou_reweight():
     assert iou_reweight(u, "exp").tolist() == pytest.approx([math.exp(0.5) - 1, math.e - 1])
 
 
-@pytest.mark.parametrize("variant", ["in", "out", "out_in"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("seed", range(4))
 def test_void_keys_padded_anchors_and_normalizer_match_the_reference(variant, seed):
     # Keys labelled -1 are no keys (padding, empty queue slots); anchors with anchor_valid False
@@ -317,14 +438,15 @@ def _count_loss(num_classes, variant="out_in", r=3):
     return counter
 
 
-@pytest.mark.parametrize("variant", ["out_in", "in", "out"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_loss_forward_and_backward_make_no_sync(variant):
     counter = _count_loss(20, variant)
     assert counter.syncs == 0, dict(counter.sync_ops)
 
 
-def test_operator_count_does_not_grow_with_the_number_of_classes():
-    ops20, ops80 = _count_loss(20).ops, _count_loss(80).ops
+@pytest.mark.parametrize("variant", ["out_in", "supcon"])
+def test_operator_count_does_not_grow_with_the_number_of_classes(variant):
+    ops20, ops80 = _count_loss(20, variant).ops, _count_loss(80, variant).ops
     assert abs(ops80 - ops20) <= 0.1 * ops20, (ops20, ops80)
     # ... but it does grow with the number of ranks (the count is real).
     assert _count_loss(20, r=4).ops > _count_loss(20, r=2).ops
@@ -345,7 +467,7 @@ def test_label_check_of_the_functional_api():
         )
 
 
-@pytest.mark.parametrize("variant", ["out_in", "in", "out"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("tau", [0.1, 0.01])
 def test_bfloat16_autocast_close_to_float32(variant, tau):
     torch.manual_seed(0)
@@ -404,6 +526,7 @@ def test_voc_configs_load_their_rankings_for_voc_classes(config):
     loss = build_contrastive_loss(cfg, *training_classes(cfg))
     assert loss.rank_matrix.shape == (len(CLASS_NAMES), len(CLASS_NAMES))
     assert loss.num_ranks == (1 if "supcon" in config else 3)
+    assert loss.form == ("supcon" if "supcon" in config else "out_in")
 
 
 # ---------------------------------------------------------------- argument checks

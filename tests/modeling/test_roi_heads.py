@@ -60,6 +60,7 @@ def test_branch_off_equals_standard_roi_heads():
     std = _build("MODEL.ROI_HEADS.NAME", "StandardROIHeads")
     off = _build("MODEL.RCDET.LOSS", "none")
     assert isinstance(off.roi_heads, RankedContrastiveROIHeads) and off.roi_heads.projection is None
+    assert off.roi_heads.vos is None  # MODEL.RCDET.VOS.ENABLED is off by default
     sd_std, sd_off = std.state_dict(), off.state_dict()
     assert sd_std.keys() == sd_off.keys()
     assert all(torch.equal(sd_std[k], sd_off[k]) for k in sd_std)
@@ -93,7 +94,7 @@ def test_branch_on_keeps_standard_initialisation_and_losses():
 
 
 @pytest.mark.parametrize(
-    "loss", ["rince_in", "rince_out", "rince_out_in", "supcon_in", "supcon_out"]
+    "loss", ["rince_in", "rince_out", "rince_out_in", "rince_in_r1", "rince_out_r1", "supcon"]
 )
 def test_losses_finite_and_gradient_reaches_backbone(loss):
     model = _build("MODEL.RCDET.LOSS", loss, "MODEL.RCDET.IOU_THRESHOLD", "0.5")
@@ -105,6 +106,15 @@ def test_losses_finite_and_gradient_reaches_backbone(loss):
     grads = [p.grad for p in model.backbone.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("old, form", [("supcon_out", "out"), ("supcon_in", "in")])
+def test_saved_configs_with_the_old_one_rank_names_still_build(old, form):
+    with pytest.warns(FutureWarning, match=f"'{old}' is RINCE with one rank"):
+        model = _build("MODEL.RCDET.LOSS", old)
+    loss = model.roi_heads.contrast.loss
+    assert loss.form == form and loss.num_ranks == 1
+    assert _build("MODEL.RCDET.LOSS", "supcon").roi_heads.contrast.loss.form == "supcon"
 
 
 @pytest.mark.parametrize(
@@ -443,12 +453,21 @@ def _head_inputs(head, seed=0):
     return images, features, proposals
 
 
-@pytest.mark.parametrize("loss", ["none", "rince_out_in"])
-def test_head_scripts_like_standard_roi_heads(tiny_shapes, loss):
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("MODEL.RCDET.LOSS", "none"),
+        ("MODEL.RCDET.LOSS", "rince_out_in"),
+        ("MODEL.RCDET.VOS.ENABLED", "True", "MODEL.RCDET.VOS.SAMPLE_NUMBER", "40"),
+    ],
+    ids=["none", "rince_out_in", "rince_out_in+vos"],
+)
+def test_head_scripts_like_standard_roi_heads(tiny_shapes, opts):
     cfg = tiny_cfg(
         "configs/shapes_rince.yaml",
-        "MODEL.RCDET.LOSS",
-        loss,
+        *opts,
+        "MODEL.RCDET.VOS.STARTING_ITER",
+        "0",
         "MODEL.ROI_HEADS.SCORE_THRESH_TEST",
         "0.0",
     )

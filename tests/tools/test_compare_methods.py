@@ -13,7 +13,14 @@ import pytest
 from rcdet.evaluation.ood_benchmark import PROTOCOL_VERSION
 from tools import compare_methods as cm
 
-METHODS = ["softmax", "supcon_out", "rince_in", "rince_out_in", "rince_out_in_shuffled"]
+METHODS = [
+    "softmax",
+    "supcon",
+    "rince_out_r1",
+    "rince_in",
+    "rince_out_in",
+    "rince_out_in_shuffled",
+]
 
 
 def test_quick_dry_run_lists_the_expected_runs(capsys, tmp_path):
@@ -22,17 +29,18 @@ def test_quick_dry_run_lists_the_expected_runs(capsys, tmp_path):
     runs = [line for line in out.splitlines() if line.startswith("run ")]
     assert [line.split()[1] for line in runs] == METHODS
     assert all(" seed 0 [todo]" in line for line in runs)
-    assert out.count("tools/train_net.py") == 5 and out.count("tools/benchmark_ood.py") == 5
-    assert out.count("tools/analyze_embeddings.py") == 5 and "SOLVER.MAX_ITER 150" in out
+    assert out.count("tools/train_net.py") == 6 and out.count("tools/benchmark_ood.py") == 6
+    assert out.count("tools/analyze_embeddings.py") == 6 and "SOLVER.MAX_ITER 150" in out
     assert "MODEL.RCDET.LOSS rince_in" in out and "shuffled_ranking.yaml" in out
+    assert "configs/shapes_supcon_ood.yaml MODEL.RCDET.LOSS rince_out_r1" in out
 
 
 def test_voc_dry_run_uses_the_r50_fpn_configs(capsys, tmp_path):
     assert cm.main(["--voc", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert (
-        len([lab for lab in out.splitlines() if lab.startswith("run ")]) == 15
-    )  # 5 methods x 3 seeds
+        len([lab for lab in out.splitlines() if lab.startswith("run ")]) == 18
+    )  # 6 methods x 3 seeds
     assert "configs/voc_rince_ood.yaml" in out and "configs/voc_softmax_ood.yaml" in out
 
 
@@ -61,7 +69,7 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
     monkeypatch.setattr(cm, "write_shuffled_ranking", lambda run, voc: None)
     counts = cm.execute(runs, voc=False, log=lambda *a: None)
-    assert counts == {"skipped": 4, "ran": 11, "seeds_run": [0]}
+    assert counts == {"skipped": 4, "ran": 14, "seeds_run": [0]}
     ran_dirs = {a[a.index("--output") + 1] if "--output" in a else a[-1] for a in calls}
     assert not any(finished.run_dir in d for d in ran_dirs)
     assert not any(a[1] == "tools/train_net.py" and partial.run_dir in " ".join(a) for a in calls)
@@ -129,9 +137,9 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
     )
     out = capsys.readouterr().out
     runs = [line.split()[1] for line in out.splitlines() if line.startswith("run ")]
-    assert runs == ["softmax"] * 3 + ["supcon_out"] * 3 + ["rince_out_in"] * 3
+    assert runs == ["softmax"] * 3 + ["supcon"] * 3 + ["rince_out_r1"] * 3 + ["rince_out_in"] * 3
     stages = [line for line in out.splitlines() if line.startswith("  ")]
-    assert len(stages) == 27 and all(
+    assert len(stages) == 36 and all(
         "MODEL.RCDET.OOD.HOLD_OUT_MODE drop_annotations" in line for line in stages
     )
     assert cm.main(["--hold-out-mode", "drop_annotations", "--dry-run"]) == 0
@@ -156,7 +164,7 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
     out = capsys.readouterr().out
     train = [line for line in out.splitlines() if line.startswith("  train")]
     ood = [line for line in out.splitlines() if line.startswith("  ood")]
-    assert len(train) == 15 and all(
+    assert len(train) == 18 and all(
         "tools/train_net.py --config-file" in lab and "--num-gpus 8" in lab for lab in train
     )
     assert all("--num-gpus" not in lab and "--ood-dataset coco_ood_val" in lab for lab in ood)
@@ -247,7 +255,7 @@ def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
         quick_iters=10,
         seeds=[0],
         voc=False,
-        methods=["softmax", "supcon_out"],
+        methods=["softmax", "supcon"],
         runs_dir=str(tmp_path / "runs"),
         opts=[],
         argv=[],
@@ -268,11 +276,11 @@ def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert cm.aggregate(runs, str(out), args) == "| table |\n"
     assert seen["runs"] == [(r.method.name, 0, r.run_dir) for r in runs]
-    assert (out / "configs" / "supcon_out.yaml").read_text() == "# supcon_out\n"
+    assert (out / "configs" / "supcon.yaml").read_text() == "# supcon\n"
     with open(out / "meta.json") as f:
         meta = json.load(f)
     assert meta["hold_out_mode"] == "drop_images" and meta["ood_protocol_versions"] == [2]
-    assert meta["methods"] == ["softmax", "supcon_out"] and meta["seeds"] == [0]
+    assert meta["methods"] == ["softmax", "supcon"] and meta["seeds"] == [0]
 
 
 def test_git_state_ignores_the_studys_own_results(tmp_path):
