@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rcdet import study
-from rcdet.evaluation.ood import ood_metrics
+from rcdet.evaluation.metrics import ood_metrics
 
 
 def test_table_builder_mean_and_sample_std():

@@ -25,8 +25,9 @@ import sys
 from detectron2.utils.logger import setup_logger
 
 from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
-from rcdet.evaluation.ood import MATCHING_MODES, ReportError, merge_reports
+from rcdet.evaluation.matching import MATCHING_MODES
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
+from rcdet.evaluation.report import ReportError, merge_reports
 
 
 def _interval(entry, key):

@@ -37,8 +37,7 @@ from typing import Dict, List, Optional
 
 from rcdet import study
 from rcdet.data.held_out import HOLD_OUT_MODES
-from rcdet.evaluation.ood import protocol_of
-from rcdet.evaluation.ood_benchmark import PROTOCOL_VERSION
+from rcdet.evaluation.report import PROTOCOL_VERSION, protocol_of
 from rcdet.file_io import atomic_write, write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,9 +14,9 @@ on its own, so every replicate keeps the two set sizes.
 The metrics of a replicate are the weighted forms of scikit-learn's (``roc_curve`` without
 dropping intermediate points, ``roc_auc_score``, ``average_precision_score``): integer
 weights equal repeating a detection, so a replicate's value is exactly what scikit-learn gives
-on the resampled detections (tests/test_ood_protocol.py checks this). They are computed for all
-replicates at once from one sort: 1000 replicates of six scores over about 1000 detections take
-about a second on two CPU cores.
+on the resampled detections (tests/evaluation/test_bootstrap.py checks this). They are computed
+for all replicates at once from one sort: 1000 replicates of six scores over about 1000
+detections take about a second on two CPU cores.
 """
 
 from typing import Dict, Optional, Sequence

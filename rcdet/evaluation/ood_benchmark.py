@@ -5,8 +5,8 @@ Two protocols, each under its own report key:
 
 - ``scores`` (object level, held-out classes of the test split): detections are matched to the
   test split's ground truth as detection evaluation does, one detection per object
-  (rcdet.evaluation.ood.match_detections); claimed known objects are ID, claimed held-out objects
-  OOD. ``--matching all`` counts every matched detection instead (protocol version 1).
+  (rcdet.evaluation.matching.match_detections); claimed known objects are ID, claimed held-out
+  objects OOD. ``--matching all`` counts every matched detection instead (protocol version 1).
 - ``image_level`` (VOS, Du et al. ICLR 2022; SIREN, NeurIPS 2022): the test images without
   held-out objects against a separate OOD image set; every detection there is OOD, no matching.
 
@@ -34,22 +34,17 @@ from ..data.datasets import CheckedDatasetMapper
 from ..data.ood_images import builtin_ood_dataset
 from ..file_io import save_npz_atomic
 from .extract import DetectionCollector, embed_ground_truth, file_checksum
-from .ood import (
+from .matching import BACKGROUND, DUPLICATE, ID, MATCHING_MODES, OOD, match_detections
+from .metrics import score_report
+from .open_set import OPEN_SET_IOU, WI_RECALL_LEVEL, absolute_open_set_error, wilderness_impact
+from .report import PROTOCOL_VERSION, write_report_files
+from .scores import (
     ALL_SCORES,
-    BACKGROUND,
-    DUPLICATE,
     EMBEDDING_SCORES,
-    ID,
-    MATCHING_MODES,
-    OOD,
     EmbeddingStatistics,
     detector_confidence,
     logit_scores,
-    match_detections,
-    score_report,
-    write_report_files,
 )
-from .open_set import OPEN_SET_IOU, WI_RECALL_LEVEL, absolute_open_set_error, wilderness_impact
 
 __all__ = [
     "run_ood_benchmark",
@@ -60,9 +55,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-# 1: every matched detection counted. 2: one detection per object, OpenDet2's
-# A-OSE and WI, bootstrap intervals, the image-level protocol.
-PROTOCOL_VERSION = 2
 # ood_objects_detected_as_known (not A-OSE, which counts detections): held-out objects
 # matched by a known-class detection that scores at least this.
 KNOWN_AS_OOD_SCORE = 0.5
@@ -181,7 +173,7 @@ def run_ood_benchmark(
     """
     ``cfg`` must be frozen with MODEL.RCDET.EMBED_AT_TEST True and MODEL.WEIGHTS set.
 
-    ``matching``: ``one_per_object`` or ``all`` (see rcdet.evaluation.ood.match_detections).
+    ``matching``: ``one_per_object`` or ``all`` (see rcdet.evaluation.matching.match_detections).
     ``ood_dataset``: the image-level protocol's OOD images (see resolve_ood_dataset).
     ``image_min_score``: the image-level protocol keeps detections whose confidence is at least
     this; None: the confidence that keeps 95% of the claimed ID objects on the ID images.

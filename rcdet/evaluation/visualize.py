@@ -16,7 +16,9 @@ from detectron2.utils.visualizer import Visualizer
 
 from ..config import ConfigError
 from ..file_io import atomic_write
-from .ood import ALL_SCORES, BACKGROUND, DUPLICATE, ID, OOD, ReportError, load_report
+from .matching import BACKGROUND, DUPLICATE, ID, OOD
+from .report import ReportError, load_report
+from .scores import ALL_SCORES
 
 __all__ = ["best_score", "select_images", "draw_ood_grid"]
 

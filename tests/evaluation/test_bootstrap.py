@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rcdet.evaluation.bootstrap import bootstrap_intervals, paired_bootstrap, weighted_metrics
-from rcdet.evaluation.ood import ood_metrics
+from rcdet.evaluation.metrics import ood_metrics
 
 
 def _sample(num_images, seed=0):

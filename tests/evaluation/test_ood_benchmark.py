@@ -14,12 +14,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from rcdet.config import ConfigError
 from rcdet.data.held_out import register_held_out_split
-from rcdet.evaluation.ood import merge_reports
 from rcdet.evaluation.ood_benchmark import (
     default_report_name,
     resolve_ood_dataset,
     run_ood_benchmark,
 )
+from rcdet.evaluation.report import merge_reports
 
 
 def _bench_cfg(weights, *opts, method="rince"):

@@ -1,0 +1,326 @@
+"""
+OOD reports: writing and reading ood_report.json (and its CSV and figures), the protocol check,
+the flat metrics and the merged comparison of several runs. Every tool and the study read
+reports through this module.
+"""
+
+import csv
+import io
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..file_io import atomic_write, write_json_atomic
+from .matching import ID, OOD
+from .plots import comparison_roc_figure, histogram_figure, roc_figure, save_figure
+from .scores import ALL_SCORES
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ReportError",
+    "write_report_files",
+    "load_report",
+    "check_same_protocol",
+    "protocol_of",
+    "merge_reports",
+    "report_metrics",
+    "RocSet",
+    "load_roc_set",
+    "markdown_table",
+    "csv_table",
+]
+
+# 2: one detection per object, OpenDet2's A-OSE and WI, bootstrap intervals, the image-level
+# protocol.
+PROTOCOL_VERSION = 2
+
+
+CSV_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
+CSV_FIELDS = (
+    ("protocol", "score", "available")
+    + tuple(f for k in CSV_METRICS for f in (k, f"{k}_ci_lo", f"{k}_ci_hi"))
+    + ("ood_recall_at_95_id", "num_id", "num_ood")
+)
+
+
+def _fmt(v):
+    return "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def csv_table(rows: Sequence[Sequence]) -> str:
+    """CSV text of ``rows`` (the header first), one line each."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table of ``header`` and ``rows`` of cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def report_csv(report: Dict) -> str:
+    """
+    One row per (protocol, score): the object-level ``scores`` and, if run, the ``image_level``
+    ones.
+    """
+    rows = [CSV_FIELDS]
+    sections = [("object", report["scores"], report["counts"])]
+    if report.get("image_level"):
+        sections.append(("image", report["image_level"]["scores"], report["image_level"]["counts"]))
+    for protocol, scores, counts in sections:
+        for name, entry in scores.items():
+            row = [protocol, name, entry["available"]]
+            for k in CSV_METRICS:
+                ci = entry.get(f"{k}_ci") or [None, None]
+                row += [_fmt(entry[k]), _fmt(ci[0]), _fmt(ci[1])]
+            row += [_fmt(entry.get("ood_recall_at_95_id")), counts["id"], counts["ood"]]
+            rows.append(row)
+    return csv_table(rows)
+
+
+def write_report_files(
+    output_dir: str,
+    report: Dict,
+    score_table: Dict[str, Optional[np.ndarray]],
+    status: np.ndarray,
+    title: str = "",
+    image_level: Optional[tuple] = None,
+):
+    """
+    ood_report.json/.csv, roc.png and score_hist.png (the object-level protocol: detections with
+    status ID or OOD), and with ``image_level = (score_table, is_id)`` roc_image_level.png; each
+    written atomically.
+    """
+    status = np.asarray(status)
+    scored = (status == ID) | (status == OOD)
+    is_id = status[scored] == ID
+    table = {n: None if v is None else np.asarray(v)[scored] for n, v in score_table.items()}
+    matching = report.get("protocol", {}).get("matching", "one_per_object")
+    what = "one detection per object" if matching == "one_per_object" else "every matched detection"
+
+    def roc(tab, ids, name, heading):
+        defined = bool(ids.any() and (~ids).any())
+        available = [n for n in ALL_SCORES if tab.get(n) is not None]
+        curves = [(n, np.asarray(tab[n]), ids) for n in available] if defined else []
+        fig = roc_figure(curves, heading)
+        if not defined:
+            fig.axes[0].text(
+                0.5,
+                0.5,
+                f"undefined: {int(ids.sum())} ID and {int((~ids).sum())} OOD detections",
+                ha="center",
+                va="center",
+                fontsize=9,
+            )
+        save_figure(fig, os.path.join(output_dir, name))
+
+    roc(table, is_id, "roc.png", f"{title or 'OOD detection ROC'}\nobject level, {what}")
+    if image_level is not None:
+        roc(
+            image_level[0],
+            np.asarray(image_level[1], dtype=bool),
+            "roc_image_level.png",
+            f"{title or 'OOD detection ROC'}\nimage level: ID test images vs"
+            f" {report['image_level']['ood_dataset']}",
+        )
+    save_figure(
+        histogram_figure(
+            table,
+            is_id,
+            f"{report.get('name', '')}: OOD scores of ID and OOD detections (object level, {what})",
+        ),
+        os.path.join(output_dir, "score_hist.png"),
+    )
+    atomic_write(os.path.join(output_dir, "ood_report.csv"), report_csv(report).encode())
+    write_json_atomic(os.path.join(output_dir, "ood_report.json"), report)
+
+
+class ReportError(ValueError):
+    """An ood_report.json that cannot be used: malformed, or not comparable with the others."""
+
+
+def protocol_of(report: Dict) -> Dict:
+    """The settings that must agree for two reports' numbers to be comparable."""
+    proto = report.get("protocol")
+    if proto is None:  # a report without a protocol section counts every matched detection
+        return {
+            "version": 1,
+            "matching": "all",
+            "match_iou": report.get("match_iou"),
+            "score_threshold": report.get("score_threshold"),
+        }
+    return {k: proto.get(k) for k in ("version", "matching", "match_iou", "score_threshold")}
+
+
+def load_report(run_dir: str) -> Dict:
+    """
+    A run's ood_report.json; a missing, malformed or foreign file is one clear error naming it.
+    """
+    import json
+
+    path = os.path.join(run_dir, "ood_report.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no OOD report here; run tools/benchmark_ood.py on it first."
+        )
+    try:
+        with open(path) as f:
+            rep = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(
+            f"{path}: not valid JSON ({e}); re-run tools/benchmark_ood.py to write it again."
+        ) from None
+    if not isinstance(rep, dict) or not isinstance(rep.get("scores"), dict):
+        raise ReportError(
+            f"{path}: not an OOD report (no 'scores' section); re-run tools/benchmark_ood.py to"
+            " write it again."
+        )
+    for name, entry in rep["scores"].items():
+        if not isinstance(entry, dict) or "available" not in entry or "auroc" not in entry:
+            raise ReportError(
+                f"{path}: scores['{name}'] lacks 'available' or 'auroc'; re-run"
+                " tools/benchmark_ood.py."
+            )
+    return rep
+
+
+def check_same_protocol(reports: Sequence[tuple]):
+    """Refuse reports (``(path, report)`` pairs) whose protocols differ, saying how."""
+    (first_path, first), rest = reports[0], reports[1:]
+    p0 = protocol_of(first)
+    for path, rep in rest:
+        p = protocol_of(rep)
+        diff = [f"{k} {p0[k]!r} vs {p[k]!r}" for k in p0 if p0[k] != p[k]]
+        il0, il = first.get("image_level") or {}, rep.get("image_level") or {}
+        if il0 and il and il0.get("ood_dataset") != il.get("ood_dataset"):
+            diff.append(
+                f"image-level OOD dataset {il0.get('ood_dataset')!r} vs {il.get('ood_dataset')!r}"
+            )
+        if diff:
+            raise ReportError(
+                f"refusing to compare reports from different protocols: {first_path} and"
+                f" {path} differ in "
+                + "; ".join(diff)
+                + ". Re-run tools/benchmark_ood.py on the older runs (their checkpoints suffice) "
+                "with the same options."
+            )
+
+
+def _cell(entry, metric):
+    if not entry.get("available", True):
+        return "n/a"
+    v, ci = entry.get(metric), entry.get(f"{metric}_ci")
+    if v is None:
+        return "undefined"
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+_SCORE_COLUMNS = [f"{s} {metric}" for metric in ("AUROC", "FPR95") for s in ALL_SCORES]
+
+
+def _score_cells(scores: Dict) -> List[str]:
+    return [
+        _cell(scores[s], metric) if s in scores else "n/a"
+        for metric in ("auroc", "fpr95")
+        for s in ALL_SCORES
+    ]
+
+
+def report_metrics(report: Dict) -> Dict[str, Optional[float]]:
+    """
+    A report's numbers, flat: ``AP``, ``AP50``, ``AP75``, ``a_ose``, ``wi`` (wilderness impact),
+    ``<score>_auroc`` and ``<score>_fpr95`` of the object-level scores and ``img_<score>_auroc``
+    and ``img_<score>_fpr95`` of the image-level ones; None where the report has no such number
+    or the score is not available.
+    """
+    detection = report.get("detection") or {}
+    open_set = report.get("open_set") or {}
+    out = {k: detection.get(k) for k in ("AP", "AP50", "AP75")}
+    out["a_ose"], out["wi"] = open_set.get("a_ose"), open_set.get("wilderness_impact")
+    image_level = (report.get("image_level") or {}).get("scores") or {}
+    for prefix, scores in (("", report.get("scores") or {}), ("img_", image_level)):
+        for name in ALL_SCORES:
+            entry = scores.get(name) or {}
+            available = entry.get("available", False)
+            for metric in ("auroc", "fpr95"):
+                out[f"{prefix}{name}_{metric}"] = entry.get(metric) if available else None
+    return out
+
+
+def merge_reports(run_dirs: Sequence[str], output_dir: str):
+    """
+    Merge several runs' reports (same protocol, else ReportError) into one markdown + CSV table,
+    with each metric's bootstrap 95% interval in brackets, and one ROC figure with one panel per
+    score and one colour per run.
+    """
+    rows, loaded = [], []
+    for run in run_dirs:
+        rep = load_report(run)
+        loaded.append((os.path.join(run, "ood_report.json"), rep))
+        rows.append((rep.get("name") or os.path.basename(os.path.normpath(run)), rep, run))
+    check_same_protocol(loaded)
+    header = ["run", "AP", "AP50", "AP75", "A-OSE", "WI"] + _SCORE_COLUMNS
+    table = []
+    for name, rep, _ in rows:
+        values = report_metrics(rep)
+        cells = [_fmt(values[k]) for k in ("AP", "AP50", "AP75", "a_ose", "wi")]
+        table.append([name] + cells + _score_cells(rep["scores"]))
+    proto = protocol_of(rows[0][1])
+    md = (
+        f"Object level (matching: {proto['matching']}, IoU >= {proto['match_iou']}; "
+        "brackets: bootstrap 95% interval over test images)\n\n" + markdown_table(header, table)
+    )
+    csv_rows = [["protocol"] + header] + [["object"] + r for r in table]
+    image_rows = [(name, rep["image_level"]) for name, rep, _ in rows if rep.get("image_level")]
+    if image_rows:
+        ih = ["run", "OOD images", "ID dets", "OOD dets"] + _SCORE_COLUMNS
+        it = [
+            [name, il["ood_dataset"], str(il["counts"]["id"]), str(il["counts"]["ood"])]
+            + _score_cells(il["scores"])
+            for name, il in image_rows
+        ]
+        md += (
+            "\nImage level (VOS protocol: every detection on the OOD images is OOD)\n\n"
+            + markdown_table(ih, it)
+        )
+        csv_rows += [["protocol"] + ih] + [["image"] + r for r in it]
+    os.makedirs(output_dir, exist_ok=True)
+    atomic_write(os.path.join(output_dir, "ood_comparison.md"), md.encode())
+    atomic_write(os.path.join(output_dir, "ood_comparison.csv"), csv_table(csv_rows).encode())
+    fig = comparison_roc_figure([(name, load_roc_set(run)) for name, _, run in rows])
+    if fig is not None:
+        save_figure(fig, os.path.join(output_dir, "roc_comparison.png"))
+    return md
+
+
+@dataclass
+class RocSet:
+    """A run's object-level ROC set: its detections with status ID or OOD."""
+
+    scores: Dict[str, np.ndarray]  # the scores the run saved, in ALL_SCORES order
+    is_id: np.ndarray
+    image_index: Optional[np.ndarray]  # each detection's test image; None in older files
+    image_ids: Optional[tuple]  # the test images image_index refers to
+
+    @property
+    def defined(self) -> bool:
+        """Whether the set has both ID and OOD detections, as every ROC metric needs."""
+        return bool(self.is_id.any() and (~self.is_id).any())
+
+
+def load_roc_set(run_dir: str) -> Optional[RocSet]:
+    """The object-level ROC set of ``run_dir``/ood_scores.npz; None without that file."""
+    path = os.path.join(run_dir, "ood_scores.npz")
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as z:
+        status = z["status"]
+        m = (status == ID) | (status == OOD)
+        scores = {s: z[s][m] for s in ALL_SCORES if s in z.files}
+        index = z["image_index"][m] if "image_index" in z.files else None
+        ids = tuple(z["image_ids"].tolist()) if "image_ids" in z.files else None
+    return RocSet(scores, status[m] == ID, index, ids)

@@ -1,0 +1,31 @@
+"""rcdet.evaluation.report: merging reports of one protocol."""
+
+import json
+import os
+
+import pytest
+from conftest import fake_ood_report
+
+from rcdet.evaluation.report import ReportError, merge_reports
+
+
+def test_merge_reports_refuses_mixed_protocols(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    fake_ood_report(a)
+    fake_ood_report(b, matching="all")
+    with pytest.raises(
+        ReportError, match=r"different protocols: .*matching 'one_per_object' vs 'all'"
+    ):
+        merge_reports([a, b], str(tmp_path / "out"))
+    # A report without a protocol section is protocol version 1.
+    with open(os.path.join(b, "ood_report.json")) as f:
+        old = json.load(f)
+    del old["protocol"]
+    with open(os.path.join(b, "ood_report.json"), "w") as f:
+        json.dump(old, f)
+    with pytest.raises(ReportError, match="version 2 vs 1"):
+        merge_reports([a, b], str(tmp_path / "out"))
+    # Same protocol: merged, with the intervals.
+    fake_ood_report(b)
+    md = merge_reports([a, b], str(tmp_path / "out"))
+    assert "| a |" in md and "0.700 [0.600, 0.800]" in md
