@@ -132,11 +132,11 @@ def attach_paired_tests(
     seeds, minus SupCon's best embedding score (mean over SupCon's seeds), and minus MSP of the same
     models. Every replicate resamples the test images once for all runs, so the comparison is
     paired by image. It measures the test set's sampling, not the seeds' spread (the ± columns).
-    Runs that predate the saved image index, or were evaluated on other images, get None.
+    Runs without saved scores, or evaluated on other images, get None.
     """
     sets = {m: [load_roc_set(os.path.join(d, "ood")) for d in dirs] for m, dirs in run_dirs.items()}
     every = [rs for runs in sets.values() for rs in runs]
-    indexed = [rs for rs in every if rs is not None and rs.image_index is not None]
+    indexed = [rs for rs in every if rs is not None]
     usable = len(indexed) == len(every) and len({rs.image_ids for rs in indexed}) == 1
     num_images = len(indexed[0].image_ids) if usable else 0
     best = {r["method"]: r["best_emb_score"] for r in rows}

@@ -37,8 +37,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fake_ood_report(folder, matching="one_per_object", version=2):
-    """A minimal ood_report.json in ``folder``: one score, msp, with intervals."""
+def fake_ood_report(folder, matching="one_per_object", version=None):
+    """A minimal ood_report.json in ``folder``: one score, msp, with intervals; ``version``
+    defaults to the current protocol's."""
+    from rcdet.evaluation.report import PROTOCOL_VERSION
+
     os.makedirs(folder, exist_ok=True)
     entry = {
         "available": True,
@@ -56,7 +59,7 @@ def fake_ood_report(folder, matching="one_per_object", version=2):
         "detection": {},
         "scores": {"msp": entry},
         "protocol": {
-            "version": version,
+            "version": PROTOCOL_VERSION if version is None else version,
             "matching": matching,
             "match_iou": 0.5,
             "score_threshold": 0.05,

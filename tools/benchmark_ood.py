@@ -11,7 +11,7 @@ Writes ood_report.json, ood_report.csv, ood_scores.npz, roc.png and score_hist.p
 and, with an OOD image set, roc_image_level.png and ood_image_level_scores.npz.
 
 Protocols (rcdet/evaluation/ood_benchmark.py): the object level matches one detection per object
-(``--matching all``: every matched detection, protocol version 1) and reports AUROC,
+(``--matching all``: every matched detection) and reports AUROC,
 FPR95, AUPR-In/Out with bootstrap 95% intervals over test images, the recall of held-out objects
 at 95% ID, and OpenDet2's A-OSE and wilderness impact. The image level (VOS/SIREN) scores the test
 images without held-out objects against ``--ood-dataset`` (default: the built-in OOD image set

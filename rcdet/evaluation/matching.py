@@ -34,7 +34,7 @@ def match_detections(
     the IoU is below the threshold (or there is no GT) it is BACKGROUND. Each object is claimed at
     most once. ``gt_index`` is the best GT for claimed detections and duplicates, -1 for background.
 
-    ``all`` (the per-detection protocol, version 1): every detection whose best IoU is >=
+    ``all``: every detection whose best IoU is >=
     ``iou_threshold`` is ID or OOD, however many detections share the object; the rest are
     BACKGROUND. ``confidence`` is not used.
     """

@@ -11,20 +11,45 @@ from sklearn import metrics as skm
 from .matching import ID, OOD
 from .scores import ALL_SCORES
 
-__all__ = ["ood_metrics", "score_report"]
+__all__ = ["RECALL_LEVEL", "fpr_at_recall", "ood_metrics", "score_report"]
+
+
+# FPR95: the FPR at the recall (TPR, ID positive) closest to this.
+RECALL_LEVEL = 0.95
+
+
+def fpr_at_recall(scores, is_id, recall_level: float = RECALL_LEVEL):
+    """
+    ``(fpr, threshold)``: FPR95 as the OOD literature computes it, with ``fpr_and_fdr_at_recall``
+    of Hendrycks et al.'s outlier-exposure code, which VOS copies (``metric_utils.py`` of
+    github.com/deeplearning-wisc/vos, commit 6dd9c27), ID the positive class. Over the distinct
+    score thresholds, highest first, up to the first that accepts every ID detection: the
+    threshold whose recall is closest to ``recall_level`` (it may lie below it), and of those
+    with that recall the lowest threshold, whose FPR is the highest. ``threshold`` is that score:
+    detections scoring at least it are accepted as ID. Both ID and OOD detections must exist.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    is_id = np.asarray(is_id, dtype=bool).reshape(-1)
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    s, y = scores[order], is_id[order]
+    ends = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]  # the last index of each tied block
+    tps = np.cumsum(y, dtype=np.float64)[ends]
+    fps = 1 + ends - tps
+    recall = tps / tps[-1]
+    last = int(tps.searchsorted(tps[-1]))
+    # Reversed, so that argmin's first minimum is the lowest threshold among equally close ones.
+    reverse = slice(last, None, -1)
+    cutoff = int(np.argmin(np.abs(recall[reverse] - recall_level)))
+    return float(fps[reverse][cutoff] / np.sum(~is_id)), float(s[ends][reverse][cutoff])
 
 
 def ood_metrics(scores, is_id, num_ood_objects: Optional[int] = None) -> Dict[str, Optional[float]]:
     """
-    AUROC, FPR at 95% TPR (ID positive), AUPR-In and AUPR-Out (scikit-learn); None when undefined.
-
-    FPR95 is the FPR at the highest threshold that accepts >= 95% of the ID detections (the ROC
-    curve with every point kept). VOS's ``fpr_and_fdr_at_recall`` (``metric_utils.py`` of
-    github.com/deeplearning-wisc/vos) takes the threshold whose TPR is *closest* to 0.95, which
-    may lie just below it; the two differ by at most one ID detection's step of the curve. With
-    ``num_ood_objects``, also ``ood_recall_at_95_id``: at that
-    threshold, the fraction of all held-out objects whose detection scores below it, i.e. found
-    and flagged as OOD; objects no detection reached count as missed.
+    AUROC, FPR95 (fpr_at_recall), AUPR-In and AUPR-Out (scikit-learn's ``roc_auc_score`` and
+    ``average_precision_score``, ID positive for AUPR-In, OOD for AUPR-Out); None when there are
+    no ID or no OOD detections. With ``num_ood_objects``, also ``ood_recall_at_95_id``: the
+    fraction of all held-out objects whose detection scores below the FPR95 threshold, i.e.
+    found and flagged as OOD; objects no detection reached count as missed.
     """
     scores = np.asarray(scores, dtype=np.float64)
     is_id = np.asarray(is_id, dtype=bool)
@@ -34,16 +59,13 @@ def ood_metrics(scores, is_id, num_ood_objects: Optional[int] = None) -> Dict[st
         out["ood_recall_at_95_id"] = None
     if n_id == 0 or n_ood == 0:
         return out
-    fpr, tpr, thresholds = skm.roc_curve(is_id, scores, drop_intermediate=False)
-    at = int(np.searchsorted(tpr, 0.95, side="left"))
+    fpr95, threshold = fpr_at_recall(scores, is_id)
     out["auroc"] = float(skm.roc_auc_score(is_id, scores))
-    out["fpr95"] = float(fpr[at])
+    out["fpr95"] = fpr95
     out["aupr_in"] = float(skm.average_precision_score(is_id, scores))
     out["aupr_out"] = float(skm.average_precision_score(~is_id, -scores))
     if num_ood_objects:
-        out["ood_recall_at_95_id"] = float(
-            np.sum(scores[~is_id] < thresholds[at]) / num_ood_objects
-        )
+        out["ood_recall_at_95_id"] = float(np.sum(scores[~is_id] < threshold) / num_ood_objects)
     return out
 
 

@@ -6,7 +6,7 @@ Two protocols, each under its own report key:
 - ``scores`` (object level, held-out classes of the test split): detections are matched to the
   test split's ground truth as detection evaluation does, one detection per object
   (rcdet.evaluation.matching.match_detections); claimed known objects are ID, claimed held-out
-  objects OOD. ``--matching all`` counts every matched detection instead (protocol version 1).
+  objects OOD. ``--matching all`` counts every matched detection instead.
 - ``image_level`` (VOS, Du et al. ICLR 2022; SIREN, NeurIPS 2022): the test images without
   held-out objects against a separate OOD image set; every detection there is OOD, no matching.
 

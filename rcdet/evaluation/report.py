@@ -32,9 +32,8 @@ __all__ = [
     "csv_table",
 ]
 
-# 2: one detection per object, OpenDet2's A-OSE and WI, bootstrap intervals, the image-level
-# protocol.
-PROTOCOL_VERSION = 2
+# The version of what a report's numbers mean. Reports of other versions are not compared.
+PROTOCOL_VERSION = 3
 
 
 CSV_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
@@ -145,14 +144,7 @@ class ReportError(ValueError):
 
 def protocol_of(report: Dict) -> Dict:
     """The settings that must agree for two reports' numbers to be comparable."""
-    proto = report.get("protocol")
-    if proto is None:  # a report without a protocol section counts every matched detection
-        return {
-            "version": 1,
-            "matching": "all",
-            "match_iou": report.get("match_iou"),
-            "score_threshold": report.get("score_threshold"),
-        }
+    proto = report.get("protocol") or {}
     return {k: proto.get(k) for k in ("version", "matching", "match_iou", "score_threshold")}
 
 
@@ -178,6 +170,13 @@ def load_report(run_dir: str) -> Dict:
         raise ReportError(
             f"{path}: not an OOD report (no 'scores' section); re-run tools/benchmark_ood.py to"
             " write it again."
+        )
+    version = (rep.get("protocol") or {}).get("version")
+    if version != PROTOCOL_VERSION:
+        raise ReportError(
+            f"{path}: written under OOD protocol version {version}, this rcdet reads version"
+            f" {PROTOCOL_VERSION}; re-run tools/benchmark_ood.py on the run (its checkpoint"
+            " suffices)."
         )
     for name, entry in rep["scores"].items():
         if not isinstance(entry, dict) or "available" not in entry or "auroc" not in entry:
@@ -205,8 +204,8 @@ def check_same_protocol(reports: Sequence[tuple]):
                 f"refusing to compare reports from different protocols: {first_path} and"
                 f" {path} differ in "
                 + "; ".join(diff)
-                + ". Re-run tools/benchmark_ood.py on the older runs (their checkpoints suffice) "
-                "with the same options."
+                + ". Re-run tools/benchmark_ood.py on the runs (their checkpoints suffice) with the"
+                " same options."
             )
 
 
@@ -303,8 +302,8 @@ class RocSet:
 
     scores: Dict[str, np.ndarray]  # the scores the run saved, in ALL_SCORES order
     is_id: np.ndarray
-    image_index: Optional[np.ndarray]  # each detection's test image; None in older files
-    image_ids: Optional[tuple]  # the test images image_index refers to
+    image_index: np.ndarray  # each detection's test image
+    image_ids: tuple  # the test images image_index refers to
 
     @property
     def defined(self) -> bool:
@@ -321,6 +320,6 @@ def load_roc_set(run_dir: str) -> Optional[RocSet]:
         status = z["status"]
         m = (status == ID) | (status == OOD)
         scores = {s: z[s][m] for s in ALL_SCORES if s in z.files}
-        index = z["image_index"][m] if "image_index" in z.files else None
-        ids = tuple(z["image_ids"].tolist()) if "image_ids" in z.files else None
+        index = z["image_index"][m]
+        ids = tuple(z["image_ids"].tolist())
     return RocSet(scores, status[m] == ID, index, ids)

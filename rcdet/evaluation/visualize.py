@@ -132,7 +132,7 @@ def draw_ood_grid(
     with np.load(raw) as z:
         if "boxes" not in z.files or "image_index" not in z.files:
             raise ReportError(
-                f"{raw}: has no boxes (an older report); re-run tools/benchmark_ood.py on the run."
+                f"{raw}: has no boxes or image index; re-run tools/benchmark_ood.py on the run."
             )
         data = {k: z[k] for k in z.files}
     score = score or best_score(report)

@@ -19,7 +19,7 @@ from rcdet.evaluation.ood_benchmark import (
     resolve_ood_dataset,
     run_ood_benchmark,
 )
-from rcdet.evaluation.report import merge_reports
+from rcdet.evaluation.report import PROTOCOL_VERSION, merge_reports
 
 
 def _bench_cfg(weights, *opts, method="rince"):
@@ -68,7 +68,8 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
         == counts["detections"]
     )
     assert (
-        on_disk["protocol"]["matching"] == "one_per_object" and on_disk["protocol"]["version"] == 2
+        on_disk["protocol"]["matching"] == "one_per_object"
+        and on_disk["protocol"]["version"] == PROTOCOL_VERSION
     )
     # Containment of the estimate is tested on synthetic data: test_bootstrap.py.
     for e in on_disk["scores"].values():

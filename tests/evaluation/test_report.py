@@ -6,7 +6,7 @@ import os
 import pytest
 from conftest import fake_ood_report
 
-from rcdet.evaluation.report import ReportError, merge_reports
+from rcdet.evaluation.report import PROTOCOL_VERSION, ReportError, load_report, merge_reports
 
 
 def test_merge_reports_refuses_mixed_protocols(tmp_path):
@@ -17,14 +17,19 @@ def test_merge_reports_refuses_mixed_protocols(tmp_path):
         ReportError, match=r"different protocols: .*matching 'one_per_object' vs 'all'"
     ):
         merge_reports([a, b], str(tmp_path / "out"))
-    # A report without a protocol section is protocol version 1.
-    with open(os.path.join(b, "ood_report.json")) as f:
-        old = json.load(f)
-    del old["protocol"]
-    with open(os.path.join(b, "ood_report.json"), "w") as f:
-        json.dump(old, f)
-    with pytest.raises(ReportError, match="version 2 vs 1"):
-        merge_reports([a, b], str(tmp_path / "out"))
+    # A report of an older protocol, or of none, is refused by name, whatever the others are.
+    for version in (PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, None):
+        fake_ood_report(b, version=version)
+        if version is None:
+            with open(os.path.join(b, "ood_report.json")) as f:
+                old = json.load(f)
+            del old["protocol"]
+            with open(os.path.join(b, "ood_report.json"), "w") as f:
+                json.dump(old, f)
+        with pytest.raises(ReportError, match=f"{b}/ood_report.json: written under OOD protocol"):
+            merge_reports([a, b], str(tmp_path / "out"))
+        with pytest.raises(ReportError, match=f"version {version}, this rcdet reads version"):
+            load_report(b)
     # Same protocol: merged, with the intervals.
     fake_ood_report(b)
     md = merge_reports([a, b], str(tmp_path / "out"))
