@@ -160,6 +160,12 @@ def test_write_results_reads_current_protocol_reports(tmp_path):
         if method == "softmax":
             scores["knn"] = {"available": False, "auroc": None, "fpr95": None}
         report = {
+            "name": method,
+            "test_dataset": "rcdet_shapes_test",
+            "known_classes": [],
+            "held_out_classes": [],
+            "data": {"test": "digest"},
+            "counts": {},
             "detection": {"AP": 50.0, "AP50": 70.0, "AP75": 40.0},
             "scores": scores,
             "open_set": {"a_ose": 12, "wilderness_impact": 0.05},

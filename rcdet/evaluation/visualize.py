@@ -16,8 +16,9 @@ from detectron2.utils.visualizer import Visualizer
 
 from ..config import ConfigError
 from ..file_io import atomic_write
+from .extract import dataset_digest
 from .matching import BACKGROUND, DUPLICATE, ID, OOD
-from .report import ReportError, load_report
+from .report import OODReport, ReportError, load_report
 from .scores import ALL_SCORES
 
 __all__ = ["best_score", "select_images", "draw_ood_grid"]
@@ -29,11 +30,11 @@ BACKGROUND_COLOR = "0.85"
 SCORE_CMAP = "RdYlGn"  # red: OOD-like (low score), green: ID-like (high score)
 
 
-def best_score(report: Dict) -> str:
+def best_score(report: OODReport) -> str:
     """The available object-level score with the highest AUROC (msp when none is defined)."""
     best, value = "msp", -1.0
     for name in ALL_SCORES:
-        e = report["scores"].get(name, {})
+        e = report.scores.get(name, {})
         if e.get("available") and e.get("auroc") is not None and e["auroc"] > value:
             best, value = name, e["auroc"]
     return best
@@ -145,8 +146,14 @@ def draw_ood_grid(
             + "."
         )
     matched = data.get("match", data["status"])
-    _ensure_registered(report["test_dataset"])
-    dicts = DatasetCatalog.get(report["test_dataset"])
+    _ensure_registered(report.test_dataset)
+    dicts = DatasetCatalog.get(report.test_dataset)
+    if dataset_digest(dicts) != report.data.get("test"):
+        raise ReportError(
+            f"{report_dir}: its test images are not those '{report.test_dataset}' holds here (the"
+            " dataset root or the split changed); point the dataset back to the run's images, or"
+            " re-run tools/benchmark_ood.py on these."
+        )
     values = data[score]
     scored = (matched == ID) | (matched == OOD)
     # Colour by percentile among the scored detections, so every score uses the whole colour map.
@@ -157,7 +164,7 @@ def draw_ood_grid(
     cols = max(1, min(cols, len(chosen)))
     rows = max(1, -(-len(chosen) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.5 * rows + 0.9), squeeze=False)
-    held_out = list(report.get("held_out_classes", []))
+    held_out = list(report.held_out_classes)
     for ax, i in zip(axes.flat, chosen):
         sel = np.flatnonzero(data["image_index"] == i)
         det = {"status": matched[sel], "boxes": data["boxes"][sel], "values": values[sel]}
@@ -168,9 +175,9 @@ def draw_ood_grid(
         ax.set_axis_off()
     for ax in list(axes.flat)[len(chosen) :]:
         ax.set_axis_off()
-    proto = report.get("protocol", {})
+    proto = report.protocol
     fig.suptitle(
-        f"{report.get('name', '')}: detections coloured by {score} "
+        f"{report.name}: detections coloured by {score} "
         f"(object level, {proto.get('matching', 'all')} matching)",
         fontsize=10,
     )

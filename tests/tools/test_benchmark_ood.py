@@ -38,6 +38,7 @@ def test_unregistered_ood_dataset_lists_the_registered_ones(tiny_shapes, capsys)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err
     assert err.startswith(
-        "error: --ood-dataset 'coco_no_voc' is not a registered dataset. Registered datasets:"
+        "error: TEST.OOD.OOD_DATASET 'coco_no_voc' is not a registered dataset. Registered"
+        " datasets:"
     )
     assert "rcdet_shapes_test" in err and "voc_2007_test" in err
