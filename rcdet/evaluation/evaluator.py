@@ -247,26 +247,21 @@ def _records_of(inputs, outputs, score_threshold: float) -> List[Dict]:
 
 def _score_records(records, num_known: int, opts: OODOptions, stats) -> Dict:
     """Per-detection OOD scores and detector confidence of records, concatenated in order."""
-    table = {n: [] for n in ALL_SCORES}
-    conf = []
-    for rec in records:
-        if not len(rec["scores"]):
-            continue
-        conf.append(detector_confidence(rec["logits"], num_known))
-        for k, v in logit_scores(rec["logits"], num_known, opts.energy_temperature).items():
-            table[k].append(v)
-        if stats is not None:
-            for k, v in stats.scores(rec["embeddings"]).items():
-                table[k].append(v)
-    scores = {
-        k: (
-            None
-            if k in EMBEDDING_SCORES and stats is None
-            else (np.concatenate(v) if v else np.zeros(0))
-        )
-        for k, v in table.items()
+    found = [r for r in records if len(r["scores"])]
+    width = num_known + 1
+    logits = np.concatenate([r["logits"] for r in found]) if found else np.zeros((0, width))
+    # One call over every detection: the kNN search runs over the bank once, not per image.
+    scores = logit_scores(logits, num_known, opts.energy_temperature)
+    if stats is None:
+        scores.update({k: None for k in EMBEDDING_SCORES})
+    else:
+        dim = stats.bank.shape[1]
+        emb = np.concatenate([r["embeddings"] for r in found]) if found else np.zeros((0, dim))
+        scores.update(stats.scores(emb))
+    return {
+        "scores": {k: scores[k] for k in ALL_SCORES},
+        "confidence": detector_confidence(logits, num_known),
     }
-    return {"scores": scores, "confidence": np.concatenate(conf) if conf else np.zeros(0)}
 
 
 def _cat(parts, dtype=np.int64):

@@ -56,8 +56,12 @@ def embed_ground_truth(
     """
     heads = model.roi_heads
     dicts = DatasetCatalog.get(dataset) if isinstance(dataset, str) else dataset
+    # Every box, also in a multi-process run: detectron2's default sampler shards by rank.
     loader = build_detection_test_loader(
-        dicts, mapper=_gt_mapper(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS
+        dicts,
+        mapper=_gt_mapper(cfg),
+        sampler=list(range(len(dicts))),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
     labels, embeddings, features = [], [], []
     was_training = model.training

@@ -16,7 +16,7 @@ as not available (``None``), never as zeros.
 """
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -29,6 +29,7 @@ __all__ = [
     "logit_scores",
     "detector_confidence",
     "EmbeddingStatistics",
+    "kth_neighbour_distance",
 ]
 
 LOGIT_SCORES = ("msp", "max_logit", "energy")
@@ -53,6 +54,57 @@ def logit_scores(
     top_t = ft.max(axis=1, keepdims=True)
     energy = t * (top_t[:, 0] + np.log(np.exp(ft - top_t).sum(axis=1)))
     return {"msp": np.exp(top[:, 0] - lse), "max_logit": top[:, 0], "energy": energy}
+
+
+# Banks up to this size are searched with numpy's dense distances; larger ones with faiss, whose
+# fused search beats numpy's distance matrix and partition there (docs/benchmarks.md).
+EXACT_SEARCH_MAX_BANK = 4096
+# Queries per chunk of the search, bounding its (queries x bank) distance matrix.
+_SEARCH_CHUNK = 1024
+
+
+def _candidates_numpy(queries: np.ndarray, bank: np.ndarray, m: int) -> np.ndarray:
+    out = []
+    bank_sq = (bank**2).sum(1)
+    for i in range(0, len(queries), _SEARCH_CHUNK):
+        q = queries[i : i + _SEARCH_CHUNK]
+        d2 = (q**2).sum(1)[:, None] + bank_sq[None, :] - 2 * q @ bank.T
+        out.append(np.argpartition(d2, m - 1, axis=1)[:, :m])
+    return np.concatenate(out)
+
+
+def _candidates_faiss(queries: np.ndarray, bank: np.ndarray, m: int) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatL2(bank.shape[1])  # exact search, in float32
+    index.add(np.ascontiguousarray(bank, dtype=np.float32))
+    _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), m)
+    return found
+
+
+def kth_neighbour_distance(queries, bank, k: int, use_faiss: Optional[bool] = None) -> np.ndarray:
+    """
+    The Euclidean distance of each query to its k-th nearest bank entry (k capped at the bank's
+    size). A fast search, numpy's dense distances or faiss's exact flat index (``use_faiss``;
+    None: faiss for banks over EXACT_SEARCH_MAX_BANK), proposes the 2k nearest candidates; their
+    distances are then computed exactly in float64, ``sqrt(sum((q - b)^2))``, and the k-th
+    smallest is taken. The result is therefore the same from both searches and equals the exact
+    search whenever the true k nearest are among the 2k proposed, which float32 rounding cannot
+    prevent short of more than k entries tied within it.
+    """
+    q = np.asarray(queries, dtype=np.float64)
+    b = np.asarray(bank, dtype=np.float64)
+    k = min(int(k), b.shape[0])
+    m = min(2 * k, b.shape[0])
+    if use_faiss is None:
+        use_faiss = b.shape[0] > EXACT_SEARCH_MAX_BANK
+    found = (_candidates_faiss if use_faiss else _candidates_numpy)(q, b, m)
+    out = np.empty(len(q))
+    for i in range(0, len(q), _SEARCH_CHUNK):
+        diff = q[i : i + _SEARCH_CHUNK, None, :] - b[found[i : i + _SEARCH_CHUNK]]
+        dist = np.sqrt((diff**2).sum(axis=2))
+        out[i : i + _SEARCH_CHUNK] = np.partition(dist, k - 1, axis=1)[:, k - 1]
+    return out
 
 
 @dataclass
@@ -122,17 +174,13 @@ class EmbeddingStatistics:
         valid = ~np.isnan(self.means[:, 0])
         e_unit = e / np.linalg.norm(e, axis=1, keepdims=True).clip(min=1e-12)
         cosine = (e_unit @ self.prototypes[valid].T).max(axis=1)
-        # Squared distances without an (N, n, d) tensor.
-        d2 = (e**2).sum(1)[:, None] + (self.bank**2).sum(1)[None, :] - 2 * e @ self.bank.T
-        k = min(self.knn_k, self.bank.shape[0])
-        kth = np.partition(np.maximum(d2, 0.0), k - 1, axis=1)[:, k - 1]
-        knn = -np.sqrt(kth)
+        knn = -kth_neighbour_distance(e, self.bank, self.knn_k)
         dim = e.shape[1]
         loglik = []
         for c in np.flatnonzero(valid):
             j = c if self.precisions.shape[0] > 1 else 0
             diff = e - self.means[c]
-            maha = np.einsum("nd,de,ne->n", diff, self.precisions[j], diff)
+            maha = ((diff @ self.precisions[j]) * diff).sum(axis=1)
             loglik.append(-0.5 * (maha + self.log_dets[j] + dim * np.log(2 * np.pi)))
         return {"cosine": cosine, "knn": knn, "gaussian": np.max(np.stack(loglik, axis=1), axis=1)}
 

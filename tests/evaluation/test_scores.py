@@ -4,7 +4,12 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal
 
-from rcdet.evaluation.scores import EmbeddingStatistics, detector_confidence, logit_scores
+from rcdet.evaluation.scores import (
+    EmbeddingStatistics,
+    detector_confidence,
+    kth_neighbour_distance,
+    logit_scores,
+)
 
 
 def test_detector_confidence_is_the_max_known_class_probability():
@@ -73,3 +78,27 @@ def test_statistics_cache_round_trip(tmp_path):
     q = np.array([[0.3, 0.7, 0.1]])
     for k, v in stats.scores(q).items():
         assert loaded.scores(q)[k] == pytest.approx(v)
+
+
+def _brute_force_kth(queries, bank, k):
+    dist = np.sqrt(((queries[:, None, :] - bank[None, :, :]) ** 2).sum(axis=2))
+    return np.sort(dist, axis=1)[:, k - 1]
+
+
+@pytest.mark.parametrize("duplicates", [False, True])
+def test_knn_search_with_faiss_equals_the_exact_search(duplicates):
+    rng = np.random.default_rng(5)
+    bank = rng.normal(size=(5000, 32))
+    if duplicates:  # tied distances: every entry twice, and queries on bank entries
+        bank = np.concatenate([bank[:2500], bank[:2500]])
+    queries = np.concatenate([rng.normal(size=(150, 32)), bank[:50] + 1e-9])
+    for k in (1, 10):
+        exact = _brute_force_kth(queries, bank, k)
+        with_faiss = kth_neighbour_distance(queries, bank, k, use_faiss=True)
+        dense = kth_neighbour_distance(queries, bank, k, use_faiss=False)
+        assert np.array_equal(with_faiss, exact) and np.array_equal(dense, exact), k
+    # k larger than the bank: the farthest entry.
+    small = bank[:3]
+    assert np.array_equal(
+        kth_neighbour_distance(queries, small, 10), _brute_force_kth(queries, small, 3)
+    )
