@@ -39,13 +39,7 @@ from .matching import BACKGROUND, DUPLICATE, ID, MATCHING_MODES, OOD, match_dete
 from .metrics import score_report
 from .open_set import OPEN_SET_IOU, WI_RECALL_LEVEL, absolute_open_set_error, wilderness_impact
 from .report import PROTOCOL_VERSION, OODReport
-from .scores import (
-    ALL_SCORES,
-    EMBEDDING_SCORES,
-    EmbeddingStatistics,
-    detector_confidence,
-    logit_scores,
-)
+from .scores import EMBEDDING_SCORES, EmbeddingStatistics, detector_confidence, logit_scores
 
 __all__ = [
     "OODOptions",
@@ -222,46 +216,59 @@ class OODStatisticsHook(HookBase):
 def _records_of(inputs, outputs, score_threshold: float) -> List[Dict]:
     records = []
     for inp, out in zip(inputs, outputs):
-        inst = out["instances"].to("cpu")
-        inst = inst[inst.scores >= score_threshold]
-        fields = inst.get_fields()
+        fields = out["instances"].get_fields()
         if "pred_logits" not in fields:
             raise ConfigError(
                 "The OOD evaluation needs each detection's logits: set MODEL.RCDET.EMBED_AT_TEST"
                 " True (rcdet's Trainer.test does it for you)."
             )
+        # Plain arrays, masked with numpy: cheaper than indexing the Instances.
+        scores = fields["scores"].detach().cpu().numpy()
+        keep = scores >= score_threshold
+
+        def kept(name):
+            return fields[name].detach().cpu().numpy()[keep] if name in fields else None
+
         records.append(
             {
                 "image_id": inp["image_id"],
-                "boxes": inst.pred_boxes.tensor.numpy(),
-                "scores": inst.scores.numpy(),
-                "classes": inst.pred_classes.numpy(),
-                "logits": fields["pred_logits"].numpy(),
-                "embeddings": (
-                    fields["pred_embeddings"].numpy() if "pred_embeddings" in fields else None
-                ),
+                "boxes": fields["pred_boxes"].tensor.detach().cpu().numpy()[keep],
+                "scores": scores[keep],
+                "classes": kept("pred_classes"),
+                "logits": kept("pred_logits"),
+                "embeddings": kept("pred_embeddings"),
             }
         )
     return records
 
 
-def _score_records(records, num_known: int, opts: OODOptions, stats) -> Dict:
-    """Per-detection OOD scores and detector confidence of records, concatenated in order."""
+def _score_records(records, num_known: int, opts: OODOptions) -> Dict:
+    """The logit scores and detector confidence of every detection of ``records``, in order."""
     found = [r for r in records if len(r["scores"])]
     width = num_known + 1
     logits = np.concatenate([r["logits"] for r in found]) if found else np.zeros((0, width))
-    # One call over every detection: the kNN search runs over the bank once, not per image.
-    scores = logit_scores(logits, num_known, opts.energy_temperature)
-    if stats is None:
-        scores.update({k: None for k in EMBEDDING_SCORES})
-    else:
-        dim = stats.bank.shape[1]
-        emb = np.concatenate([r["embeddings"] for r in found]) if found else np.zeros((0, dim))
-        scores.update(stats.scores(emb))
     return {
-        "scores": {k: scores[k] for k in ALL_SCORES},
+        "scores": logit_scores(logits, num_known, opts.energy_temperature),
         "confidence": detector_confidence(logits, num_known),
     }
+
+
+def _embedding_scores(records, stats, needed: np.ndarray) -> Dict[str, Optional[np.ndarray]]:
+    """
+    The embedding scores of the ``needed`` detections of ``records`` (NaN for the others; None
+    without statistics). Only detections a metric uses are scored: the kNN search over the bank
+    is the evaluation's largest cost, and it grows with the detections searched.
+    """
+    if stats is None:
+        return {k: None for k in EMBEDDING_SCORES}
+    found = [r for r in records if len(r["scores"])]
+    dim = stats.bank.shape[1]
+    emb = np.concatenate([r["embeddings"] for r in found]) if found else np.zeros((0, dim))
+    out = {k: np.full(len(emb), np.nan) for k in EMBEDDING_SCORES}
+    # One call over every needed detection: the search runs over the bank once, not per image.
+    for k, v in stats.scores(emb[needed]).items():
+        out[k][needed] = v
+    return out
 
 
 def _cat(parts, dtype=np.int64):
@@ -378,7 +385,7 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
     meta = MetadataCatalog.get(test_name)
     dicts = DatasetCatalog.get(test_name)
     position = {d["image_id"]: i for i, d in enumerate(dicts)}
-    scored = _score_records(records, num_known, opts, stats)
+    scored = _score_records(records, num_known, opts)
     table, confidence = scored["scores"], scored["confidence"]
     status, one, gt_index, images, open_set_images = [], [], [], [], []
     ood_objects_as_known = set()
@@ -453,6 +460,12 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
             f"Matched detections are all one kind (ID {counts['id']}, OOD {counts['ood']}): OOD"
             " metrics are undefined."
         )
+    needed = (status == ID) | (status == OOD)
+    threshold = None
+    if ood_name is not None:
+        threshold = image_threshold(cfg, dicts, records, confidence, images, one)
+        needed |= _on_id_images(dicts, images) & (confidence >= threshold[0])
+    table.update(_embedding_scores(records, stats, needed))
     scores = score_report(
         table,
         status,
@@ -466,14 +479,15 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
     image_level, image_arrays = None, None
     if ood_name is not None:
         image_level, image_arrays = image_level_report(
-            cfg, test_name, dicts, records, table, confidence, images, one, stats, ood_name,
+            cfg, test_name, dicts, table, confidence, images, threshold, stats, ood_name,
             ood_records,
         )  # fmt: skip
         warnings += image_level["warnings"]
     for w in warnings:
         logger.warning(w)
     report = OODReport(
-        name="",
+        name=os.path.basename(os.path.normpath(cfg.OUTPUT_DIR)),
+        weights=cfg.MODEL.WEIGHTS,
         test_dataset=test_name,
         known_classes=list(meta.thing_classes),
         held_out_classes=held_out,
@@ -539,54 +553,69 @@ def _ood_images_kept(ood_name: str, known: set):
     return dicts, keep, dropped_objects
 
 
-def image_level_report(
-    cfg, test_name, dicts, records, table, confidence, images, one, stats, ood_name, ood_records
-):
-    """
-    The VOS/SIREN protocol: detections on the test images without held-out objects (ID) against
-    every detection on the OOD images without a known-class object (OOD), both kept at the same
-    minimum confidence (TEST.OOD.IMAGE_THRESHOLD).
-    """
+def _on_id_images(dicts, images) -> np.ndarray:
+    """Whether each detection lies on an ID image: a test image without held-out objects."""
+    on_id = np.array([not d.get("ood_annotations") for d in dicts], dtype=bool)
+    return on_id[images] if len(images) else np.zeros(0, dtype=bool)
+
+
+def image_threshold(cfg, dicts, records, confidence, images, one):
+    """``(min_score, rule, warnings)``: the image level's confidence threshold (IMAGE_THRESHOLD)."""
     opts = OODOptions.from_config(cfg)
     num_known = cfg.MODEL.ROI_HEADS.NUM_CLASSES
     warnings = []
     id_images = [i for i, d in enumerate(dicts) if not d.get("ood_annotations")]
-    id_pos = np.full(len(dicts), -1, dtype=np.int64)
-    id_pos[id_images] = np.arange(len(id_images))
-    on_id = id_pos[images] >= 0
+    on_id = _on_id_images(dicts, images)
     if opts.image_threshold == "fixed":
-        min_score, rule = opts.image_min_score, "fixed (TEST.OOD.IMAGE_MIN_SCORE)"
-    elif opts.image_threshold == "f1_optimal":
+        return opts.image_min_score, "fixed (TEST.OOD.IMAGE_MIN_SCORE)", warnings
+    if opts.image_threshold == "f1_optimal":
         position = {d["image_id"]: i for i, d in enumerate(dicts)}
         id_set = set(id_images)
         id_records = [r for r in records if position[r["image_id"]] in id_set]
         min_score = f1_optimal_threshold([dicts[i] for i in id_images], id_records, num_known)
-        rule = (
-            "f1_optimal: mean over known classes of the detection score at the F1-optimal recall"
-            " (COCOeval, IoU 0.5:0.95, 100 detections) on the ID images, as VOS"
-        )
-        if min_score is None:
-            min_score = opts.score_threshold
-            rule = "f1_optimal undefined (no ID detection on a known object): the score threshold"
-            warnings.append(
-                "Image level: the F1-optimal threshold is undefined (no detection matches a known"
-                " object on the ID images); detections are kept at the score threshold."
-            )
-    else:
-        claimed = np.sort(confidence[on_id & (one == ID)])[::-1]
-        if claimed.size:
-            min_score = float(claimed[int(np.ceil(IMAGE_LEVEL_KEEP * claimed.size)) - 1])
+        if min_score is not None:
             rule = (
-                f"id_recall_95: the confidence that keeps {IMAGE_LEVEL_KEEP:.0%} of the"
-                f" {claimed.size} claimed ID objects on the ID images"
+                "f1_optimal: mean over known classes of the detection score at the F1-optimal"
+                " recall (COCOeval, IoU 0.5:0.95, 100 detections) on the ID images, as VOS"
             )
-        else:
-            min_score = opts.score_threshold
-            rule = "id_recall_95 undefined (no claimed ID objects): the score threshold"
-            warnings.append(
-                "Image level: no ID object on the ID images was detected; detections are kept at"
-                " the score threshold."
-            )
+            return min_score, rule, warnings
+        warnings.append(
+            "Image level: the F1-optimal threshold is undefined (no detection matches a known"
+            " object on the ID images); detections are kept at the score threshold."
+        )
+        rule = "f1_optimal undefined (no ID detection on a known object): the score threshold"
+        return opts.score_threshold, rule, warnings
+    claimed = np.sort(confidence[on_id & (one == ID)])[::-1]
+    if claimed.size:
+        min_score = float(claimed[int(np.ceil(IMAGE_LEVEL_KEEP * claimed.size)) - 1])
+        rule = (
+            f"id_recall_95: the confidence that keeps {IMAGE_LEVEL_KEEP:.0%} of the"
+            f" {claimed.size} claimed ID objects on the ID images"
+        )
+        return min_score, rule, warnings
+    warnings.append(
+        "Image level: no ID object on the ID images was detected; detections are kept at the"
+        " score threshold."
+    )
+    return opts.score_threshold, "id_recall_95 undefined (no claimed ID objects)", warnings
+
+
+def image_level_report(
+    cfg, test_name, dicts, table, confidence, images, threshold, stats, ood_name, ood_records
+):
+    """
+    The VOS/SIREN protocol: detections on the test images without held-out objects (ID) against
+    every detection on the OOD images without a known-class object (OOD), both kept at the same
+    minimum confidence (``threshold``, from image_threshold).
+    """
+    opts = OODOptions.from_config(cfg)
+    num_known = cfg.MODEL.ROI_HEADS.NUM_CLASSES
+    min_score, rule, warnings = threshold
+    warnings = list(warnings)
+    id_images = [i for i, d in enumerate(dicts) if not d.get("ood_annotations")]
+    id_pos = np.full(len(dicts), -1, dtype=np.int64)
+    id_pos[id_images] = np.arange(len(id_images))
+    on_id = _on_id_images(dicts, images)
 
     known = set(MetadataCatalog.get(test_name).thing_classes)
     ood_dicts, keep, dropped_objects = _ood_images_kept(ood_name, known)
@@ -597,10 +626,11 @@ def image_level_report(
         )
     ood_position = {ood_dicts[i]["image_id"]: k for k, i in enumerate(keep)}
     ood_records = [r for r in ood_records if r["image_id"] in ood_position]
-    ood_scored = _score_records(ood_records, num_known, opts, stats)
+    ood_scored = _score_records(ood_records, num_known, opts)
     ood_images = _cat([np.full(len(r["scores"]), ood_position[r["image_id"]]) for r in ood_records])
     keep_id = on_id & (confidence >= min_score)
     keep_ood = ood_scored["confidence"] >= min_score
+    ood_scored["scores"].update(_embedding_scores(ood_records, stats, keep_ood))
     il_table = {
         k: None if v is None else np.concatenate([v[keep_id], ood_scored["scores"][k][keep_ood]])
         for k, v in table.items()

@@ -18,6 +18,7 @@ from ..config import ConfigError
 from ..file_io import atomic_write
 from .extract import dataset_digest
 from .matching import BACKGROUND, DUPLICATE, ID, OOD
+from .plots import pyplot
 from .report import OODReport, ReportError, load_report
 from .scores import ALL_SCORES
 
@@ -120,18 +121,15 @@ def draw_ood_grid(
     in magenta, duplicates dotted in grey (``show_background``: also detections on no object).
     Returns the PNG's path (default ``report_dir/ood_grid.png``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
 
+    plt = pyplot()
     report = load_report(report_dir)
     raw = os.path.join(report_dir, "ood_scores.npz")
     with np.load(raw) as z:
-        if "boxes" not in z.files or "image_index" not in z.files:
+        if not {"boxes", "image_index", "match"} <= set(z.files):
             raise ReportError(
                 f"{raw}: has no boxes or image index; re-run tools/benchmark_ood.py on the run."
             )
@@ -145,7 +143,7 @@ def draw_ood_grid(
             + ", ".join(s for s in ALL_SCORES if s in data)
             + "."
         )
-    matched = data.get("match", data["status"])
+    matched = data["match"]
     _ensure_registered(report.test_dataset)
     dicts = DatasetCatalog.get(report.test_dataset)
     if dataset_digest(dicts) != report.data.get("test"):
