@@ -37,20 +37,6 @@ OPTIONS = [
 ]
 
 
-def _interval(entry, key):
-    v, ci = entry.get(key), entry.get(f"{key}_ci")
-    if not entry["available"]:
-        return "n/a"
-    if v is None:
-        return "undefined"
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
-def _print_scores(scores):
-    for name, e in scores.items():
-        print(f"{name:>10}: AUROC {_interval(e, 'auroc')}  FPR95 {_interval(e, 'fpr95')}")
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -93,29 +79,7 @@ def main(argv=None):
     except (FileNotFoundError, ReportError) + USER_ERRORS as e:
         print(f"error: {user_error_message(e)}", file=sys.stderr)
         return 2
-    c, o, il = report.counts, report.open_set, report.image_level
-    print(
-        f"Object level ({report.protocol['matching']}): {c['id']} ID and {c['ood']} OOD detections"
-        f" of {c['id_objects']} ID and {c['ood_objects']} OOD objects; {c['duplicates']}"
-        f" duplicates, {c['background']} background"
-    )
-    _print_scores(report.scores)
-    wi = "undefined" if o["wilderness_impact"] is None else f"{o['wilderness_impact']:.4f}"
-    print(f"A-OSE {o['a_ose']}  WI@0.8 {wi}")
-    if il:
-        print(
-            f"Image level vs {il['ood_dataset']}: {il['counts']['id']} ID and"
-            f" {il['counts']['ood']} OOD detections (confidence >= {il['min_score']:.3f},"
-            f" {il['threshold_rule']})"
-        )
-        _print_scores(il["scores"])
-    if "overhead_vs_plain_inference" in report.timing_seconds:
-        t = report.timing_seconds
-        print(
-            f"Overhead over plain inference: {100 * t['overhead_vs_plain_inference']:+.1f}%"
-            f" (statistics cached), {100 * t['overhead_vs_plain_inference_with_fit']:+.1f}%"
-            " (fitting them)"
-        )
+    print("\n".join(report.summary_lines()))
     print(f"Report: {out}/ood_report.json; ROC plot: {out}/roc.png")
     return 0
 

@@ -103,6 +103,33 @@ class OODReport:
             )
         return cls(**{k: v for k, v in d.items() if k in names})
 
+    def summary_lines(self) -> List[str]:
+        """The report in a few printed lines: counts, each score's AUROC and FPR95, open set."""
+        c, o, il = self.counts, self.open_set, self.image_level
+        lines = [
+            f"Object level ({self.protocol['matching']}): {c['id']} ID and {c['ood']} OOD"
+            f" detections of {c['id_objects']} ID and {c['ood_objects']} OOD objects;"
+            f" {c['duplicates']} duplicates, {c['background']} background"
+        ]
+        lines += _score_lines(self.scores)
+        wi = "undefined" if o["wilderness_impact"] is None else f"{o['wilderness_impact']:.4f}"
+        lines.append(f"A-OSE {o['a_ose']}  WI@0.8 {wi}")
+        if il:
+            lines.append(
+                f"Image level vs {il['ood_dataset']}: {il['counts']['id']} ID and"
+                f" {il['counts']['ood']} OOD detections (confidence >= {il['min_score']:.3f},"
+                f" {il['threshold_rule']})"
+            )
+            lines += _score_lines(il["scores"])
+        t = self.timing_seconds
+        if "overhead_vs_plain_inference" in t:
+            lines.append(
+                f"Overhead over plain inference: {100 * t['overhead_vs_plain_inference']:+.1f}%"
+                f" (statistics cached), {100 * t['overhead_vs_plain_inference_with_fit']:+.1f}%"
+                " (fitting them)"
+            )
+        return lines
+
     def flat_metrics(self) -> Dict[str, float]:
         """
         The numbers detectron2 prints and logs (as ``ood/<key>``): ``<score>_auroc``,
@@ -124,6 +151,13 @@ class OODReport:
         wi = self.open_set["wilderness_impact"]
         out["wi"] = math.nan if wi is None else float(wi)
         return out
+
+
+def _score_lines(scores: Dict) -> List[str]:
+    return [
+        f"{name:>10}: AUROC {_cell(e, 'auroc')}  FPR95 {_cell(e, 'fpr95')}"
+        for name, e in scores.items()
+    ]
 
 
 CSV_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
