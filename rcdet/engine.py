@@ -12,11 +12,18 @@ from detectron2.data import (
     build_detection_train_loader,
 )
 from detectron2.engine import DefaultTrainer, default_setup
-from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.engine.hooks import EvalHook
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
 
 from .checkpoint import load_training_weights
 from .config import ConfigError, add_rcdet_config
 from .data.datasets import SHAPES_HINT, CheckedDatasetMapper, DatasetError
+from .evaluation.evaluator import (
+    OODDetectionEvaluator,
+    OODStatisticsHook,
+    ood_evaluation_configured,
+    ood_outputs,
+)
 from .ranking import RankingError
 
 __all__ = [
@@ -66,10 +73,17 @@ class Trainer(DefaultTrainer):
         )
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, model=None):
+        """The dataset's detection evaluator; with held-out classes, also the OOD evaluator of
+        ``model`` (rcdet.evaluation.OODDetectionEvaluator), its report in OUTPUT_DIR/inference."""
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         if evaluator_type == "pascal_voc":
-            return PascalVOCDetectionEvaluator(dataset_name)
+            voc = PascalVOCDetectionEvaluator(dataset_name)
+            if not ood_evaluation_configured(cfg):
+                return voc
+            folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+            ood = OODDetectionEvaluator(dataset_name, cfg, model=model, output_dir=folder)
+            return DatasetEvaluators([voc, ood])
         if evaluator_type == "coco":
             return COCOEvaluator(
                 dataset_name, output_dir=output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
@@ -77,6 +91,25 @@ class Trainer(DefaultTrainer):
         raise NotImplementedError(
             f"No evaluator for dataset '{dataset_name}' (evaluator_type={evaluator_type})."
         )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """DefaultTrainer.test; with held-out classes the detections carry their logits and
+        embeddings, and each test split's evaluators include the OOD evaluator of ``model``."""
+        if not ood_evaluation_configured(cfg):
+            return super().test(cfg, model, evaluators)
+        if evaluators is None:
+            evaluators = [cls.build_evaluator(cfg, n, model=model) for n in cfg.DATASETS.TEST]
+        with ood_outputs(model):
+            return super().test(cfg, model, evaluators)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if ood_evaluation_configured(self.cfg):
+            # Before the final evaluation, which then finds the statistics cached.
+            at = next((i for i, h in enumerate(hooks) if isinstance(h, EvalHook)), len(hooks))
+            hooks.insert(at, OODStatisticsHook(self.cfg))
+        return hooks
 
 
 def amp_precision(cfg) -> torch.dtype:

@@ -16,17 +16,17 @@ import numpy as np
 
 from .analysis import _HELD_OUT_MARKERS, _MARKERS
 from .evaluation.bootstrap import paired_bootstrap
-from .evaluation.ood import (
-    EMBEDDING_SCORES,
+from .evaluation.plots import plot_roc, pyplot, save_figure
+from .evaluation.report import (
     csv_table,
     load_report,
     load_roc_set,
     markdown_table,
-    plot_roc,
     protocol_of,
     report_metrics,
 )
-from .file_io import atomic_write, save_figure_atomic
+from .evaluation.scores import EMBEDDING_SCORES
+from .file_io import atomic_write
 
 __all__ = [
     "COLUMNS",
@@ -132,11 +132,11 @@ def attach_paired_tests(
     seeds, minus SupCon's best embedding score (mean over SupCon's seeds), and minus MSP of the same
     models. Every replicate resamples the test images once for all runs, so the comparison is
     paired by image. It measures the test set's sampling, not the seeds' spread (the ± columns).
-    Runs that predate the saved image index, or were evaluated on other images, get None.
+    Runs without saved scores, or evaluated on other images, get None.
     """
     sets = {m: [load_roc_set(os.path.join(d, "ood")) for d in dirs] for m, dirs in run_dirs.items()}
     every = [rs for runs in sets.values() for rs in runs]
-    indexed = [rs for rs in every if rs is not None and rs.image_index is not None]
+    indexed = [rs for rs in every if rs is not None]
     usable = len(indexed) == len(every) and len({rs.image_ids for rs in indexed}) == 1
     num_images = len(indexed[0].image_ids) if usable else 0
     best = {r["method"]: r["best_emb_score"] for r in rows}
@@ -215,21 +215,12 @@ def table_csv(rows: List[Dict]) -> str:
     return csv_table(lines)
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def roc_figure(runs: Dict[str, str], best: Dict[str, str], seed: int):
     """
     Object-level ROC of one run per method (``{method: run folder}``, evaluated with ``seed``),
     one colour per method: its MSP dotted, its best embedding score (``best``) solid.
     """
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.5))
     cmap = plt.get_cmap("tab10")
     for i, (method, run_dir) in enumerate(runs.items()):
@@ -276,7 +267,7 @@ def tsne_panel(runs: Dict[str, str]):
     panels = [(m, d, _tsne_points(d)) for m, d in runs.items() if _tsne_points(d)]
     if not panels:
         return None
-    plt = _plt()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), squeeze=False)
     for ax, (method, run_dir, path) in zip(axes[0], panels):
@@ -329,11 +320,6 @@ def tsne_panel(runs: Dict[str, str]):
     return fig
 
 
-def _save(fig, path: str, dpi: int):
-    save_figure_atomic(path, fig, dpi=dpi)
-    _plt().close(fig)
-
-
 def write_results(
     runs: Sequence[Tuple[str, int, str]], output: str, replicates: int = PAIRED_REPLICATES
 ) -> Tuple[str, Dict[str, List[Dict]]]:
@@ -353,8 +339,8 @@ def write_results(
     atomic_write(os.path.join(output, "results.csv"), table_csv(rows).encode())
     first = {method: dirs[0] for method, dirs in run_dirs.items()}
     best = {r["method"]: r["best_emb_score"] for r in rows}
-    _save(roc_figure(first, best, runs[0][1]), os.path.join(output, "roc.png"), dpi=110)
+    save_figure(roc_figure(first, best, runs[0][1]), os.path.join(output, "roc.png"), dpi=110)
     panel = tsne_panel(first)
     if panel is not None:
-        _save(panel, os.path.join(output, "tsne_panel.png"), dpi=100)
+        save_figure(panel, os.path.join(output, "tsne_panel.png"), dpi=100)
     return md, per_method

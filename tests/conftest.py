@@ -37,8 +37,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fake_ood_report(folder, matching="one_per_object", version=2):
-    """A minimal ood_report.json in ``folder``: one score, msp, with intervals."""
+def fake_ood_report(folder, matching="one_per_object", version=None):
+    """A minimal ood_report.json in ``folder``: one score, msp, with intervals; ``version``
+    defaults to the current protocol's."""
+    from rcdet.evaluation.report import PROTOCOL_VERSION
+
     os.makedirs(folder, exist_ok=True)
     entry = {
         "available": True,
@@ -53,10 +56,16 @@ def fake_ood_report(folder, matching="one_per_object", version=2):
     }
     rep = {
         "name": os.path.basename(folder),
+        "test_dataset": "rcdet_shapes_test",
+        "known_classes": ["circle"],
+        "held_out_classes": ["ring"],
+        "data": {"test": "digest", "ood_images": None},
+        "counts": {"id": 10, "ood": 5},
+        "open_set": {"a_ose": 1, "wilderness_impact": 0.1},
         "detection": {},
         "scores": {"msp": entry},
         "protocol": {
-            "version": version,
+            "version": PROTOCOL_VERSION if version is None else version,
             "matching": matching,
             "match_iou": 0.5,
             "score_threshold": 0.05,
@@ -147,18 +156,24 @@ def image_level_report(tiny_models, tmp_path_factory):
     from rcdet.data.ood_images import register_shapes_ood_images
     from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 
+    root = MetadataCatalog.get("rcdet_shapes_test").dirname
+    ood_name = register_shapes_ood_images(root, ["ring", "triangle"], num_images=6)
     cfg = tiny_cfg(
         "configs/shapes_rince_ood.yaml",
         "MODEL.WEIGHTS",
         tiny_models["rince"],
         "MODEL.RCDET.EMBED_AT_TEST",
         "True",
+        "TEST.OOD.SCORE_THRESHOLD",
+        "0.0",
+        "TEST.OOD.MATCH_IOU",
+        "0.1",
+        "TEST.OOD.OOD_DATASET",
+        ood_name,
+        "TEST.OOD.BOOTSTRAP",
+        "40",
     )
     cfg.freeze()
-    root = MetadataCatalog.get("rcdet_shapes_test").dirname
-    ood_name = register_shapes_ood_images(root, ["ring", "triangle"], num_images=6)
     out = tmp_path_factory.mktemp("il", numbered=False)
-    report = run_ood_benchmark(
-        cfg, str(out), score_threshold=0.0, match_iou=0.1, ood_dataset=ood_name, bootstrap=40
-    )
+    report = run_ood_benchmark(cfg, str(out))
     return SimpleNamespace(cfg=cfg, ood_dataset=ood_name, report=report, folder=out)

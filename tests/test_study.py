@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from rcdet import study
-from rcdet.evaluation.ood import ood_metrics
+from rcdet.evaluation.metrics import ood_metrics
+from rcdet.evaluation.report import PROTOCOL_VERSION
 
 
 def test_table_builder_mean_and_sample_std():
@@ -140,7 +141,7 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     assert all(row["vs_msp"] is None for row in rows)
 
 
-def test_write_results_reads_version_2_reports(tmp_path):
+def test_write_results_reads_current_protocol_reports(tmp_path):
     """results.md from finished runs: open-set, image-level and paired-test columns."""
     methods = ("softmax", "supcon", "rince_in")
     runs = [(m, 0, str(tmp_path / "runs" / m / "seed0")) for m in methods]
@@ -159,13 +160,19 @@ def test_write_results_reads_version_2_reports(tmp_path):
         if method == "softmax":
             scores["knn"] = {"available": False, "auroc": None, "fpr95": None}
         report = {
+            "name": method,
+            "test_dataset": "rcdet_shapes_test",
+            "known_classes": [],
+            "held_out_classes": [],
+            "data": {"test": "digest"},
+            "counts": {},
             "detection": {"AP": 50.0, "AP50": 70.0, "AP75": 40.0},
             "scores": scores,
             "open_set": {"a_ose": 12, "wilderness_impact": 0.05},
             "image_level": {
                 "scores": {"msp": {"available": True, "auroc": 0.6}, "knn": scores["knn"]}
             },
-            "protocol": {"version": 2},
+            "protocol": {"version": PROTOCOL_VERSION},
         }
         with open(os.path.join(run_dir, "ood", "ood_report.json"), "w") as f:
             json.dump(report, f)
@@ -187,7 +194,7 @@ def test_write_results_reads_version_2_reports(tmp_path):
     assert rows["softmax"].endswith("| n/a | n/a |")
     assert rows["supcon"].split(" | ")[-2] == "—"
     versions = {m["protocol_version"] for results in per_method.values() for m in results}
-    assert sorted(versions) == [2]
+    assert sorted(versions) == [PROTOCOL_VERSION]
     assert (tmp_path / "out" / "results.md").read_text() == md
     assert (tmp_path / "out" / "results.csv").is_file() and (tmp_path / "out" / "roc.png").is_file()
     # No run has t-SNE points: no panel, and no temporary file left behind.

@@ -8,15 +8,9 @@ Held-out-class OOD detection benchmark (higher scores mean "more in-distribution
         --output output/ood/comparison
 
 Writes ood_report.json, ood_report.csv, ood_scores.npz, roc.png and score_hist.png (atomically),
-and, with an OOD image set, roc_image_level.png and ood_image_level_scores.npz.
-
-Protocols (rcdet/evaluation/ood_benchmark.py): the object level matches one detection per object
-(``--matching all``: every matched detection, protocol version 1) and reports AUROC,
-FPR95, AUPR-In/Out with bootstrap 95% intervals over test images, the recall of held-out objects
-at 95% ID, and OpenDet2's A-OSE and wilderness impact. The image level (VOS/SIREN) scores the test
-images without held-out objects against ``--ood-dataset`` (default: the built-in OOD image set
-for the built-in dataset; any registered detectron2 dataset, e.g. a COCO subset without VOC
-classes, for VOC). ``--compare`` refuses reports from different protocols.
+and, with an OOD image set, roc_image_level.png and ood_image_level_scores.npz. The protocols
+are rcdet.evaluation.evaluator's (docs/ood_benchmark.md); each option below overrides its
+TEST.OOD config key. ``--compare`` refuses reports of different protocols or test images.
 """
 
 import argparse
@@ -25,17 +19,22 @@ import sys
 from detectron2.utils.logger import setup_logger
 
 from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
-from rcdet.evaluation.ood import MATCHING_MODES, ReportError, merge_reports
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
+from rcdet.evaluation.report import ReportError, merge_reports
 
-
-def _interval(entry, key):
-    v, ci = entry.get(key), entry.get(f"{key}_ci")
-    if not entry["available"]:
-        return "n/a"
-    if v is None:
-        return "undefined"
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+# (flag, TEST.OOD key, type, help)
+OPTIONS = [
+    ("--score-thresh", "SCORE_THRESHOLD", float, "detections below this score are ignored"),
+    ("--match-iou", "MATCH_IOU", float, "a detection matches its best GT at IoU >= this"),
+    ("--matching", "MATCHING", str, "one_per_object (as detection evaluation) or all"),
+    ("--ood-dataset", "OOD_DATASET", str, "image-level OOD images: NAME, builtin, none or auto"),
+    ("--image-threshold", "IMAGE_THRESHOLD", str, "f1_optimal (VOS), id_recall_95 or fixed"),
+    ("--image-min-score", "IMAGE_MIN_SCORE", float, "image-level confidence (implies fixed)"),
+    ("--bootstrap", "BOOTSTRAP", int, "bootstrap replicates over test images (0: none)"),
+    ("--seed", "SEED", int, "seed of the bootstrap resampling"),
+    ("--knn-k", "KNN_K", int, "k of the knn score"),
+    ("--energy-temperature", "ENERGY_TEMPERATURE", float, "T of the energy score"),
+]
 
 
 def main(argv=None):
@@ -44,73 +43,15 @@ def main(argv=None):
     )
     parser.add_argument("--config-file", default="")
     parser.add_argument("--output", default="", help="output folder (default: OUTPUT_DIR/ood)")
+    for flag, key, kind, text in OPTIONS:
+        parser.add_argument(flag, type=kind, default=None, help=f"{text} (TEST.OOD.{key})")
     parser.add_argument(
-        "--score-thresh", type=float, default=0.05, help="detections below this score are ignored"
+        "--per-class-covariance", action="store_true", help="TEST.OOD.PER_CLASS_COVARIANCE True"
     )
-    parser.add_argument(
-        "--match-iou",
-        type=float,
-        default=0.5,
-        help="a detection matches its best GT at IoU >= this",
-    )
-    parser.add_argument(
-        "--matching",
-        choices=MATCHING_MODES,
-        default="one_per_object",
-        help=(
-            "one_per_object: the most confident detection claims each object, the others are "
-            "duplicates (as detection evaluation); all: every matched detection counts"
-        ),
-    )
-    parser.add_argument(
-        "--ood-dataset",
-        default="auto",
-        metavar="NAME",
-        help=(
-            "OOD images of the image-level protocol: a registered detectron2 dataset, 'builtin', "
-            "'none', or 'auto' (the built-in set for the built-in dataset, else none)"
-        ),
-    )
-    parser.add_argument(
-        "--image-min-score",
-        type=float,
-        default=None,
-        help=(
-            "image level: keep detections with at least this confidence (default: the confidence "
-            "that keeps 95%% of the claimed ID objects)"
-        ),
-    )
-    parser.add_argument(
-        "--bootstrap",
-        type=int,
-        default=1000,
-        help="bootstrap replicates over test images (0: no intervals)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
-    parser.add_argument("--knn-k", type=int, default=10)
-    parser.add_argument(
-        "--per-class-covariance", action="store_true", help="one Gaussian covariance per class"
-    )
-    parser.add_argument("--energy-temperature", type=float, default=1.0)
-    parser.add_argument(
-        "--name",
-        default=None,
-        help=(
-            "run name in merged tables (default: the output folder's name, or OUTPUT_DIR's for"
-            " .../ood)"
-        ),
-    )
-    parser.add_argument(
-        "--time-plain",
-        action="store_true",
-        help="also time plain inference and report the overhead",
-    )
-    parser.add_argument(
-        "--compare", nargs="+", metavar="DIR", help="merge existing reports instead of running"
-    )
-    parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS path.pth"
-    )
+    parser.add_argument("--name", default=None, help="run name (default: the output folder's)")
+    parser.add_argument("--time-plain", action="store_true", help="also time plain inference")
+    parser.add_argument("--compare", nargs="+", metavar="DIR", help="merge existing reports")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE)")
     args = parser.parse_args(argv)
     setup_logger(name="rcdet")
     setup_logger(name="detectron2")
@@ -122,54 +63,23 @@ def main(argv=None):
             return 0
         if not args.config_file:
             parser.error("--config-file is required unless --compare is given")
-        cfg = setup_cfg(args.config_file, list(args.opts) + ["MODEL.RCDET.EMBED_AT_TEST", "True"])
+        overrides = [["MODEL.RCDET.EMBED_AT_TEST", "True"]]
+        overrides += [
+            [f"TEST.OOD.{key}", str(getattr(args, flag[2:].replace("-", "_")))]
+            for flag, key, _, _ in OPTIONS
+            if getattr(args, flag[2:].replace("-", "_")) is not None
+        ]
+        if args.image_min_score is not None and args.image_threshold is None:
+            overrides.append(["TEST.OOD.IMAGE_THRESHOLD", "fixed"])
+        if args.per_class_covariance:
+            overrides.append(["TEST.OOD.PER_CLASS_COVARIANCE", "True"])
+        cfg = setup_cfg(args.config_file, list(args.opts) + sum(overrides, []))
         out = args.output or f"{cfg.OUTPUT_DIR}/ood"
-        report = run_ood_benchmark(
-            cfg,
-            out,
-            args.score_thresh,
-            args.knn_k,
-            args.per_class_covariance,
-            args.energy_temperature,
-            args.name,
-            args.match_iou,
-            args.time_plain,
-            args.matching,
-            args.ood_dataset,
-            args.image_min_score,
-            args.bootstrap,
-            args.seed,
-        )
+        report = run_ood_benchmark(cfg, out, args.name, args.time_plain)
     except (FileNotFoundError, ReportError) + USER_ERRORS as e:
         print(f"error: {user_error_message(e)}", file=sys.stderr)
         return 2
-    c = report["counts"]
-    print(
-        f"Object level ({args.matching}): {c['id']} ID and {c['ood']} OOD detections of"
-        f" {c['id_objects']} ID and {c['ood_objects']} OOD objects; {c['duplicates']} duplicates,"
-        f" {c['background']} background"
-    )
-    for name, entry in report["scores"].items():
-        print(f"{name:>10}: AUROC {_interval(entry, 'auroc')}  FPR95 {_interval(entry, 'fpr95')}")
-    o = report["open_set"]
-    wi = "undefined" if o["wilderness_impact"] is None else f"{o['wilderness_impact']:.4f}"
-    print(f"A-OSE {o['a_ose']}  WI@0.8 {wi}")
-    il = report["image_level"]
-    if il:
-        print(
-            f"Image level vs {il['ood_dataset']}: {il['counts']['id']} ID and"
-            f" {il['counts']['ood']} OOD detections (confidence >= {il['min_score']:.3f})"
-        )
-        for name, entry in il["scores"].items():
-            print(
-                f"{name:>10}: AUROC {_interval(entry, 'auroc')}  FPR95 {_interval(entry, 'fpr95')}"
-            )
-    if "overhead_vs_plain_inference" in report:
-        print(
-            f"Overhead over plain inference: {100 * report['overhead_vs_plain_inference']:+.1f}%"
-            f" (statistics cached), {100 * report['overhead_vs_plain_inference_with_fit']:+.1f}%"
-            " (fitting them)"
-        )
+    print("\n".join(report.summary_lines()))
     print(f"Report: {out}/ood_report.json; ROC plot: {out}/roc.png")
     return 0
 

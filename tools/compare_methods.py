@@ -39,8 +39,7 @@ from typing import Dict, List, Optional
 
 from rcdet import study
 from rcdet.data.held_out import HOLD_OUT_MODES
-from rcdet.evaluation.ood import protocol_of
-from rcdet.evaluation.ood_benchmark import PROTOCOL_VERSION
+from rcdet.evaluation.report import PROTOCOL_VERSION, report_version
 from rcdet.file_io import atomic_write, write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,11 +160,7 @@ def stage_done(name: str, marker: str, reevaluate: bool = False) -> bool:
         return True
     if reevaluate:
         return False
-    try:
-        with open(marker) as f:
-            return protocol_of(json.load(f))["version"] == PROTOCOL_VERSION
-    except (OSError, ValueError):
-        return False  # unreadable: evaluate again
+    return report_version(marker) == PROTOCOL_VERSION  # unreadable: evaluate again
 
 
 def write_shuffled_ranking(run: Run, voc: bool):

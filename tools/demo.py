@@ -73,7 +73,7 @@ def main(argv=None):
             ],
         )
         ood_dir = os.path.join(args.output, "ood")
-        report = run_ood_benchmark(ood_cfg, ood_dir, name="demo")
+        report = run_ood_benchmark(ood_cfg, ood_dir, name="demo").to_dict()
         grid = draw_ood_grid(ood_dir)
     except USER_ERRORS as e:
         print(f"error: {user_error_message(e)}", file=sys.stderr)

@@ -16,7 +16,8 @@ import argparse
 import sys
 
 from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
-from rcdet.evaluation.ood import ALL_SCORES, ReportError
+from rcdet.evaluation.report import ReportError
+from rcdet.evaluation.scores import ALL_SCORES
 from rcdet.evaluation.visualize import draw_ood_grid
 
 

@@ -11,17 +11,19 @@ percentile interval of Efron & Tibshirani, "An Introduction to the Bootstrap" (1
 With ``strata`` (the image-level protocol: ID images and OOD images), each stratum is resampled
 on its own, so every replicate keeps the two set sizes.
 
-The metrics of a replicate are the weighted forms of scikit-learn's (``roc_curve`` without
-dropping intermediate points, ``roc_auc_score``, ``average_precision_score``): integer
-weights equal repeating a detection, so a replicate's value is exactly what scikit-learn gives
-on the resampled detections (tests/test_ood_protocol.py checks this). They are computed for all
-replicates at once from one sort: 1000 replicates of six scores over about 1000 detections take
-about a second on two CPU cores.
+The metrics of a replicate are the weighted forms of rcdet.evaluation.metrics' definitions
+(scikit-learn's ``roc_auc_score`` and ``average_precision_score``, and ``fpr_at_recall``):
+integer weights equal repeating a detection, so a replicate's value is exactly what those give
+on the resampled detections (tests/evaluation/test_bootstrap.py checks this). They are computed
+for all replicates at once from one sort: 1000 replicates of six scores over about 1000
+detections take about a second on two CPU cores.
 """
 
 from typing import Dict, Optional, Sequence
 
 import numpy as np
+
+from .metrics import RECALL_LEVEL
 
 __all__ = [
     "METRICS",
@@ -32,7 +34,6 @@ __all__ = [
 ]
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
-TPR_LEVEL = 0.95
 # Replicates are processed in chunks of at most this many (replicate x detection) weights.
 _CHUNK_ELEMENTS = 4_000_000
 
@@ -80,9 +81,21 @@ def _average_precision(tp, fp):
     return (steps * precision).sum(axis=1)
 
 
+def _fpr_at_recall(tp, fp, p, n):
+    """rcdet.evaluation.metrics.fpr_at_recall's rule on each row of weighted curves."""
+    recall = tp / p[:, None]
+    cols = np.arange(tp.shape[1])
+    # Only thresholds up to the first that accepts all the ID weight compete.
+    last = np.argmax(tp >= p[:, None], axis=1)
+    distance = np.where(cols <= last[:, None], np.abs(recall - RECALL_LEVEL), np.inf)
+    # The last of the closest (the lowest threshold, highest FPR): argmin of the reversed row.
+    cutoff = tp.shape[1] - 1 - np.argmin(distance[:, ::-1], axis=1)
+    return fp[np.arange(len(p)), cutoff] / n
+
+
 def weighted_metrics(scores, is_id, weights) -> Dict[str, np.ndarray]:
     """
-    AUROC, FPR at 95% TPR (ID positive, higher score = ID), AUPR-In and AUPR-Out of each row of
+    AUROC, FPR95 (ID positive, higher score = ID), AUPR-In and AUPR-Out of each row of
     ``weights`` (replicates, n): arrays of shape (replicates,), NaN where a row has no ID or no
     OOD weight.
     """
@@ -102,8 +115,7 @@ def weighted_metrics(scores, is_id, weights) -> Dict[str, np.ndarray]:
     tpr = np.concatenate([np.zeros((len(p), 1)), tp / p[:, None]], axis=1)
     fpr = np.concatenate([np.zeros((len(p), 1)), fp / n[:, None]], axis=1)
     out["auroc"][ok] = (np.diff(fpr, axis=1) * (tpr[:, 1:] + tpr[:, :-1]) / 2).sum(axis=1)
-    first = np.argmax(tpr >= TPR_LEVEL, axis=1)  # tpr reaches 1 at the end, so a first index exists
-    out["fpr95"][ok] = fpr[np.arange(len(p)), first]
+    out["fpr95"][ok] = _fpr_at_recall(tp, fp, p, n)
     out["aupr_in"][ok] = _average_precision(tp, fp)
     tp_o, fp_o = _curves(-scores, ~is_id, weights[ok])
     out["aupr_out"][ok] = _average_precision(tp_o, fp_o)

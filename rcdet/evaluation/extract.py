@@ -1,22 +1,29 @@
 """
-Streaming passes of a trained model over a dataset: embed ground-truth boxes through the box
-head and projection, and collect per-detection outputs during normal inference. Neither ever
-holds the images in memory; each keeps only small per-box arrays.
+A streaming pass of a trained model over a dataset that embeds ground-truth boxes through the
+box head and projection (never holding the images in memory), and the checksums that key what
+is computed from a model and a split: of the weights in memory, of a file, of a split's images
+and annotations.
 """
 
 import hashlib
-from typing import Dict, List
+import json
+import os
+from typing import Dict
 
 import numpy as np
 import torch
 import tqdm
 from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.data import transforms as T
-from detectron2.evaluation import DatasetEvaluator
 
 from ..data.datasets import CheckedDatasetMapper
 
-__all__ = ["file_checksum", "embed_ground_truth", "DetectionCollector"]
+__all__ = [
+    "file_checksum",
+    "dataset_digest",
+    "model_digest",
+    "embed_ground_truth",
+]
 
 
 def file_checksum(path: str, chunk: int = 1 << 20) -> str:
@@ -49,8 +56,12 @@ def embed_ground_truth(
     """
     heads = model.roi_heads
     dicts = DatasetCatalog.get(dataset) if isinstance(dataset, str) else dataset
+    # Every box, also in a multi-process run: detectron2's default sampler shards by rank.
     loader = build_detection_test_loader(
-        dicts, mapper=_gt_mapper(cfg), num_workers=cfg.DATALOADER.NUM_WORKERS
+        dicts,
+        mapper=_gt_mapper(cfg),
+        sampler=list(range(len(dicts))),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
     labels, embeddings, features = [], [], []
     was_training = model.training
@@ -80,38 +91,35 @@ def embed_ground_truth(
     }
 
 
-class DetectionCollector(DatasetEvaluator):
-    """Keeps each detection's image id, box, score, class, logits and embedding (CPU numpy)."""
+def dataset_digest(dicts) -> str:
+    """
+    A digest of what a split holds: each image's id, file base name and size, and its (known
+    and held-out) annotations' classes and boxes. Another root with other images under the same
+    split name gives another digest; moving the same files does not.
+    """
+    h = hashlib.sha256()
+    for d in dicts:
+        anns = [
+            (a["category_id"], [round(float(v), 3) for v in a["bbox"]])
+            for key in ("annotations", "ood_annotations")
+            for a in d.get(key, [])
+        ]
+        item = [
+            str(d.get("image_id")),
+            os.path.basename(d.get("file_name", "")),
+            d.get("height"),
+            d.get("width"),
+            anns,
+        ]
+        h.update(json.dumps(item).encode())
+    return h.hexdigest()
 
-    def __init__(self, score_threshold: float = 0.05):
-        self.score_threshold = score_threshold
-        self.reset()
 
-    def reset(self):
-        self.records: List[dict] = []
-
-    def process(self, inputs, outputs):
-        for inp, out in zip(inputs, outputs):
-            inst = out["instances"].to("cpu")
-            keep = inst.scores >= self.score_threshold
-            inst = inst[keep]
-            fields = inst.get_fields()
-            if len(inst) and "pred_logits" not in fields:
-                raise RuntimeError(
-                    "Detections carry no pred_logits: run with MODEL.RCDET.EMBED_AT_TEST True."
-                )
-            self.records.append(
-                {
-                    "image_id": inp["image_id"],
-                    "boxes": inst.pred_boxes.tensor.numpy(),
-                    "scores": inst.scores.numpy(),
-                    "classes": inst.pred_classes.numpy(),
-                    "logits": fields["pred_logits"].numpy() if "pred_logits" in fields else None,
-                    "embeddings": (
-                        fields["pred_embeddings"].numpy() if "pred_embeddings" in fields else None
-                    ),
-                }
-            )
-
-    def evaluate(self):
-        return {}
+def model_digest(model) -> str:
+    """The checksum of a model's weights in memory: its state dict's names, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()

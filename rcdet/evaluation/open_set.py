@@ -98,7 +98,10 @@ def wilderness_impact(
     Returns ``{"wi", "fp_open", "tp_plus_fp", "classes"}``: WI (None when no known class has both
     detections and ground truth), the per-class means it divides, and how many classes entered.
     """
-    per_class = {c: {"img": [], "score": [], "order": [], "box": []} for c in range(num_known)}
+    # Per detection, computed once per image: the best-overlapping known object of its class
+    # (first maximum in annotation order), that IoU, and whether it overlaps a held-out object.
+    per_class = {c: {"img": [], "score": [], "order": [], "gt": [], "ov": [], "unk": []}
+                 for c in range(num_known)}  # fmt: skip
     npos = np.zeros(num_known, dtype=np.int64)
     order = 0
     for i, im in enumerate(images):
@@ -106,14 +109,21 @@ def wilderness_impact(
         npos += np.bincount(gt_classes, minlength=num_known)[:num_known]
         scores = np.asarray(im["scores"], dtype=np.float64).reshape(-1)
         boxes = np.asarray(im["boxes"], dtype=np.float64).reshape(-1, 4)
-        for j, c in enumerate(np.asarray(im["classes"], dtype=np.int64).reshape(-1)):
+        classes = np.asarray(im["classes"], dtype=np.int64).reshape(-1)
+        same = gt_classes[None, :] == classes[:, None]
+        ious = np.where(same, pairwise_iou(boxes, im["gt_boxes"]), -1.0)
+        best = ious.argmax(axis=1) if ious.shape[1] else np.zeros(len(boxes), dtype=np.int64)
+        unknown = _overlaps_unknown(boxes, im["unknown_boxes"], iou)
+        for j, c in enumerate(classes):
             if scores[j] < score_threshold:
                 continue
             entry = per_class[int(c)]
             entry["img"].append(i)
             entry["score"].append(scores[j])
             entry["order"].append(order)
-            entry["box"].append(boxes[j])
+            entry["gt"].append(int(best[j]) if same[j].any() else -1)
+            entry["ov"].append(float(ious[j, best[j]]) if same[j].any() else 0.0)
+            entry["unk"].append(bool(unknown[j]))
             order += 1
     fp_open, tp_plus_fp = [], []
     for c in range(num_known):
@@ -124,22 +134,16 @@ def wilderness_impact(
         idx = sorted(
             range(len(entry["score"])), key=lambda k: (-entry["score"][k], entry["order"][k])
         )
-        claimed = {}
+        claimed = set()
         tp = np.zeros(len(idx))
         is_unk = np.zeros(len(idx))
         for rank, k in enumerate(idx):
-            i, box = entry["img"][k], entry["box"][k][None]
-            im = images[i]
-            gt_classes = np.asarray(im["gt_classes"], dtype=np.int64).reshape(-1)
-            gt = np.asarray(im["gt_boxes"], dtype=np.float64).reshape(-1, 4)[gt_classes == c]
-            if len(gt):
-                ov = pairwise_iou(box, gt)[0]
-                j = int(ov.argmax())
-                seen = claimed.setdefault(i, set())
-                if ov[j] > iou and j not in seen:  # else a false positive (duplicate or poor box)
-                    seen.add(j)
-                    tp[rank] = 1.0
-            is_unk[rank] = float(_overlaps_unknown(box, im["unknown_boxes"], iou)[0])
+            i, j = entry["img"][k], entry["gt"][k]
+            # Else a false positive: a duplicate, a poor box, or no object of its class.
+            if j >= 0 and entry["ov"][k] > iou and (i, j) not in claimed:
+                claimed.add((i, j))
+                tp[rank] = 1.0
+            is_unk[rank] = float(entry["unk"][k])
         recall = np.cumsum(tp) / npos[c]
         at = int(np.argmin(np.abs(recall - recall_level)))  # the first rank closest to the level
         tp_plus_fp.append(at + 1)  # every detection is a TP or an FP (no "difficult" objects)

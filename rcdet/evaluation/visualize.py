@@ -16,7 +16,11 @@ from detectron2.utils.visualizer import Visualizer
 
 from ..config import ConfigError
 from ..file_io import atomic_write
-from .ood import ALL_SCORES, BACKGROUND, DUPLICATE, ID, OOD, ReportError, load_report
+from .extract import dataset_digest
+from .matching import BACKGROUND, DUPLICATE, ID, OOD
+from .plots import pyplot
+from .report import OODReport, ReportError, load_report
+from .scores import ALL_SCORES
 
 __all__ = ["best_score", "select_images", "draw_ood_grid"]
 
@@ -27,11 +31,11 @@ BACKGROUND_COLOR = "0.85"
 SCORE_CMAP = "RdYlGn"  # red: OOD-like (low score), green: ID-like (high score)
 
 
-def best_score(report: Dict) -> str:
+def best_score(report: OODReport) -> str:
     """The available object-level score with the highest AUROC (msp when none is defined)."""
     best, value = "msp", -1.0
     for name in ALL_SCORES:
-        e = report["scores"].get(name, {})
+        e = report.scores.get(name, {})
         if e.get("available") and e.get("auroc") is not None and e["auroc"] > value:
             best, value = name, e["auroc"]
     return best
@@ -117,20 +121,17 @@ def draw_ood_grid(
     in magenta, duplicates dotted in grey (``show_background``: also detections on no object).
     Returns the PNG's path (default ``report_dir/ood_grid.png``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
 
+    plt = pyplot()
     report = load_report(report_dir)
     raw = os.path.join(report_dir, "ood_scores.npz")
     with np.load(raw) as z:
-        if "boxes" not in z.files or "image_index" not in z.files:
+        if not {"boxes", "image_index", "match"} <= set(z.files):
             raise ReportError(
-                f"{raw}: has no boxes (an older report); re-run tools/benchmark_ood.py on the run."
+                f"{raw}: has no boxes or image index; re-run tools/benchmark_ood.py on the run."
             )
         data = {k: z[k] for k in z.files}
     score = score or best_score(report)
@@ -142,9 +143,15 @@ def draw_ood_grid(
             + ", ".join(s for s in ALL_SCORES if s in data)
             + "."
         )
-    matched = data.get("match", data["status"])
-    _ensure_registered(report["test_dataset"])
-    dicts = DatasetCatalog.get(report["test_dataset"])
+    matched = data["match"]
+    _ensure_registered(report.test_dataset)
+    dicts = DatasetCatalog.get(report.test_dataset)
+    if dataset_digest(dicts) != report.data.get("test"):
+        raise ReportError(
+            f"{report_dir}: its test images are not those '{report.test_dataset}' holds here (the"
+            " dataset root or the split changed); point the dataset back to the run's images, or"
+            " re-run tools/benchmark_ood.py on these."
+        )
     values = data[score]
     scored = (matched == ID) | (matched == OOD)
     # Colour by percentile among the scored detections, so every score uses the whole colour map.
@@ -155,7 +162,7 @@ def draw_ood_grid(
     cols = max(1, min(cols, len(chosen)))
     rows = max(1, -(-len(chosen) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.5 * rows + 0.9), squeeze=False)
-    held_out = list(report.get("held_out_classes", []))
+    held_out = list(report.held_out_classes)
     for ax, i in zip(axes.flat, chosen):
         sel = np.flatnonzero(data["image_index"] == i)
         det = {"status": matched[sel], "boxes": data["boxes"][sel], "values": values[sel]}
@@ -166,9 +173,9 @@ def draw_ood_grid(
         ax.set_axis_off()
     for ax in list(axes.flat)[len(chosen) :]:
         ax.set_axis_off()
-    proto = report.get("protocol", {})
+    proto = report.protocol
     fig.suptitle(
-        f"{report.get('name', '')}: detections coloured by {score} "
+        f"{report.name}: detections coloured by {score} "
         f"(object level, {proto.get('matching', 'all')} matching)",
         fontsize=10,
     )

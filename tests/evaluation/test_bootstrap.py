@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 
 from rcdet.evaluation.bootstrap import bootstrap_intervals, paired_bootstrap, weighted_metrics
-from rcdet.evaluation.ood import ood_metrics
+from rcdet.evaluation.metrics import ood_metrics
 
 
-def _sample(num_images, seed=0):
+def _sample(num_images, seed=0, tied=True):
     rng = np.random.default_rng(seed)
     groups = np.repeat(np.arange(num_images), 3)
     is_id = rng.random(len(groups)) < 0.7
-    scores = np.round(rng.normal(size=len(groups)) + 1.2 * is_id, 1)  # rounded: tied scores
-    return scores, is_id, groups
+    scores = rng.normal(size=len(groups)) + 1.2 * is_id
+    return (np.round(scores, 1) if tied else scores), is_id, groups
 
 
-def test_weighted_metrics_equal_sklearn_on_the_repeated_sample():
-    scores, is_id, _ = _sample(60)
+@pytest.mark.parametrize("tied", [True, False])
+def test_weighted_metrics_equal_the_metrics_of_the_repeated_sample(tied):
+    scores, is_id, _ = _sample(60, tied=tied)
     weights = np.random.default_rng(1).integers(0, 3, size=(4, len(scores)))
     m = weighted_metrics(scores, is_id, weights)
     for b in range(4):

@@ -14,32 +14,42 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from rcdet.config import ConfigError
 from rcdet.data.held_out import register_held_out_split
-from rcdet.evaluation.ood import merge_reports
 from rcdet.evaluation.ood_benchmark import (
     default_report_name,
     resolve_ood_dataset,
     run_ood_benchmark,
 )
+from rcdet.evaluation.report import PROTOCOL_VERSION, merge_reports
+
+OPTION_KEYS = {
+    "score_threshold": "SCORE_THRESHOLD",
+    "match_iou": "MATCH_IOU",
+    "ood_dataset": "OOD_DATASET",
+    "bootstrap": "BOOTSTRAP",
+}
 
 
-def _bench_cfg(weights, *opts, method="rince"):
+def _bench_cfg(weights, *opts, method="rince", **options):
+    # Without an OOD image set unless asked for: the image-level tests below ask for one.
+    options.setdefault("ood_dataset", "none")
+    options.setdefault("bootstrap", 50)
+    keys = [x for k, v in options.items() for x in (f"TEST.OOD.{OPTION_KEYS[k]}", str(v))]
     cfg = tiny_cfg(
         f"configs/shapes_{method}_ood.yaml",
         "MODEL.WEIGHTS",
         weights,
         "MODEL.RCDET.EMBED_AT_TEST",
         "True",
+        *keys,
         *opts,
     )
     cfg.freeze()
     return cfg
 
 
-def _bench(method, weights, out, *opts, **kw):
-    # Without an OOD image set unless asked for: the image-level tests below ask for one.
-    kw.setdefault("ood_dataset", "none")
-    kw.setdefault("bootstrap", 50)
-    return run_ood_benchmark(_bench_cfg(weights, *opts, method=method), str(out), **kw)
+def _bench(method, weights, out, *opts, time_plain_inference=False, **options):
+    cfg = _bench_cfg(weights, *opts, method=method, **options)
+    return run_ood_benchmark(cfg, str(out), time_plain_inference=time_plain_inference)
 
 
 # ---------------------------------------------------------------- object level
@@ -68,7 +78,8 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
         == counts["detections"]
     )
     assert (
-        on_disk["protocol"]["matching"] == "one_per_object" and on_disk["protocol"]["version"] == 2
+        on_disk["protocol"]["matching"] == "one_per_object"
+        and on_disk["protocol"]["version"] == PROTOCOL_VERSION
     )
     # Containment of the estimate is tested on synthetic data: test_bootstrap.py.
     for e in on_disk["scores"].values():
@@ -94,12 +105,12 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
         time_plain_inference=True,
     )
     assert (
-        softmax["timing_seconds"]["plain_inference"] > 0
-        and "overhead_vs_plain_inference" in softmax
+        softmax.timing_seconds["plain_inference"] > 0
+        and "overhead_vs_plain_inference" in softmax.timing_seconds
     )
     for s in ("cosine", "knn", "gaussian"):
-        assert softmax["scores"][s]["available"] is False and softmax["scores"][s]["auroc"] is None
-    assert softmax["scores"]["msp"]["available"] is True
+        assert softmax.scores[s]["available"] is False and softmax.scores[s]["auroc"] is None
+    assert softmax.scores["msp"]["available"] is True
 
     md = merge_reports([str(tmp_path / "rince"), str(tmp_path / "softmax")], str(tmp_path / "cmp"))
     assert "| rince |" in md and "n/a" in md
@@ -126,9 +137,9 @@ def test_bad_inputs(tiny_models, tmp_path):
         run_ood_benchmark(cfg, str(tmp_path / "wrong"))
     assert not (tmp_path / "wrong").exists()
     # An empty detection list: complete files, metrics marked undefined.
-    empty = _bench("rince", tiny_models["rince"], tmp_path / "empty", score_threshold=1.01)
-    assert empty["counts"]["detections"] == 0 and not empty["defined"]
-    assert all(e["auroc"] is None for e in empty["scores"].values())
+    empty = _bench("rince", tiny_models["rince"], tmp_path / "empty", score_threshold=1.0)
+    assert empty.counts["detections"] == 0 and not empty.defined
+    assert all(e["auroc"] is None for e in empty.scores.values())
     for f in ("ood_report.json", "ood_report.csv", "roc.png", "score_hist.png"):
         assert (tmp_path / "empty" / f).is_file(), f
 
@@ -153,13 +164,12 @@ def test_no_held_out_objects_warns(tiny_models, tmp_path, tiny_shapes):
         "True",
     )
     cfg.DATASETS.TEST = (name,)
+    cfg.TEST.OOD.SCORE_THRESHOLD, cfg.TEST.OOD.OOD_DATASET, cfg.TEST.OOD.BOOTSTRAP = 0.0, "none", 0
     cfg.freeze()
-    report = run_ood_benchmark(
-        cfg, str(tmp_path / "none"), score_threshold=0.0, ood_dataset="none", bootstrap=0
-    )
-    assert report["counts"]["ood"] == 0 and not report["defined"]
-    assert any("no held-out objects" in w for w in report["warnings"])
-    assert report["scores"]["msp"]["auroc"] is None
+    report = run_ood_benchmark(cfg, str(tmp_path / "none"))
+    assert report.counts["ood"] == 0 and not report.defined
+    assert any("no held-out objects" in w for w in report.warnings)
+    assert report.scores["msp"]["auroc"] is None
 
 
 # ---------------------------------------------------------------- image level
@@ -168,7 +178,7 @@ def test_no_held_out_objects_warns(tiny_models, tmp_path, tiny_shapes):
 def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
     cfg, ood_name = image_level_report.cfg, image_level_report.ood_dataset
     report, out = image_level_report.report, image_level_report.folder
-    il = report["image_level"]
+    il = report.image_level
     test = DatasetCatalog.get(cfg.DATASETS.TEST[0])
     assert il["ood_dataset"] == ood_name and il["ood_images"] == 6
     assert il["id_images"] == sum(1 for d in test if not d["ood_annotations"])
@@ -186,10 +196,9 @@ def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
     }
     for e in il["scores"].values():
         assert 0 <= e["auroc"] <= 1 and 0 <= e["auroc_ci"][0] <= e["auroc_ci"][1] <= 1
-    assert (
-        "the confidence that keeps 95%" in il["min_score_rule"]
-        or "score threshold" in il["min_score_rule"]
-    )
+    # VOS's F1-optimal confidence by default, recorded with its rule.
+    assert il["threshold_rule"] == "f1_optimal" and il["min_score_rule"].startswith("f1_optimal")
+    assert report.protocol["options"]["TEST.OOD.IMAGE_THRESHOLD"] == "f1_optimal"
     assert (out / "roc_image_level.png").is_file()
     csv_rows = (out / "ood_report.csv").read_text().splitlines()
     assert (
@@ -197,30 +206,32 @@ def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
         and sum(r.startswith("object,") for r in csv_rows) == 6
     )
     # The report's default name comes from the config's OUTPUT_DIR for a generic .../ood folder.
-    assert report["name"] == "il"
+    assert report.name == "il"
     assert default_report_name(cfg, str(tmp_path / "ood")) == os.path.basename(
         cfg.OUTPUT_DIR.rstrip("/")
     )
 
 
-def test_ood_image_set_with_known_objects_warns(tiny_models, tmp_path):
-    # The plain test split as "OOD images": every known-class object in it is counted in the
-    # warning.
-    cfg = _bench_cfg(tiny_models["rince"])
+def test_ood_images_with_known_objects_are_dropped_and_counted(tiny_models, tmp_path):
+    # The plain test split as "OOD images": its images that show a known-class object are left
+    # out (as VOS's process_coco_ood.py leaves them out), and counted.
+    cfg = _bench_cfg(
+        tiny_models["rince"], score_threshold=0.0, ood_dataset="rcdet_shapes_test", bootstrap=0
+    )
     known = set(MetadataCatalog.get(cfg.DATASETS.TEST[0]).thing_classes)
     classes = MetadataCatalog.get("rcdet_shapes_test").thing_classes
-    n_known = sum(
-        classes[a["category_id"]] in known
-        for d in DatasetCatalog.get("rcdet_shapes_test")
-        for a in d["annotations"]
-    )
-    assert n_known > 0
-    report = run_ood_benchmark(
-        cfg, str(tmp_path / "w"), score_threshold=0.0, ood_dataset="rcdet_shapes_test", bootstrap=0
-    )
-    assert report["image_level"]["known_class_objects_in_ood_images"] == n_known
-    assert any(f"contains {n_known} known-class objects" in w for w in report["warnings"])
-    assert report["image_level"]["scores"]["msp"]["auroc_ci"] is None  # --bootstrap 0
+    dicts = DatasetCatalog.get("rcdet_shapes_test")
+    per_image = [sum(classes[a["category_id"]] in known for a in d["annotations"]) for d in dicts]
+    assert sum(per_image) > 0
+    report = run_ood_benchmark(cfg, str(tmp_path / "w"))
+    il = report.image_level
+    assert il["known_class_objects_in_ood_images"] == sum(per_image)
+    assert il["ood_images_dropped"] == sum(n > 0 for n in per_image)
+    assert il["ood_images"] == sum(n == 0 for n in per_image)
+    raw = np.load(tmp_path / "w" / "ood_image_level_scores.npz")
+    assert il["counts"]["ood"] == int((~raw["is_id"]).sum())
+    assert any(f"contain {sum(per_image)} known-class objects" in w for w in report.warnings)
+    assert il["scores"]["msp"]["auroc_ci"] is None  # TEST.OOD.BOOTSTRAP 0
 
 
 def test_builtin_ood_images_need_a_held_out_split_of_the_builtin_dataset():

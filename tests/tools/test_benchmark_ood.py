@@ -38,6 +38,19 @@ def test_unregistered_ood_dataset_lists_the_registered_ones(tiny_shapes, capsys)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err
     assert err.startswith(
-        "error: --ood-dataset 'coco_no_voc' is not a registered dataset. Registered datasets:"
+        "error: TEST.OOD.OOD_DATASET 'coco_no_voc' is not a registered dataset. Registered"
+        " datasets:"
     )
     assert "rcdet_shapes_test" in err and "voc_2007_test" in err
+
+
+def test_out_of_range_flags_are_refused_naming_the_key(tiny_shapes, capsys):
+    config = os.path.join(REPO, "configs/shapes_rince_ood.yaml")
+    for flag, value, expected in (
+        ("--bootstrap", "-5", "TEST.OOD.BOOTSTRAP = -5: must be an integer >= 0"),
+        ("--match-iou", "1.5", "TEST.OOD.MATCH_IOU = 1.5: must be in (0, 1]"),
+        ("--knn-k", "0", "TEST.OOD.KNN_K = 0: must be an integer >= 1"),
+    ):
+        rc = benchmark_ood.main(["--config-file", config, flag, value, "MODEL.WEIGHTS", "x.pth"])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and err.startswith(f"error: {expected}") and "\n" not in err, err

@@ -1,0 +1,138 @@
+"""
+The OOD figures: one matplotlib setup (headless), ROC curves and score histograms, shared by the
+benchmark, the run comparison, the study (rcdet.study) and the embedding analysis
+(rcdet.analysis).
+"""
+
+from typing import Dict, List, Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+from ..file_io import save_figure_atomic
+from .scores import ALL_SCORES
+
+__all__ = [
+    "pyplot",
+    "ROC_XLABEL",
+    "ROC_YLABEL",
+    "plot_roc",
+    "roc_figure",
+    "histogram_figure",
+    "comparison_roc_figure",
+    "save_figure",
+]
+
+
+def pyplot():
+    """matplotlib's pyplot on the headless Agg backend: rcdet's figures are files, never windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+ROC_XLABEL = "false positive rate (OOD accepted as ID)"
+ROC_YLABEL = "true positive rate (ID accepted)"
+
+
+def plot_roc(ax, values, is_id, label: str, auroc_format: str = "({:.3f})", **style) -> float:
+    """Draw the ROC curve of ``values`` on ``ax``, its AUROC after ``label``; returns the AUROC."""
+    fpr, tpr, _ = skm.roc_curve(is_id, values)
+    auroc = float(skm.roc_auc_score(is_id, values))
+    ax.plot(fpr, tpr, label=f"{label} {auroc_format.format(auroc)}", **style)
+    return auroc
+
+
+def roc_figure(curves: List[tuple], title: str):
+    """One ROC panel: a curve per ``(label, values, is_id)``, AUROC in the legend."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    cmap = plt.get_cmap("tab10")
+    for i, (label, values, is_id) in enumerate(curves):
+        plot_roc(ax, values, is_id, label, "(AUROC {:.3f})", color=cmap(i % 10))
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
+    ax.set_xlabel(ROC_XLABEL)
+    ax.set_ylabel(ROC_YLABEL)
+    ax.set_title(title, fontsize=9)
+    if curves:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str, dpi: int = 110):
+    """Write ``fig`` to ``path`` atomically, then close it."""
+    save_figure_atomic(path, fig, dpi=dpi)
+    pyplot().close(fig)
+
+
+def histogram_figure(score_table, is_id, title: str):
+    """One panel per available score: ID and OOD distributions, with axes and a title."""
+    plt = pyplot()
+    available = [n for n in ALL_SCORES if score_table.get(n) is not None]
+    defined = bool(is_id.any() and (~is_id).any())
+    fig, axes = plt.subplots(
+        1, max(len(available), 1), figsize=(3.2 * max(len(available), 1), 3.1), squeeze=False
+    )
+    for ax, name in zip(axes[0], available):
+        v = np.asarray(score_table[name])
+        if v.size:
+            bins = np.histogram_bin_edges(v, bins=30)
+            ax.hist(
+                v[is_id], bins=bins, alpha=0.6, density=defined, label=f"ID ({int(is_id.sum())})"
+            )
+            ax.hist(
+                v[~is_id],
+                bins=bins,
+                alpha=0.6,
+                density=defined,
+                label=f"OOD ({int((~is_id).sum())})",
+            )
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no scored detections", ha="center", va="center", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"{name} (higher = more in-distribution)", fontsize=8)
+        ax.set_ylabel("density" if defined else "detections", fontsize=8)
+    if not available:
+        axes[0][0].set_axis_off()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def comparison_roc_figure(runs: Sequence[tuple]):
+    """
+    One panel per score, one colour per run (the same in every panel), for ``(name, RocSet or
+    None)`` pairs; None when no run has a defined ROC set.
+    """
+    per_score: Dict[str, list] = {}
+    for i, (name, roc) in enumerate(runs):
+        if roc is None or not roc.defined:
+            continue
+        for score, values in roc.scores.items():
+            per_score.setdefault(score, []).append((i, name, values, roc.is_id))
+    if not per_score:
+        return None
+    plt = pyplot()
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    names = [s for s in ALL_SCORES if s in per_score]
+    cols = min(3, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.0 * rows), squeeze=False)
+    for ax, score in zip(axes.flat, names):
+        for i, name, values, is_id in per_score[score]:
+            plot_roc(ax, values, is_id, name, color=cmap(i % cmap.N))
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
+        ax.set_title(score, fontsize=9)
+        ax.set_xlabel(ROC_XLABEL, fontsize=8)
+        ax.set_ylabel(ROC_YLABEL, fontsize=8)
+        ax.legend(fontsize=6, loc="lower right", title="run (AUROC)", title_fontsize=6)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.set_axis_off()
+    fig.suptitle("OOD detection ROC per score, all runs (object level)", fontsize=10)
+    fig.tight_layout()
+    return fig
