@@ -142,7 +142,7 @@ def check_rcdet_config(cfg) -> None:
     rc = cfg.MODEL.get("RCDET")
     if rc is None:
         raise ConfigError("MODEL.RCDET is missing: call rcdet.add_rcdet_config(cfg) first.")
-    defaults = CN({"MODEL": CN(), "SOLVER": CN({"AMP": CN()})})
+    defaults = CN({"MODEL": CN(), "SOLVER": CN({"AMP": CN()}), "TEST": CN()})
     add_rcdet_config(defaults)
     rules = _rcdet_rules()
     for key, default in _flat_keys(defaults.MODEL.RCDET):

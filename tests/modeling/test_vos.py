@@ -470,8 +470,8 @@ def test_resume_restores_the_vos_queue(vos_run):
 
 
 def test_ood_benchmark_scores_a_vos_model_by_energy(vos_run, tmp_path):
-    from rcdet.evaluation.ood import protocol_of
     from rcdet.evaluation.ood_benchmark import run_ood_benchmark
+    from rcdet.evaluation.report import protocol_of
 
     _, _, out = vos_run
     cfg = tiny_cfg(
@@ -481,17 +481,23 @@ def test_ood_benchmark_scores_a_vos_model_by_energy(vos_run, tmp_path):
         str(out / "model_final.pth"),
         "MODEL.RCDET.EMBED_AT_TEST",
         "True",
+        "TEST.OOD.SCORE_THRESHOLD",
+        "0.0",
+        "TEST.OOD.MATCH_IOU",
+        "0.1",
+        "TEST.OOD.OOD_DATASET",
+        "none",
+        "TEST.OOD.BOOTSTRAP",
+        "20",
     )
     cfg.freeze()
-    report = run_ood_benchmark(
-        cfg, str(tmp_path), score_threshold=0.0, match_iou=0.1, ood_dataset="none", bootstrap=20
-    )
-    scores = report["scores"]
+    report = run_ood_benchmark(cfg, str(tmp_path))
+    scores = report.scores
     # No projection: the embedding scores are not available, the logit scores (energy, VOS's
     # score) are, with the same matching and intervals as every other head.
     assert not any(scores[s]["available"] for s in ("cosine", "knn", "gaussian"))
     assert scores["energy"]["available"] and scores["msp"]["available"]
-    assert report["counts"]["detections"] > 0
+    assert report.counts["detections"] > 0
     assert set(scores["energy"]) == set(scores["msp"]) and "auroc_ci" in scores["energy"]
     protocol = protocol_of(report)
     assert protocol["matching"] == "one_per_object" and protocol["match_iou"] == 0.1
