@@ -16,6 +16,7 @@ from detectron2.engine.hooks import EvalHook
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
 
 from .checkpoint import load_training_weights
+from .cli import check_device, check_output_dir, load_config_file, merge_overrides
 from .config import ConfigError, add_rcdet_config
 from .data.datasets import SHAPES_HINT, CheckedDatasetMapper, DatasetError
 from .evaluation.evaluator import (
@@ -30,8 +31,11 @@ __all__ = [
     "Trainer",
     "setup_cfg",
     "check_datasets_exist",
+    "check_config_values",
+    "check_task",
     "USER_ERRORS",
     "user_error_message",
+    "report_user_errors",
     "exit_on_user_error",
 ]
 
@@ -142,40 +146,117 @@ def check_datasets_exist(cfg):
             )
 
 
-def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True):
+TASKS = ("train", "eval")
+
+
+def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True, task=None):
     """
-    get_cfg -> add_rcdet_config -> merge file -> merge opts -> (held-out splits) -> freeze ->
-    default_setup.
+    The config of a tool's run: get_cfg -> add_rcdet_config -> the file -> the ``KEY VALUE``
+    overrides (a mistake in either is named by file, line and key: rcdet.cli) -> held-out splits
+    -> checks -> freeze -> default_setup.
+
+    ``args``: a train_net-style command line; default_setup then logs the run and saves its config
+    in OUTPUT_DIR, an evaluation's (``--eval-only``) in OUTPUT_DIR/eval, so that the training's
+    config.yaml survives. ``task``: "train" or "eval" (with ``args``, from ``--eval-only``) also
+    checks what that run needs: a writable OUTPUT_DIR, a training or test set, a GPU for AMP.
     """
+    if task is None and args is not None:
+        task = "eval" if getattr(args, "eval_only", False) else "train"
+    if task not in (None,) + TASKS:
+        raise ValueError(f"task must be one of {TASKS} or None, got {task!r}")
     cfg = get_cfg()
     add_rcdet_config(cfg)
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"--config-file {config_file}: file not found.")
-    try:
-        cfg.merge_from_file(config_file)
-    except (AssertionError, KeyError, ValueError) as e:
-        raise ConfigError(
-            f"--config-file {config_file}: {e} (is add_rcdet_config's key spelled right?)"
-        ) from None
-    opts = list(opts)
-    if len(opts) % 2:
-        raise ConfigError(f"config overrides must be KEY VALUE pairs, got an odd list: {opts}")
-    for key, value in zip(opts[0::2], opts[1::2]):
-        try:
-            cfg.merge_from_list([key, value])
-        except (AssertionError, KeyError, ValueError, TypeError) as e:
-            hint = " Tool options go before the KEY VALUE overrides." if key.startswith("-") else ""
-            raise ConfigError(f"config override {key} {value}: {e}.{hint}") from None
+    load_config_file(cfg, config_file)
+    merge_overrides(cfg, opts)
     from .data.held_out import apply_held_out_config
 
     apply_held_out_config(cfg)
     check_datasets_exist(cfg)
     amp_precision(cfg)  # an unknown name fails here, not after the model is built
+    check_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
+    check_config_values(cfg)
+    if task is not None:
+        check_task(cfg, task)
     if freeze:
         cfg.freeze()
     if args is not None:
-        default_setup(cfg, args)
+        default_setup(_record_cfg(cfg, task), args)
     return cfg
+
+
+def _record_cfg(cfg, task):
+    """The config default_setup logs and saves: an evaluation's goes to OUTPUT_DIR/eval."""
+    if task != "eval" or not cfg.OUTPUT_DIR:
+        return cfg
+    record = cfg.clone()
+    record.defrost()
+    record.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "eval")
+    record.freeze()
+    return record
+
+
+# (key, smallest value, what it is): detectron2 keys whose nonsensical values otherwise fail deep
+# inside a run (a ZeroDivisionError in the checkpointer) or silently do nothing.
+_AT_LEAST = (
+    ("SOLVER.IMS_PER_BATCH", 1, "images per batch, over all GPUs"),
+    ("SOLVER.CHECKPOINT_PERIOD", 1, "iterations between checkpoints"),
+    ("SOLVER.BASE_LR", 0, "the learning rate"),
+    ("SOLVER.WARMUP_ITERS", 0, "warm-up iterations"),
+    ("DATALOADER.NUM_WORKERS", 0, "data loader worker processes"),
+    ("TEST.EVAL_PERIOD", 0, "iterations between evaluations (0: only after training)"),
+    ("TEST.DETECTIONS_PER_IMAGE", 1, "detections kept per image"),
+    ("MODEL.ROI_HEADS.NUM_CLASSES", 1, "the classes the model predicts"),
+)
+
+
+def _get(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def check_config_values(cfg):
+    """Values of detectron2 keys that cannot work; one ConfigError naming the key and its range."""
+    for key, lo, what in _AT_LEAST:
+        value = _get(cfg, key)
+        if not value >= lo:  # also catches nan
+            raise ConfigError(f"{key} = {value}: {what}, must be >= {lo}.")
+
+
+def check_task(cfg, task: str):
+    """What a training (``task`` "train") or an evaluation ("eval") needs of ``cfg``."""
+    check_output_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
+    if task == "eval":
+        if not cfg.DATASETS.TEST:
+            raise ConfigError(
+                "--eval-only evaluates DATASETS.TEST, which is empty: set DATASETS.TEST to the"
+                f" splits to evaluate, e.g. DATASETS.TEST \"('{_test_split_hint(cfg)}',)\"."
+            )
+        return
+    if not cfg.DATASETS.TRAIN:
+        raise ConfigError("DATASETS.TRAIN is empty: set DATASETS.TRAIN to the splits to train on.")
+    if cfg.SOLVER.MAX_ITER < 1:
+        raise ConfigError(
+            f"SOLVER.MAX_ITER = {cfg.SOLVER.MAX_ITER}: training runs that many iterations; set it"
+            " to 1 or more (--eval-only evaluates without training)."
+        )
+    if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
+        raise ConfigError(
+            f"SOLVER.AMP.ENABLED True with MODEL.DEVICE {cfg.MODEL.DEVICE}: detectron2's"
+            " AMPTrainer trains on a GPU only; set SOLVER.AMP.ENABLED False."
+        )
+
+
+def _test_split_hint(cfg) -> str:
+    """The test split beside DATASETS.TRAIN[0] (its held-out base's), for the error message."""
+    if cfg.DATASETS.TRAIN:
+        name = cfg.DATASETS.TRAIN[0]
+        base = MetadataCatalog.get(name).get("base_dataset", name)
+        for suffix in ("_trainval", "_train"):
+            if base.endswith(suffix) and base[: -len(suffix)] + "_test" in MetadataCatalog.list():
+                return base[: -len(suffix)] + "_test"
+    return "NAME_test"
 
 
 def user_error_message(e: BaseException) -> str:
@@ -188,16 +269,34 @@ def user_error_message(e: BaseException) -> str:
     return msg
 
 
-def exit_on_user_error(fn, *args, **kwargs):
+def _print_user_error(e: BaseException):
+    print(f"error: {user_error_message(e)}", file=sys.stderr)
+
+
+def report_user_errors(fn, *args, **kwargs):
     """
-    Run ``fn``. A user error becomes one 'error: ...' line on stderr and exit code 2; Ctrl-C one
-    line and exit code 130 (128 + SIGINT), as a shell reports it. rcdet's reports and caches are
-    written atomically (rcdet.file_io), so an interrupted run leaves each complete or absent.
+    Run ``fn`` and return its result; a user error is printed as one 'error: ...' line on stderr
+    and returns exit code 2. A tool's ``main(argv)`` returns through it, so that it can be called
+    in-process too.
     """
     try:
         return fn(*args, **kwargs)
     except USER_ERRORS as e:
-        print(f"error: {user_error_message(e)}", file=sys.stderr)
+        _print_user_error(e)
+        return 2
+
+
+def exit_on_user_error(fn, *args, **kwargs):
+    """
+    Run ``fn``, a tool's entry point. A user error becomes one 'error: ...' line on stderr and
+    exit code 2; Ctrl-C one line and exit code 130 (128 + SIGINT), as a shell reports it. rcdet's
+    reports and caches are written atomically (rcdet.file_io), so an interrupted run leaves each
+    complete or absent.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as e:
+        _print_user_error(e)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)

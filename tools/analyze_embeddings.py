@@ -23,11 +23,12 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
+from rcdet import cli
 from rcdet.analysis import analyse, plot_centroid_similarity, plot_tsne, tsne_2d
 from rcdet.checkpoint import load_trained_weights
 from rcdet.config import ConfigError
 from rcdet.data.held_out import parse_held_out_split, register_held_out_split
-from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
+from rcdet.engine import exit_on_user_error, report_user_errors, setup_cfg
 from rcdet.evaluation.extract import embed_ground_truth
 from rcdet.file_io import write_json_atomic
 from rcdet.ranking import load_ranking
@@ -158,9 +159,7 @@ def run(cfg, output, dataset=None, pre_projection=False, max_tsne=2000, tsne=Tru
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--output", default="", help="default: OUTPUT_DIR/analysis")
     parser.add_argument(
@@ -169,18 +168,22 @@ def main(argv=None):
     parser.add_argument(
         "--pre-projection", action="store_true", help="also analyse the box-head features"
     )
-    parser.add_argument("--max-tsne", type=int, default=2000, help="t-SNE subsample size")
+    # t-SNE needs more points than its perplexity, which is at least 2.
+    parser.add_argument(
+        "--max-tsne", type=cli.int_in_range(3), default=2000, help="t-SNE subsample size"
+    )
     parser.add_argument("--no-tsne", action="store_true")
-    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
     setup_logger(name="rcdet")
-    try:
-        cfg = setup_cfg(args.config_file, args.opts)
-        out = args.output or os.path.join(cfg.OUTPUT_DIR, "analysis")
-        report = run(cfg, out, args.dataset, args.pre_projection, args.max_tsne, not args.no_tsne)
-    except USER_ERRORS as e:
-        print(f"error: {user_error_message(e)}", file=sys.stderr)
-        return 2
+    return report_user_errors(_main, args)
+
+
+def _main(args):
+    cfg = setup_cfg(args.config_file, args.opts)
+    out = args.output or os.path.join(cfg.OUTPUT_DIR, "analysis")
+    cli.check_output_dir(out, "--output" if args.output else "OUTPUT_DIR")
+    report = run(cfg, out, args.dataset, args.pre_projection, args.max_tsne, not args.no_tsne)
     for space, res in report["spaces"].items():
         fid = res["ranking_fidelity"]
         print(

@@ -18,7 +18,6 @@ RINCE-out with r = 1, same size): medians of per-pair ratios of steps run altern
 load from other processes hits both.
 """
 
-import argparse
 import os
 import platform
 import subprocess
@@ -27,6 +26,8 @@ import time
 
 import torch
 
+from rcdet import cli
+from rcdet.engine import exit_on_user_error, report_user_errors
 from rcdet.file_io import write_json_atomic
 from rcdet.modeling.rince import ranked_info_nce
 from rcdet.testing import (
@@ -138,20 +139,41 @@ def count_call(variant, n, m, r, dim, num_classes, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = cli.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--device",
+        type=cli.device("--device"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the loss runs",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--num-classes", type=int, default=20)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--sizes", nargs="+", default=["512x4096", "1024x8192"], help="NxM pairs")
-    parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2, 3, 4])
+    parser.add_argument("--repeats", type=cli.int_in_range(1), default=5, help="timed calls")
+    parser.add_argument(
+        "--num-classes", type=cli.int_in_range(2), default=20, help="classes of the labels"
+    )
+    parser.add_argument("--dim", type=cli.int_in_range(1), default=128, help="embedding size")
+    # The first N keys are the anchors, so N <= M.
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=cli.size_pair(ordered=True),
+        default=[(512, 4096), (1024, 8192)],
+        metavar="NxM",
+        help="anchors N x keys M",
+    )
+    parser.add_argument(
+        "--ranks", nargs="+", type=cli.int_in_range(1), default=[1, 2, 3, 4], help="ranks r"
+    )
     parser.add_argument(
         "--no-memory", dest="memory", action="store_false", help="skip the memory probes"
     )
-    parser.add_argument("--json", default="")
+    parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args(argv)
+    return report_user_errors(run_benchmark, args)
+
+
+def run_benchmark(args):
+    if args.json:
+        cli.check_output_file(args.json, "--json")
     device = torch.device(args.device)
     rows = []
 
@@ -172,8 +194,7 @@ def main(argv=None):
             }
         )
 
-    for size in args.sizes:
-        n, m = (int(v) for v in size.split("x"))
+    for n, m in args.sizes:
         run("supcon_autograd", n, m, 1)
         run("supcon", n, m, 1)
         for r in args.ranks:
@@ -295,4 +316,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -31,8 +31,9 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
+from rcdet import cli
 from rcdet.config import add_rcdet_config
-from rcdet.engine import USER_ERRORS, check_datasets_exist
+from rcdet.engine import USER_ERRORS, check_datasets_exist, exit_on_user_error, report_user_errors
 from rcdet.file_io import write_json_atomic
 from rcdet.testing import SyncCounter
 
@@ -43,8 +44,8 @@ def build_cfg(config_file, mode, device, opts=()):
 
     cfg = get_cfg()
     add_rcdet_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cli.load_config_file(cfg, config_file)
+    cli.merge_overrides(cfg, opts)
     cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     if mode == "standard":
@@ -215,17 +216,24 @@ def peak_memory_probe(mode, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--config-file", default="configs/shapes_rince.yaml")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=30, help="timed train steps per model")
-    parser.add_argument("--batches", type=int, default=6, help="distinct batches cycled through")
-    parser.add_argument("--synthetic", action="store_true")
+    parser.add_argument(
+        "--device",
+        type=cli.device("--device"),
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where both models run",
+    )
+    parser.add_argument(
+        "--steps", type=cli.int_in_range(1), default=30, help="timed train steps per model"
+    )
+    parser.add_argument(
+        "--batches", type=cli.int_in_range(1), default=6, help="distinct batches cycled through"
+    )
+    parser.add_argument("--synthetic", action="store_true", help="random images and boxes")
     parser.add_argument(
         "--lr",
-        type=float,
+        type=cli.float_in_range(0),
         default=0.0,
         help="SGD learning rate of the timed steps (0: time the step only)",
     )
@@ -244,10 +252,17 @@ def main(argv=None):
         default="rince",
         help="the rcdet head to compare: RINCE (r = 3) or VOS alone, active from iteration 0",
     )
-    parser.add_argument("--json", default="")
+    parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--probe-memory", default="", help=argparse.SUPPRESS)
-    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
+    return report_user_errors(run, args)
+
+
+def run(args):
+    if args.json:
+        cli.check_output_file(args.json, "--json")
+    build_cfg(args.config_file, "rince", args.device, args.opts)  # a config mistake fails here
     torch.manual_seed(0)
 
     if args.probe_memory:
@@ -340,4 +355,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -37,8 +37,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from rcdet import study
+from rcdet import cli, study
 from rcdet.data.held_out import HOLD_OUT_MODES
+from rcdet.engine import exit_on_user_error, report_user_errors
 from rcdet.evaluation.report import PROTOCOL_VERSION, report_version
 from rcdet.file_io import atomic_write, write_json_atomic
 
@@ -331,15 +332,48 @@ def aggregate(
     return md
 
 
+def check_options(args):
+    """The study's overrides and output folders, checked before a command is listed or run."""
+    from detectron2.config import get_cfg
+
+    from rcdet.config import add_rcdet_config
+
+    for config in sorted({m.config for m in methods_for(args.voc)}):
+        cfg = get_cfg()
+        add_rcdet_config(cfg)
+        cli.load_config_file(cfg, os.path.join(REPO, config), option="the study's config")
+        cli.merge_overrides(cfg, args.opts)
+    if args.voc and args.ood_dataset == "builtin":
+        raise cli.UsageError(
+            "--ood-dataset builtin: the built-in OOD images go with the built-in dataset; for"
+            " --voc name a registered dataset (e.g. a COCO subset) or none."
+        )
+    cli.check_output_dir(args.runs_dir, "--runs-dir")
+    cli.check_output_dir(args.output, "--output")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--voc", action="store_true", help="the VOC2007 R50-FPN study (GPUs)")
     parser.add_argument("--quick", action="store_true", help="one seed, short schedule")
-    parser.add_argument("--quick-iters", type=int, default=150)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", help="subset of methods")
+    parser.add_argument(
+        "--quick-iters", type=cli.int_in_range(1), default=150, help="iterations with --quick"
+    )
+    # SEED -1 is detectron2's "random": a study's seeds are reproducible ones.
+    parser.add_argument(
+        "--seeds",
+        type=cli.int_in_range(0, 2**31 - 1),
+        nargs="+",
+        default=[0, 1, 2],
+        help="one run per method and seed",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=[m.name for m in methods_for(False)],
+        metavar="METHOD",
+        help="subset of methods: " + ", ".join(m.name for m in methods_for(False)),
+    )
     parser.add_argument(
         "--hold-out-mode",
         choices=HOLD_OUT_MODES,
@@ -350,11 +384,16 @@ def main(argv=None):
         ),
     )
     parser.add_argument(
-        "--num-gpus", type=int, default=None, help="passed to tools/train_net.py (e.g. with --voc)"
+        "--num-gpus",
+        type=cli.int_in_range(1),
+        default=None,
+        help="passed to tools/train_net.py (e.g. with --voc)",
     )
     parser.add_argument(
         "--ood-dataset",
+        type=cli.registered_dataset(("auto", "builtin", "none")),
         default=None,
+        metavar="NAME",
         help=(
             "passed to tools/benchmark_ood.py: the image-level protocol's OOD "
             "images (e.g. a COCO subset for --voc)"
@@ -376,6 +415,11 @@ def main(argv=None):
     suffix += "" if args.hold_out_mode == "drop_images" else f"_{args.hold_out_mode}"
     args.runs_dir = args.runs_dir or os.path.join("output", f"compare_{kind}{suffix}")
     args.output = args.output or os.path.join("results", f"{kind}_comparison{suffix}")
+    return report_user_errors(run_study, args)
+
+
+def run_study(args):
+    check_options(args)
     runs = plan(args)
     if args.dry_run:
         for run in runs:
@@ -416,4 +460,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

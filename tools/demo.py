@@ -14,10 +14,11 @@ import os
 import sys
 import time
 
-from detectron2.engine import default_argument_parser
+from detectron2.engine import default_argument_parser, hooks
 
+from rcdet import cli
 from rcdet.data.shapes import default_root, generate
-from rcdet.engine import USER_ERRORS, Trainer, exit_on_user_error, setup_cfg, user_error_message
+from rcdet.engine import Trainer, exit_on_user_error, report_user_errors, setup_cfg
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 from rcdet.evaluation.visualize import draw_ood_grid
 from rcdet.file_io import write_json_atomic
@@ -25,59 +26,60 @@ from rcdet.file_io import write_json_atomic
 DEFAULT_CONFIG = "configs/shapes_rince_ood.yaml"
 
 
+class TrainOnlyTrainer(Trainer):
+    """The Trainer without the evaluation DefaultTrainer runs after the last iteration: the OOD
+    benchmark evaluates the same test set once, with the same detectron2 VOC evaluator. The
+    config keeps DATASETS.TEST, so the saved config.yaml evaluates as it is."""
+
+    def build_hooks(self):
+        return [h for h in super().build_hooks() if not isinstance(h, hooks.EvalHook)]
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--config-file", default=DEFAULT_CONFIG)
-    parser.add_argument("--output", default="output/demo")
+    parser.add_argument("--output", default="output/demo", help="folder for every output")
     parser.add_argument(
         "--resume", action="store_true", help="resume training from OUTPUT/train if present"
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     args = parser.parse_args(argv)
+    return report_user_errors(run, args)
 
+
+def run(args):
+    cli.check_output_dir(args.output, "--output")
+    train_dir = os.path.join(args.output, "train")
+    train_opts = list(args.opts) + ["OUTPUT_DIR", train_dir]
+    d2_args = default_argument_parser().parse_args(["--config-file", args.config_file] + train_opts)
     root = default_root()
     if not os.path.isfile(os.path.join(root, "ImageSets", "Main", "test.txt")):
+        cli.check_output_dir(root, "$RCDET_SHAPES_ROOT")
         print(f"[demo] generating the built-in dataset in {root}")
         generate(root)
 
-    train_dir = os.path.join(args.output, "train")
-    d2_args = default_argument_parser().parse_args(["--config-file", args.config_file])
-    try:
-        # No test set during training: the OOD run below evaluates AP on it once, with the
-        # same detectron2 VOC evaluator, instead of the trainer doing it a second time.
-        cfg = setup_cfg(
-            args.config_file,
-            list(args.opts) + ["OUTPUT_DIR", train_dir, "DATASETS.TEST", "()"],
-            d2_args,
-        )
-        images = training_images(cfg)
-        print(f"[demo] {images['line']}")
-        start = time.perf_counter()
-        trainer = Trainer(cfg)
-        trainer.resume_or_load(resume=args.resume)
-        trainer.train()
-        train_seconds = time.perf_counter() - start
+    cfg = setup_cfg(args.config_file, train_opts, d2_args)
+    images = training_images(cfg)
+    print(f"[demo] {images['line']}")
+    start = time.perf_counter()
+    trainer = TrainOnlyTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    trainer.train()
+    train_seconds = time.perf_counter() - start
 
-        ood_cfg = setup_cfg(
-            args.config_file,
-            list(args.opts)
-            + [
-                "OUTPUT_DIR",
-                train_dir,
-                "MODEL.WEIGHTS",
-                os.path.join(train_dir, "model_final.pth"),
-                "MODEL.RCDET.EMBED_AT_TEST",
-                "True",
-            ],
-        )
-        ood_dir = os.path.join(args.output, "ood")
-        report = run_ood_benchmark(ood_cfg, ood_dir, name="demo").to_dict()
-        grid = draw_ood_grid(ood_dir)
-    except USER_ERRORS as e:
-        print(f"error: {user_error_message(e)}", file=sys.stderr)
-        return 2
+    ood_cfg = setup_cfg(
+        args.config_file,
+        train_opts
+        + [
+            "MODEL.WEIGHTS",
+            os.path.join(train_dir, "model_final.pth"),
+            "MODEL.RCDET.EMBED_AT_TEST",
+            "True",
+        ],
+    )
+    ood_dir = os.path.join(args.output, "ood")
+    report = run_ood_benchmark(ood_cfg, ood_dir, name="demo").to_dict()
+    grid = draw_ood_grid(ood_dir)
 
     bbox = report["detection"]
     metrics = {

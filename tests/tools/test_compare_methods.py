@@ -153,7 +153,7 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
                 "--num-gpus",
                 "8",
                 "--ood-dataset",
-                "coco_ood_val",
+                "coco_2017_val",
                 "--dry-run",
                 "--runs-dir",
                 str(tmp_path),
@@ -167,7 +167,7 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
     assert len(train) == 18 and all(
         "tools/train_net.py --config-file" in lab and "--num-gpus 8" in lab for lab in train
     )
-    assert all("--num-gpus" not in lab and "--ood-dataset coco_ood_val" in lab for lab in ood)
+    assert all("--num-gpus" not in lab and "--ood-dataset coco_2017_val" in lab for lab in ood)
 
 
 def test_execute_records_each_stage_in_the_run_provenance(tmp_path, monkeypatch):
