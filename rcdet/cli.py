@@ -326,8 +326,13 @@ def text_template(placeholder_meaning: str = "the name") -> Callable[[str], str]
             raise argparse.ArgumentTypeError(
                 f"{text!r}: {e}; write literal braces as {{{{ and }}}}"
             ) from None
-        if fields != [""]:
-            found = "no {}" if not fields else f"{len(fields)} fields {fields}"
+        if fields not in ([""], ["0"]):
+            if not fields:
+                found = "no {}"
+            elif len(fields) == 1:
+                found = f"the field {{{fields[0]}}}, not {{}}"
+            else:
+                found = f"{len(fields)} fields"
             raise argparse.ArgumentTypeError(
                 f"{text!r} has {found}: it needs exactly one {{}} for {placeholder_meaning},"
                 " e.g. 'a photo of a {}.'"
@@ -397,6 +402,12 @@ def config_keys(cfg, prefix: str = "") -> List[str]:
     return keys
 
 
+def _get_node(cfg, key: str):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
 def _did_you_mean(key: str, cfg) -> str:
     match = difflib.get_close_matches(key, config_keys(cfg), n=1, cutoff=0.75)
     return f"; did you mean {match[0]}?" if match else ""
@@ -428,8 +439,11 @@ def _merge_problem(e: BaseException, cfg) -> Tuple[Optional[str], str]:
     if mismatch:
         want, _, default, got, key = mismatch.groups()
         name = re.sub(r"^<class '(?:[\w.]*\.)?(\w+)'>$", r"\1", want)
+        if name == "CfgNode":
+            some = next(iter(_get_node(cfg, key)), "KEY")
+            return key, f"{key} is a group of keys, not a value: set one of them, e.g. {key}.{some}"
         kind = _TYPE_WORDS.get(name, name)
-        return key, f"{key} takes {kind} (as in {default}), got {got}"
+        return key, f"{key} takes {kind} (as in {default}), got '{got}'"
     return None, msg
 
 
@@ -474,7 +488,9 @@ def _config_chain(path: str, option: str, seen: Tuple[str, ...] = ()) -> Dict[st
     except yaml.YAMLError as e:
         raise _yaml_error(path, e) from None
     if node is None:
-        return {}
+        raise ConfigError(
+            f"{path}: the config is empty; a config file is a mapping of KEY: value lines."
+        )
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(
             f"{path}:{node.start_mark.line + 1}: a config file is a mapping of KEY: value lines."
@@ -523,7 +539,7 @@ def _missing_config_message(path: str, option: str) -> str:
     msg = f"{option} {path}: file not found."
     if os.path.isdir(SHIPPED_CONFIGS):
         names = sorted(n for n in os.listdir(SHIPPED_CONFIGS) if n.endswith(".yaml"))
-        match = difflib.get_close_matches(os.path.basename(path), names, n=1)
+        match = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.8)
         if match:
             msg += f" Did you mean configs/{match[0]}?"
     return msg

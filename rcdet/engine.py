@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import sys
 
 import torch
@@ -205,6 +206,10 @@ _AT_LEAST = (
     ("DATALOADER.NUM_WORKERS", 0, "data loader worker processes"),
     ("TEST.EVAL_PERIOD", 0, "iterations between evaluations (0: only after training)"),
     ("TEST.DETECTIONS_PER_IMAGE", 1, "detections kept per image"),
+    ("INPUT.MIN_SIZE_TRAIN", 1, "shorter image sides in training"),
+    ("INPUT.MAX_SIZE_TRAIN", 1, "the longest image side in training"),
+    ("INPUT.MIN_SIZE_TEST", 0, "the shorter image side in testing (0: no resizing)"),
+    ("INPUT.MAX_SIZE_TEST", 1, "the longest image side in testing"),
     ("MODEL.ROI_HEADS.NUM_CLASSES", 1, "the classes the model predicts"),
 )
 
@@ -220,8 +225,10 @@ def check_config_values(cfg):
     """Values of detectron2 keys that cannot work; one ConfigError naming the key and its range."""
     for key, lo, what in _AT_LEAST:
         value = _get(cfg, key)
-        if not value >= lo:  # also catches nan
-            raise ConfigError(f"{key} = {value}: {what}, must be >= {lo}.")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(v >= lo for v in values):  # `not >=` also catches nan
+            each = "each " if isinstance(value, (list, tuple)) else ""
+            raise ConfigError(f"{key} = {value}: {what}, {each}must be >= {lo}.")
 
 
 def check_task(cfg, task: str):
@@ -266,7 +273,7 @@ def user_error_message(e: BaseException) -> str:
     # as its message; the original message is on its last line, after "module.Class: ".
     if "\nOriginal Traceback" in msg:
         msg = msg.splitlines()[-1].split(": ", 1)[-1]
-    return msg
+    return re.sub(r"\s*\n\s*", " ", msg)
 
 
 def _print_user_error(e: BaseException):

@@ -106,7 +106,8 @@ def run(args):
     names = args.classes
     if len(names) < 2:
         raise cli.UsageError(
-            f"--classes names {len(names)} class ({names}): a ranking needs two or more."
+            f"--classes names {len(names)} class{'' if len(names) == 1 else 'es'} ({names}): a"
+            " ranking needs two or more."
         )
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -72,11 +72,12 @@ def cli_main(args):
     return exit_on_user_error(main, args)
 
 
-if __name__ == "__main__":
-    args = argument_parser().parse_args()
+def command_line(argv=None):
+    """What ``python tools/train_net.py ARGS`` runs: parse, check once, launch the workers."""
+    args = argument_parser().parse_args(argv)
     print("Command Line Args:", args)
     exit_on_user_error(check_launch, args)
-    launch(
+    return launch(
         cli_main,
         args.num_gpus,
         num_machines=args.num_machines,
@@ -84,3 +85,7 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    command_line()

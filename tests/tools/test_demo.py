@@ -1,9 +1,14 @@
 """
 tools/demo.py, the `make demo` job, end to end on the tiny built-in data with a 2-iteration
-schedule.
+schedule; its saved config evaluates as it is, and that evaluation keeps it.
 """
 
 import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
 
 from tools import demo
 
@@ -63,3 +68,32 @@ def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch,
         f" {metrics['train_images_available']} images of rcdet_shapes_trainval (every image showing"
         " ring or triangle removed)" in out
     )
+
+    # The saved config describes the run as a user re-runs it: train_net --eval-only evaluates
+    # its test split (not an empty one), and leaves the training's config.yaml as it was.
+    train = tmp_path / "train"
+    saved = (train / "config.yaml").read_bytes()
+    assert b"rcdet_shapes_test__minus_ring+triangle_ood_test" in saved
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "train_net.py"),
+            "--eval-only",
+            "--config-file",
+            str(train / "config.yaml"),
+            "MODEL.WEIGHTS",
+            str(train / "model_final.pth"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "copypaste: AP,AP50,AP75" in proc.stdout
+    ap = proc.stdout.split("copypaste: AP,AP50,AP75\n")[1].split("copypaste: ")[1].split(",")
+    # The demo's AP, of the same test split by the same evaluator.
+    assert abs(float(ap[0]) - metrics["AP"]) < 1e-3, (ap, metrics["AP"])
+    assert (train / "config.yaml").read_bytes() == saved
+    assert (train / "eval" / "config.yaml").is_file()
