@@ -1,5 +1,7 @@
+from .evaluator import OODDetectionEvaluator, OODOptions, fit_ood_statistics, ood_outputs
 from .matching import match_detections
-from .metrics import ood_metrics
+from .metrics import fpr_at_recall, ood_metrics
+from .report import OODReport, load_report
 from .scores import ALL_SCORES, EMBEDDING_SCORES, LOGIT_SCORES, EmbeddingStatistics, logit_scores
 
 __all__ = [
@@ -7,7 +9,14 @@ __all__ = [
     "EMBEDDING_SCORES",
     "LOGIT_SCORES",
     "EmbeddingStatistics",
+    "OODDetectionEvaluator",
+    "OODOptions",
+    "OODReport",
+    "fit_ood_statistics",
+    "fpr_at_recall",
+    "load_report",
     "logit_scores",
     "match_detections",
     "ood_metrics",
+    "ood_outputs",
 ]

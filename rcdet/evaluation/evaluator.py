@@ -209,7 +209,10 @@ class OODStatisticsHook(HookBase):
         self.cfg = cfg
 
     def after_train(self):
-        if comm.is_main_process():
+        # after_train also runs when training stopped early (an error, Ctrl-C): only a finished
+        # model gets statistics, as detectron2's EvalHook only evaluates one.
+        finished = self.trainer.iter + 1 >= self.trainer.max_iter
+        if finished and comm.is_main_process():
             fit_ood_statistics(self.trainer.model, self.cfg)
 
 
