@@ -30,9 +30,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..ranking import ClassRanking
+from .scores import RANKING_SCORES
 
 __all__ = [
     "RANKING_SCORES",
+    "PLACEMENT_METHODS",
     "FAMILY_ENERGY_TEMPERATURE",
     "sibling_indices",
     "held_out_families",
@@ -43,11 +45,13 @@ __all__ = [
     "family_energy",
     "ranking_scores",
     "placement",
+    "placement_section",
 ]
 
 logger = logging.getLogger(__name__)
 
-RANKING_SCORES = ("sibling_margin", "family_energy")
+# The ways of finding an object's nearest known class, in the report's order.
+PLACEMENT_METHODS = ("prototype", "knn", "argmax")
 # The RINCE rank-1 temperature of the shipped configs (MODEL.RCDET.TAU_MIN): the scale on which
 # the training pulled a region towards its class.
 FAMILY_ENERGY_TEMPERATURE = 0.1
@@ -64,12 +68,15 @@ def sibling_indices(ranking: ClassRanking) -> List[np.ndarray]:
 
 
 def held_out_families(
-    ranking: ClassRanking, held_out: Sequence[str], known: Sequence[str]
+    ranking: ClassRanking,
+    held_out: Sequence[str],
+    known: Sequence[str],
+    warnings: Optional[List[str]] = None,
 ) -> Dict[str, Optional[List[str]]]:
     """
     Each held-out class's rank-2 known classes, from the full ``ranking`` (which must cover the
-    held-out classes). None, with a warning, for a class without a rank-2 known class: its
-    family accuracy is left out.
+    held-out classes). None, with a warning (appended to ``warnings`` when given, else logged),
+    for a class without a rank-2 known class: its family accuracy is left out.
     """
     names = list(ranking.class_names)
     families: Dict[str, Optional[List[str]]] = {}
@@ -79,10 +86,14 @@ def held_out_families(
         row = ranking.matrix[names.index(h)]
         family = [c for c in known if row[names.index(c)] == 2]
         if not family:
-            logger.warning(
+            message = (
                 f"{ranking.source}: held-out class '{h}' has no rank-2 known class; its family "
                 "accuracy is left out."
             )
+            if warnings is None:
+                logger.warning(message)
+            else:
+                warnings.append(message)
         families[h] = family or None
     return families
 
@@ -126,36 +137,60 @@ def nearest_by_logits(logits, num_known: int) -> np.ndarray:
     return logits[:, :num_known].argmax(axis=1) if len(logits) else np.zeros(0, dtype=np.int64)
 
 
+def _similarities(embeddings, prototypes):
+    """(N, K) cosines to the prototypes, -inf for a NaN prototype (a class absent from training)."""
+    protos = np.asarray(prototypes, dtype=np.float64)
+    absent = np.isnan(protos).any(axis=1)
+    sims = _unit(embeddings) @ _unit(np.nan_to_num(protos)).T
+    sims[:, absent] = -np.inf
+    return sims, absent
+
+
+def _sibling_matrix(siblings: Sequence[np.ndarray], absent: np.ndarray) -> np.ndarray:
+    """(K, K) whether column b is a rank-2 sibling of row a, absent classes never."""
+    k = len(absent)
+    out = np.zeros((k, k), dtype=bool)
+    for c, s in enumerate(siblings):
+        out[c, np.asarray(s, dtype=np.int64)] = True
+    out[:, absent] = False
+    return out
+
+
 def sibling_margin(embeddings, prototypes, siblings: Sequence[np.ndarray]) -> np.ndarray:
     """
     ``cos(z, mu_c*) - max_{s in siblings(c*)} cos(z, mu_s)`` with c* the nearest prototype. A
-    class without siblings compares with the nearest other class instead.
+    class without siblings compares with the nearest other class instead (and a lone class with
+    -1, the lowest cosine). Classes absent from training (NaN prototypes) take no part.
     """
-    sims = _unit(embeddings) @ _unit(prototypes).T
+    sims, absent = _similarities(embeddings, prototypes)
     if len(sims) == 0:
         return np.zeros(0)
+    sib = _sibling_matrix(siblings, absent)
+    others = ~np.eye(len(absent), dtype=bool)
+    others[:, absent] = False
+    compare = np.where(sib.any(axis=1, keepdims=True), sib, others)
     best = sims.argmax(axis=1)
-    out = np.empty(len(sims))
-    for i, c in enumerate(best):
-        others = siblings[c] if len(siblings[c]) else np.delete(np.arange(sims.shape[1]), c)
-        out[i] = sims[i, c] - sims[i, others].max() if len(others) else sims[i, c] + 1.0
-    return out
+    top = sims[np.arange(len(sims)), best]
+    rows = compare[best]
+    rival = np.where(rows, sims, -np.inf).max(axis=1)
+    return np.where(rows.any(axis=1), top - rival, top + 1.0)
 
 
 def family_energy(
     embeddings, prototypes, siblings: Sequence[np.ndarray], temperature=FAMILY_ENERGY_TEMPERATURE
 ) -> np.ndarray:
-    """``T log sum_{c in F} exp(cos(z, mu_c) / T)``, F = the nearest prototype and its siblings."""
-    sims = _unit(embeddings) @ _unit(prototypes).T
+    """
+    ``T log sum_{c in F} exp(cos(z, mu_c) / T)``, F = the nearest prototype and its siblings
+    (classes absent from training left out).
+    """
+    sims, absent = _similarities(embeddings, prototypes)
     if len(sims) == 0:
         return np.zeros(0)
-    best = sims.argmax(axis=1)
-    out = np.empty(len(sims))
-    for i, c in enumerate(best):
-        members = np.concatenate([[c], siblings[c]]).astype(np.int64)
-        v = sims[i, members] / temperature
-        out[i] = temperature * (v.max() + np.log(np.exp(v - v.max()).sum()))
-    return out
+    members = _sibling_matrix(siblings, absent) | np.eye(len(absent), dtype=bool)
+    rows = members[sims.argmax(axis=1)]
+    v = np.where(rows, sims / temperature, -np.inf)
+    top = v.max(axis=1, keepdims=True)
+    return temperature * (top[:, 0] + np.log(np.exp(v - top).sum(axis=1)))
 
 
 def ranking_scores(embeddings, prototypes, siblings: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
@@ -202,3 +237,54 @@ def placement(
             "chance": len(in_family) / len(known) if in_family else None,
         }
     return out
+
+
+def placement_section(
+    held_out_labels,
+    held_out: Sequence[str],
+    known: Sequence[str],
+    families: Dict[str, Optional[List[str]]],
+    logits,
+    embeddings=None,
+    statistics=None,
+) -> Dict:
+    """
+    The report's placement of claimed held-out objects, every method the model allows: argmax
+    from the (N, K + 1) ``logits``; with ``embeddings`` and ``statistics`` (an
+    EmbeddingStatistics fitted on the training split) also prototype and kNN (k =
+    ``statistics.knn_k``; kNN needs the bank's labels). ``methods`` lists those computed; per
+    held-out class, ``objects``, ``family`` and ``chance`` as :func:`placement` gives them, and
+    ``family_accuracy`` and ``confusion`` per method (None for a method not computed).
+
+    Args:
+        held_out_labels: (N,) index into ``held_out`` of each claimed held-out object.
+    """
+    nearest = {"argmax": nearest_by_logits(logits, len(known))}
+    if embeddings is not None and statistics is not None:
+        nearest["prototype"] = nearest_by_prototype(embeddings, statistics.prototypes)
+        if statistics.bank_labels is not None:
+            nearest["knn"] = nearest_by_knn(
+                embeddings, statistics.bank, statistics.bank_labels, statistics.knn_k
+            )
+    methods = [m for m in PLACEMENT_METHODS if m in nearest]
+    per_method = {
+        m: placement(held_out_labels, nearest[m], held_out, known, families) for m in methods
+    }
+    classes = {}
+    for name in held_out:
+        first = per_method["argmax"][name]
+        classes[name] = {
+            "objects": first["objects"],
+            "family": first["family"],
+            "chance": first["chance"],
+            "family_accuracy": {
+                m: per_method[m][name]["family_accuracy"] if m in per_method else None
+                for m in PLACEMENT_METHODS
+            },
+            "confusion": {
+                m: per_method[m][name]["confusion"] if m in per_method else None
+                for m in PLACEMENT_METHODS
+            },
+        }
+    knn_k = statistics.knn_k if "knn" in nearest else None
+    return {"methods": methods, "knn_k": knn_k, "classes": classes}

@@ -9,10 +9,12 @@ Every score is oriented so that **higher means more in-distribution (ID)**:
 - ``energy``: ``T * logsumexp(f / T)`` over the known-class logits (the negative free energy);
 - ``cosine``: max cosine similarity of the embedding to the known-class prototypes;
 - ``knn``: minus the distance to the k-th nearest training embedding;
-- ``gaussian``: max class-conditional Gaussian log-likelihood (shared covariance by default).
+- ``gaussian``: max class-conditional Gaussian log-likelihood (shared covariance by default);
+- ``sibling_margin`` and ``family_energy``: the ranking-aware scores of
+  rcdet.evaluation.placement, from the prototypes and the ranking's rank-2 siblings.
 
-The embedding scores need a model with the contrastive branch; without one they are reported
-as not available (``None``), never as zeros.
+The embedding and ranking scores need a model with the contrastive branch (the ranking scores
+also a ranking); without one they are reported as not available (``None``), never as zeros.
 """
 
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from ..file_io import save_npz_atomic
 __all__ = [
     "LOGIT_SCORES",
     "EMBEDDING_SCORES",
+    "RANKING_SCORES",
     "ALL_SCORES",
     "logit_scores",
     "detector_confidence",
@@ -34,7 +37,8 @@ __all__ = [
 
 LOGIT_SCORES = ("msp", "max_logit", "energy")
 EMBEDDING_SCORES = ("cosine", "knn", "gaussian")
-ALL_SCORES = LOGIT_SCORES + EMBEDDING_SCORES
+RANKING_SCORES = ("sibling_margin", "family_energy")
+ALL_SCORES = LOGIT_SCORES + EMBEDDING_SCORES + RANKING_SCORES
 
 
 def logit_scores(
@@ -109,7 +113,10 @@ def kth_neighbour_distance(queries, bank, k: int, use_faiss: Optional[bool] = No
 
 @dataclass
 class EmbeddingStatistics:
-    """Prototypes, a kNN bank and Gaussians fitted on known-class GT-box embeddings."""
+    """
+    Prototypes, a kNN bank (with each entry's class, for the kNN placement) and Gaussians fitted
+    on known-class GT-box embeddings.
+    """
 
     prototypes: np.ndarray  # (K, d), L2-normalised class means
     bank: np.ndarray  # (n, d) training embeddings
@@ -117,6 +124,7 @@ class EmbeddingStatistics:
     precisions: np.ndarray  # (K, d, d), or (1, d, d) for a shared covariance
     log_dets: np.ndarray  # (K,) or (1,)
     knn_k: int = 10
+    bank_labels: Optional[np.ndarray] = None  # (n,) class of each bank entry
 
     @classmethod
     def fit(
@@ -165,7 +173,7 @@ class EmbeddingStatistics:
         else:
             p, log_det = regularised(shared_cov)
             precisions, log_dets = p[None], np.array([log_det])
-        return cls(protos, x, means, precisions, log_dets, int(knn_k))
+        return cls(protos, x, means, precisions, log_dets, int(knn_k), y)
 
     def scores(self, embeddings) -> Dict[str, np.ndarray]:
         e = np.asarray(embeddings, dtype=np.float64)
@@ -193,10 +201,12 @@ class EmbeddingStatistics:
             precisions=self.precisions,
             log_dets=self.log_dets,
             knn_k=self.knn_k,
+            **({} if self.bank_labels is None else {"bank_labels": self.bank_labels}),
         )
 
     @classmethod
     def load(cls, path: str):
+        """The statistics saved at ``path``; ``bank_labels`` None in a file saved without them."""
         with np.load(path) as z:
             return cls(
                 z["prototypes"],
@@ -205,6 +215,7 @@ class EmbeddingStatistics:
                 z["precisions"],
                 z["log_dets"],
                 int(z["knn_k"]),
+                z["bank_labels"] if "bank_labels" in z.files else None,
             )
 
 

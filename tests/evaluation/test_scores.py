@@ -78,6 +78,11 @@ def test_statistics_cache_round_trip(tmp_path):
     q = np.array([[0.3, 0.7, 0.1]])
     for k, v in stats.scores(q).items():
         assert loaded.scores(q)[k] == pytest.approx(v)
+    assert np.array_equal(loaded.bank_labels, y)  # the kNN placement's votes
+    # A file saved before the bank's classes were kept loads without them.
+    with np.load(tmp_path / "s.npz") as z:
+        np.savez(tmp_path / "old.npz", **{k: z[k] for k in z.files if k != "bank_labels"})
+    assert EmbeddingStatistics.load(str(tmp_path / "old.npz")).bank_labels is None
 
 
 def _brute_force_kth(queries, bank, k):
