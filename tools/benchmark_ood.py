@@ -8,9 +8,11 @@ Held-out-class OOD detection benchmark (higher scores mean "more in-distribution
         --output output/ood/comparison
 
 Writes ood_report.json, ood_report.csv, ood_scores.npz, roc.png and score_hist.png (atomically),
-and, with an OOD image set, roc_image_level.png and ood_image_level_scores.npz. The protocols
-are rcdet.evaluation.evaluator's (docs/ood_benchmark.md); each option below overrides its
-TEST.OOD config key. ``--compare`` refuses reports of different protocols or test images.
+with held-out classes ood_placement.csv and placement.png (where the claimed held-out objects
+land, docs/unknown_objects.md), and, with an OOD image set, roc_image_level.png and
+ood_image_level_scores.npz. The protocols are rcdet.evaluation.evaluator's
+(docs/ood_benchmark.md); each option below overrides its TEST.OOD config key. ``--compare``
+refuses reports of different protocols or test images.
 """
 
 import argparse
@@ -81,6 +83,8 @@ def main(argv=None):
         return 2
     print("\n".join(report.summary_lines()))
     print(f"Report: {out}/ood_report.json; ROC plot: {out}/roc.png")
+    if report.placement:
+        print(f"Placement: {out}/ood_placement.csv; figure: {out}/placement.png")
     return 0
 
 

@@ -33,13 +33,21 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ConfigError
 from ..data.datasets import CheckedDatasetMapper
 from ..data.ood_images import builtin_ood_dataset
+from ..ranking import RankingError, load_ranking
 from .coco_threshold import f1_optimal_threshold
 from .extract import dataset_digest, embed_ground_truth, model_digest
 from .matching import BACKGROUND, DUPLICATE, ID, MATCHING_MODES, OOD, match_detections
 from .metrics import score_report
 from .open_set import OPEN_SET_IOU, WI_RECALL_LEVEL, absolute_open_set_error, wilderness_impact
+from .placement import held_out_families, placement_section, ranking_scores, sibling_indices
 from .report import PROTOCOL_VERSION, OODReport
-from .scores import EMBEDDING_SCORES, EmbeddingStatistics, detector_confidence, logit_scores
+from .scores import (
+    EMBEDDING_SCORES,
+    RANKING_SCORES,
+    EmbeddingStatistics,
+    detector_confidence,
+    logit_scores,
+)
 
 __all__ = [
     "OODOptions",
@@ -186,8 +194,11 @@ def fit_ood_statistics(model, cfg, cache_dir: Optional[str] = None):
     )
     cache = os.path.join(cache_dir or cfg.OUTPUT_DIR, f"ood_stats_{tag}.npz")
     if os.path.isfile(cache):
-        logger.info(f"Loading cached OOD statistics from {cache}")
-        return EmbeddingStatistics.load(cache)
+        stats = EmbeddingStatistics.load(cache)
+        # A cache written without the bank's classes cannot place objects by kNN: fit again.
+        if stats.bank_labels is not None:
+            logger.info(f"Loading cached OOD statistics from {cache}")
+            return stats
     gt = embed_ground_truth(_unwrap(model), cfg, dicts, desc="fitting OOD statistics")
     stats = EmbeddingStatistics.fit(
         gt["embeddings"],
@@ -256,22 +267,85 @@ def _score_records(records, num_known: int, opts: OODOptions) -> Dict:
     }
 
 
-def _embedding_scores(records, stats, needed: np.ndarray) -> Dict[str, Optional[np.ndarray]]:
-    """
-    The embedding scores of the ``needed`` detections of ``records`` (NaN for the others; None
-    without statistics). Only detections a metric uses are scored: the kNN search over the bank
-    is the evaluation's largest cost, and it grows with the detections searched.
-    """
-    if stats is None:
-        return {k: None for k in EMBEDDING_SCORES}
+def _stacked(records, key: str, width: int) -> np.ndarray:
+    """Every detection's ``key`` row (logits, embeddings) of ``records``, in order."""
     found = [r for r in records if len(r["scores"])]
-    dim = stats.bank.shape[1]
-    emb = np.concatenate([r["embeddings"] for r in found]) if found else np.zeros((0, dim))
-    out = {k: np.full(len(emb), np.nan) for k in EMBEDDING_SCORES}
+    return np.concatenate([r[key] for r in found]) if found else np.zeros((0, width))
+
+
+def _embedding_scores(
+    records, stats, needed: np.ndarray, siblings=None
+) -> Dict[str, Optional[np.ndarray]]:
+    """
+    The embedding scores and, with ``siblings`` (each known class's rank-2 known classes), the
+    ranking scores of the ``needed`` detections of ``records`` (NaN for the others; None without
+    statistics or siblings). Only detections a metric uses are scored: the kNN search over the
+    bank is the evaluation's largest cost, and it grows with the detections searched.
+    """
+    out = {k: None for k in EMBEDDING_SCORES + RANKING_SCORES}
+    if stats is None:
+        return out
+    emb = _stacked(records, "embeddings", stats.bank.shape[1])
     # One call over every needed detection: the search runs over the bank once, not per image.
-    for k, v in stats.scores(emb[needed]).items():
+    computed = dict(stats.scores(emb[needed]))
+    if siblings is not None:
+        computed.update(ranking_scores(emb[needed], stats.prototypes, siblings))
+    for k, v in computed.items():
+        out[k] = np.full(len(emb), np.nan)
         out[k][needed] = v
     return out
+
+
+def family_ranking(cfg, test_name: str, warnings: List[str]):
+    """
+    The full ranking (MODEL.RCDET.RANKING_FILE, read for every class of the base dataset, the
+    held-out ones included, and never truncated: rank 2 is what the placement's families and the
+    ranking scores read); None, with a warning appended, when the key is empty.
+    """
+    path = cfg.MODEL.RCDET.RANKING_FILE
+    if not path:
+        warnings.append(
+            "MODEL.RCDET.RANKING_FILE is empty: no class families, so the placement's family"
+            f" accuracy and the ranking scores ({', '.join(RANKING_SCORES)}) are left out; set it"
+            " to the dataset's ranking (configs/rankings/shapes_families.yaml for the built-in"
+            " data)."
+        )
+        return None
+    meta = MetadataCatalog.get(test_name)
+    classes = list(meta.get("all_classes", meta.thing_classes))
+    try:
+        return load_ranking(
+            path, classes, allow_uncovered=cfg.MODEL.RCDET.RANKING_ALLOW_UNCOVERED or None
+        )
+    except RankingError as e:
+        raise ConfigError(f"MODEL.RCDET.RANKING_FILE: {e}") from None
+
+
+def _placement_report(records, stats, ood_class, claimed, held_out, known, ranking, warnings):
+    """The report's ``placement`` section: where the claimed held-out objects land."""
+    families = (
+        held_out_families(ranking, held_out, known, warnings)
+        if ranking is not None
+        else {h: None for h in held_out}
+    )
+    logits = _stacked(records, "logits", len(known) + 1)[claimed]
+    embeddings = None
+    if stats is not None:
+        embeddings = _stacked(records, "embeddings", stats.bank.shape[1])[claimed]
+        if stats.bank_labels is None:
+            warnings.append(
+                "The OOD statistics hold no class of their bank entries (cached by an older rcdet):"
+                " the kNN placement is left out; delete the cached ood_stats_*.npz to fit them"
+                " again."
+            )
+    section = placement_section(
+        ood_class[claimed], held_out, known, families, logits, embeddings, stats
+    )
+    return {
+        "ranking": None if ranking is None else ranking.source,
+        "unit": "claimed held-out object (one detection per object)",
+        **section,
+    }
 
 
 def _cat(parts, dtype=np.int64):
@@ -390,7 +464,7 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
     position = {d["image_id"]: i for i, d in enumerate(dicts)}
     scored = _score_records(records, num_known, opts)
     table, confidence = scored["scores"], scored["confidence"]
-    status, one, gt_index, images, open_set_images = [], [], [], [], []
+    status, one, gt_index, images, open_set_images, ood_class = [], [], [], [], [], []
     ood_objects_as_known = set()
     start = 0
     for rec in records:
@@ -411,6 +485,14 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
         status.append(st)
         one.append(st_one)
         gt_index.append(idx)
+        # Each detection's held-out class (an index into held_out_classes) where it reaches a
+        # held-out object, else -1.
+        ood_class.append(
+            np.array(
+                [ood[i - len(known)]["category_id"] if i >= len(known) else -1 for i in idx],
+                dtype=np.int64,
+            ).reshape(-1)
+        )
         images.append(np.full(len(st), position[rec["image_id"]], dtype=np.int64))
         for j in np.flatnonzero((idx >= 0) & (rec["scores"] >= KNOWN_AS_OOD_SCORE)):
             if gt_ood[idx[j]]:
@@ -426,6 +508,7 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
             }
         )
     status, one, gt_index, images = _cat(status), _cat(one), _cat(gt_index), _cat(images)
+    ood_class = _cat(ood_class)
     num_ood_objects = sum(len(d.get("ood_annotations", [])) for d in dicts)
     counts = {
         "id": int((status == ID).sum()),
@@ -468,7 +551,17 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
     if ood_name is not None:
         threshold = image_threshold(cfg, dicts, records, confidence, images, one)
         needed |= _on_id_images(dicts, images) & (confidence >= threshold[0])
-    table.update(_embedding_scores(records, stats, needed))
+    placement_warnings = []
+    ranking = (
+        family_ranking(cfg, test_name, placement_warnings)
+        if stats is not None or held_out
+        else None
+    )
+    known_classes = list(meta.thing_classes)
+    siblings = None
+    if ranking is not None:
+        siblings = sibling_indices(ranking.subset(known_classes))
+    table.update(_embedding_scores(records, stats, needed, siblings))
     scores = score_report(
         table,
         status,
@@ -483,9 +576,17 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
     if ood_name is not None:
         image_level, image_arrays = image_level_report(
             cfg, test_name, dicts, table, confidence, images, threshold, stats, ood_name,
-            ood_records,
+            ood_records, siblings,
         )  # fmt: skip
         warnings += image_level["warnings"]
+    placement = None
+    if held_out:
+        placement = _placement_report(
+            records, stats, ood_class, one == OOD, held_out, known_classes, ranking,
+            placement_warnings,
+        )  # fmt: skip
+        placement["warnings"] = placement_warnings
+    warnings += placement_warnings
     for w in warnings:
         logger.warning(w)
     report = OODReport(
@@ -522,6 +623,7 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
         warnings=warnings,
         scores=scores,
         image_level=image_level,
+        placement=placement,
     )
     arrays = {
         "object": dict(
@@ -534,6 +636,7 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
             classes=_cat([r["classes"] for r in records]),
             detection_score=_cat([r["scores"] for r in records], np.float64),
             confidence=confidence,
+            ood_class=ood_class,
             **{k: v for k, v in table.items() if v is not None},
         )
     }
@@ -604,7 +707,17 @@ def image_threshold(cfg, dicts, records, confidence, images, one):
 
 
 def image_level_report(
-    cfg, test_name, dicts, table, confidence, images, threshold, stats, ood_name, ood_records
+    cfg,
+    test_name,
+    dicts,
+    table,
+    confidence,
+    images,
+    threshold,
+    stats,
+    ood_name,
+    ood_records,
+    siblings=None,
 ):
     """
     The VOS/SIREN protocol: detections on the test images without held-out objects (ID) against
@@ -633,7 +746,7 @@ def image_level_report(
     ood_images = _cat([np.full(len(r["scores"]), ood_position[r["image_id"]]) for r in ood_records])
     keep_id = on_id & (confidence >= min_score)
     keep_ood = ood_scored["confidence"] >= min_score
-    ood_scored["scores"].update(_embedding_scores(ood_records, stats, keep_ood))
+    ood_scored["scores"].update(_embedding_scores(ood_records, stats, keep_ood, siblings))
     il_table = {
         k: None if v is None else np.concatenate([v[keep_id], ood_scored["scores"][k][keep_ood]])
         for k, v in table.items()

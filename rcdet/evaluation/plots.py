@@ -1,7 +1,7 @@
 """
-The OOD figures: one matplotlib setup (headless), ROC curves and score histograms, shared by the
-benchmark, the run comparison, the study (rcdet.study) and the embedding analysis
-(rcdet.analysis).
+The OOD figures: one matplotlib setup (headless), ROC curves, score histograms and the placement
+bars, shared by the benchmark, the run comparison, the study (rcdet.study) and the embedding
+analysis (rcdet.analysis).
 """
 
 from typing import Dict, List, Sequence
@@ -10,6 +10,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from ..file_io import save_figure_atomic
+from .placement import PLACEMENT_METHODS
 from .scores import ALL_SCORES
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "roc_figure",
     "histogram_figure",
     "comparison_roc_figure",
+    "placement_figure",
     "save_figure",
 ]
 
@@ -134,5 +136,61 @@ def comparison_roc_figure(runs: Sequence[tuple]):
     for ax in list(axes.flat)[len(names) :]:
         ax.set_axis_off()
     fig.suptitle("OOD detection ROC per score, all runs (object level)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+PLACEMENT_LABELS = {
+    "prototype": "prototype (cosine)",
+    "knn": "kNN majority",
+    "argmax": "argmax class",
+}
+
+
+def placement_figure(placement: Dict, title: str):
+    """
+    One bar group per held-out class of a report's ``placement`` section: the family accuracy of
+    each computed method (prototype, kNN, argmax), the chance rate marked across the group, and
+    "undefined" where the class has no known family member or no claimed object.
+    """
+    plt = pyplot()
+    classes = list(placement["classes"])
+    methods = [m for m in PLACEMENT_METHODS if m in placement["methods"]]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(classes) + 1.5), 3.8))
+    cmap = plt.get_cmap("tab10")
+    for j, m in enumerate(methods):
+        xs, heights = [], []
+        for i, name in enumerate(classes):
+            v = placement["classes"][name]["family_accuracy"][m]
+            if v is not None:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                heights.append(v)
+        bars = ax.bar(xs, heights, width, label=PLACEMENT_LABELS[m], color=cmap(j))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    chance_label = "chance"  # one legend entry for every group's line
+    for i, name in enumerate(classes):
+        entry = placement["classes"][name]
+        if entry["chance"] is not None:
+            ax.hlines(
+                entry["chance"], i - 0.45, i + 0.45, colors="k", linestyles="--", label=chance_label
+            )
+            chance_label = None
+            ax.text(i + 0.45, entry["chance"], f" {entry['chance']:.2f}", va="center", fontsize=7)
+        if all(entry["family_accuracy"][m] is None for m in methods):
+            why = "no known family member" if not entry["family"] else "no claimed object"
+            ax.text(i, 0.5, f"undefined:\n{why}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(classes)))
+    ax.set_xticklabels(
+        [f"{c}\n({placement['classes'][c]['objects']} claimed)" for c in classes], fontsize=8
+    )
+    ax.set_xlim(-0.6, len(classes) - 0.4)
+    ax.set_ylim(0, 1.38)  # room above 1 for the legend
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel("family accuracy", fontsize=8)
+    ax.set_xlabel("held-out class", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    if methods:
+        ax.legend(fontsize=7, loc="upper center", ncol=2, framealpha=0.9)
     fig.tight_layout()
     return fig

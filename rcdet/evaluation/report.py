@@ -1,5 +1,5 @@
 """
-OOD reports: writing and reading ood_report.json (and its CSV and figures), the protocol check,
+OOD reports: writing and reading ood_report.json (and its CSVs and figures), the protocol check,
 the flat metrics and the merged comparison of several runs. Every tool and the study read
 reports through this module.
 """
@@ -16,7 +16,14 @@ import numpy as np
 
 from ..file_io import atomic_write, save_npz_atomic, write_json_atomic
 from .matching import ID, OOD
-from .plots import comparison_roc_figure, histogram_figure, roc_figure, save_figure
+from .placement import PLACEMENT_METHODS
+from .plots import (
+    comparison_roc_figure,
+    histogram_figure,
+    placement_figure,
+    roc_figure,
+    save_figure,
+)
 from .scores import ALL_SCORES
 
 __all__ = [
@@ -34,6 +41,8 @@ __all__ = [
     "load_roc_set",
     "markdown_table",
     "csv_table",
+    "placement_lines",
+    "placement_csv",
 ]
 
 # The version of what a report's numbers mean. Reports of other versions are not compared.
@@ -45,7 +54,12 @@ class OODReport:
     """
     The OOD benchmark's report (ood_report.json): one entry per field, JSON in and out. Each
     ``scores`` entry (and ``image_level["scores"]``'s) holds ``available``, ``auroc``, ``fpr95``,
-    ``aupr_in``, ``aupr_out`` and their ``_ci`` intervals (None where undefined).
+    ``aupr_in``, ``aupr_out`` and their ``_ci`` intervals (None where undefined). ``placement``
+    (held-out splits only; None in reports written before it existed) says where the claimed
+    held-out objects land: ``ranking``, ``unit``, ``methods`` (those computed: ``prototype``,
+    ``knn``, ``argmax``), ``knn_k``, ``warnings`` and per held-out class ``classes[name]`` with
+    ``objects``, ``family``, ``chance``, and ``family_accuracy[method]`` and
+    ``confusion[method]`` (known class -> objects), None for a method not computed.
     """
 
     name: str
@@ -63,6 +77,7 @@ class OODReport:
     defined: bool = True
     warnings: List[str] = field(default_factory=list)
     image_level: Optional[Dict] = None
+    placement: Optional[Dict] = None
     timing_seconds: Dict = field(default_factory=dict)
     higher_score_means: str = "in-distribution"
 
@@ -114,6 +129,8 @@ class OODReport:
         lines += _score_lines(self.scores)
         wi = "undefined" if o["wilderness_impact"] is None else f"{o['wilderness_impact']:.4f}"
         lines.append(f"A-OSE {o['a_ose']}  WI@0.8 {wi}")
+        if self.placement:
+            lines += placement_lines(self.placement)
         if il:
             lines.append(
                 f"Image level vs {il['ood_dataset']}: {il['counts']['id']} ID and"
@@ -133,8 +150,10 @@ class OODReport:
     def flat_metrics(self) -> Dict[str, float]:
         """
         The numbers detectron2 prints and logs (as ``ood/<key>``): ``<score>_auroc``,
-        ``_fpr95``, ``_aupr_in``, ``_aupr_out`` of each available score, ``a_ose``, ``wi``, and
-        ``img_<score>_auroc`` and ``_fpr95`` of the image level; NaN where undefined.
+        ``_fpr95``, ``_aupr_in``, ``_aupr_out`` of each available score, ``a_ose``, ``wi``,
+        ``img_<score>_auroc`` and ``_fpr95`` of the image level, and
+        ``family_accuracy_<method>_<held-out class>`` of each placement method computed; NaN where
+        undefined.
         """
         out = {}
         sections = [("", self.scores)]
@@ -150,14 +169,60 @@ class OODReport:
         out["a_ose"] = float(self.open_set["a_ose"])
         wi = self.open_set["wilderness_impact"]
         out["wi"] = math.nan if wi is None else float(wi)
+        placement = self.placement or {}
+        for name, entry in (placement.get("classes") or {}).items():
+            for method in placement["methods"]:
+                v = entry["family_accuracy"][method]
+                out[f"family_accuracy_{method}_{name}"] = math.nan if v is None else float(v)
         return out
 
 
 def _score_lines(scores: Dict) -> List[str]:
     return [
-        f"{name:>10}: AUROC {_cell(e, 'auroc')}  FPR95 {_cell(e, 'fpr95')}"
+        f"{name:>14}: AUROC {_cell(e, 'auroc')}  FPR95 {_cell(e, 'fpr95')}"
         for name, e in scores.items()
     ]
+
+
+def _accuracy(v) -> str:
+    return "undefined" if v is None else f"{v:.3f}"
+
+
+def placement_lines(placement: Dict) -> List[str]:
+    """The placement section in printed lines: per held-out class, family accuracy and confusion."""
+    source = placement.get("ranking") or "no ranking (MODEL.RCDET.RANKING_FILE empty)"
+    lines = [
+        "Placement: the nearest known class of each claimed held-out object; family: its rank-2"
+        f" known classes in {source}"
+    ]
+    methods = placement["methods"]
+    for name, entry in placement["classes"].items():
+        if entry["family"]:
+            family = f"family {'+'.join(entry['family'])}, chance {entry['chance']:.3f}"
+        else:
+            family = "no known family member"
+        accuracy = ", ".join(f"{m} {_accuracy(entry['family_accuracy'][m])}" for m in methods)
+        lines.append(f"  {name}: {entry['objects']} claimed, {family}; family accuracy: {accuracy}")
+        for m in methods:
+            placed = sorted(entry["confusion"][m].items(), key=lambda kv: -kv[1])
+            cells = ", ".join(f"{c} {n}" for c, n in placed if n) or "none"
+            lines.append(f"    {m:>9} -> {cells}")
+    return lines
+
+
+def placement_csv(report: OODReport) -> str:
+    """
+    One row per (held-out class, placement method): claimed objects, family, chance, family
+    accuracy and the confusion row (one column per known class).
+    """
+    known = list(report.known_classes)
+    rows = [["held_out_class", "method", "objects", "family", "chance", "family_accuracy"] + known]
+    for name, entry in report.placement["classes"].items():
+        for m in report.placement["methods"]:
+            row = [name, m, entry["objects"], "+".join(entry["family"] or [])]
+            row += [_fmt(entry["chance"]), _fmt(entry["family_accuracy"][m])]
+            rows.append(row + [entry["confusion"][m].get(c, 0) for c in known])
+    return csv_table(rows)
 
 
 CSV_METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
@@ -210,13 +275,16 @@ def write_report_files(
 ):
     """
     ood_report.json/.csv and ood_scores.npz (``arrays["object"]``; with an image level also
-    ood_image_level_scores.npz from ``arrays["image"]``), each written atomically; with
-    ``figures``, roc.png and score_hist.png (the object-level ROC set: detections with status ID
-    or OOD) and roc_image_level.png.
+    ood_image_level_scores.npz from ``arrays["image"]``; with a placement section
+    ood_placement.csv), each written atomically; with ``figures``, roc.png and score_hist.png
+    (the object-level ROC set: detections with status ID or OOD), roc_image_level.png and
+    placement.png.
     """
     os.makedirs(output_dir, exist_ok=True)
     write_json_atomic(os.path.join(output_dir, "ood_report.json"), report.to_dict())
     atomic_write(os.path.join(output_dir, "ood_report.csv"), report_csv(report).encode())
+    if report.placement:
+        atomic_write(os.path.join(output_dir, "ood_placement.csv"), placement_csv(report).encode())
     save_npz_atomic(os.path.join(output_dir, "ood_scores.npz"), **arrays["object"])
     if "image" in arrays:
         save_npz_atomic(os.path.join(output_dir, "ood_image_level_scores.npz"), **arrays["image"])
@@ -263,6 +331,14 @@ def write_report_files(
         ),
         os.path.join(output_dir, "score_hist.png"),
     )
+    if report.placement:
+        save_figure(
+            placement_figure(
+                report.placement,
+                f"{report.name}: where claimed held-out objects land (family accuracy)",
+            ),
+            os.path.join(output_dir, "placement.png"),
+        )
 
 
 class ReportError(ValueError):
@@ -408,6 +484,15 @@ def merge_reports(run_dirs: Sequence[str], output_dir: str):
             + markdown_table(ih, it)
         )
         csv_rows += [["protocol"] + ih] + [["image"] + r for r in it]
+    placed = [(name, rep.placement) for name, rep, _ in rows if rep.placement]
+    if placed:
+        ph, pt = _placement_table(placed)
+        md += (
+            "\nPlacement: family accuracy of the claimed held-out objects (the share whose nearest"
+            " known class is a rank-2 class of theirs; chance: the family's share of the known"
+            " classes)\n\n" + markdown_table(ph, pt)
+        )
+        csv_rows += [["protocol"] + ph] + [["placement"] + r for r in pt]
     os.makedirs(output_dir, exist_ok=True)
     atomic_write(os.path.join(output_dir, "ood_comparison.md"), md.encode())
     atomic_write(os.path.join(output_dir, "ood_comparison.csv"), csv_table(csv_rows).encode())
@@ -415,6 +500,31 @@ def merge_reports(run_dirs: Sequence[str], output_dir: str):
     if fig is not None:
         save_figure(fig, os.path.join(output_dir, "roc_comparison.png"))
     return md
+
+
+def _placement_table(placed: Sequence[tuple]):
+    """Header and rows of the merged placement table of ``(run name, placement)`` pairs."""
+    classes = []
+    for _, p in placed:
+        classes += [c for c in p["classes"] if c not in classes]
+    header = ["run", "ranking"]
+    for c in classes:
+        header += [f"{c} objects", f"{c} chance"] + [f"{c} {m}" for m in PLACEMENT_METHODS]
+    table = []
+    for name, p in placed:
+        row = [name, p.get("ranking") or "none"]
+        for c in classes:
+            entry = p["classes"].get(c)
+            if entry is None:
+                row += ["n/a"] * (2 + len(PLACEMENT_METHODS))
+                continue
+            row += [str(entry["objects"]), _fmt(entry["chance"]) or "undefined"]
+            row += [
+                _accuracy(entry["family_accuracy"][m]) if m in p["methods"] else "n/a"
+                for m in PLACEMENT_METHODS
+            ]
+        table.append(row)
+    return header, table
 
 
 @dataclass

@@ -20,6 +20,7 @@ from rcdet.evaluation.ood_benchmark import (
     run_ood_benchmark,
 )
 from rcdet.evaluation.report import PROTOCOL_VERSION, merge_reports
+from rcdet.evaluation.scores import ALL_SCORES
 
 OPTION_KEYS = {
     "score_threshold": "SCORE_THRESHOLD",
@@ -62,7 +63,8 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
         assert (tmp_path / "rince" / f).is_file(), f
     with open(tmp_path / "rince" / "ood_report.json") as f:
         on_disk = json.load(f)
-    assert on_disk["scores"].keys() == {"msp", "max_logit", "energy", "cosine", "knn", "gaussian"}
+    assert on_disk["scores"].keys() == set(ALL_SCORES)
+    assert on_disk["scores"]["sibling_margin"]["available"]  # the config names its ranking
     assert set(on_disk["detection"]) == {"AP", "AP50", "AP75"}
     assert on_disk["counts"]["id"] > 0 and on_disk["counts"]["ood"] > 0
     assert all(0 <= e["auroc"] <= 1 for e in on_disk["scores"].values())
@@ -86,10 +88,9 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
         lo, hi = e["auroc_ci"]
         assert 0 <= lo <= hi <= 1
     csv_lines = (tmp_path / "rince" / "ood_report.csv").read_text().splitlines()
-    assert (
-        csv_lines[0].startswith("protocol,score,available,auroc,auroc_ci_lo,auroc_ci_hi,fpr95")
-        and len(csv_lines) == 7
-    )
+    assert csv_lines[0].startswith(
+        "protocol,score,available,auroc,auroc_ci_lo,auroc_ci_hi,fpr95"
+    ) and len(csv_lines) == 1 + len(ALL_SCORES)
     assert on_disk["image_level"] is None
     # The statistics are cached next to the weights, keyed by their checksum.
     assert any(
@@ -108,7 +109,7 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
         softmax.timing_seconds["plain_inference"] > 0
         and "overhead_vs_plain_inference" in softmax.timing_seconds
     )
-    for s in ("cosine", "knn", "gaussian"):
+    for s in ("cosine", "knn", "gaussian", "sibling_margin", "family_energy"):
         assert softmax.scores[s]["available"] is False and softmax.scores[s]["auroc"] is None
     assert softmax.scores["msp"]["available"] is True
 
@@ -186,14 +187,8 @@ def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
     raw = np.load(out / "ood_image_level_scores.npz")
     assert il["counts"] == {"id": int(raw["is_id"].sum()), "ood": int((~raw["is_id"]).sum())}
     assert il["counts"]["id"] > 0 and il["counts"]["ood"] > 0
-    assert (raw["msp"] >= 0).all() and set(il["scores"]) == {
-        "msp",
-        "max_logit",
-        "energy",
-        "cosine",
-        "knn",
-        "gaussian",
-    }
+    assert (raw["msp"] >= 0).all() and set(il["scores"]) == set(ALL_SCORES)
+    assert np.isfinite(raw["sibling_margin"]).all()  # every kept detection scored, OOD images too
     for e in il["scores"].values():
         assert 0 <= e["auroc"] <= 1 and 0 <= e["auroc_ci"][0] <= e["auroc_ci"][1] <= 1
     # VOS's F1-optimal confidence by default, recorded with its rule.
@@ -202,8 +197,8 @@ def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
     assert (out / "roc_image_level.png").is_file()
     csv_rows = (out / "ood_report.csv").read_text().splitlines()
     assert (
-        sum(r.startswith("image,") for r in csv_rows) == 6
-        and sum(r.startswith("object,") for r in csv_rows) == 6
+        sum(r.startswith("image,") for r in csv_rows) == len(ALL_SCORES)
+        and sum(r.startswith("object,") for r in csv_rows) == len(ALL_SCORES)
     )
     # The report's default name comes from the config's OUTPUT_DIR for a generic .../ood folder.
     assert report.name == "il"

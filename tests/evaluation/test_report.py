@@ -67,3 +67,16 @@ def test_a_report_written_and_read_back_is_equal(image_level_report, tmp_path):
     assert isinstance(again, OODReport) and again == report
     assert again == load_report(str(image_level_report.folder))
     assert OODReport.from_dict(report.to_dict()) == report
+
+
+def test_a_report_without_placement_still_loads_and_merges(tmp_path):
+    # Reports written before the placement section (and the ranking scores) existed.
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    fake_ood_report(a)
+    fake_ood_report(b)
+    old = load_report(a)
+    assert old.placement is None and "sibling_margin" not in old.scores
+    assert not any(k.startswith("family_accuracy") for k in old.flat_metrics())
+    md = merge_reports([a, b], str(tmp_path / "out"))
+    assert "Placement" not in md and "| a |" in md
+    assert not (tmp_path / "out" / "placement.png").exists()

@@ -54,3 +54,41 @@ def test_out_of_range_flags_are_refused_naming_the_key(tiny_shapes, capsys):
         rc = benchmark_ood.main(["--config-file", config, flag, value, "MODEL.WEIGHTS", "x.pth"])
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.startswith(f"error: {expected}") and "\n" not in err, err
+
+
+def test_benchmark_prints_and_draws_the_placement_section(tiny_models, tmp_path, capsys):
+    out = tmp_path / "ood"
+    rc = benchmark_ood.main(
+        [
+            "--config-file",
+            os.path.join(REPO, "configs/shapes_rince_ood.yaml"),
+            "--output",
+            str(out),
+            "--score-thresh",
+            "0",
+            "--match-iou",
+            "0.1",
+            "--ood-dataset",
+            "none",
+            "--bootstrap",
+            "0",
+            "MODEL.WEIGHTS",
+            tiny_models["rince"],
+            "INPUT.MIN_SIZE_TEST",
+            "160",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert rc == 0
+    with open(out / "ood_report.json") as f:
+        placement = json.load(f)["placement"]
+    assert placement["methods"] == ["prototype", "knn", "argmax"]
+    assert placement["ranking"] == "configs/rankings/shapes_families.yaml"
+    ring = placement["classes"]["ring"]
+    assert ring["family"] == ["disc", "bullseye"] and ring["chance"] == 2 / 7
+    assert sum(ring["confusion"]["knn"].values()) == ring["objects"]
+    # The printed section: a header, then each held-out class with its family accuracy.
+    assert "Placement: the nearest known class of each claimed held-out object" in printed
+    assert f"  ring: {ring['objects']} claimed, family disc+bullseye, chance 0.286;" in printed
+    assert "family_energy: AUROC" in printed
+    assert f"figure: {out}/placement.png" in printed and (out / "placement.png").is_file()
