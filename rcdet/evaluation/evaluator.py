@@ -300,15 +300,19 @@ def family_ranking(cfg, test_name: str, warnings: List[str]):
     """
     The full ranking (MODEL.RCDET.RANKING_FILE, read for every class of the base dataset, the
     held-out ones included, and never truncated: rank 2 is what the placement's families and the
-    ranking scores read); None, with a warning appended, when the key is empty.
+    ranking scores read); None, with a warning appended, when the key is empty or its file
+    cannot be read for these classes. A warning, not an error: a softmax model never read the
+    key in training, and its OOD metrics do not need it.
     """
     path = cfg.MODEL.RCDET.RANKING_FILE
+    left_out = (
+        f"so the placement's family accuracy and the ranking scores ({', '.join(RANKING_SCORES)})"
+        " are left out"
+    )
     if not path:
         warnings.append(
-            "MODEL.RCDET.RANKING_FILE is empty: no class families, so the placement's family"
-            f" accuracy and the ranking scores ({', '.join(RANKING_SCORES)}) are left out; set it"
-            " to the dataset's ranking (configs/rankings/shapes_families.yaml for the built-in"
-            " data)."
+            f"MODEL.RCDET.RANKING_FILE is empty: no class families, {left_out}; set it to the"
+            " dataset's ranking (configs/rankings/shapes_families.yaml for the built-in data)."
         )
         return None
     meta = MetadataCatalog.get(test_name)
@@ -318,7 +322,8 @@ def family_ranking(cfg, test_name: str, warnings: List[str]):
             path, classes, allow_uncovered=cfg.MODEL.RCDET.RANKING_ALLOW_UNCOVERED or None
         )
     except RankingError as e:
-        raise ConfigError(f"MODEL.RCDET.RANKING_FILE: {e}") from None
+        warnings.append(f"MODEL.RCDET.RANKING_FILE: {e} No class families, {left_out}.")
+        return None
 
 
 def _placement_report(records, stats, ood_class, claimed, held_out, known, ranking, warnings):

@@ -320,6 +320,15 @@ def test_ranking_scores_in_the_report_by_hand(tmp_path):
     assert bare.placement["classes"]["x"]["family_accuracy"]["prototype"] is None
     assert bare.placement["classes"]["x"]["confusion"]["prototype"] == {"a": 0, "b": 2, "c": 1}
     assert any("MODEL.RCDET.RANKING_FILE is empty" in w for w in bare.warnings)
+    # An unreadable ranking file: the same, with the file's error in the warning.
+    cfg = _probe_cfg(tmp_path)
+    cfg.MODEL.RCDET.RANKING_FILE = str(tmp_path / "missing.yaml")
+    broken, _ = build_report(cfg, PROBE, PROBE_RECORDS, stats)
+    assert broken.placement["ranking"] is None and not broken.scores["family_energy"]["available"]
+    assert any(
+        w.startswith(f"MODEL.RCDET.RANKING_FILE: {tmp_path}/missing.yaml: ranking file not found.")
+        for w in broken.warnings
+    )
 
 
 def test_a_report_with_placement_writes_its_figure_and_reads_back_equal(tmp_path):
