@@ -98,6 +98,7 @@ def run(args):
         "ood": _ood_section(report["scores"]),
         "ood_counts": report["counts"],
         "open_set": report["open_set"],
+        "placement": report.get("placement"),
         "ood_image_level": (
             None
             if not report["image_level"]
@@ -123,12 +124,23 @@ def run(args):
         " left out)"
     )
     for name, e in metrics["ood"].items():
-        print(f"[demo] OOD {name:>9}: AUROC {_with_ci(e, 'auroc')}  FPR95 {_with_ci(e, 'fpr95')}")
+        print(f"[demo] OOD {name:>14}: AUROC {_with_ci(e, 'auroc')}  FPR95 {_with_ci(e, 'fpr95')}")
     o = report["open_set"]
     print(
         f"[demo] open set: A-OSE {o['a_ose']}, wilderness impact at recall 0.8 "
         + ("undefined" if o["wilderness_impact"] is None else f"{o['wilderness_impact']:.4f}")
     )
+    if metrics["placement"]:
+        p = metrics["placement"]
+        print(
+            "[demo] placement, family accuracy (chance): "
+            + "; ".join(
+                f"{name} "
+                + ", ".join(f"{m} {_fraction(e['family_accuracy'][m])}" for m in p["methods"])
+                + f" ({_fraction(e['chance'])})"
+                for name, e in p["classes"].items()
+            )
+        )
     if metrics["ood_image_level"]:
         il = metrics["ood_image_level"]
         print(
@@ -178,6 +190,10 @@ def training_images(cfg) -> dict:
 def _ood_section(scores: dict) -> dict:
     keys = ("auroc", "auroc_ci", "fpr95", "fpr95_ci", "aupr_in")
     return {name: {k: e.get(k) for k in keys} for name, e in scores.items() if e["available"]}
+
+
+def _fraction(v) -> str:
+    return "undefined" if v is None else f"{v:.3f}"
 
 
 def _with_ci(e: dict, key: str) -> str:

@@ -10,6 +10,7 @@ import sys
 
 from conftest import REPO
 
+from rcdet.evaluation.scores import ALL_SCORES
 from tools import demo
 
 TINY = [
@@ -39,7 +40,9 @@ def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch,
         metrics = json.load(f)
     assert {"AP", "AP50", "AP75"} <= set(metrics)
     assert metrics["held_out_classes"] == ["ring", "triangle"]
-    assert set(metrics["ood"]) == {"msp", "max_logit", "energy", "cosine", "knn", "gaussian"}
+    assert set(metrics["ood"]) == set(ALL_SCORES)  # a RINCE model with its ranking: all of them
+    assert metrics["placement"]["methods"] == ["prototype", "knn", "argmax"]
+    assert metrics["placement"]["classes"]["ring"]["family"] == ["disc", "bullseye"]
     for entry in metrics["ood"].values():
         assert set(entry) == {"auroc", "auroc_ci", "fpr95", "fpr95_ci", "aupr_in"}
     assert metrics["ood_protocol"]["matching"] == "one_per_object"
@@ -63,6 +66,7 @@ def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch,
     ).is_file()
     out = capsys.readouterr().out
     assert f"ROC plot: {tmp_path / 'ood' / 'roc.png'}" in out
+    assert "[demo] placement, family accuracy (chance): ring prototype" in out
     assert (
         f"hold-out mode drop_images: training on {metrics['train_images']} of the"
         f" {metrics['train_images_available']} images of rcdet_shapes_trainval (every image showing"
