@@ -196,9 +196,8 @@ def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
     assert report.protocol["options"]["TEST.OOD.IMAGE_THRESHOLD"] == "f1_optimal"
     assert (out / "roc_image_level.png").is_file()
     csv_rows = (out / "ood_report.csv").read_text().splitlines()
-    assert sum(r.startswith("image,") for r in csv_rows) == len(ALL_SCORES) and sum(
-        r.startswith("object,") for r in csv_rows
-    ) == len(ALL_SCORES)
+    assert sum(r.startswith("image,") for r in csv_rows) == len(ALL_SCORES)
+    assert sum(r.startswith("object,") for r in csv_rows) == len(ALL_SCORES)
     # The report's default name comes from the config's OUTPUT_DIR for a generic .../ood folder.
     assert report.name == "il"
     assert default_report_name(cfg, str(tmp_path / "ood")) == os.path.basename(
