@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ConfigError
 from ..data.datasets import CheckedDatasetMapper
 from ..data.ood_images import builtin_ood_dataset
+from ..modeling.reference import reference_vector
 from .coco_threshold import f1_optimal_threshold
 from .extract import dataset_digest, embed_ground_truth, model_digest
 from .matching import BACKGROUND, DUPLICATE, ID, MATCHING_MODES, OOD, match_detections
@@ -195,6 +196,7 @@ def fit_ood_statistics(model, cfg, cache_dir: Optional[str] = None):
         cfg.MODEL.ROI_HEADS.NUM_CLASSES,
         knn_k=opts.knn_k,
         per_class_covariance=opts.per_class_covariance,
+        reference=reference_vector(_unwrap(model)),
     )
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     stats.save(cache)
@@ -267,7 +269,7 @@ def _embedding_scores(records, stats, needed: np.ndarray) -> Dict[str, Optional[
     found = [r for r in records if len(r["scores"])]
     dim = stats.bank.shape[1]
     emb = np.concatenate([r["embeddings"] for r in found]) if found else np.zeros((0, dim))
-    out = {k: np.full(len(emb), np.nan) for k in EMBEDDING_SCORES}
+    out = {k: np.full(len(emb), np.nan) for k in stats.score_names}
     # One call over every needed detection: the search runs over the bank once, not per image.
     for k, v in stats.scores(emb[needed]).items():
         out[k][needed] = v

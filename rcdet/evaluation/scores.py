@@ -9,10 +9,15 @@ Every score is oriented so that **higher means more in-distribution (ID)**:
 - ``energy``: ``T * logsumexp(f / T)`` over the known-class logits (the negative free energy);
 - ``cosine``: max cosine similarity of the embedding to the known-class prototypes;
 - ``knn``: minus the distance to the k-th nearest training embedding;
-- ``gaussian``: max class-conditional Gaussian log-likelihood (shared covariance by default).
+- ``gaussian``: max class-conditional Gaussian log-likelihood (shared covariance by default);
+- ``reference``: minus the cosine similarity to the reference embedding f of a model trained
+  with exposed classes (MODEL.RCDET.OOD.REFERENCE fixed or learned): f is what the exposed
+  outliers were pulled towards, so a detection close to f looks like them, and the negative
+  makes higher mean more ID.
 
 The embedding scores need a model with the contrastive branch; without one they are reported
-as not available (``None``), never as zeros.
+as not available (``None``), never as zeros. ``reference`` exists only for a model with f: the
+statistics of any other model do not produce it, and its report leaves it out.
 """
 
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ from ..file_io import save_npz_atomic
 __all__ = [
     "LOGIT_SCORES",
     "EMBEDDING_SCORES",
+    "REFERENCE_SCORES",
     "ALL_SCORES",
     "logit_scores",
     "detector_confidence",
@@ -34,7 +40,9 @@ __all__ = [
 
 LOGIT_SCORES = ("msp", "max_logit", "energy")
 EMBEDDING_SCORES = ("cosine", "knn", "gaussian")
-ALL_SCORES = LOGIT_SCORES + EMBEDDING_SCORES
+# Only for models with a reference embedding f (rcdet.modeling.reference).
+REFERENCE_SCORES = ("reference",)
+ALL_SCORES = LOGIT_SCORES + EMBEDDING_SCORES + REFERENCE_SCORES
 
 
 def logit_scores(
@@ -109,7 +117,10 @@ def kth_neighbour_distance(queries, bank, k: int, use_faiss: Optional[bool] = No
 
 @dataclass
 class EmbeddingStatistics:
-    """Prototypes, a kNN bank and Gaussians fitted on known-class GT-box embeddings."""
+    """
+    Prototypes, a kNN bank and Gaussians fitted on known-class GT-box embeddings, and the
+    model's reference embedding f when it has one.
+    """
 
     prototypes: np.ndarray  # (K, d), L2-normalised class means
     bank: np.ndarray  # (n, d) training embeddings
@@ -117,6 +128,12 @@ class EmbeddingStatistics:
     precisions: np.ndarray  # (K, d, d), or (1, d, d) for a shared covariance
     log_dets: np.ndarray  # (K,) or (1,)
     knn_k: int = 10
+    reference: Optional[np.ndarray] = None  # (d,) unit f, or None
+
+    @property
+    def score_names(self):
+        """The scores these statistics give."""
+        return EMBEDDING_SCORES + (REFERENCE_SCORES if self.reference is not None else ())
 
     @classmethod
     def fit(
@@ -127,6 +144,7 @@ class EmbeddingStatistics:
         knn_k: int = 10,
         per_class_covariance: bool = False,
         shrinkage: float = 1e-3,
+        reference=None,
     ):
         x = np.asarray(embeddings, dtype=np.float64)
         y = np.asarray(labels, dtype=np.int64)
@@ -165,12 +183,15 @@ class EmbeddingStatistics:
         else:
             p, log_det = regularised(shared_cov)
             precisions, log_dets = p[None], np.array([log_det])
-        return cls(protos, x, means, precisions, log_dets, int(knn_k))
+        if reference is not None:
+            reference = np.asarray(reference, dtype=np.float64).reshape(-1)
+            reference = reference / max(np.linalg.norm(reference), 1e-12)
+        return cls(protos, x, means, precisions, log_dets, int(knn_k), reference)
 
     def scores(self, embeddings) -> Dict[str, np.ndarray]:
         e = np.asarray(embeddings, dtype=np.float64)
         if e.shape[0] == 0:
-            return {k: np.zeros(0) for k in EMBEDDING_SCORES}
+            return {k: np.zeros(0) for k in self.score_names}
         valid = ~np.isnan(self.means[:, 0])
         e_unit = e / np.linalg.norm(e, axis=1, keepdims=True).clip(min=1e-12)
         cosine = (e_unit @ self.prototypes[valid].T).max(axis=1)
@@ -182,7 +203,10 @@ class EmbeddingStatistics:
             diff = e - self.means[c]
             maha = ((diff @ self.precisions[j]) * diff).sum(axis=1)
             loglik.append(-0.5 * (maha + self.log_dets[j] + dim * np.log(2 * np.pi)))
-        return {"cosine": cosine, "knn": knn, "gaussian": np.max(np.stack(loglik, axis=1), axis=1)}
+        out = {"cosine": cosine, "knn": knn, "gaussian": np.max(np.stack(loglik, axis=1), axis=1)}
+        if self.reference is not None:
+            out["reference"] = -(e_unit @ self.reference)
+        return out
 
     def save(self, path: str):
         save_npz_atomic(
@@ -193,6 +217,7 @@ class EmbeddingStatistics:
             precisions=self.precisions,
             log_dets=self.log_dets,
             knn_k=self.knn_k,
+            **({} if self.reference is None else {"reference": self.reference}),
         )
 
     @classmethod
@@ -205,6 +230,7 @@ class EmbeddingStatistics:
                 z["precisions"],
                 z["log_dets"],
                 int(z["knn_k"]),
+                z["reference"] if "reference" in z.files else None,
             )
 
 
