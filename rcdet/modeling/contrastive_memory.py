@@ -178,21 +178,22 @@ class RankedInfoNCEWithMemory(nn.Module):
         """
         num_known = self.loss.num_classes - 1
         anchor_labels, _ = exposure_labels(labels, exposed, num_known)
-        gathered_exposed = flags[:, 3] > 0.5
-        if all_labels.shape[0] > gathered_exposed.shape[0]:  # the queue's slots: never exposed
-            gathered_exposed = torch.cat(
-                [
-                    gathered_exposed,
-                    gathered_exposed.new_zeros(all_labels.shape[0] - gathered_exposed.shape[0]),
-                ]
-            )
-        _, all_labels = exposure_labels(all_labels, gathered_exposed, num_known)
+        # Keys: exposed regions are labelled background already; background, this step's and
+        # the queue's, moves to K + 1, the background of the larger matrix.
+        all_labels = torch.where(
+            all_labels >= num_known, torch.full_like(all_labels, num_known + 1), all_labels
+        )
         keys = torch.cat([keys, f.to(keys.dtype)])
         all_labels = torch.cat([all_labels, all_labels.new_full((1,), num_known)])
         if world == 1:
             return anchor_labels, keys, all_labels, {}
-        exposed_anchor = torch.cat([anchor_keys & gathered_exposed, anchor_keys.new_zeros(1)])
-        known_anchor = torch.cat([anchor_keys & ~gathered_exposed, anchor_keys.new_zeros(1)])
+        # The gathered exposed flags, padded with False over the queue's slots and f.
+        gathered_exposed = flags[:, 3] > 0.5
+        gathered_exposed = torch.cat(
+            [gathered_exposed, gathered_exposed.new_zeros(keys.shape[0] - flags.shape[0])]
+        )
+        exposed_anchor = torch.cat([anchor_keys, anchor_keys.new_zeros(1)]) & gathered_exposed
+        known_anchor = torch.cat([anchor_keys, anchor_keys.new_zeros(1)]) & ~gathered_exposed
         counts = positive_anchor_counts(
             all_labels, known_anchor, all_labels, self.loss.rank_matrix, self.num_ranks
         )
