@@ -4,7 +4,7 @@ import numbers
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_rcdet_config", "check_rcdet_config", "ConfigError"]
+__all__ = ["add_rcdet_config", "check_rcdet_config", "check_exposure_config", "ConfigError"]
 
 
 def add_rcdet_config(cfg):
@@ -65,6 +65,10 @@ def add_rcdet_config(cfg):
     # drop_images: remove training images that contain a held-out object;
     # drop_annotations: keep the images, remove the held-out boxes.
     _C.MODEL.RCDET.OOD.HOLD_OUT_MODE = "drop_images"
+    # Classes left out of the known ones but kept in training as outliers (docs/unknown_objects.md).
+    _C.MODEL.RCDET.OOD.EXPOSED_CLASSES = []
+    # Their boxes: anchors of a fixed or learned reference f, background, or removed (no exposure).
+    _C.MODEL.RCDET.OOD.REFERENCE = "fixed"
 
     # VOS, virtual outlier synthesis (Du et al., ICLR 2022; docs/vos.md), on the box features.
     _C.MODEL.RCDET.VOS = CN()
@@ -165,6 +169,59 @@ def check_rcdet_config(cfg) -> None:
             f"MODEL.RCDET.TAU_MIN/TAU_MAX = {rc.TAU_MIN!r}/{rc.TAU_MAX!r}; allowed:"
             " 0 < TAU_MIN < TAU_MAX."
         )
+    check_exposure_config(cfg)
+
+
+def check_exposure_config(cfg) -> None:
+    """
+    The exposure keys against each other and the head (MODEL.RCDET.OOD.EXPOSED_CLASSES,
+    REFERENCE): a ConfigError naming the key. The class names are checked against the dataset
+    where the split is derived (rcdet.data.held_out).
+    """
+    from .modeling.reference import REFERENCE_CHOICES
+
+    ood = cfg.MODEL.RCDET.OOD
+    if ood.REFERENCE not in REFERENCE_CHOICES:
+        raise ConfigError(
+            f"MODEL.RCDET.OOD.REFERENCE = {ood.REFERENCE!r}; allowed: one of"
+            f" {', '.join(REFERENCE_CHOICES)}."
+        )
+    exposed, held_out = list(ood.EXPOSED_CLASSES), list(ood.HELD_OUT_CLASSES)
+    if not exposed:
+        return
+    if len(set(exposed)) != len(exposed):
+        raise ConfigError(f"MODEL.RCDET.OOD.EXPOSED_CLASSES lists a class twice: {exposed}.")
+    both = [c for c in exposed if c in held_out]
+    if both:
+        raise ConfigError(
+            f"MODEL.RCDET.OOD.EXPOSED_CLASSES {both} are also in MODEL.RCDET.OOD.HELD_OUT_CLASSES:"
+            " a class is either exposed in training or a test unknown; remove it from one list."
+        )
+    if not held_out:
+        raise ConfigError(
+            "MODEL.RCDET.OOD.EXPOSED_CLASSES needs test unknowns: set"
+            " MODEL.RCDET.OOD.HELD_OUT_CLASSES to the held-out classes the exposure is tested on."
+        )
+    reference = ood.REFERENCE
+    if reference in ("fixed", "learned") and cfg.MODEL.RCDET.LOSS == "none":
+        raise ConfigError(
+            f"MODEL.RCDET.OOD.REFERENCE = '{reference}' trains the exposed boxes towards f with the"
+            " contrastive loss, but MODEL.RCDET.LOSS is none: choose a contrastive loss, or set"
+            " MODEL.RCDET.OOD.REFERENCE background (exposed objects as background)."
+        )
+    if reference != "removed":
+        from detectron2.modeling import ROI_HEADS_REGISTRY
+
+        from .modeling.roi_heads import RankedContrastiveROIHeads
+
+        name = cfg.MODEL.ROI_HEADS.NAME
+        head = ROI_HEADS_REGISTRY.get(name) if name in ROI_HEADS_REGISTRY else None
+        if head is None or not issubclass(head, RankedContrastiveROIHeads):
+            raise ConfigError(
+                f"MODEL.RCDET.OOD.EXPOSED_CLASSES with MODEL.ROI_HEADS.NAME {name}: only"
+                " RankedContrastiveROIHeads turns the exposed boxes into outliers; set it, or"
+                " MODEL.RCDET.OOD.REFERENCE removed (train without them)."
+            )
 
 
 _MISSING = object()
@@ -213,6 +270,7 @@ def _same_type_rule(default):
 def _rcdet_rules():
     # Imported here: both modules import this one for ConfigError.
     from .data.held_out import HOLD_OUT_MODES
+    from .modeling.reference import REFERENCE_CHOICES
     from .modeling.rince import DEPRECATED_NAMES, VARIANTS
 
     losses = tuple(VARIANTS) + ("none",)
@@ -261,5 +319,13 @@ def _rcdet_rules():
         "OOD.HOLD_OUT_MODE": (
             (lambda v: isinstance(v, str) and v in HOLD_OUT_MODES),
             f"one of {', '.join(HOLD_OUT_MODES)}",
+        ),
+        "OOD.EXPOSED_CLASSES": (
+            lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) and c for c in v),
+            "a list of class names",
+        ),
+        "OOD.REFERENCE": (
+            (lambda v: isinstance(v, str) and v in REFERENCE_CHOICES),
+            f"one of {', '.join(REFERENCE_CHOICES)}",
         ),
     }

@@ -14,12 +14,13 @@ from detectron2.data import (
 )
 from detectron2.engine import DefaultTrainer, default_setup
 from detectron2.engine.hooks import EvalHook
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from .checkpoint import load_training_weights
 from .cli import check_device, check_output_dir, load_config_file, merge_overrides
 from .config import ConfigError, add_rcdet_config
 from .data.datasets import SHAPES_HINT, CheckedDatasetMapper, DatasetError
+from .data.held_out import exposure_training_dicts, voc_evaluator
 from .evaluation.evaluator import (
     OODDetectionEvaluator,
     OODStatisticsHook,
@@ -69,7 +70,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=CheckedDatasetMapper(cfg, True))
+        mapper = CheckedDatasetMapper(cfg, True)
+        if mapper.exposed_label is None:
+            return build_detection_train_loader(cfg, mapper=mapper)
+        return build_detection_train_loader(
+            cfg, mapper=mapper, dataset=exposure_training_dicts(cfg)
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -83,7 +89,7 @@ class Trainer(DefaultTrainer):
         ``model`` (rcdet.evaluation.OODDetectionEvaluator), its report in OUTPUT_DIR/inference."""
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         if evaluator_type == "pascal_voc":
-            voc = PascalVOCDetectionEvaluator(dataset_name)
+            voc = voc_evaluator(dataset_name)
             if not ood_evaluation_configured(cfg):
                 return voc
             folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)

@@ -91,6 +91,9 @@ def test_defaults_and_shipped_configs_pass():
         ("OOD__HELD_OUT_CLASSES", "disc", "a list of class names"),
         ("OOD__HELD_OUT_CLASSES", ["disc", ""], "a list of class names"),
         ("OOD__HOLD_OUT_MODE", "drop", "one of drop_images, drop_annotations"),
+        ("OOD__EXPOSED_CLASSES", "frame", "a list of class names"),
+        ("OOD__EXPOSED_CLASSES", [""], "a list of class names"),
+        ("OOD__REFERENCE", "random", "one of fixed, learned, background, removed"),
     ],
 )
 def test_impossible_values_name_key_value_and_range(key, value, allowed):
@@ -124,6 +127,76 @@ def test_every_key_refuses_a_value_of_the_wrong_type():
 )
 def test_edges_of_the_ranges_are_accepted(values):
     check_rcdet_config(_cfg(**values))
+
+
+def _exposure(**values):
+    cfg = _cfg(OOD__HELD_OUT_CLASSES=["ring", "triangle"], OOD__EXPOSED_CLASSES=["frame"])
+    cfg.MODEL.ROI_HEADS.NAME = "RankedContrastiveROIHeads"
+    for key, value in values.items():
+        *parents, leaf = key.split("__")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            dict(MODEL__RCDET__OOD__EXPOSED_CLASSES=["frame", "ring"]),
+            "MODEL.RCDET.OOD.EXPOSED_CLASSES ['ring'] are also in MODEL.RCDET.OOD.HELD_OUT_CLASSES:"
+            " a class is either exposed in training or a test unknown; remove it from one list.",
+        ),
+        (
+            dict(MODEL__RCDET__OOD__EXPOSED_CLASSES=["frame", "frame"]),
+            "MODEL.RCDET.OOD.EXPOSED_CLASSES lists a class twice: ['frame', 'frame'].",
+        ),
+        (
+            dict(MODEL__RCDET__OOD__HELD_OUT_CLASSES=[]),
+            "MODEL.RCDET.OOD.EXPOSED_CLASSES needs test unknowns: set"
+            " MODEL.RCDET.OOD.HELD_OUT_CLASSES to the held-out classes the exposure is tested on.",
+        ),
+        (
+            dict(MODEL__RCDET__LOSS="none", MODEL__RCDET__OOD__REFERENCE="learned"),
+            "MODEL.RCDET.OOD.REFERENCE = 'learned' trains the exposed boxes towards f with the"
+            " contrastive loss, but MODEL.RCDET.LOSS is none: choose a contrastive loss, or set"
+            " MODEL.RCDET.OOD.REFERENCE background (exposed objects as background).",
+        ),
+        (
+            dict(MODEL__ROI_HEADS__NAME="StandardROIHeads"),
+            "MODEL.RCDET.OOD.EXPOSED_CLASSES with MODEL.ROI_HEADS.NAME StandardROIHeads: only"
+            " RankedContrastiveROIHeads turns the exposed boxes into outliers; set it, or"
+            " MODEL.RCDET.OOD.REFERENCE removed (train without them).",
+        ),
+    ],
+    ids=["also-held-out", "twice", "no-test-unknowns", "loss-none", "standard-head"],
+)
+def test_exposure_keys_against_each_other_and_the_head(values, message):
+    with pytest.raises(ConfigError) as e:
+        check_rcdet_config(_exposure(**values))
+    assert str(e.value) == message
+    # The same config without exposed classes is fine.
+    cfg = _exposure(**values)
+    cfg.MODEL.RCDET.OOD.EXPOSED_CLASSES = []
+    if cfg.MODEL.ROI_HEADS.NAME == "RankedContrastiveROIHeads":
+        check_rcdet_config(cfg)
+
+
+def test_exposure_without_f_needs_no_contrastive_loss_and_without_boxes_no_head():
+    check_rcdet_config(_exposure(MODEL__RCDET__OOD__REFERENCE="learned"))
+    # Softmax outlier exposure; the no-exposure baseline with detectron2's own head.
+    check_rcdet_config(
+        _exposure(MODEL__RCDET__LOSS="none", MODEL__RCDET__OOD__REFERENCE="background")
+    )
+    check_rcdet_config(
+        _exposure(
+            MODEL__RCDET__LOSS="none",
+            MODEL__RCDET__OOD__REFERENCE="removed",
+            MODEL__ROI_HEADS__NAME="StandardROIHeads",
+        )
+    )
 
 
 def test_tau_min_must_be_below_tau_max():

@@ -27,7 +27,7 @@ from rcdet import cli
 from rcdet.analysis import analyse, plot_centroid_similarity, plot_tsne, tsne_2d
 from rcdet.checkpoint import load_trained_weights
 from rcdet.config import ConfigError
-from rcdet.data.held_out import parse_held_out_split, register_held_out_split
+from rcdet.data.held_out import register_split_by_name
 from rcdet.engine import exit_on_user_error, report_user_errors, setup_cfg
 from rcdet.evaluation.extract import embed_ground_truth
 from rcdet.file_io import write_json_atomic
@@ -53,13 +53,10 @@ def resolve_dataset(cfg, name=None):
         if not cfg.DATASETS.TEST:
             raise ConfigError("DATASETS.TEST is empty: name the split to embed with --dataset.")
         return cfg.DATASETS.TEST[0]
-    parsed = parse_held_out_split(name)
-    if parsed is not None:
-        # A held-out split (as analysis.json or a saved config names it) is derived on demand.
-        base, held_out, mode, role = parsed
-        return register_held_out_split(
-            base, held_out, mode or cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE, role
-        )
+    # A held-out split (as analysis.json or a saved config names it) is derived on demand.
+    derived = register_split_by_name(name, cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE)
+    if derived is not None:
+        return derived
     if name in DatasetCatalog.list():
         return name
 

@@ -20,6 +20,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence
 from xml.etree import ElementTree as ET
 
 import torch.utils.data
+from detectron2.config import configurable
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.data.datasets.pascal_voc import load_voc_instances, register_pascal_voc
@@ -148,9 +149,28 @@ def _name_voc_box(record, index):
 
 class CheckedDatasetMapper(DatasetMapper):
     """DatasetMapper for which an image that cannot be decoded (zero bytes, truncated, not an
-    image) is a DatasetError naming the file, not a PIL error from inside the data loader."""
+    image) is a DatasetError naming the file, not a PIL error from inside the data loader.
+
+    In training with MODEL.RCDET.OOD.EXPOSED_CLASSES, a record's ``exposed_annotations`` (see
+    rcdet.data.held_out) join its boxes with ``gt_classes`` K + 1 + j for exposed class j, K the
+    known classes: above detectron2's background label K, so that the sampler keeps them as
+    objects and RankedContrastiveROIHeads can tell them apart."""
 
     _worker_ignores_sigint = False
+
+    @configurable
+    def __init__(self, is_train: bool, *, exposed_label: Optional[int] = None, **kwargs):
+        super().__init__(is_train, **kwargs)
+        # The label of exposed class 0 (K + 1), or None: the exposed boxes are not read.
+        self.exposed_label = exposed_label
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        ret = super().from_config(cfg, is_train)
+        ood = cfg.MODEL.RCDET.OOD if "RCDET" in cfg.MODEL else None
+        if is_train and ood is not None and ood.EXPOSED_CLASSES and ood.REFERENCE != "removed":
+            ret["exposed_label"] = cfg.MODEL.ROI_HEADS.NUM_CLASSES + 1
+        return ret
 
     def __call__(self, dataset_dict):
         if not self._worker_ignores_sigint and torch.utils.data.get_worker_info() is not None:
@@ -158,6 +178,14 @@ class CheckedDatasetMapper(DatasetMapper):
             # exit 130) and stop its workers, instead of every worker printing a traceback.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             self._worker_ignores_sigint = True
+        if self.exposed_label is not None and dataset_dict.get("exposed_annotations"):
+            exposed = [
+                dict(a, category_id=self.exposed_label + a["category_id"])
+                for a in dataset_dict["exposed_annotations"]
+            ]
+            dataset_dict = dict(
+                dataset_dict, annotations=list(dataset_dict.get("annotations", [])) + exposed
+            )
         try:
             return super().__call__(dataset_dict)
         except utils.SizeMismatchError:

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ConfigError
 from ..data.datasets import CheckedDatasetMapper
 from ..data.ood_images import builtin_ood_dataset
+from ..modeling.reference import reference_vector
 from ..ranking import RankingError, load_ranking
 from .coco_threshold import f1_optimal_threshold
 from .extract import dataset_digest, embed_ground_truth, model_digest
@@ -206,6 +207,7 @@ def fit_ood_statistics(model, cfg, cache_dir: Optional[str] = None):
         cfg.MODEL.ROI_HEADS.NUM_CLASSES,
         knn_k=opts.knn_k,
         per_class_covariance=opts.per_class_covariance,
+        reference=reference_vector(_unwrap(model)),
     )
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     stats.save(cache)

@@ -80,8 +80,9 @@ def score_report(
     num_ood_objects: Optional[int] = None,
 ) -> Dict[str, Dict]:
     """
-    Metrics per score over the detections whose status is ID or OOD; unavailable scores stay
-    marked as such. With ``bootstrap`` replicates, each metric gets a ``<metric>_ci`` percentile
+    Metrics per score over the detections whose status is ID or OOD; unavailable scores (None)
+    stay marked as such, and scores ``score_table`` lacks (``reference`` of a model without f)
+    are left out. With ``bootstrap`` replicates, each metric gets a ``<metric>_ci`` percentile
     interval over resamples of the ``num_images`` test images (``groups``: each detection's
     image index; rcdet.evaluation.bootstrap), else the ``_ci`` keys are None.
     """
@@ -102,6 +103,8 @@ def score_report(
         )
     report = {}
     for name in ALL_SCORES:
+        if name not in score_table:
+            continue
         if name not in available:
             entry = {"available": False, **{k: None for k in METRICS}}
             if num_ood_objects is not None:

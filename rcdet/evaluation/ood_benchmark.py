@@ -11,16 +11,13 @@ import time
 from typing import Optional
 
 from detectron2.data import MetadataCatalog, build_detection_test_loader
-from detectron2.evaluation import (
-    DatasetEvaluators,
-    PascalVOCDetectionEvaluator,
-    inference_on_dataset,
-)
+from detectron2.evaluation import DatasetEvaluators, inference_on_dataset
 from detectron2.modeling import build_model
 
 from ..checkpoint import load_trained_weights
 from ..config import ConfigError
 from ..data.datasets import CheckedDatasetMapper
+from ..data.held_out import voc_evaluator
 from .evaluator import (
     OODDetectionEvaluator,
     OODOptions,
@@ -79,11 +76,11 @@ def run_ood_benchmark(
         # The reference: the same model's ordinary inference and VOC evaluation, without logits.
         t0 = time.perf_counter()
         before, model.roi_heads.embed_at_test = model.roi_heads.embed_at_test, False
-        inference_on_dataset(model, _loader(cfg, test_name), PascalVOCDetectionEvaluator(test_name))
+        inference_on_dataset(model, _loader(cfg, test_name), voc_evaluator(test_name))
         model.roi_heads.embed_at_test = before
         plain_seconds = time.perf_counter() - t0
 
-    evaluators = ([PascalVOCDetectionEvaluator(test_name)] if voc else []) + [evaluator]
+    evaluators = ([voc_evaluator(test_name)] if voc else []) + [evaluator]
     t0 = time.perf_counter()
     with ood_outputs(model):
         results = inference_on_dataset(

@@ -12,9 +12,15 @@ Every score is oriented so that **higher means more in-distribution (ID)**:
 - ``gaussian``: max class-conditional Gaussian log-likelihood (shared covariance by default);
 - ``sibling_margin`` and ``family_energy``: the ranking-aware scores of
   rcdet.evaluation.placement, from the prototypes and the ranking's rank-2 siblings.
+- ``reference``: minus the cosine similarity to the reference embedding f of a model trained
+  with exposed classes (MODEL.RCDET.OOD.REFERENCE fixed or learned): f is what the exposed
+  outliers were pulled towards, so a detection close to f looks like them, and the negative
+  makes higher mean more ID.
 
 The embedding and ranking scores need a model with the contrastive branch (the ranking scores
 also a ranking); without one they are reported as not available (``None``), never as zeros.
+``reference`` exists only for a model with f: the statistics of any other model do not produce
+it, and its report leaves it out.
 """
 
 from dataclasses import dataclass
@@ -28,6 +34,7 @@ __all__ = [
     "LOGIT_SCORES",
     "EMBEDDING_SCORES",
     "RANKING_SCORES",
+    "REFERENCE_SCORES",
     "ALL_SCORES",
     "logit_scores",
     "detector_confidence",
@@ -38,7 +45,9 @@ __all__ = [
 LOGIT_SCORES = ("msp", "max_logit", "energy")
 EMBEDDING_SCORES = ("cosine", "knn", "gaussian")
 RANKING_SCORES = ("sibling_margin", "family_energy")
-ALL_SCORES = LOGIT_SCORES + EMBEDDING_SCORES + RANKING_SCORES
+# Only for models with a reference embedding f (rcdet.modeling.reference).
+REFERENCE_SCORES = ("reference",)
+ALL_SCORES = LOGIT_SCORES + EMBEDDING_SCORES + RANKING_SCORES + REFERENCE_SCORES
 
 
 def logit_scores(
@@ -115,7 +124,7 @@ def kth_neighbour_distance(queries, bank, k: int, use_faiss: Optional[bool] = No
 class EmbeddingStatistics:
     """
     Prototypes, a kNN bank (with each entry's class, for the kNN placement) and Gaussians fitted
-    on known-class GT-box embeddings.
+    on known-class GT-box embeddings, and the model's reference embedding f when it has one.
     """
 
     prototypes: np.ndarray  # (K, d), L2-normalised class means
@@ -125,6 +134,12 @@ class EmbeddingStatistics:
     log_dets: np.ndarray  # (K,) or (1,)
     knn_k: int = 10
     bank_labels: Optional[np.ndarray] = None  # (n,) class of each bank entry
+    reference: Optional[np.ndarray] = None  # (d,) unit f, or None
+
+    @property
+    def score_names(self):
+        """The scores these statistics give."""
+        return EMBEDDING_SCORES + (REFERENCE_SCORES if self.reference is not None else ())
 
     @classmethod
     def fit(
@@ -135,6 +150,7 @@ class EmbeddingStatistics:
         knn_k: int = 10,
         per_class_covariance: bool = False,
         shrinkage: float = 1e-3,
+        reference=None,
     ):
         x = np.asarray(embeddings, dtype=np.float64)
         y = np.asarray(labels, dtype=np.int64)
@@ -173,12 +189,15 @@ class EmbeddingStatistics:
         else:
             p, log_det = regularised(shared_cov)
             precisions, log_dets = p[None], np.array([log_det])
-        return cls(protos, x, means, precisions, log_dets, int(knn_k), y)
+        if reference is not None:
+            reference = np.asarray(reference, dtype=np.float64).reshape(-1)
+            reference = reference / max(np.linalg.norm(reference), 1e-12)
+        return cls(protos, x, means, precisions, log_dets, int(knn_k), y, reference)
 
     def scores(self, embeddings) -> Dict[str, np.ndarray]:
         e = np.asarray(embeddings, dtype=np.float64)
         if e.shape[0] == 0:
-            return {k: np.zeros(0) for k in EMBEDDING_SCORES}
+            return {k: np.zeros(0) for k in self.score_names}
         valid = ~np.isnan(self.means[:, 0])
         e_unit = e / np.linalg.norm(e, axis=1, keepdims=True).clip(min=1e-12)
         cosine = (e_unit @ self.prototypes[valid].T).max(axis=1)
@@ -190,7 +209,10 @@ class EmbeddingStatistics:
             diff = e - self.means[c]
             maha = ((diff @ self.precisions[j]) * diff).sum(axis=1)
             loglik.append(-0.5 * (maha + self.log_dets[j] + dim * np.log(2 * np.pi)))
-        return {"cosine": cosine, "knn": knn, "gaussian": np.max(np.stack(loglik, axis=1), axis=1)}
+        out = {"cosine": cosine, "knn": knn, "gaussian": np.max(np.stack(loglik, axis=1), axis=1)}
+        if self.reference is not None:
+            out["reference"] = -(e_unit @ self.reference)
+        return out
 
     def save(self, path: str):
         save_npz_atomic(
@@ -202,6 +224,7 @@ class EmbeddingStatistics:
             log_dets=self.log_dets,
             knn_k=self.knn_k,
             **({} if self.bank_labels is None else {"bank_labels": self.bank_labels}),
+            **({} if self.reference is None else {"reference": self.reference}),
         )
 
     @classmethod
@@ -216,6 +239,7 @@ class EmbeddingStatistics:
                 z["log_dets"],
                 int(z["knn_k"]),
                 z["bank_labels"] if "bank_labels" in z.files else None,
+                z["reference"] if "reference" in z.files else None,
             )
 
 

@@ -44,16 +44,15 @@ def best_score(report: OODReport) -> str:
 def _ensure_registered(name: str):
     if name in DatasetCatalog.list():
         return
-    from ..data.held_out import parse_held_out_split, register_held_out_split
+    from ..data.held_out import parse_held_out_split, register_split_by_name
 
     parsed = parse_held_out_split(name)
-    if parsed is None or parsed[0] not in DatasetCatalog.list():
+    if parsed is None or parsed.base not in DatasetCatalog.list():
         raise ConfigError(
             f"The report's test dataset '{name}' is not registered here; pass the run's"
             " --config-file (and its dataset settings) so that it is."
         )
-    base, held, mode, role = parsed
-    register_held_out_split(base, held, mode or "drop_images", role)
+    register_split_by_name(name)
 
 
 def select_images(dicts: List[Dict], num_images: int) -> List[int]:

@@ -8,7 +8,8 @@ from torch import nn
 
 from ..distributed import all_gather_with_grad, gather_sizes, get_rank, get_world_size, pad_rows
 from .memory_queue import EmbeddingQueue
-from .rince import RankedInfoNCELoss, RankedInfoNCEOutput
+from .reference import exposure_labels
+from .rince import RankedInfoNCELoss, RankedInfoNCEOutput, positive_anchor_counts
 
 __all__ = ["RankedInfoNCEWithMemory", "compact_indices"]
 
@@ -49,6 +50,12 @@ class RankedInfoNCEWithMemory(nn.Module):
     to ``pad_to`` rows, both static bounds from the config, so no tensor shape depends on data.
     Without ``pad_to`` the per-worker sizes are gathered first (one sync). On the CPU the anchor
     rows are sized by the exact count instead (``static_shapes``).
+
+    Exposure (``exposed`` and ``reference``, rcdet.modeling.reference): the loss's rank matrix
+    has the reference class K (with_reference_class); ``labels`` are in ``[0, K]`` with exposed
+    regions labelled background K. Exposed anchors get label K, f (``reference``, appended to
+    every worker's keys) is the one key of class K, and exposed regions are background keys, in
+    this step and in the queue, where they are stored with label K like any background.
     """
 
     def __init__(
@@ -81,7 +88,14 @@ class RankedInfoNCEWithMemory(nn.Module):
         enqueue_mask: Optional[torch.Tensor] = None,
         max_anchors: Optional[int] = None,
         pad_to: Optional[int] = None,
+        exposed: Optional[torch.Tensor] = None,
+        reference: Optional[torch.Tensor] = None,
     ) -> RankedInfoNCEOutput:
+        """
+        ``exposed``: (N,) bool, the exposed regions; ``reference``: (1, d) f. Both or neither.
+        """
+        if (exposed is None) != (reference is None):
+            raise ValueError("Give both exposed and reference, or neither.")
         n, dim = embeddings.shape
         device = embeddings.device
         # Float32 whatever the autocast state: the gathered rows carry labels and masks too.
@@ -96,9 +110,10 @@ class RankedInfoNCEWithMemory(nn.Module):
                 enqueue_mask = torch.zeros_like(anchor_mask)
             world = get_world_size() if self.gather else 1
             rows = emb
-            flags = torch.stack(
-                [labels.to(emb.dtype), is_anchor.to(emb.dtype), enqueue_mask.to(emb.dtype)], dim=1
-            )
+            columns = [labels.to(emb.dtype), is_anchor.to(emb.dtype), enqueue_mask.to(emb.dtype)]
+            if exposed is not None:
+                columns.append(exposed.to(emb.dtype))
+            flags = torch.stack(columns, dim=1)
             offset = 0
             if world > 1:
                 packed = torch.cat([emb, flags], dim=1)
@@ -109,7 +124,7 @@ class RankedInfoNCEWithMemory(nn.Module):
                     raise ValueError(f"{n} regions on this worker, more than pad_to = {width}.")
                 # Padding rows have label -1: "no key", never an anchor, never enqueued.
                 padding = torch.cat(
-                    [emb.new_zeros(dim), emb.new_full((1,), -1.0), emb.new_zeros(2)]
+                    [emb.new_zeros(dim), emb.new_full((1,), -1.0), emb.new_zeros(len(columns) - 1)]
                 )[None]
                 packed = all_gather_with_grad(pad_rows(packed, width, padding))
                 rows, flags = packed[:, :dim], packed[:, dim:]
@@ -128,19 +143,25 @@ class RankedInfoNCEWithMemory(nn.Module):
             weights = (
                 anchor_weights.index_select(0, anchor_idx) if anchor_weights is not None else None
             )
+            anchor_labels = labels
+            # Every worker's mean runs over the global batch's anchors, counted from the
+            # gathered labels; each worker's loss is its share times the world size.
+            counting = dict(anchor_keys=anchor_keys if world > 1 else None)
+            if reference is not None:
+                anchor_labels, keys, all_labels, counting = self._with_reference(
+                    labels, exposed, flags, keys, all_labels, anchor_keys, reference, world
+                )
             out = self.loss(
                 emb.index_select(0, anchor_idx),
-                labels.index_select(0, anchor_idx),
+                anchor_labels.index_select(0, anchor_idx),
                 keys,
                 all_labels,
                 self_index=anchor_idx + offset,
                 anchor_weights=weights,
                 anchor_valid=anchor_valid,
-                # Every worker's mean runs over the global batch's anchors, counted from the
-                # gathered labels; each worker's loss is its share times the world size.
-                anchor_keys=anchor_keys if world > 1 else None,
                 world_size=world,
                 check_inputs=False,
+                **counting,
             )
             if self.queue is not None:
                 # Non-finite rows never enter the queue (the head raises on them after the step,
@@ -148,3 +169,34 @@ class RankedInfoNCEWithMemory(nn.Module):
                 enqueue = (flags[:, 2] > 0.5) & torch.isfinite(rows).all(dim=1)
                 self.queue.enqueue(rows, key_labels, enqueue, gather=False)
         return out
+
+    def _with_reference(self, labels, exposed, flags, keys, all_labels, anchor_keys, f, world):
+        """
+        The anchor labels, keys and key labels of the reference class (rcdet.modeling.reference),
+        and how the mean counts anchors: on several workers the normaliser from the gathered
+        flags, since an exposed anchor's own key is background, not of its class K.
+        """
+        num_known = self.loss.num_classes - 1
+        anchor_labels, _ = exposure_labels(labels, exposed, num_known)
+        # Keys: exposed regions are labelled background already; background, this step's and
+        # the queue's, moves to K + 1, the background of the larger matrix.
+        all_labels = torch.where(
+            all_labels >= num_known, torch.full_like(all_labels, num_known + 1), all_labels
+        )
+        keys = torch.cat([keys, f.to(keys.dtype)])
+        all_labels = torch.cat([all_labels, all_labels.new_full((1,), num_known)])
+        if world == 1:
+            return anchor_labels, keys, all_labels, {}
+        # The gathered exposed flags, padded with False over the queue's slots and f.
+        gathered_exposed = flags[:, 3] > 0.5
+        gathered_exposed = torch.cat(
+            [gathered_exposed, gathered_exposed.new_zeros(keys.shape[0] - flags.shape[0])]
+        )
+        exposed_anchor = torch.cat([anchor_keys, anchor_keys.new_zeros(1)]) & gathered_exposed
+        known_anchor = torch.cat([anchor_keys, anchor_keys.new_zeros(1)]) & ~gathered_exposed
+        counts = positive_anchor_counts(
+            all_labels, known_anchor, all_labels, self.loss.rank_matrix, self.num_ranks
+        )
+        # Each exposed anchor has one positive, f, at rank 1 and none at other ranks.
+        rank1 = torch.cat([exposed_anchor.sum().view(1), counts.new_zeros(self.num_ranks - 1)])
+        return anchor_labels, keys, all_labels, {"normalizer": counts + rank1}

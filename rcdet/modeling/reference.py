@@ -16,9 +16,19 @@ from torch.nn import functional as F
 
 from ..ranking import NEGATIVE_RANK
 
-__all__ = ["REFERENCE_MODES", "ReferenceEmbedding", "with_reference_class", "exposure_labels"]
+__all__ = [
+    "REFERENCE_MODES",
+    "REFERENCE_CHOICES",
+    "ReferenceEmbedding",
+    "with_reference_class",
+    "exposure_labels",
+    "reference_vector",
+]
 
 REFERENCE_MODES = ("fixed", "learned")
+# MODEL.RCDET.OOD.REFERENCE: f fixed or learned; or no f, the exposed boxes trained as background
+# (outlier exposure, the softmax baseline) or removed from training (the no-exposure baseline).
+REFERENCE_CHOICES = REFERENCE_MODES + ("background", "removed")
 
 
 class ReferenceEmbedding(nn.Module):
@@ -67,3 +77,12 @@ def exposure_labels(labels: torch.Tensor, exposed: torch.Tensor, num_classes: in
     anchor_labels = torch.where(exposed, reference, labels)
     key_labels = torch.where(exposed | (labels >= num_classes), background, labels)
     return anchor_labels, key_labels
+
+
+@torch.no_grad()
+def reference_vector(model):
+    """The unit f of a detector's ROI heads as a numpy (d,) vector, or None without one."""
+    reference = getattr(getattr(model, "roi_heads", None), "reference", None)
+    if reference is None:
+        return None
+    return reference()[0].detach().cpu().double().numpy()

@@ -20,6 +20,7 @@ from ..config import check_rcdet_config
 from ..data.held_out import training_classes
 from .contrastive_memory import RankedInfoNCEWithMemory
 from .memory_queue import EmbeddingQueue
+from .reference import REFERENCE_MODES, ReferenceEmbedding, with_reference_class
 from .rince import RankedInfoNCELoss, build_contrastive_loss, iou_reweight
 from .vos import VirtualOutlierSynthesis, build_vos
 
@@ -34,6 +35,13 @@ class RankedContrastiveROIHeads(StandardROIHeads):
     ``iou_threshold``; keys are all sampled proposals of the global batch plus a memory queue.
     ``vos`` adds VOS's uncertainty loss (rcdet.modeling.vos). With ``contrastive_loss=None``
     and ``vos=None`` it is exactly StandardROIHeads.
+
+    Exposure (``num_exposed`` > 0; docs/unknown_objects.md): GT labels above the background
+    label K mark exposed boxes (rcdet.data.datasets.CheckedDatasetMapper gives them K + 1 + j).
+    After sampling, their proposals are background for the box classifier, the box regressor and
+    VOS, and carry ``gt_exposed``. With ``reference`` (f, a buffer or a parameter, so
+    checkpoints carry it) they are also anchors of the contrastive loss whose only positive is
+    f, and background keys of every anchor; without it they are background keys only.
     """
 
     @configurable
@@ -54,10 +62,24 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         gather: bool = True,
         embed_at_test: bool = False,
         vos: Optional[VirtualOutlierSynthesis] = None,
+        num_exposed: int = 0,
+        reference: Optional[ReferenceEmbedding] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.vos = vos
+        self.num_exposed = num_exposed
+        if reference is not None:
+            if contrastive_loss is None or num_exposed == 0:
+                raise ValueError("A reference embedding needs the contrastive loss and exposure.")
+            if contrastive_loss.num_classes != self.num_classes + 1:
+                raise ValueError(
+                    "With a reference embedding the loss's rank matrix has the reference class:"
+                    " build it with with_reference_class."
+                )
+            self.reference = reference
+        else:
+            self.reference = None
         self.loss_weight = loss_weight
         self.decay_steps = sorted(decay_steps)
         self.decay_rate = decay_rate
@@ -105,6 +127,16 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         contrastive_loss = None
         if rc.LOSS != "none":
             contrastive_loss = build_contrastive_loss(cfg, *training_classes(cfg))
+        # REFERENCE removed: the exposed boxes never reach the model.
+        exposed = list(rc.OOD.EXPOSED_CLASSES) if rc.OOD.REFERENCE != "removed" else []
+        reference = None
+        if exposed and rc.OOD.REFERENCE in REFERENCE_MODES:
+            reference = ReferenceEmbedding(rc.EMBED_DIM, rc.OOD.REFERENCE)
+            contrastive_loss = RankedInfoNCELoss(
+                with_reference_class(contrastive_loss.rank_matrix),
+                contrastive_loss.temperatures,
+                contrastive_loss.form,
+            )
         ret.update(
             contrastive_loss=contrastive_loss,
             proj_hidden_dim=rc.PROJ_HIDDEN_DIM,
@@ -119,6 +151,8 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             queue_class_balanced=rc.QUEUE_CLASS_BALANCED,
             gather=rc.GATHER,
             embed_at_test=rc.EMBED_AT_TEST,
+            num_exposed=len(exposed),
+            reference=reference,
         )
         shape = ret["box_head"].output_shape
         feature_dim = shape.channels * (shape.height or 1) * (shape.width or 1)
@@ -131,6 +165,14 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         self, proposals: List[Instances], targets: List[Instances]
     ) -> List[Instances]:
         proposals = super().label_and_sample_proposals(proposals, targets)
+        if self.num_exposed:
+            # Exposed boxes (labels above background) were sampled as objects; from here on they
+            # are background, flagged.
+            for p in proposals:
+                p.gt_exposed = p.gt_classes > self.num_classes
+                p.gt_classes = torch.where(
+                    p.gt_exposed, torch.full_like(p.gt_classes, self.num_classes), p.gt_classes
+                )
         if self.contrast is not None:
             # The IoU of each sampled proposal with the GT it was matched to.
             for p in proposals:
@@ -259,18 +301,32 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         ious = torch.cat([p.gt_iou for p in proposals])
         foreground = (labels >= 0) & (labels < self.num_classes)
         anchor_mask = foreground & (ious >= self.iou_threshold)
+        enqueue_mask = foreground & (ious >= self.queue_iou_threshold)
+        extra_scalars = dict(extra_scalars or {})
+        exposure = {}
+        if self.num_exposed:
+            exposed = torch.cat([p.gt_exposed for p in proposals])
+            # Exposed keys enter the queue as the background they are labelled.
+            enqueue_mask = enqueue_mask | (exposed & (ious >= self.queue_iou_threshold))
+            if self.reference is not None:
+                exposed_anchors = exposed & (ious >= self.iou_threshold)
+                anchor_mask = anchor_mask | exposed_anchors
+                exposure = dict(exposed=exposed, reference=self.reference())
+                extra_scalars["exposed_anchors"] = exposed_anchors.sum()
         # Static bounds from the sampler (at most batch_size_per_image regions and
-        # positive_fraction of them foreground per image) keep every shape data-independent.
+        # positive_fraction of them foreground, exposed ones included, per image) keep every
+        # shape data-independent.
         out = self.contrast(
             embeddings,
             labels,
             anchor_mask=anchor_mask,
             anchor_weights=iou_reweight(ious, self.reweight),
-            enqueue_mask=foreground & (ious >= self.queue_iou_threshold),
+            enqueue_mask=enqueue_mask,
             max_anchors=len(proposals) * int(self.batch_size_per_image * self.positive_fraction),
             pad_to=len(proposals) * self.batch_size_per_image,
+            **exposure,
         )
-        stats = self._branch_statistics(out, embeddings, extra_scalars or {})
+        stats = self._branch_statistics(out, embeddings, extra_scalars)
         if not stats["finite"]:
             raise FloatingPointError(
                 "rcdet: the contrastive branch's box embeddings contain Inf/NaN at "

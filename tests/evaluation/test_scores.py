@@ -85,6 +85,38 @@ def test_statistics_cache_round_trip(tmp_path):
     assert EmbeddingStatistics.load(str(tmp_path / "old.npz")).bank_labels is None
 
 
+def test_reference_score_is_minus_the_cosine_to_f_and_only_with_f(tmp_path):
+    x, y = _toy_embeddings()
+    plain = EmbeddingStatistics.fit(x, y, 2, knn_k=3)
+    assert plain.reference is None and set(plain.scores(x[:2])) == {"cosine", "knn", "gaussian"}
+    # f given unnormalised: (0, 0, 2) is the unit (0, 0, 1).
+    stats = EmbeddingStatistics.fit(x, y, 2, knn_k=3, reference=[0.0, 0.0, 2.0])
+    q = np.array([[0.0, 0.0, 3.0], [3.0, 0.0, 4.0], [1.0, 0.0, 0.0]])
+    s = stats.scores(q)
+    # A detection along f looks like the exposed outliers: the lowest ID score, -1.
+    assert s["reference"].tolist() == pytest.approx([-1.0, -0.8, 0.0])
+    for k in ("cosine", "knn", "gaussian"):
+        assert s[k] == pytest.approx(plain.scores(q)[k])
+    assert stats.scores(np.zeros((0, 3)))["reference"].shape == (0,)
+    stats.save(str(tmp_path / "f.npz"))
+    loaded = EmbeddingStatistics.load(str(tmp_path / "f.npz"))
+    assert loaded.reference.tolist() == [0.0, 0.0, 1.0]
+    assert loaded.scores(q)["reference"].tolist() == pytest.approx([-1.0, -0.8, 0.0])
+    plain.save(str(tmp_path / "plain.npz"))
+    assert EmbeddingStatistics.load(str(tmp_path / "plain.npz")).reference is None
+
+
+def test_score_report_leaves_out_scores_the_table_lacks():
+    from rcdet.evaluation.metrics import score_report
+
+    status = np.array([1, 1, 0])  # ID, ID, OOD (rcdet.evaluation.matching)
+    without = score_report({"msp": np.array([0.9, 0.8, 0.1]), "cosine": None}, status)
+    assert set(without) == {"msp", "cosine"} and without["cosine"]["available"] is False
+    table = {"msp": np.array([0.9, 0.8, 0.1]), "reference": np.array([-0.1, -0.9, -0.5])}
+    rep = score_report(table, status)
+    assert rep["reference"]["available"] is True and rep["reference"]["auroc"] == 0.5
+
+
 def _brute_force_kth(queries, bank, k):
     dist = np.sqrt(((queries[:, None, :] - bank[None, :, :]) ** 2).sum(axis=2))
     return np.sort(dist, axis=1)[:, k - 1]

@@ -459,8 +459,18 @@ def _head_inputs(head, seed=0):
         ("MODEL.RCDET.LOSS", "none"),
         ("MODEL.RCDET.LOSS", "rince_out_in"),
         ("MODEL.RCDET.VOS.ENABLED", "True", "MODEL.RCDET.VOS.SAMPLE_NUMBER", "40"),
+        (
+            "MODEL.RCDET.OOD.HELD_OUT_CLASSES",
+            "['ring', 'triangle']",
+            "MODEL.RCDET.OOD.EXPOSED_CLASSES",
+            "['frame', 'tri_split']",
+            "MODEL.RCDET.OOD.REFERENCE",
+            "learned",
+            "MODEL.ROI_HEADS.NUM_CLASSES",
+            "5",
+        ),
     ],
-    ids=["none", "rince_out_in", "rince_out_in+vos"],
+    ids=["none", "rince_out_in", "rince_out_in+vos", "rince_out_in+learned_f"],
 )
 def test_head_scripts_like_standard_roi_heads(tiny_shapes, opts):
     cfg = tiny_cfg(

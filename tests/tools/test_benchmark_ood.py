@@ -92,3 +92,60 @@ def test_benchmark_prints_and_draws_the_placement_section(tiny_models, tmp_path,
     assert f"  ring: {ring['objects']} claimed, family disc+bullseye, chance 0.286;" in printed
     assert "family_energy: AUROC" in printed
     assert f"figure: {out}/placement.png" in printed and (out / "placement.png").is_file()
+
+
+def test_benchmark_of_an_exposure_model_reports_the_reference_score(tiny_shapes, tmp_path, capsys):
+    import numpy as np
+    import torch
+    from conftest import run_training, tiny_cfg
+    from detectron2.data import MetadataCatalog
+
+    from rcdet.data.ood_images import register_shapes_ood_images
+    from rcdet.modeling.reference import ReferenceEmbedding
+
+    # Two iterations of the exposure config: f (fixed) is in the checkpoint.
+    config = os.path.join(REPO, "configs/shapes_rince_exposure_ood.yaml")
+    run_training(tiny_cfg(config, "DATASETS.TEST", "()", output_dir=tmp_path / "train"))
+    weights = str(tmp_path / "train" / "model_final.pth")
+    f = torch.load(weights, map_location="cpu")["model"]["roi_heads.reference.vector"]
+    assert torch.equal(f, ReferenceEmbedding(64, "fixed").vector)
+
+    ood = register_shapes_ood_images(
+        MetadataCatalog.get("rcdet_shapes_test").dirname, ["ring", "triangle"], num_images=6
+    )
+    out = str(tmp_path / "ood")
+    argv = ["--config-file", config, "--output", out, "--bootstrap", "0", "--score-thresh", "0"]
+    argv += ["--match-iou", "0.1", "--ood-dataset", ood, "MODEL.WEIGHTS", weights]
+    argv += ["MODEL.RCDET.QUEUE_SIZE", "64", "INPUT.MIN_SIZE_TEST", "160"]  # as trained
+    assert benchmark_ood.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "reference: AUROC" in printed
+    with open(os.path.join(out, "ood_report.json")) as fh:
+        report = json.load(fh)
+    assert report["test_dataset"] == (
+        "rcdet_shapes_test__minus_ring+triangle_exposed_frame+tri_split_ood_test"
+    )
+    assert report["known_classes"] == ["disc", "bullseye", "square", "window", "tri_frame"]
+    assert set(report["detection"]) == {"AP", "AP50", "AP75"}
+    for section in (report["scores"], report["image_level"]["scores"]):
+        assert list(section) == [
+            "msp",
+            "max_logit",
+            "energy",
+            "cosine",
+            "knn",
+            "gaussian",
+            "sibling_margin",
+            "family_energy",
+            "reference",
+        ]
+        assert section["reference"]["available"] is True
+    # The statistics, cached next to the weights, carry f.
+    caches = [n for n in os.listdir(tmp_path / "train") if n.startswith("ood_stats_")]
+    assert caches
+    for cache in caches:
+        with np.load(tmp_path / "train" / cache) as z:
+            np.testing.assert_allclose(z["reference"], f.double().numpy(), atol=1e-6)
+    with np.load(os.path.join(out, "ood_scores.npz")) as z:
+        scored = np.isin(z["status"], [0, 1])
+        assert scored.any() and np.all(np.abs(z["reference"][scored]) <= 1 + 1e-9)
