@@ -20,7 +20,10 @@ from rcdet.evaluation.ood_benchmark import (
     run_ood_benchmark,
 )
 from rcdet.evaluation.report import PROTOCOL_VERSION, merge_reports
-from rcdet.evaluation.scores import ALL_SCORES
+from rcdet.evaluation.scores import ALL_SCORES, REFERENCE_SCORES
+
+# A model trained without exposed classes has no reference embedding f, so no `reference` score.
+SCORES_WITHOUT_F = tuple(s for s in ALL_SCORES if s not in REFERENCE_SCORES)
 
 OPTION_KEYS = {
     "score_threshold": "SCORE_THRESHOLD",
@@ -63,7 +66,7 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
         assert (tmp_path / "rince" / f).is_file(), f
     with open(tmp_path / "rince" / "ood_report.json") as f:
         on_disk = json.load(f)
-    assert on_disk["scores"].keys() == set(ALL_SCORES)
+    assert on_disk["scores"].keys() == set(SCORES_WITHOUT_F)
     assert on_disk["scores"]["sibling_margin"]["available"]  # the config names its ranking
     assert set(on_disk["detection"]) == {"AP", "AP50", "AP75"}
     assert on_disk["counts"]["id"] > 0 and on_disk["counts"]["ood"] > 0
@@ -90,7 +93,7 @@ def test_end_to_end_report_files(tiny_models, tmp_path):
     csv_lines = (tmp_path / "rince" / "ood_report.csv").read_text().splitlines()
     assert csv_lines[0].startswith(
         "protocol,score,available,auroc,auroc_ci_lo,auroc_ci_hi,fpr95"
-    ) and len(csv_lines) == 1 + len(ALL_SCORES)
+    ) and len(csv_lines) == 1 + len(SCORES_WITHOUT_F)
     assert on_disk["image_level"] is None
     # The statistics are cached next to the weights, keyed by their checksum.
     assert any(
@@ -187,7 +190,7 @@ def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
     raw = np.load(out / "ood_image_level_scores.npz")
     assert il["counts"] == {"id": int(raw["is_id"].sum()), "ood": int((~raw["is_id"]).sum())}
     assert il["counts"]["id"] > 0 and il["counts"]["ood"] > 0
-    assert (raw["msp"] >= 0).all() and set(il["scores"]) == set(ALL_SCORES)
+    assert (raw["msp"] >= 0).all() and set(il["scores"]) == set(SCORES_WITHOUT_F)
     assert np.isfinite(raw["sibling_margin"]).all()  # every kept detection scored, OOD images too
     for e in il["scores"].values():
         assert 0 <= e["auroc"] <= 1 and 0 <= e["auroc_ci"][0] <= e["auroc_ci"][1] <= 1
@@ -196,8 +199,8 @@ def test_image_level_protocol_end_to_end(image_level_report, tmp_path):
     assert report.protocol["options"]["TEST.OOD.IMAGE_THRESHOLD"] == "f1_optimal"
     assert (out / "roc_image_level.png").is_file()
     csv_rows = (out / "ood_report.csv").read_text().splitlines()
-    assert sum(r.startswith("image,") for r in csv_rows) == len(ALL_SCORES)
-    assert sum(r.startswith("object,") for r in csv_rows) == len(ALL_SCORES)
+    assert sum(r.startswith("image,") for r in csv_rows) == len(SCORES_WITHOUT_F)
+    assert sum(r.startswith("object,") for r in csv_rows) == len(SCORES_WITHOUT_F)
     # The report's default name comes from the config's OUTPUT_DIR for a generic .../ood folder.
     assert report.name == "il"
     assert default_report_name(cfg, str(tmp_path / "ood")) == os.path.basename(
