@@ -2,9 +2,9 @@
 The input checks every tool shares, made at the boundary, before any work starts:
 
 - argparse types that state what they accept, which ``--help`` shows next to each option
-  (``int_in_range``, ``float_in_range``, ``size_pair``, ``existing_file``, ``at_file_or``,
-  ``device``, ``registered_dataset``, ``text_template``), and an ``ArgumentParser`` whose errors
-  are one line with exit code 2;
+  (``int_in_range``, ``float_in_range``, ``size_pair``, ``choice``, ``existing_file``,
+  ``at_file_or``, ``device``, ``registered_dataset``, ``text_template``), and an
+  ``ArgumentParser`` whose errors are one line with exit code 2;
 - output folders and files that cannot be created or written (``check_output_dir``,
   ``check_output_file``), checked without creating anything;
 - devices and GPU counts (``check_device``, ``check_gpu_count``), naming the key or option to
@@ -36,6 +36,7 @@ __all__ = [
     "int_in_range",
     "float_in_range",
     "size_pair",
+    "choice",
     "existing_file",
     "at_file_or",
     "device",
@@ -176,6 +177,22 @@ def size_pair(lo: int = 1, ordered: bool = False) -> Callable[[str], Tuple[int, 
         return n, k
 
     return _arg_type(parse, allowed, "NxM", show=lambda pair: f"{pair[0]}x{pair[1]}")
+
+
+def choice(options: Sequence[str]) -> Callable[[str], str]:
+    """An argparse type: one of ``options`` (a misspelling gets the closest one)."""
+    options = tuple(options)
+    allowed = "one of " + ", ".join(options)
+
+    def parse(text: str) -> str:
+        if text in options:
+            return text
+        match = difflib.get_close_matches(text, options, n=1)
+        raise argparse.ArgumentTypeError(
+            f"expected {allowed}, got {text!r}" + (f"; did you mean {match[0]!r}?" if match else "")
+        )
+
+    return _arg_type(parse, allowed, "choice")
 
 
 def _file_problem(path: str) -> Optional[str]:

@@ -26,6 +26,7 @@ from .evaluation.evaluator import (
     ood_evaluation_configured,
     ood_outputs,
 )
+from .evaluation.report import ReportError
 from .ranking import RankingError
 
 __all__ = [
@@ -41,8 +42,9 @@ __all__ = [
 ]
 
 
-# Errors caused by the user's files or config: reported as one clear line, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, RankingError)
+# Errors caused by the user's files or config: reported as one clear line, no traceback. A
+# ReportError is an ood_report.json that is missing, malformed, or not comparable with another.
+USER_ERRORS = (ConfigError, DatasetError, RankingError, ReportError)
 
 
 def _not_a_user_error(record: logging.LogRecord) -> bool:
