@@ -18,10 +18,11 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDet
 
 from .checkpoint import load_training_weights
 from .cli import check_device, check_output_dir, load_config_file, merge_overrides
-from .config import ConfigError, add_rcdet_config
+from .config import ConfigError, add_rcdet_config, check_rcdet_config
 from .data.datasets import SHAPES_HINT, CheckedDatasetMapper, DatasetError
 from .evaluation.evaluator import (
     OODDetectionEvaluator,
+    OODOptions,
     OODStatisticsHook,
     ood_evaluation_configured,
     ood_outputs,
@@ -35,6 +36,7 @@ __all__ = [
     "check_datasets_exist",
     "check_config_values",
     "check_task",
+    "check_training_values",
     "USER_ERRORS",
     "user_error_message",
     "report_user_errors",
@@ -213,6 +215,7 @@ _AT_LEAST = (
     ("INPUT.MIN_SIZE_TEST", 0, "the shorter image side in testing (0: no resizing)"),
     ("INPUT.MAX_SIZE_TEST", 1, "the longest image side in testing"),
     ("MODEL.ROI_HEADS.NUM_CLASSES", 1, "the classes the model predicts"),
+    ("TEST.OOD.SEED", 0, "the seed of the bootstrap resampling (numpy takes no negative seed)"),
 )
 
 
@@ -224,7 +227,11 @@ def _get(cfg, key):
 
 
 def check_config_values(cfg):
-    """Values of detectron2 keys that cannot work; one ConfigError naming the key and its range."""
+    """Values that cannot work, before anything is built or written: every MODEL.RCDET key
+    (rcdet.config.check_rcdet_config), every TEST.OOD key (the evaluator's OODOptions) and the
+    detectron2 keys of ``_AT_LEAST``; one ConfigError naming the key and its range."""
+    check_rcdet_config(cfg)
+    OODOptions.from_config(cfg)
     for key, lo, what in _AT_LEAST:
         value = _get(cfg, key)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -243,6 +250,12 @@ def check_task(cfg, task: str):
                 f" splits to evaluate, e.g. DATASETS.TEST \"('{_test_split_hint(cfg)}',)\"."
             )
         return
+    check_training_values(cfg)
+
+
+def check_training_values(cfg):
+    """What a training needs of ``cfg`` besides its output folder: a training set, iterations,
+    a GPU for AMP."""
     if not cfg.DATASETS.TRAIN:
         raise ConfigError("DATASETS.TRAIN is empty: set DATASETS.TRAIN to the splits to train on.")
     if cfg.SOLVER.MAX_ITER < 1:
