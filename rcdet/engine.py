@@ -17,7 +17,13 @@ from detectron2.engine.hooks import EvalHook
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, PascalVOCDetectionEvaluator
 
 from .checkpoint import load_training_weights
-from .cli import check_device, check_output_dir, load_config_file, merge_overrides
+from .cli import (
+    check_device,
+    check_output_dir,
+    load_config_file,
+    merge_overrides,
+    resolve_input_files,
+)
 from .config import ConfigError, add_rcdet_config, check_rcdet_config
 from .data.datasets import SHAPES_HINT, CheckedDatasetMapper, DatasetError
 from .evaluation.evaluator import (
@@ -157,7 +163,9 @@ TASKS = ("train", "eval")
 def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True, task=None):
     """
     The config of a tool's run: get_cfg -> add_rcdet_config -> the file -> the ``KEY VALUE``
-    overrides (a mistake in either is named by file, line and key: rcdet.cli) -> held-out splits
+    overrides (a mistake in either is named by file, line and key: rcdet.cli) -> the input files
+    that keys name (a relative MODEL.RCDET.RANKING_FILE is read from the working directory, then
+    from the folder of the config that sets it: rcdet.cli.resolve_input_files) -> held-out splits
     -> checks -> freeze -> default_setup.
 
     ``args``: a train_net-style command line; default_setup then logs the run and saves its config
@@ -173,6 +181,7 @@ def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True, task=No
     add_rcdet_config(cfg)
     load_config_file(cfg, config_file)
     merge_overrides(cfg, opts)
+    resolve_input_files(cfg, config_file, opts)
     from .data.held_out import apply_held_out_config
 
     apply_held_out_config(cfg)
