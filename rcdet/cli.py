@@ -459,11 +459,18 @@ def _merge_problem(e: BaseException, cfg) -> Tuple[Optional[str], str]:
         re.S,
     )
     if mismatch:
-        want, _, default, got, key = mismatch.groups()
+        want, given, default, got, key = mismatch.groups()
         name = re.sub(r"^<class '(?:[\w.]*\.)?(\w+)'>$", r"\1", want)
         if name == "CfgNode":
             some = next(iter(_get_node(cfg, key)), "KEY")
             return key, f"{key} is a group of keys, not a value: set one of them, e.g. {key}.{some}"
+        given = re.sub(r"^<class '(?:[\w.]*\.)?(\w+)'>$", r"\1", given)
+        if name == "float" and given == "int":
+            # yacs keeps a float key a float: 1 is refused where 1.0 is accepted.
+            return key, (
+                f"{key} takes a number with a decimal point (as in {default}), got '{got}':"
+                f" write {got}.0"
+            )
         kind = _TYPE_WORDS.get(name, name)
         return key, f"{key} takes {kind} (as in {default}), got '{got}'"
     return None, msg
@@ -605,10 +612,11 @@ def merge_overrides(cfg, opts: Sequence[str]):
     opts = [str(o) for o in opts]
     options = [o for o in opts if _OPTION.fullmatch(o)]
     if options:
+        pair = " ".join([o for o in opts if not _OPTION.fullmatch(o)][:2]) or "KEY VALUE"
         raise UsageError(
             f"{options[0]} comes after the KEY VALUE config overrides, where it would be read as a"
-            " key or a value: put the tool's options first, the overrides last, e.g."
-            f" {options[0]} --config-file FILE KEY VALUE."
+            f" key or a value: put the tool's options first, the overrides last, e.g."
+            f" ... {options[0]} {pair}."
         )
     if len(opts) % 2:
         raise UsageError(
