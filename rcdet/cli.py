@@ -2,16 +2,19 @@
 The input checks every tool shares, made at the boundary, before any work starts:
 
 - argparse types that state what they accept, which ``--help`` shows next to each option
-  (``int_in_range``, ``float_in_range``, ``size_pair``, ``existing_file``, ``at_file_or``,
-  ``device``, ``registered_dataset``, ``text_template``), and an ``ArgumentParser`` whose errors
-  are one line with exit code 2;
+  (``int_in_range``, ``float_in_range``, ``size_pair``, ``choice``, ``existing_file``,
+  ``at_file_or``, ``device``, ``registered_dataset``, ``text_template``), and an
+  ``ArgumentParser`` whose errors are one line with exit code 2;
 - output folders and files that cannot be created or written (``check_output_dir``,
   ``check_output_file``), checked without creating anything;
 - devices and GPU counts (``check_device``, ``check_gpu_count``), naming the key or option to
   change;
 - config files and ``KEY VALUE`` overrides (``load_config_file``, ``merge_overrides``): a YAML
   syntax error, a ``_BASE_`` that is not found, an unknown key or a value of the wrong type is
-  named by file, line and key.
+  named by file, line and key;
+- config keys that name an input file (``resolve_input_files``, ``find_input_file``): a relative
+  path is read from the working directory, then from the folder of the config file that sets
+  the key; a file found nowhere is named with every path tried.
 
 A check that fails raises ``UsageError`` (a ``ConfigError``, so every handler of config errors
 reports it), which ``rcdet.engine.exit_on_user_error`` prints as one ``error: ...`` line.
@@ -36,6 +39,7 @@ __all__ = [
     "int_in_range",
     "float_in_range",
     "size_pair",
+    "choice",
     "existing_file",
     "at_file_or",
     "device",
@@ -47,13 +51,15 @@ __all__ = [
     "check_gpu_count",
     "load_config_file",
     "merge_overrides",
+    "INPUT_FILE_KEYS",
+    "find_input_file",
+    "resolve_input_files",
     "config_keys",
 ]
 
 # The configs that ship with rcdet, for suggestions when a config file or a _BASE_ is not found.
-SHIPPED_CONFIGS = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"
-)
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_CONFIGS = os.path.join(CHECKOUT, "configs")
 
 
 class UsageError(ConfigError):
@@ -176,6 +182,22 @@ def size_pair(lo: int = 1, ordered: bool = False) -> Callable[[str], Tuple[int, 
         return n, k
 
     return _arg_type(parse, allowed, "NxM", show=lambda pair: f"{pair[0]}x{pair[1]}")
+
+
+def choice(options: Sequence[str]) -> Callable[[str], str]:
+    """An argparse type: one of ``options`` (a misspelling gets the closest one)."""
+    options = tuple(options)
+    allowed = "one of " + ", ".join(options)
+
+    def parse(text: str) -> str:
+        if text in options:
+            return text
+        match = difflib.get_close_matches(text, options, n=1)
+        raise argparse.ArgumentTypeError(
+            f"expected {allowed}, got {text!r}" + (f"; did you mean {match[0]!r}?" if match else "")
+        )
+
+    return _arg_type(parse, allowed, "choice")
 
 
 def _file_problem(path: str) -> Optional[str]:
@@ -437,11 +459,18 @@ def _merge_problem(e: BaseException, cfg) -> Tuple[Optional[str], str]:
         re.S,
     )
     if mismatch:
-        want, _, default, got, key = mismatch.groups()
+        want, given, default, got, key = mismatch.groups()
         name = re.sub(r"^<class '(?:[\w.]*\.)?(\w+)'>$", r"\1", want)
         if name == "CfgNode":
             some = next(iter(_get_node(cfg, key)), "KEY")
             return key, f"{key} is a group of keys, not a value: set one of them, e.g. {key}.{some}"
+        given = re.sub(r"^<class '(?:[\w.]*\.)?(\w+)'>$", r"\1", given)
+        if name == "float" and given == "int":
+            # yacs keeps a float key a float: 1 is refused where 1.0 is accepted.
+            return key, (
+                f"{key} takes a number with a decimal point (as in {default}), got '{got}':"
+                f" write {got}.0"
+            )
         kind = _TYPE_WORDS.get(name, name)
         return key, f"{key} takes {kind} (as in {default}), got '{got}'"
     return None, msg
@@ -583,10 +612,11 @@ def merge_overrides(cfg, opts: Sequence[str]):
     opts = [str(o) for o in opts]
     options = [o for o in opts if _OPTION.fullmatch(o)]
     if options:
+        pair = " ".join([o for o in opts if not _OPTION.fullmatch(o)][:2]) or "KEY VALUE"
         raise UsageError(
             f"{options[0]} comes after the KEY VALUE config overrides, where it would be read as a"
-            " key or a value: put the tool's options first, the overrides last, e.g."
-            f" {options[0]} --config-file FILE KEY VALUE."
+            f" key or a value: put the tool's options first, the overrides last, e.g."
+            f" ... {options[0]} {pair}."
         )
     if len(opts) % 2:
         raise UsageError(
@@ -599,4 +629,80 @@ def merge_overrides(cfg, opts: Sequence[str]):
         except (KeyError, ValueError, AssertionError, TypeError, AttributeError) as e:
             _, problem = _merge_problem(e, cfg)
             raise ConfigError(_sentence(f"config override {key} {value}: {problem}")) from None
+    return cfg
+
+
+# ---------------------------------------------------------------- input files named by config keys
+
+# Config keys whose value is the path of a file that a run reads.
+INPUT_FILE_KEYS = ("MODEL.RCDET.RANKING_FILE",)
+
+
+def _set_node(cfg, key: str, value):
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def find_input_file(value: str, key: str, config_path: Optional[str] = None) -> str:
+    """
+    The file that config key ``key`` names. A relative ``value`` is looked for in the working
+    directory, then in the folder of ``config_path`` (the config file that sets the key, if a
+    file does). The configs that ship with rcdet name their files relative to the checkout
+    (``configs/rankings/...``), which is tried last for them. Returns ``value`` when it is found
+    as written, else the absolute path where it was found; a file found nowhere is a ConfigError
+    naming the key and every path tried.
+    """
+    path = os.path.expanduser(value)
+    tried = [os.path.abspath(path)]
+    if not os.path.isabs(path) and config_path:
+        folder = os.path.dirname(os.path.abspath(config_path))
+        tried.append(os.path.join(folder, path))
+        if os.path.commonpath([folder, SHIPPED_CONFIGS]) == SHIPPED_CONFIGS:
+            tried.append(os.path.join(CHECKOUT, path))
+    tried = list(dict.fromkeys(os.path.normpath(t) for t in tried))
+    for i, candidate in enumerate(tried):
+        if os.path.isfile(candidate):
+            return value if i == 0 else candidate
+    folders = [t for t in tried if os.path.isdir(t)]
+    if folders:
+        raise ConfigError(f"{key} {value}: {folders[0]} is a folder; name a file.")
+    if os.path.isabs(path):
+        raise ConfigError(f"{key} {value}: file not found; set {key} to the file's path.")
+    where = tried[0] if len(tried) == 1 else ", ".join(tried[:-1]) + " or " + tried[-1]
+    rule = "the working directory"
+    if len(tried) > 1:
+        rule += f", then from the folder of {config_path}, which sets it"
+    raise ConfigError(
+        f"{key} {value}: file not found (looked for {where}). A relative {key} is read from"
+        f" {rule}: set {key} to the file's path."
+    )
+
+
+def resolve_input_files(cfg, config_file: str = "", opts: Sequence[str] = (), keys=None):
+    """
+    Resolve each of ``keys`` (default ``INPUT_FILE_KEYS``) that ``cfg`` sets, as
+    ``find_input_file`` does, after ``config_file`` and the ``KEY VALUE`` overrides ``opts`` were
+    merged: a key set by an override is read from the working directory, one set by the config
+    file (or its _BASE_ chain) also from that file's folder. A path found elsewhere than as
+    written replaces the value, so that the run's saved config names the file it read.
+    """
+    keys = INPUT_FILE_KEYS if keys is None else keys
+    overridden = {str(k) for k in list(opts)[0::2]}
+    sources = None
+    for key in keys:
+        value = _get_node(cfg, key)
+        if not value:
+            continue
+        config_path = None
+        if key not in overridden and config_file:
+            if sources is None:
+                sources = _config_chain(config_file, "--config-file")
+            if key in sources:
+                config_path = sources[key].rsplit(":", 1)[0]
+        found = find_input_file(value, key, config_path)
+        if found != value:
+            _set_node(cfg, key, found)
     return cfg

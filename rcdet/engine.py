@@ -17,16 +17,24 @@ from detectron2.engine.hooks import EvalHook
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from .checkpoint import load_training_weights
-from .cli import check_device, check_output_dir, load_config_file, merge_overrides
-from .config import ConfigError, add_rcdet_config
+from .cli import (
+    check_device,
+    check_output_dir,
+    load_config_file,
+    merge_overrides,
+    resolve_input_files,
+)
+from .config import ConfigError, add_rcdet_config, check_rcdet_config
 from .data.datasets import SHAPES_HINT, CheckedDatasetMapper, DatasetError
 from .data.held_out import exposure_training_dicts, voc_evaluator
 from .evaluation.evaluator import (
     OODDetectionEvaluator,
+    OODOptions,
     OODStatisticsHook,
     ood_evaluation_configured,
     ood_outputs,
 )
+from .evaluation.report import ReportError
 from .ranking import RankingError
 
 __all__ = [
@@ -35,6 +43,7 @@ __all__ = [
     "check_datasets_exist",
     "check_config_values",
     "check_task",
+    "check_training_values",
     "USER_ERRORS",
     "user_error_message",
     "report_user_errors",
@@ -42,8 +51,9 @@ __all__ = [
 ]
 
 
-# Errors caused by the user's files or config: reported as one clear line, no traceback.
-USER_ERRORS = (ConfigError, DatasetError, RankingError)
+# Errors caused by the user's files or config: reported as one clear line, no traceback. A
+# ReportError is an ood_report.json that is missing, malformed, or not comparable with another.
+USER_ERRORS = (ConfigError, DatasetError, RankingError, ReportError)
 
 
 def _not_a_user_error(record: logging.LogRecord) -> bool:
@@ -159,7 +169,9 @@ TASKS = ("train", "eval")
 def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True, task=None):
     """
     The config of a tool's run: get_cfg -> add_rcdet_config -> the file -> the ``KEY VALUE``
-    overrides (a mistake in either is named by file, line and key: rcdet.cli) -> held-out splits
+    overrides (a mistake in either is named by file, line and key: rcdet.cli) -> the input files
+    that keys name (a relative MODEL.RCDET.RANKING_FILE is read from the working directory, then
+    from the folder of the config that sets it: rcdet.cli.resolve_input_files) -> held-out splits
     -> checks -> freeze -> default_setup.
 
     ``args``: a train_net-style command line; default_setup then logs the run and saves its config
@@ -175,6 +187,7 @@ def setup_cfg(config_file: str, opts=(), args=None, freeze: bool = True, task=No
     add_rcdet_config(cfg)
     load_config_file(cfg, config_file)
     merge_overrides(cfg, opts)
+    resolve_input_files(cfg, config_file, opts)
     from .data.held_out import apply_held_out_config
 
     apply_held_out_config(cfg)
@@ -217,6 +230,7 @@ _AT_LEAST = (
     ("INPUT.MIN_SIZE_TEST", 0, "the shorter image side in testing (0: no resizing)"),
     ("INPUT.MAX_SIZE_TEST", 1, "the longest image side in testing"),
     ("MODEL.ROI_HEADS.NUM_CLASSES", 1, "the classes the model predicts"),
+    ("TEST.OOD.SEED", 0, "the seed of the bootstrap resampling (numpy takes no negative seed)"),
 )
 
 
@@ -228,7 +242,11 @@ def _get(cfg, key):
 
 
 def check_config_values(cfg):
-    """Values of detectron2 keys that cannot work; one ConfigError naming the key and its range."""
+    """Values that cannot work, before anything is built or written: every MODEL.RCDET key
+    (rcdet.config.check_rcdet_config), every TEST.OOD key (the evaluator's OODOptions) and the
+    detectron2 keys of ``_AT_LEAST``; one ConfigError naming the key and its range."""
+    check_rcdet_config(cfg)
+    OODOptions.from_config(cfg)
     for key, lo, what in _AT_LEAST:
         value = _get(cfg, key)
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -247,6 +265,12 @@ def check_task(cfg, task: str):
                 f" splits to evaluate, e.g. DATASETS.TEST \"('{_test_split_hint(cfg)}',)\"."
             )
         return
+    check_training_values(cfg)
+
+
+def check_training_values(cfg):
+    """What a training needs of ``cfg`` besides its output folder: a training set, iterations,
+    a GPU for AMP."""
     if not cfg.DATASETS.TRAIN:
         raise ConfigError("DATASETS.TRAIN is empty: set DATASETS.TRAIN to the splits to train on.")
     if cfg.SOLVER.MAX_ITER < 1:

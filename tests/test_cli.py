@@ -9,6 +9,7 @@ the config overrides.
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,15 +20,21 @@ from detectron2.config import get_cfg
 
 from rcdet import cli
 from rcdet.config import ConfigError, add_rcdet_config
+from rcdet.data import shapes
+from rcdet.engine import report_user_errors, setup_cfg
+from rcdet.evaluation.report import ReportError
 from tools import (
     analyze_embeddings,
     benchmark_loss,
+    benchmark_ood,
+    benchmark_ood_evaluator,
     benchmark_overhead,
     compare_methods,
     demo,
     export_model,
     make_ranking,
     train_net,
+    visualize_ood,
 )
 
 SHAPES = os.path.join(REPO, "configs", "shapes_rince.yaml")
@@ -120,6 +127,18 @@ def test_size_pair():
     for bad in ("1024", "4096x512", "0x8", "axb", "8x8x8"):
         with pytest.raises(argparse.ArgumentTypeError, match=r"NxM, two integers >= 1 with N <= M"):
             sizes(bad)
+
+
+def test_choice():
+    matching = cli.choice(("one_per_object", "all"))
+    assert matching("all") == "all" and matching.allowed == "one of one_per_object, all"
+    with pytest.raises(
+        argparse.ArgumentTypeError,
+        match=r"^expected one of one_per_object, all, got 'alll'; did you mean 'all'\?$",
+    ):
+        matching("alll")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"got 'x'$"):
+        matching("x")
 
 
 def test_existing_file_and_at_file(tmp_path):
@@ -319,6 +338,16 @@ def test_override_mistakes():
         cli.merge_overrides(cfg, ["SOLVER.MAX_ITER", "1.5"])
     with pytest.raises(cli.UsageError, match=r"got 3 words \(A 1 B\): one key lacks its value"):
         cli.merge_overrides(cfg, ["A", "1", "B"])
+    # yacs keeps a float key a float: the message says what to write, not "takes a number".
+    with pytest.raises(
+        ConfigError,
+        match=r"^config override MODEL.RCDET.LOSS_WEIGHT -1: MODEL.RCDET.LOSS_WEIGHT takes a"
+        r" number with a decimal point \(as in 0.5\), got '-1': write -1.0.$",
+    ):
+        cli.merge_overrides(cfg, ["MODEL.RCDET.LOSS_WEIGHT", "-1"])
+    # The example of the fix is the user's own command, with no option the tool may lack.
+    with pytest.raises(cli.UsageError, match=r"e.g. ... --dry-run SOLVER.BASE_LR 0.01.$"):
+        cli.merge_overrides(cfg, ["SOLVER.BASE_LR", "0.01", "--dry-run"])
     # Negative numbers are values, not options.
     cli.merge_overrides(cfg, ["SEED", "-1", "SOLVER.BASE_LR", "-0.5"])
     assert cfg.SEED == -1 and cfg.SOLVER.BASE_LR == -0.5
@@ -362,6 +391,11 @@ def test_eval_only_without_a_test_set(tiny_shapes, tmp_path, capsys):
         (["SOLVER.MAX_ITER", "ten"], ["config override SOLVER.MAX_ITER ten", "an integer"]),
         (["--ood-dataset", "coco_2017_vall"], ["--ood-dataset", "'coco_2017_val'?"]),
         (["--voc", "--ood-dataset", "builtin"], ["--ood-dataset builtin", "--voc"]),
+        # The values every run would refuse, refused before the study lists or starts a run.
+        (["SOLVER.MAX_ITER", "0"], ["SOLVER.MAX_ITER = 0: training runs that many iterations"]),
+        (["MODEL.RCDET.LOSS_WEIGHT", "-1.0"], ["MODEL.RCDET.LOSS_WEIGHT = -1.0; allowed"]),
+        (["TEST.OOD.MATCH_IOU", "1.5"], ["TEST.OOD.MATCH_IOU = 1.5: must be in (0, 1]"]),
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], ["SOLVER.CHECKPOINT_PERIOD = 0"]),
     ],
 )
 def test_compare_methods_dry_run_refuses_nonsense(tmp_path, capsys, argv, needles):
@@ -418,6 +452,20 @@ OUTPUT_CASES = {
         "--out",
         [],
     ),
+    "benchmark_ood": (
+        benchmark_ood.main,
+        ["--config-file", SHAPES_OOD],
+        "--output",
+        ["MODEL.WEIGHTS", "unused.pth"],
+    ),
+    "benchmark_ood_default": (
+        benchmark_ood.main,
+        ["--config-file", SHAPES_OOD, "MODEL.WEIGHTS", "unused.pth"],
+        "OUTPUT_DIR",
+        [],
+    ),
+    "benchmark_ood_compare": (benchmark_ood.main, ["--compare", "a", "b"], "--output", []),
+    "visualize_ood": (visualize_ood.main, ["report"], "--output", []),
 }
 
 
@@ -431,7 +479,7 @@ def test_output_path_under_a_regular_file(tiny_shapes, tmp_path, capsys, monkeyp
     else:
         argv = before + [option, out] + after
     code, err = run_main(main, argv, capsys)
-    what = "a file" if option in ("--json", "--out") else "a folder"
+    what = "a file" if option in ("--json", "--out") or case == "visualize_ood" else "a folder"
     error_line(
         code, err, f"{option} {out}", f"{tmp_path}/afile is a file", f"to {what} you can write"
     )
@@ -551,6 +599,18 @@ def test_model_shape_keys_that_do_not_fit(tiny_shapes, tmp_path, capsys, argv, n
         (benchmark_overhead.main, ["--steps", "0"], ["--steps", "an integer >= 1, got 0"]),
         (benchmark_overhead.main, ["--lr", "-1"], ["--lr", "a number >= 0, got -1"]),
         (train_net.command_line, ["--machine-rank", "-1"], ["--machine-rank", "got -1"]),
+        (benchmark_ood.main, ["--bootstrap", "-5"], ["--bootstrap", "an integer >= 0, got -5"]),
+        (benchmark_ood.main, ["--match-iou", "1.5"], ["--match-iou", "in (0.0, 1.0], got 1.5"]),
+        (benchmark_ood.main, ["--knn-k", "0"], ["--knn-k", "an integer >= 1, got 0"]),
+        (benchmark_ood.main, ["--matching", "alll"], ["--matching", "did you mean 'all'?"]),
+        (benchmark_ood.main, ["--seed", "-1"], ["--seed", "got -1"]),
+        (benchmark_ood.main, ["--energy-temperature", "0"], ["--energy-temperature", "> 0.0"]),
+        (benchmark_ood.main, ["--image-threshold", "f1"], ["--image-threshold", "f1_optimal"]),
+        (visualize_ood.main, ["report", "--num-images", "0"], ["--num-images", "got 0"]),
+        (visualize_ood.main, ["report", "--score", "maha"], ["--score", "one of msp"]),
+        (benchmark_ood_evaluator.main, ["--images", "0"], ["--images", "got 0"]),
+        (benchmark_ood_evaluator.main, ["--search-queries", "0"], ["--search-queries", "got 0"]),
+        (shapes.main, ["--workers", "0"], ["--workers", "an integer >= 1, got 0"]),
     ],
 )
 def test_tool_options_out_of_range(capsys, main, argv, needles):
@@ -596,6 +656,9 @@ def test_option_after_the_overrides(tiny_shapes, capsys, overrides):
         (["DATASETS.TRAIN", "()"], "DATASETS.TRAIN is empty: set DATASETS.TRAIN"),
         (["MODEL.DEVICE", "gpu"], "MODEL.DEVICE gpu: not a device name"),
         (["MODEL.RCDET", "3"], "MODEL.RCDET is a group of keys, not a value"),
+        (["MODEL.RCDET.LOSS_WEIGHT", "-1.0"], "MODEL.RCDET.LOSS_WEIGHT = -1.0; allowed: a finite"),
+        (["TEST.OOD.MATCH_IOU", "0.0"], "TEST.OOD.MATCH_IOU = 0.0: must be in (0, 1]"),
+        (["TEST.OOD.SEED", "-1"], "TEST.OOD.SEED = -1: the seed of the bootstrap resampling"),
     ],
 )
 def test_train_net_values_that_cannot_work(tiny_shapes, tmp_path, capsys, overrides, needle):
@@ -680,4 +743,163 @@ def test_tool_inputs_that_cannot_work(tmp_path, capsys, main, argv, needles):
 def test_generate_shapes_options(tmp_path, argv):
     proc = run_process("datasets/generate_shapes.py", "--out", str(tmp_path / "d"), *argv)
     process_error_line(proc, f"argument {argv[0]}: expected an integer >= ")
+    assert not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------- input files that keys name
+
+RANKINGS = os.path.join(REPO, "configs", "rankings")
+
+
+def _config_in(folder, ranking_file):
+    folder.mkdir(exist_ok=True)
+    path = folder / "mine.yaml"
+    path.write_text(f'_BASE_: "{SHAPES}"\nMODEL:\n  RCDET:\n    RANKING_FILE: "{ranking_file}"\n')
+    return str(path)
+
+
+def _resolved(config_file, opts=()):
+    cfg = cli.load_config_file(fresh_cfg(), config_file)
+    cli.merge_overrides(cfg, opts)
+    return cli.resolve_input_files(cfg, config_file, opts).MODEL.RCDET.RANKING_FILE
+
+
+def test_relative_ranking_file_is_read_from_the_working_directory_then_the_configs_folder(
+    tmp_path, monkeypatch
+):
+    shutil.copytree(RANKINGS, tmp_path / "cfgs" / "rankings")
+    config = _config_in(tmp_path / "cfgs", "rankings/shapes_families.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    # Not in the working directory: the config's folder has it, and the config names it so.
+    assert _resolved(config) == str(tmp_path / "cfgs" / "rankings" / "shapes_families.yaml")
+    # The working directory comes first, and a file found there keeps its name as written.
+    shutil.copytree(RANKINGS, elsewhere / "rankings")
+    (elsewhere / "rankings" / "shapes_families.yaml").write_text("# the working directory's\n")
+    assert _resolved(config) == "rankings/shapes_families.yaml"
+    # An override is the command line's: read from the working directory only.
+    opts = ["MODEL.RCDET.RANKING_FILE", "rankings/voc_human.yaml"]
+    assert _resolved(config, opts) == "rankings/voc_human.yaml"
+    shutil.rmtree(elsewhere / "rankings")
+    with pytest.raises(ConfigError) as e:
+        _resolved(config, opts)
+    assert str(e.value) == (
+        "MODEL.RCDET.RANKING_FILE rankings/voc_human.yaml: file not found (looked for"
+        f" {elsewhere}/rankings/voc_human.yaml). A relative MODEL.RCDET.RANKING_FILE is read from"
+        " the working directory: set MODEL.RCDET.RANKING_FILE to the file's path."
+    )
+
+
+def test_ranking_file_found_nowhere_names_the_key_each_path_tried_and_the_fix(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    config = _config_in(tmp_path / "cfgs", "rankings/mine.yaml")
+    with pytest.raises(ConfigError) as e:
+        _resolved(config)
+    assert str(e.value) == (
+        f"MODEL.RCDET.RANKING_FILE rankings/mine.yaml: file not found (looked for"
+        f" {tmp_path}/rankings/mine.yaml or {tmp_path}/cfgs/rankings/mine.yaml). A relative"
+        " MODEL.RCDET.RANKING_FILE is read from the working directory, then from the folder of"
+        f" {config}, which sets it: set MODEL.RCDET.RANKING_FILE to the file's path."
+    )
+    with pytest.raises(ConfigError, match=r"^MODEL.RCDET.RANKING_FILE /nowhere/r.yaml: file not"):
+        _resolved(config, ["MODEL.RCDET.RANKING_FILE", "/nowhere/r.yaml"])
+    with pytest.raises(ConfigError, match=rf"RANKING_FILE {tmp_path}: {tmp_path} is a folder"):
+        _resolved(config, ["MODEL.RCDET.RANKING_FILE", str(tmp_path)])
+
+
+def test_shipped_configs_find_their_rankings_from_any_working_directory(
+    tiny_shapes, tmp_path, monkeypatch, capsys
+):
+    # The shipped configs name configs/rankings/..., relative to the checkout they ship in.
+    monkeypatch.chdir(tmp_path)
+    cfg = setup_cfg(SHAPES_OOD, freeze=False)
+    assert cfg.MODEL.RCDET.RANKING_FILE == os.path.join(RANKINGS, "shapes_families.yaml")
+    # A missing file fails before OUTPUT_DIR is written, naming the key.
+    argv = ["--config-file", SHAPES, "OUTPUT_DIR", str(tmp_path / "out")]
+    argv += ["MODEL.RCDET.RANKING_FILE", "configs/rankings/shapes_familys.yaml"]
+    code, err = run_main(train_net.command_line, argv, capsys)
+    error_line(code, err, "MODEL.RCDET.RANKING_FILE configs/rankings/shapes_familys.yaml: file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_built_in_code_reads_its_ranking_from_the_working_directory(tmp_path, monkeypatch):
+    from rcdet.modeling.rince import build_contrastive_loss
+
+    monkeypatch.chdir(tmp_path)
+    cfg = fresh_cfg()
+    cfg.MODEL.RCDET.LOSS = "rince_out_in"
+    cfg.MODEL.RCDET.RANKING_FILE = "configs/rankings/shapes_families.yaml"
+    with pytest.raises(
+        ConfigError,
+        match=r"^MODEL.RCDET.RANKING_FILE configs/rankings/shapes_families.yaml: file not found"
+        rf" \(looked for {tmp_path}/configs/rankings/shapes_families.yaml\)",
+    ):
+        build_contrastive_loss(cfg, list(shapes.CLASS_NAMES))
+    monkeypatch.chdir(REPO)
+    assert build_contrastive_loss(cfg, list(shapes.CLASS_NAMES)).rank_matrix.shape == (9, 9)
+
+
+# ---------------------------------------------------------------- reports
+
+
+def test_report_errors_are_user_errors(tmp_path, capsys):
+    def broken():
+        raise ReportError("r/ood_report.json: not valid JSON")
+
+    assert report_user_errors(broken) == 2
+    assert capsys.readouterr().err == "error: r/ood_report.json: not valid JSON\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for main, argv in [
+        (visualize_ood.main, [str(empty)]),
+        (
+            benchmark_ood.main,
+            ["--compare", str(empty), str(empty), "--output", str(tmp_path / "o")],
+        ),
+    ]:
+        code, err = run_main(main, argv, capsys)
+        error_line(code, err, f"{empty}/ood_report.json: no OOD report here")
+
+
+def test_report_without_its_scores_file(tmp_path, capsys):
+    from conftest import fake_ood_report
+
+    fake_ood_report(str(tmp_path / "run"))
+    code, err = run_main(visualize_ood.main, [str(tmp_path / "run")], capsys)
+    error_line(code, err, f"{tmp_path}/run/ood_scores.npz: missing; re-run tools/benchmark_ood.py")
+    (tmp_path / "run" / "ood_scores.npz").write_bytes(b"not a zip")
+    code, err = run_main(visualize_ood.main, [str(tmp_path / "run")], capsys)
+    error_line(code, err, "ood_scores.npz: not readable")
+    assert sorted(os.listdir(tmp_path / "run")) == ["ood_report.json", "ood_scores.npz"]
+
+
+@pytest.mark.parametrize(
+    "main, argv, needle",
+    [
+        (visualize_ood.main, ["report", "MODEL.DEVICE", "cpu"], "need the run's --config-file"),
+        (
+            benchmark_ood.main,
+            ["--compare", "a", "b", "--output", "o", "TEST.OOD.MATCH_IOU", "0.3"],
+            "--compare merges finished reports; it takes no config overrides",
+        ),
+        (benchmark_ood.main, [], "--config-file is required unless --compare is given"),
+    ],
+)
+def test_report_tools_refuse_options_they_would_ignore(capsys, main, argv, needle):
+    code, err = run_main(main, argv, capsys)
+    error_line(code, err, needle)
+
+
+def test_shapes_module_command_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rcdet.data.shapes", "--out", str(tmp_path / "d"), "--train", "0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    process_error_line(proc, "argument --train: expected an integer >= 1, got 0")
     assert not (tmp_path / "d").exists()

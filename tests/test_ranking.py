@@ -283,6 +283,14 @@ def test_options_must_be_real_booleans(tmp_path, key):
         ),
         (
             {
+                "thresholds": [0.5],
+                "allow_uncovered": True,
+                "similarities": {"pairs": [["a", "b", 0.6], ["a", "c", True]]},
+            },
+            "entry 'similarities.pairs[1]': score must be a finite number, got True.",
+        ),
+        (
+            {
                 "thresholds": [float("nan")],
                 "allow_uncovered": True,
                 "similarities": {"pairs": [["a", "b", 0.6]]},

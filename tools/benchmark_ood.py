@@ -20,29 +20,63 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
-from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
+from rcdet import cli
+from rcdet.engine import exit_on_user_error, report_user_errors, setup_cfg
+from rcdet.evaluation.evaluator import IMAGE_THRESHOLD_RULES
+from rcdet.evaluation.matching import MATCHING_MODES
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
-from rcdet.evaluation.report import ReportError, merge_reports
+from rcdet.evaluation.report import merge_reports
 
-# (flag, TEST.OOD key, type, help)
+# (flag, TEST.OOD key, argparse type, help). The ranges are those the evaluator checks each
+# TEST.OOD key against (rcdet.evaluation.evaluator.OODOptions), so a flag out of range is named
+# as the flag the user typed; --ood-dataset is checked there, once the config has registered
+# the run's datasets.
 OPTIONS = [
-    ("--score-thresh", "SCORE_THRESHOLD", float, "detections below this score are ignored"),
-    ("--match-iou", "MATCH_IOU", float, "a detection matches its best GT at IoU >= this"),
-    ("--matching", "MATCHING", str, "one_per_object (as detection evaluation) or all"),
+    (
+        "--score-thresh",
+        "SCORE_THRESHOLD",
+        cli.float_in_range(0.0, 1.0),
+        "detections below this score are ignored",
+    ),
+    (
+        "--match-iou",
+        "MATCH_IOU",
+        cli.float_in_range(0.0, 1.0, lo_open=True),
+        "a detection matches its best GT at IoU >= this",
+    ),
+    ("--matching", "MATCHING", cli.choice(MATCHING_MODES), "as detection evaluation, or all"),
     ("--ood-dataset", "OOD_DATASET", str, "image-level OOD images: NAME, builtin, none or auto"),
-    ("--image-threshold", "IMAGE_THRESHOLD", str, "f1_optimal (VOS), id_recall_95 or fixed"),
-    ("--image-min-score", "IMAGE_MIN_SCORE", float, "image-level confidence (implies fixed)"),
-    ("--bootstrap", "BOOTSTRAP", int, "bootstrap replicates over test images (0: none)"),
-    ("--seed", "SEED", int, "seed of the bootstrap resampling"),
-    ("--knn-k", "KNN_K", int, "k of the knn score"),
-    ("--energy-temperature", "ENERGY_TEMPERATURE", float, "T of the energy score"),
+    (
+        "--image-threshold",
+        "IMAGE_THRESHOLD",
+        cli.choice(IMAGE_THRESHOLD_RULES),
+        "f1_optimal is VOS's rule",
+    ),
+    (
+        "--image-min-score",
+        "IMAGE_MIN_SCORE",
+        cli.float_in_range(0.0, 1.0),
+        "image-level confidence (implies fixed)",
+    ),
+    (
+        "--bootstrap",
+        "BOOTSTRAP",
+        cli.int_in_range(0),
+        "bootstrap replicates over test images (0: none)",
+    ),
+    ("--seed", "SEED", cli.int_in_range(0), "seed of the bootstrap resampling"),
+    ("--knn-k", "KNN_K", cli.int_in_range(1), "k of the knn score"),
+    (
+        "--energy-temperature",
+        "ENERGY_TEMPERATURE",
+        cli.float_in_range(0.0, lo_open=True),
+        "T of the energy score",
+    ),
 ]
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def argument_parser():
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--config-file", default="")
     parser.add_argument("--output", default="", help="output folder (default: OUTPUT_DIR/ood)")
     for flag, key, kind, text in OPTIONS:
@@ -54,33 +88,44 @@ def main(argv=None):
     parser.add_argument("--time-plain", action="store_true", help="also time plain inference")
     parser.add_argument("--compare", nargs="+", metavar="DIR", help="merge existing reports")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides (KEY VALUE)")
+    return parser
+
+
+def main(argv=None):
+    parser = argument_parser()
     args = parser.parse_args(argv)
+    if not args.compare and not args.config_file:
+        parser.error("--config-file is required unless --compare is given")
+    if args.compare and args.opts:
+        parser.error(
+            f"--compare merges finished reports; it takes no config overrides ({args.opts[0]} ...)"
+        )
     setup_logger(name="rcdet")
     setup_logger(name="detectron2")
-    try:
-        if args.compare:
-            out = args.output or "output/ood_comparison"
-            print(merge_reports(args.compare, out))
-            print(f"Merged table and ROC figure written to {out}/")
-            return 0
-        if not args.config_file:
-            parser.error("--config-file is required unless --compare is given")
-        overrides = [["MODEL.RCDET.EMBED_AT_TEST", "True"]]
-        overrides += [
-            [f"TEST.OOD.{key}", str(getattr(args, flag[2:].replace("-", "_")))]
-            for flag, key, _, _ in OPTIONS
-            if getattr(args, flag[2:].replace("-", "_")) is not None
-        ]
-        if args.image_min_score is not None and args.image_threshold is None:
-            overrides.append(["TEST.OOD.IMAGE_THRESHOLD", "fixed"])
-        if args.per_class_covariance:
-            overrides.append(["TEST.OOD.PER_CLASS_COVARIANCE", "True"])
-        cfg = setup_cfg(args.config_file, list(args.opts) + sum(overrides, []))
-        out = args.output or f"{cfg.OUTPUT_DIR}/ood"
-        report = run_ood_benchmark(cfg, out, args.name, args.time_plain)
-    except (FileNotFoundError, ReportError) + USER_ERRORS as e:
-        print(f"error: {user_error_message(e)}", file=sys.stderr)
-        return 2
+    return report_user_errors(run, args)
+
+
+def run(args):
+    if args.compare:
+        out = cli.check_output_dir(args.output or "output/ood_comparison", "--output")
+        print(merge_reports(args.compare, out))
+        print(f"Merged table and ROC figure written to {out}/")
+        return 0
+    if args.output:
+        cli.check_output_dir(args.output, "--output")
+    overrides = [["MODEL.RCDET.EMBED_AT_TEST", "True"]]
+    overrides += [
+        [f"TEST.OOD.{key}", str(getattr(args, flag[2:].replace("-", "_")))]
+        for flag, key, _, _ in OPTIONS
+        if getattr(args, flag[2:].replace("-", "_")) is not None
+    ]
+    if args.image_min_score is not None and args.image_threshold is None:
+        overrides.append(["TEST.OOD.IMAGE_THRESHOLD", "fixed"])
+    if args.per_class_covariance:
+        overrides.append(["TEST.OOD.PER_CLASS_COVARIANCE", "True"])
+    cfg = setup_cfg(args.config_file, list(args.opts) + sum(overrides, []))
+    out = args.output or cli.check_output_dir(f"{cfg.OUTPUT_DIR}/ood", "OUTPUT_DIR")
+    report = run_ood_benchmark(cfg, out, args.name, args.time_plain)
     print("\n".join(report.summary_lines()))
     print(f"Report: {out}/ood_report.json; ROC plot: {out}/roc.png")
     if report.placement:

@@ -11,7 +11,6 @@ memory.
     python tools/benchmark_ood_evaluator.py --images 500 --bank 4000
 """
 
-import argparse
 import resource
 import sys
 import time
@@ -22,7 +21,9 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from rcdet import cli
 from rcdet.config import add_rcdet_config
+from rcdet.engine import exit_on_user_error, report_user_errors
 from rcdet.evaluation.evaluator import OODDetectionEvaluator
 from rcdet.evaluation.scores import EmbeddingStatistics, kth_neighbour_distance
 
@@ -83,16 +84,27 @@ def _peak_mib():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--images", type=int, default=4952)
-    parser.add_argument("--bank", type=int, default=40000)
-    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--search-queries", type=int, default=20000, help="queries of the kNN search timings"
+        "--images", type=cli.int_in_range(1), default=4952, help="synthetic test images"
+    )
+    parser.add_argument(
+        "--bank", type=cli.int_in_range(1), default=40000, help="training embeddings"
+    )
+    parser.add_argument(
+        "--bootstrap", type=cli.int_in_range(0), default=1000, help="bootstrap replicates"
+    )
+    parser.add_argument(
+        "--search-queries",
+        type=cli.int_in_range(1),
+        default=20000,
+        help="queries of the kNN search timings",
     )
     args = parser.parse_args(argv)
+    return report_user_errors(run, args)
+
+
+def run(args):
     cfg = get_cfg()
     add_rcdet_config(cfg)
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = KNOWN
@@ -129,4 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_on_user_error(main))

@@ -39,7 +39,12 @@ from typing import Dict, List, Optional
 
 from rcdet import cli, study
 from rcdet.data.held_out import HOLD_OUT_MODES
-from rcdet.engine import exit_on_user_error, report_user_errors
+from rcdet.engine import (
+    check_config_values,
+    check_training_values,
+    exit_on_user_error,
+    report_user_errors,
+)
 from rcdet.evaluation.report import PROTOCOL_VERSION, report_version
 from rcdet.file_io import atomic_write, write_json_atomic
 
@@ -343,6 +348,8 @@ def check_options(args):
         add_rcdet_config(cfg)
         cli.load_config_file(cfg, os.path.join(REPO, config), option="the study's config")
         cli.merge_overrides(cfg, args.opts)
+        check_config_values(cfg)
+        check_training_values(cfg)
     if args.voc and args.ood_dataset == "builtin":
         raise cli.UsageError(
             "--ood-dataset builtin: the built-in OOD images go with the built-in dataset; for"

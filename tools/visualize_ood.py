@@ -12,28 +12,27 @@ test images are read from the report's test dataset: the built-in dataset and VO
 on import; for another dataset pass the run's --config-file (and overrides) so that it is.
 """
 
-import argparse
 import sys
 
-from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
-from rcdet.evaluation.report import ReportError
+from rcdet import cli
+from rcdet.engine import exit_on_user_error, report_user_errors, setup_cfg
 from rcdet.evaluation.scores import ALL_SCORES
 from rcdet.evaluation.visualize import draw_ood_grid
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def argument_parser():
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("report_dir", help="folder with ood_report.json and ood_scores.npz")
     parser.add_argument(
         "--score",
-        choices=ALL_SCORES,
+        type=cli.choice(ALL_SCORES),
         default=None,
         help="colouring score (default: the best AUROC)",
     )
-    parser.add_argument("--num-images", type=int, default=8)
-    parser.add_argument("--cols", type=int, default=4)
+    parser.add_argument(
+        "--num-images", type=cli.int_in_range(1), default=8, help="test images drawn"
+    )
+    parser.add_argument("--cols", type=cli.int_in_range(1), default=4, help="columns of the grid")
     parser.add_argument(
         "--show-background", action="store_true", help="also draw detections on no object"
     )
@@ -46,23 +45,32 @@ def main(argv=None):
     parser.add_argument(
         "opts", nargs="*", help="config overrides (KEY VALUE ...), with --config-file"
     )
+    return parser
+
+
+def main(argv=None):
+    parser = argument_parser()
     args = parser.parse_intermixed_args(argv)
-    if args.num_images < 1:
-        parser.error("--num-images must be at least 1")
-    try:
-        if args.config_file:
-            setup_cfg(args.config_file, args.opts)
-        path = draw_ood_grid(
-            args.report_dir,
-            args.output,
-            args.score,
-            args.num_images,
-            args.cols,
-            args.show_background,
-        )
-    except (FileNotFoundError, ReportError) + USER_ERRORS as e:
-        print(f"error: {user_error_message(e)}", file=sys.stderr)
-        return 2
+    if args.opts and not args.config_file:
+        parser.error(f"config overrides ({args.opts[0]} ...) need the run's --config-file")
+    return report_user_errors(run, args)
+
+
+def run(args):
+    if args.output:
+        cli.check_output_file(args.output, "--output")
+    else:
+        cli.check_output_dir(args.report_dir, "REPORT_DIR")
+    if args.config_file:
+        setup_cfg(args.config_file, args.opts)
+    path = draw_ood_grid(
+        args.report_dir,
+        args.output,
+        args.score,
+        args.num_images,
+        args.cols,
+        args.show_background,
+    )
     print(f"Grid: {path}")
     return 0
 

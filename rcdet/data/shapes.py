@@ -9,12 +9,11 @@ gives a real two-level similarity structure for rankings: same family first, the
     python -m rcdet.data.shapes --out datasets/rcdet_shapes        # or datasets/generate_shapes.py
 """
 
-import argparse
 import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 from xml.etree import ElementTree as ET
 
 import numpy as np
@@ -232,17 +231,44 @@ def generate(
     return splits
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def argument_parser(description: str = __doc__, prog: Optional[str] = None):
+    """The command line of ``python -m rcdet.data.shapes`` and datasets/generate_shapes.py."""
+    from .. import cli
+
+    parser = cli.ArgumentParser(description=description, prog=prog)
     parser.add_argument("--out", default=default_root(), help="output root (VOC layout)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=SPLIT_SIZES["train"])
-    parser.add_argument("--val", type=int, default=SPLIT_SIZES["val"])
-    parser.add_argument("--test", type=int, default=SPLIT_SIZES["test"])
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--seed", type=cli.int_in_range(0), default=0, help="the images drawn follow from it"
+    )
+    for split in ("train", "val", "test"):
+        parser.add_argument(
+            f"--{split}",
+            type=cli.int_in_range(1),
+            default=SPLIT_SIZES[split],
+            help=f"images in the {split} split",
+        )
+    parser.add_argument(
+        "--workers",
+        type=cli.int_in_range(1),
+        default=min(2, os.cpu_count() or 1),
+        help="processes that draw the images",
+    )
+    return parser
+
+
+def main(argv=None, description: str = __doc__, prog: Optional[str] = None) -> int:
+    """Parse ``argv``, write the dataset; a bad option or output path is one error line (exit
+    code 2)."""
+    from ..engine import report_user_errors
+
+    args = argument_parser(description, prog).parse_args(argv)
+    return report_user_errors(_run, args)
+
+
+def _run(args) -> int:
+    from .. import cli
+
+    cli.check_output_dir(args.out, "--out")
     start = time.perf_counter()
     splits = generate(
         args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test}, args.workers
@@ -252,7 +278,12 @@ def main(argv=None):
         f"Wrote {n} images to {args.out} in {time.perf_counter() - start:.1f}s "
         f"(trainval {len(splits['trainval'])}, test {len(splits['test'])})."
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from ..engine import exit_on_user_error
+
+    sys.exit(exit_on_user_error(main, prog="python -m rcdet.data.shapes"))

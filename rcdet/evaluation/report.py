@@ -358,9 +358,7 @@ def load_report(run_dir: str) -> OODReport:
     """
     path = os.path.join(run_dir, "ood_report.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path}: no OOD report here; run tools/benchmark_ood.py on it first."
-        )
+        raise ReportError(f"{path}: no OOD report here; run tools/benchmark_ood.py on it first.")
     try:
         with open(path) as f:
             rep = json.load(f)

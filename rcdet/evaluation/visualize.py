@@ -7,6 +7,7 @@ ground truth outlined, and duplicates marked. Reads a run's ``ood_report.json`` 
 
 import io
 import os
+import zipfile
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -127,12 +128,18 @@ def draw_ood_grid(
     plt = pyplot()
     report = load_report(report_dir)
     raw = os.path.join(report_dir, "ood_scores.npz")
-    with np.load(raw) as z:
-        if not {"boxes", "image_index", "match"} <= set(z.files):
-            raise ReportError(
-                f"{raw}: has no boxes or image index; re-run tools/benchmark_ood.py on the run."
-            )
-        data = {k: z[k] for k in z.files}
+    try:
+        with np.load(raw) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        reason = "missing" if not os.path.isfile(raw) else f"not readable ({e})"
+        raise ReportError(
+            f"{raw}: {reason}; re-run tools/benchmark_ood.py on the run to write it again."
+        ) from None
+    if not {"boxes", "image_index", "match"} <= set(data):
+        raise ReportError(
+            f"{raw}: has no boxes or image index; re-run tools/benchmark_ood.py on the run."
+        )
     score = score or best_score(report)
     if score not in ALL_SCORES:
         raise ConfigError(f"--score '{score}': choose one of {', '.join(ALL_SCORES)}.")

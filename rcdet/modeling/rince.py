@@ -44,6 +44,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from ..cli import find_input_file
 from ..config import ConfigError
 from ..ranking import ClassRanking, RankingError, load_ranking, validate_temperatures
 
@@ -765,9 +766,12 @@ def build_contrastive_loss(
                 f"MODEL.RCDET.RANKING_FILE is empty, but MODEL.RCDET.LOSS = {rc.LOSS} needs a"
                 " ranking."
             )
+        # A config from rcdet.engine.setup_cfg names the file as found; one built in code
+        # names it relative to the working directory.
+        path = find_input_file(rc.RANKING_FILE, "MODEL.RCDET.RANKING_FILE")
         try:
             ranking = load_ranking(
-                rc.RANKING_FILE,
+                path,
                 list(all_class_names or class_names),
                 allow_uncovered=rc.RANKING_ALLOW_UNCOVERED or None,
                 max_rank=max_rank or rc.MAX_RANK or None,

@@ -201,7 +201,9 @@ def test_stale_statistics_are_fitted_again_for_other_training_images(tiny_models
     ],
 )
 def test_option_keys_outside_their_range_are_refused(tiny_shapes, key, value, allowed):
-    cfg = tiny_cfg("configs/shapes_rince_ood.yaml", f"TEST.OOD.{key}", value)
+    # setup_cfg refuses them too (rcdet.engine.check_config_values): set the key afterwards.
+    cfg = tiny_cfg("configs/shapes_rince_ood.yaml")
+    cfg.merge_from_list([f"TEST.OOD.{key}", value])
     with pytest.raises(ConfigError, match=rf"^TEST\.OOD\.{key} = .*: must be {re.escape(allowed)}"):
         OODOptions.from_config(cfg)
 

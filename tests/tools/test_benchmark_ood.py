@@ -1,5 +1,6 @@
 """tools/benchmark_ood.py: `--compare` refuses reports of different protocols and malformed
-reports, and an unregistered `--ood-dataset` lists the registered ones, each in one error line."""
+reports, an unregistered `--ood-dataset` lists the registered ones, and TEST.OOD keys out of
+range are named, each in one error line."""
 
 import json
 import os
@@ -44,14 +45,17 @@ def test_unregistered_ood_dataset_lists_the_registered_ones(tiny_shapes, capsys)
     assert "rcdet_shapes_test" in err and "voc_2007_test" in err
 
 
-def test_out_of_range_flags_are_refused_naming_the_key(tiny_shapes, capsys):
+def test_out_of_range_keys_are_refused_naming_the_key(tiny_shapes, capsys):
+    # The flags are refused by their argparse types (tests/test_cli.py); the keys they set are
+    # checked when the config is set up, before the model is loaded.
     config = os.path.join(REPO, "configs/shapes_rince_ood.yaml")
-    for flag, value, expected in (
-        ("--bootstrap", "-5", "TEST.OOD.BOOTSTRAP = -5: must be an integer >= 0"),
-        ("--match-iou", "1.5", "TEST.OOD.MATCH_IOU = 1.5: must be in (0, 1]"),
-        ("--knn-k", "0", "TEST.OOD.KNN_K = 0: must be an integer >= 1"),
+    for key, value, expected in (
+        ("BOOTSTRAP", "-5", "TEST.OOD.BOOTSTRAP = -5: must be an integer >= 0"),
+        ("MATCH_IOU", "1.5", "TEST.OOD.MATCH_IOU = 1.5: must be in (0, 1]"),
+        ("KNN_K", "0", "TEST.OOD.KNN_K = 0: must be an integer >= 1"),
     ):
-        rc = benchmark_ood.main(["--config-file", config, flag, value, "MODEL.WEIGHTS", "x.pth"])
+        argv = ["--config-file", config, "MODEL.WEIGHTS", "x.pth", f"TEST.OOD.{key}", value]
+        rc = benchmark_ood.main(argv)
         err = capsys.readouterr().err.strip()
         assert rc == 2 and err.startswith(f"error: {expected}") and "\n" not in err, err
 
