@@ -9,9 +9,9 @@ gives a real two-level similarity structure for rankings: same family first, the
     python -m rcdet.data.shapes --out datasets/rcdet_shapes        # or datasets/generate_shapes.py
 """
 
-import argparse
 import math
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Tuple
@@ -233,16 +233,42 @@ def generate(
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    """
+    The command line of datasets/generate_shapes.py and ``python -m rcdet.data.shapes``; returns
+    the exit code (2 with one 'error:' line for a user error).
+    """
+    from .. import cli
+    from ..engine import report_user_errors
+
+    parser = cli.ArgumentParser(
+        description="Write the built-in rcdet shapes dataset in PASCAL VOC2007 layout"
+        " (see rcdet/data/shapes.py)."
     )
     parser.add_argument("--out", default=default_root(), help="output root (VOC layout)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=SPLIT_SIZES["train"])
-    parser.add_argument("--val", type=int, default=SPLIT_SIZES["val"])
-    parser.add_argument("--test", type=int, default=SPLIT_SIZES["test"])
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--seed", type=cli.int_in_range(0), default=0, help="the images drawn follow from it"
+    )
+    for split in ("train", "val", "test"):
+        parser.add_argument(
+            f"--{split}",
+            type=cli.int_in_range(1),
+            default=SPLIT_SIZES[split],
+            help=f"images in the {split} split",
+        )
+    parser.add_argument(
+        "--workers",
+        type=cli.int_in_range(1),
+        default=min(2, os.cpu_count() or 1),
+        help="processes that draw the images",
+    )
     args = parser.parse_args(argv)
+    return report_user_errors(_run, args)
+
+
+def _run(args):
+    from .. import cli
+
+    cli.check_output_dir(args.out, "--out")
     start = time.perf_counter()
     splits = generate(
         args.out, args.seed, {"train": args.train, "val": args.val, "test": args.test}, args.workers
@@ -252,7 +278,10 @@ def main(argv=None):
         f"Wrote {n} images to {args.out} in {time.perf_counter() - start:.1f}s "
         f"(trainval {len(splits['trainval'])}, test {len(splits['test'])})."
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from ..engine import exit_on_user_error
+
+    sys.exit(exit_on_user_error(main))
