@@ -1,15 +1,20 @@
 """
-The comparison study's results: per-run numbers, mean ± sample std over seeds, paired bootstrap
-tests over test images, the table (markdown and CSV) and the figures.
+The comparison study: its methods, its provenance, and its results (per-run numbers, mean ± sample
+std over seeds, paired bootstrap tests over test images, the table in markdown and CSV, and the
+figures).
 
-tools/compare_methods.py trains and evaluates each method and seed; every run folder then holds
-the OOD benchmark's report in ood/ (tools/benchmark_ood.py) and the embedding analysis in
-analysis/ (tools/analyze_embeddings.py). This module turns the finished runs into the study's
-results.md, results.csv, roc.png and tsne_panel.png.
+tools/compare_methods.py plans the runs of each method and seed and runs their stages; every run
+folder then holds the OOD benchmark's report in ood/ (tools/benchmark_ood.py) and the embedding
+analysis in analysis/ (tools/analyze_embeddings.py). This module turns the finished runs into the
+study's results.md, results.csv, roc.png and tsne_panel.png, and records which commits and how
+much time made them.
 """
 
 import json
 import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -26,9 +31,21 @@ from .evaluation.report import (
     report_metrics,
 )
 from .evaluation.scores import EMBEDDING_SCORES
-from .file_io import atomic_write
+from .file_io import atomic_write, write_json_atomic
 
 __all__ = [
+    "Method",
+    "VARIANT_METHODS",
+    "methods_for",
+    "true_ranking_file",
+    "class_names",
+    "write_shuffled_ranking",
+    "git_state",
+    "record_stage",
+    "run_provenance",
+    "study_provenance",
+    "machine_description",
+    "study_meta",
     "COLUMNS",
     "PAIRED",
     "run_metrics",
@@ -41,6 +58,206 @@ __all__ = [
     "tsne_panel",
     "write_results",
 ]
+
+# ---------------------------------------------------------------- the methods
+
+
+@dataclass
+class Method:
+    """
+    One method of the study: its config (relative to the repository), its overrides, and whether
+    it trains on a shuffled copy of the true ranking (the control).
+    """
+
+    name: str
+    config: str
+    opts: List[str] = field(default_factory=list)
+    shuffled_ranking: bool = False
+
+
+# The drop_annotations variant study compares these methods.
+VARIANT_METHODS = ("softmax", "supcon", "rince_out_r1", "rince_out_in")
+
+
+def methods_for(voc: bool) -> List[Method]:
+    """
+    softmax (branch off), supcon, rince_out_r1 (RINCE-out with one rank), rince_in and rince_out_in
+    with the true ranking, and rince_out_in with a shuffled one: on VOC or the built-in dataset.
+    """
+    p = "voc" if voc else "shapes"
+    return [
+        Method("softmax", f"configs/{p}_softmax_ood.yaml"),
+        Method("supcon", f"configs/{p}_supcon_ood.yaml"),
+        Method(
+            "rince_out_r1", f"configs/{p}_supcon_ood.yaml", ["MODEL.RCDET.LOSS", "rince_out_r1"]
+        ),
+        Method("rince_in", f"configs/{p}_rince_ood.yaml", ["MODEL.RCDET.LOSS", "rince_in"]),
+        Method("rince_out_in", f"configs/{p}_rince_ood.yaml"),
+        Method("rince_out_in_shuffled", f"configs/{p}_rince_ood.yaml", shuffled_ranking=True),
+    ]
+
+
+def true_ranking_file(voc: bool) -> str:
+    """The ranking the study's RINCE methods train with (relative to the repository)."""
+    return "configs/rankings/voc_human.yaml" if voc else "configs/rankings/shapes_families.yaml"
+
+
+def class_names(voc: bool) -> List[str]:
+    """The study's classes: VOC's 20 or the built-in dataset's."""
+    if voc:
+        from detectron2.data.datasets.pascal_voc import CLASS_NAMES
+    else:
+        from .data.shapes import CLASS_NAMES
+    return list(CLASS_NAMES)
+
+
+def write_shuffled_ranking(path: str, true_file: str, classes: Sequence[str], seed: int):
+    """
+    The control ranking, written atomically to ``path``: the true one (``true_file``) with its
+    structure moved onto the classes permuted with ``seed``.
+    """
+    from .ranking import load_ranking, ranking_to_yaml
+
+    true = load_ranking(true_file, list(classes))
+    text = ranking_to_yaml(
+        true.permuted(seed=seed),
+        f"Shuffled control for {true.source} (seed {seed}): deliberately wrong.",
+    )
+    atomic_write(path, text.encode())
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def git_state(repo: str, exclude: Optional[str] = None) -> Tuple[str, bool]:
+    """
+    (commit, whether tracked files have uncommitted changes) of the checkout ``repo``; ("unknown",
+    False) without git. ``exclude``: the study's own output folder, left out of the check, since a
+    resumed study has rewritten its committed results there by the time it runs again.
+    """
+    cmd = ["git", "status", "--porcelain", "--untracked-files=no"]
+    if exclude:
+        rel = os.path.relpath(os.path.abspath(exclude), repo)
+        # Only a folder inside the checkout, never the checkout itself: that hides every change.
+        if rel != os.curdir and rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+            cmd += ["--", ".", f":(exclude){rel}"]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(cmd, cwd=repo, capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown", False
+    return commit or "unknown", bool(dirty.strip())
+
+
+def record_stage(run_dir: str, stage: str, seconds: float, commit: str, dirty: bool):
+    """
+    Add one finished stage (its seconds, commit and uncommitted changes) to the run's
+    provenance.json: each run keeps its own, since a resumed study mixes invocations.
+    """
+    path = os.path.join(run_dir, "provenance.json")
+    info = {"stages": {}}
+    if os.path.isfile(path):
+        with open(path) as f:
+            info = json.load(f)
+    info["stages"][stage] = {
+        "seconds": round(seconds, 1),
+        "commit": commit,
+        "uncommitted_changes": dirty,
+    }
+    write_json_atomic(path, info)
+
+
+def run_provenance(run_dir: str) -> Dict:
+    """The commits and stage seconds of one run (record_stage); {} for a run without them."""
+    path = os.path.join(run_dir, "provenance.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        stages = json.load(f)["stages"]
+    return {
+        "commits": sorted({st["commit"] for st in stages.values()}),
+        "stage_seconds": {k: st["seconds"] for k, st in stages.items()},
+    }
+
+
+def study_provenance(previous_meta: Optional[dict], invocation: Optional[dict]) -> dict:
+    """
+    Commits and wall time of the study: the invocations it resumed (``previous_meta``, the
+    meta.json they wrote) and this one (``invocation``) if it ran stages.
+    """
+    invocations = []
+    if previous_meta:
+        invocations = previous_meta.get("invocations") or [
+            {
+                # meta.json from before invocations were recorded: one invocation.
+                "commit": previous_meta.get("commit", "unknown"),
+                "uncommitted_changes": previous_meta.get("uncommitted_changes", False),
+                "seeds_run": previous_meta.get("seeds"),
+                "wall_seconds": previous_meta.get("wall_seconds"),
+            }
+        ]
+    invocations = invocations + ([invocation] if invocation else [])
+    latest = invocations[-1] if invocations else {"commit": "unknown", "uncommitted_changes": False}
+    # Summed over the invocations that contributed runs. One interrupted before it wrote meta.json
+    # is not counted; the stage times of its runs are still in their provenance.json.
+    walls = [i.get("wall_seconds") for i in invocations]
+    return {
+        "commit": latest["commit"],
+        "uncommitted_changes": latest["uncommitted_changes"],
+        "commits": sorted({i["commit"] for i in invocations}),
+        "invocations": invocations,
+        "wall_seconds": round(sum(walls), 1) if walls and None not in walls else None,
+    }
+
+
+def machine_description() -> str:
+    """The machine the study runs on: architecture, cores, torch version and threads."""
+    import torch
+
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def study_meta(
+    runs: Sequence[Tuple[str, int, str]],
+    per_method: Dict[str, List[Dict]],
+    provenance: dict,
+    quick: bool,
+    hold_out_mode: str,
+    command: str,
+) -> dict:
+    """
+    The study's meta.json: its ``provenance`` (study_provenance), how it was run, the seeds,
+    methods and OOD protocol versions of its ``(method, seed, run folder)`` runs and their
+    ``per_method`` numbers (write_results), the machine, and each run's own provenance.
+    """
+    return {
+        "commit": provenance["commit"],
+        "uncommitted_changes": provenance["uncommitted_changes"],
+        "commits": provenance["commits"],
+        "quick": quick,
+        "seeds": sorted({seed for _, seed, _ in runs}),
+        "hold_out_mode": hold_out_mode,
+        "ood_protocol_versions": sorted(
+            {m["protocol_version"] for results in per_method.values() for m in results}
+        ),
+        "methods": list(per_method),
+        "command": command,
+        "machine": machine_description(),
+        "wall_seconds": provenance["wall_seconds"],
+        "invocations": provenance["invocations"],
+        "runs": [
+            {"method": method, "seed": seed, **run_provenance(run_dir)}
+            for method, seed, run_dir in runs
+        ],
+    }
+
+
+# ---------------------------------------------------------------- results
 
 # The method the paired tests compare every other method's best embedding score with.
 SUPCON = "supcon"

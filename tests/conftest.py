@@ -7,6 +7,8 @@ pytest's default import mode imports test files by their base name: keep those u
 import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -75,6 +77,62 @@ def fake_ood_report(folder, matching="one_per_object", version=None):
         json.dump(rep, f)
 
 
+def tool_command(tool, *argv):
+    """The command line of tools/``tool`` with ``argv``, run by this Python."""
+    return [sys.executable, os.path.join(REPO, "tools", tool), *argv]
+
+
+def tool_env(shapes_root):
+    """The environment of a tool process that reads the built-in data at ``shapes_root``."""
+    return dict(os.environ, RCDET_SHAPES_ROOT=str(shapes_root))
+
+
+def run_tool(tool, *argv, shapes_root, timeout=600):
+    """
+    tools/``tool`` as a process from the repository root on the built-in data at ``shapes_root``,
+    under umask 022 (a user's shell's, whatever the test runner's); returns the finished process
+    with its stdout and stderr as text.
+    """
+    return subprocess.run(
+        tool_command(tool, *argv),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=tool_env(shapes_root),
+        preexec_fn=lambda: os.umask(0o022),
+    )
+
+
+def run_in_process(tool, argv, capsys):
+    """
+    (exit code, stderr) of tools/``tool``'s command line, run in this process; what the test
+    printed before is dropped.
+    """
+    import importlib
+    import logging
+
+    from detectron2.engine import default_argument_parser
+
+    module = importlib.import_module(f"tools.{tool}")
+    capsys.readouterr()
+    # detectron2's setup_logger is cached: its handlers keep the capture stream of the test that
+    # first called it, closed by now. The errors under test are printed, not logged.
+    logging.disable(logging.CRITICAL)
+    try:
+        if tool == "train_net":  # its main takes detectron2's parsed arguments
+            try:
+                module.cli_main(default_argument_parser().parse_args(argv))
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        else:
+            code = module.main(argv)
+    finally:
+        logging.disable(logging.NOTSET)
+    return code, capsys.readouterr().err
+
+
 @pytest.fixture
 def repo_path():
     return lambda *p: os.path.join(REPO, *p)
@@ -95,31 +153,91 @@ def tiny_shapes(tmp_path_factory):
     return root
 
 
+# The tiny schedule of tiny_cfg as KEY VALUE overrides, for the tools' command lines too; overrides
+# after it win.
+TINY_SCHEDULE = [
+    "SOLVER.IMS_PER_BATCH",
+    "2",
+    "SOLVER.MAX_ITER",
+    "2",
+    "SOLVER.STEPS",
+    "()",
+    "SOLVER.WARMUP_ITERS",
+    "1",
+    "DATALOADER.NUM_WORKERS",
+    "0",
+    "INPUT.MIN_SIZE_TRAIN",
+    "(160,)",
+    "INPUT.MIN_SIZE_TEST",
+    "160",
+    "MODEL.RCDET.QUEUE_SIZE",
+    "64",
+]
+
+
 def tiny_cfg(config="configs/shapes_rince.yaml", *opts, output_dir=None):
     """A frozen-free config on the tiny dataset with a very small schedule."""
     from rcdet.engine import setup_cfg
 
-    base = [
-        "SOLVER.IMS_PER_BATCH",
-        "2",
-        "SOLVER.MAX_ITER",
-        "2",
-        "SOLVER.STEPS",
-        "()",
-        "SOLVER.WARMUP_ITERS",
-        "1",
-        "DATALOADER.NUM_WORKERS",
-        "0",
-        "INPUT.MIN_SIZE_TRAIN",
-        "(160,)",
-        "INPUT.MIN_SIZE_TEST",
-        "160",
-        "MODEL.RCDET.QUEUE_SIZE",
-        "64",
-    ]
+    base = list(TINY_SCHEDULE)
     if output_dir:
         base += ["OUTPUT_DIR", str(output_dir)]
     return setup_cfg(os.path.join(REPO, config), base + list(opts), freeze=False)
+
+
+def shapes_batch(seed=1, n_images=2):
+    """
+    A training batch of ``n_images`` random 160 x 176 images with three random boxes each of the
+    built-in dataset's 9 classes, as detectron2's data loader gives it.
+    """
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(n_images):
+        inst = Instances((160, 176))
+        xy = torch.rand(3, 2, generator=g) * 90
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + 30 + torch.rand(3, 2, generator=g) * 50], dim=1))
+        inst.gt_classes = torch.randint(0, 9, (3,), generator=g)
+        img = torch.randint(0, 256, (3, 160, 176), generator=g, dtype=torch.uint8)
+        batch.append({"image": img, "instances": inst, "height": 160, "width": 176})
+    return batch
+
+
+def train_step_syncs(model, batch):
+    """One seeded training step of ``model`` on ``batch``: (its SyncCounter, its losses)."""
+    import torch
+    from detectron2.utils.events import EventStorage
+
+    from rcdet.testing import SyncCounter
+
+    model.train()
+    torch.manual_seed(5)
+    with EventStorage(0), SyncCounter() as counter:
+        losses = model(batch)
+        sum(losses.values()).backward()
+    return counter, losses
+
+
+def tiny_ood_benchmark(ood_dataset, bootstrap):
+    """
+    Overrides that benchmark a 2-iteration model with embeddings: every detection counts and
+    detections match loosely (it is barely trained), with ``ood_dataset`` as the image-level OOD
+    images and ``bootstrap`` replicates.
+    """
+    return [
+        "MODEL.RCDET.EMBED_AT_TEST",
+        "True",
+        "TEST.OOD.SCORE_THRESHOLD",
+        "0.0",
+        "TEST.OOD.MATCH_IOU",
+        "0.1",
+        "TEST.OOD.OOD_DATASET",
+        ood_dataset,
+        "TEST.OOD.BOOTSTRAP",
+        str(bootstrap),
+    ]
 
 
 def run_training(cfg):
@@ -162,16 +280,7 @@ def image_level_report(tiny_models, tmp_path_factory):
         "configs/shapes_rince_ood.yaml",
         "MODEL.WEIGHTS",
         tiny_models["rince"],
-        "MODEL.RCDET.EMBED_AT_TEST",
-        "True",
-        "TEST.OOD.SCORE_THRESHOLD",
-        "0.0",
-        "TEST.OOD.MATCH_IOU",
-        "0.1",
-        "TEST.OOD.OOD_DATASET",
-        ood_name,
-        "TEST.OOD.BOOTSTRAP",
-        "40",
+        *tiny_ood_benchmark(ood_name, bootstrap=40),
     )
     cfg.freeze()
     out = tmp_path_factory.mktemp("il", numbered=False)

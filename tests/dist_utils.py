@@ -28,3 +28,16 @@ def _entry(rank, world_size, port, fn, args):
 
 def run_distributed(fn, world_size, *args):
     mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def _save_result(rank, world_size, fn, out_dir, *args):
+    torch.save(fn(rank, world_size, *args), os.path.join(out_dir, f"rank{rank}.pth"))
+
+
+def run_workers(fn, world_size, out_dir, *args):
+    """
+    Run ``fn(rank, world_size, *args)`` in ``world_size`` processes (run_distributed); what each
+    returned, by rank, passed back through files in ``out_dir``.
+    """
+    run_distributed(_save_result, world_size, fn, str(out_dir), *args)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pth")) for r in range(world_size)]

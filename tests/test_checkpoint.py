@@ -8,22 +8,17 @@ queue, the optimizer, the scheduler and the AMP grad scaler exactly.
 """
 
 import collections
-import logging
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_training, tiny_cfg
-from detectron2.engine import default_argument_parser
+from conftest import run_in_process, run_tool, run_training, tiny_cfg
 
 from rcdet.checkpoint import RcdetCheckpointer, WeightsError, load_trained_weights
 from rcdet.engine import Trainer
-from tools import analyze_embeddings, benchmark_ood, train_net
 
 EVAL_OPTS = [
     "INPUT.MIN_SIZE_TEST",
@@ -33,28 +28,6 @@ EVAL_OPTS = [
     "DATALOADER.NUM_WORKERS",
     "0",
 ]
-
-
-def run_in_process(tool, argv, capsys):
-    """(exit code, stderr) of a tool's command line, run in this process."""
-    # detectron2's setup_logger is cached: its handlers keep the capture stream of the test that
-    # first called it, closed by now. The errors under test are printed, not logged.
-    logging.disable(logging.CRITICAL)
-    try:
-        if tool == "train_net":
-            try:
-                train_net.cli_main(default_argument_parser().parse_args(argv))
-                code = 0
-            except SystemExit as e:
-                code = e.code
-        else:
-            module = {"benchmark_ood": benchmark_ood, "analyze_embeddings": analyze_embeddings}[
-                tool
-            ]
-            code = module.main(argv)
-    finally:
-        logging.disable(logging.NOTSET)
-    return code, capsys.readouterr().err
 
 
 def tool_argv(tool, config, weights, tmp_path):
@@ -122,21 +95,15 @@ def test_unreadable_weights_file_is_named(tiny_shapes, tiny_models, tmp_path, ca
 
 
 def test_eval_only_without_weights_refuses(tiny_shapes, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "train_net.py"),
-            "--config-file",
-            "configs/shapes_rince_ood.yaml",
-            "--eval-only",
-            "OUTPUT_DIR",
-            str(tmp_path),
-        ]
-        + EVAL_OPTS,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes),
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        "configs/shapes_rince_ood.yaml",
+        "--eval-only",
+        "OUTPUT_DIR",
+        str(tmp_path),
+        *EVAL_OPTS,
+        shapes_root=tiny_shapes,
         timeout=300,
     )
     assert_one_error_line(proc.returncode, proc.stderr, "MODEL.WEIGHTS is empty")
@@ -495,14 +462,7 @@ def test_crafted_checkpoint_runs_no_code_in_any_tool(
 ):
     path, marker = _crafted(tmp_path, tiny_models["rince"], suffix)
     script, *argv = _tool_command(tool, path, str(tmp_path / "out"))
-    proc = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tools", script), *argv] + EVAL_OPTS,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes),
-        timeout=300,
-    )
+    proc = run_tool(script, *argv, *EVAL_OPTS, shapes_root=tiny_shapes, timeout=300)
     loaded = path if tool != "demo --resume" else str(tmp_path / "out/train/model_final.pth")
     assert_one_error_line(
         proc.returncode,

@@ -12,43 +12,41 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_training, tiny_cfg
+from conftest import REPO, TINY_SCHEDULE, run_tool, run_training, tiny_cfg, tool_command, tool_env
 from detectron2.engine import AMPTrainer
 from detectron2.utils.events import EventStorage
 
 from rcdet.config import ConfigError
 from rcdet.engine import Trainer, amp_precision
 
-TINY = [
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "SOLVER.STEPS",
+# The R50-FPN VOC configs from scratch on the tiny built-in data instead of VOC2007, small.
+VOC_ON_TINY_SHAPES = [
+    "MODEL.WEIGHTS",
+    "",
+    "MODEL.DEVICE",
+    "cpu",
+    "DATASETS.TRAIN",
+    "('rcdet_shapes_trainval',)",
+    "DATASETS.TEST",
     "()",
-    "SOLVER.WARMUP_ITERS",
-    "1",
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    "9",
+    "MODEL.RCDET.RANKING_FILE",
+    "configs/rankings/shapes_families.yaml",
     "INPUT.MIN_SIZE_TRAIN",
-    "(160,)",
-    "INPUT.MIN_SIZE_TEST",
-    "160",
-    "MODEL.RCDET.QUEUE_SIZE",
-    "64",
+    "(128,)",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN",
+    "100",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
+    "32",
 ]
 TRAIN_SPLIT = "rcdet_shapes_trainval__minus_ring+triangle_drop_images"
 TEST_SPLIT = "rcdet_shapes_test__minus_ring+triangle_ood_test"
-
-
-def _tool_cmd(tool, *argv):
-    return [sys.executable, os.path.join(REPO, "tools", tool), *argv]
-
-
-def _env(shapes_root):
-    return dict(os.environ, RCDET_SHAPES_ROOT=str(shapes_root))
 
 
 # ---------------------------------------------------------------- training
@@ -85,30 +83,7 @@ def test_each_shapes_config_trains_a_few_iterations(tiny_shapes, tmp_path, confi
 )
 def test_voc_configs_build_and_train_one_iteration(tiny_shapes, tmp_path, config):
     """The R50-FPN VOC configs, from scratch, on the tiny built-in data instead of VOC2007."""
-    cfg = tiny_cfg(
-        config,
-        "MODEL.WEIGHTS",
-        "",
-        "MODEL.DEVICE",
-        "cpu",
-        "DATASETS.TRAIN",
-        "('rcdet_shapes_trainval',)",
-        "DATASETS.TEST",
-        "()",
-        "MODEL.ROI_HEADS.NUM_CLASSES",
-        "9",
-        "MODEL.RCDET.RANKING_FILE",
-        "configs/rankings/shapes_families.yaml",
-        "SOLVER.MAX_ITER",
-        "1",
-        "INPUT.MIN_SIZE_TRAIN",
-        "(128,)",
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
-        "100",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-        "32",
-        output_dir=tmp_path,
-    )
+    cfg = tiny_cfg(config, *VOC_ON_TINY_SHAPES, "SOLVER.MAX_ITER", "1", output_dir=tmp_path)
     trainer = run_training(cfg)
     assert trainer.iter == 1 and (tmp_path / "model_final.pth").is_file()
 
@@ -135,24 +110,7 @@ def test_voc_amp_config_runs_one_float16_step(tiny_shapes, tmp_path):
     of its steps (float16 autocast, scaled loss) runs; AMPTrainer.run_step itself needs CUDA."""
     cfg = tiny_cfg(
         "configs/voc_rince_amp.yaml",
-        "MODEL.WEIGHTS",
-        "",
-        "MODEL.DEVICE",
-        "cpu",
-        "DATASETS.TRAIN",
-        "('rcdet_shapes_trainval',)",
-        "DATASETS.TEST",
-        "()",
-        "MODEL.ROI_HEADS.NUM_CLASSES",
-        "9",
-        "MODEL.RCDET.RANKING_FILE",
-        "configs/rankings/shapes_families.yaml",
-        "INPUT.MIN_SIZE_TRAIN",
-        "(128,)",
-        "MODEL.RPN.POST_NMS_TOPK_TRAIN",
-        "100",
-        "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE",
-        "32",
+        *VOC_ON_TINY_SHAPES,
         "SOLVER.BASE_LR",
         "0.0",
         output_dir=tmp_path,
@@ -172,18 +130,6 @@ def test_voc_amp_config_runs_one_float16_step(tiny_shapes, tmp_path):
 # ---------------------------------------------------------------- the saved config
 
 
-def run_tool(tool, *argv, shapes_root):
-    return subprocess.run(
-        _tool_cmd(tool, *argv),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(shapes_root),
-        preexec_fn=lambda: os.umask(0o022),
-    )
-
-
 @pytest.fixture(scope="module")
 def held_out_run(tiny_shapes, tmp_path_factory):
     """
@@ -194,11 +140,7 @@ def held_out_run(tiny_shapes, tmp_path_factory):
         "train_net.py",
         "--config-file",
         "configs/shapes_rince_ood.yaml",
-        *TINY,
-        "SOLVER.MAX_ITER",
-        "2",
-        "DATALOADER.NUM_WORKERS",
-        "0",
+        *TINY_SCHEDULE,
         "OUTPUT_DIR",
         str(out),
         shapes_root=tiny_shapes,
@@ -214,35 +156,31 @@ def _mode(path):
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
-def test_train_net_eval_only_with_the_saved_config(held_out_run, tiny_shapes):
-    proc = run_tool(
-        "train_net.py",
-        "--config-file",
-        str(held_out_run / "config.yaml"),
-        "--eval-only",
-        "MODEL.WEIGHTS",
-        str(held_out_run / "model_final.pth"),
-        "OUTPUT_DIR",
-        str(held_out_run / "eval"),
-        shapes_root=tiny_shapes,
-    )
+def run_with_saved_config(run, tool, *options, shapes_root, opts=()):
+    """``tool`` with the run's saved config.yaml and final weights, then the overrides ``opts``."""
+    config, weights = str(run / "config.yaml"), str(run / "model_final.pth")
+    argv = ["--config-file", config, *options, "MODEL.WEIGHTS", weights, *opts]
+    proc = run_tool(tool, *argv, shapes_root=shapes_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_train_net_eval_only_with_the_saved_config(held_out_run, tiny_shapes):
+    proc = run_with_saved_config(
+        held_out_run,
+        "train_net.py",
+        "--eval-only",
+        shapes_root=tiny_shapes,
+        opts=("OUTPUT_DIR", str(held_out_run / "eval")),
+    )
     assert "copypaste: AP,AP50,AP75" in proc.stdout
 
 
 def test_benchmark_ood_with_the_saved_config_writes_readable_reports(held_out_run, tiny_shapes):
     out = held_out_run / "ood"
-    proc = run_tool(
-        "benchmark_ood.py",
-        "--config-file",
-        str(held_out_run / "config.yaml"),
-        "--output",
-        str(out),
-        "MODEL.WEIGHTS",
-        str(held_out_run / "model_final.pth"),
-        shapes_root=tiny_shapes,
+    proc = run_with_saved_config(
+        held_out_run, "benchmark_ood.py", "--output", str(out), shapes_root=tiny_shapes
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Report:" in proc.stdout
     # Under umask 022 every report, plot and the statistics cache is 0644, not mkstemp's 0600.
     written = [out / name for name in os.listdir(out)] + list(held_out_run.glob("ood_stats_*.npz"))
@@ -258,18 +196,14 @@ def test_benchmark_ood_with_the_saved_config_writes_readable_reports(held_out_ru
 
 def test_analyze_embeddings_with_the_saved_config(held_out_run, tiny_shapes):
     out = held_out_run / "analysis"
-    proc = run_tool(
+    run_with_saved_config(
+        held_out_run,
         "analyze_embeddings.py",
-        "--config-file",
-        str(held_out_run / "config.yaml"),
         "--output",
         str(out),
         "--no-tsne",
-        "MODEL.WEIGHTS",
-        str(held_out_run / "model_final.pth"),
         shapes_root=tiny_shapes,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "analysis.json").is_file() and _mode(out / "analysis.json") == 0o644
 
 
@@ -304,25 +238,18 @@ def _damage_split(root, split, damage):
 def test_unreadable_image_met_while_training(shapes_copy, tmp_path):
     # Zero-byte JPEGs, read in a DataLoader worker process as the shapes configs do.
     damaged = _damage_split(shapes_copy, "trainval", "empty")
-    proc = subprocess.run(
-        _tool_cmd(
-            "train_net.py",
-            "--config-file",
-            "configs/shapes_rince.yaml",
-            *TINY,
-            "SOLVER.MAX_ITER",
-            "2",
-            "DATALOADER.NUM_WORKERS",
-            "1",
-            "DATASETS.TEST",
-            "()",
-            "OUTPUT_DIR",
-            str(tmp_path / "out"),
-        ),
-        cwd=REPO,
-        env=_env(shapes_copy),
-        capture_output=True,
-        text=True,
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        "configs/shapes_rince.yaml",
+        *TINY_SCHEDULE,
+        "DATALOADER.NUM_WORKERS",
+        "1",
+        "DATASETS.TEST",
+        "()",
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
+        shapes_root=shapes_copy,
         timeout=300,
     )
     line = _one_error_line(proc)
@@ -333,24 +260,17 @@ def test_unreadable_image_met_while_training(shapes_copy, tmp_path):
 
 def test_unreadable_image_met_while_evaluating(shapes_copy, tiny_models, tmp_path):
     damaged = _damage_split(shapes_copy, "test", "truncated")
-    proc = subprocess.run(
-        _tool_cmd(
-            "train_net.py",
-            "--config-file",
-            "configs/shapes_rince_ood.yaml",
-            "--eval-only",
-            *TINY,
-            "DATALOADER.NUM_WORKERS",
-            "0",
-            "MODEL.WEIGHTS",
-            tiny_models["rince"],
-            "OUTPUT_DIR",
-            str(tmp_path / "out"),
-        ),
-        cwd=REPO,
-        env=_env(shapes_copy),
-        capture_output=True,
-        text=True,
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        "configs/shapes_rince_ood.yaml",
+        "--eval-only",
+        *TINY_SCHEDULE,
+        "MODEL.WEIGHTS",
+        tiny_models["rince"],
+        "OUTPUT_DIR",
+        str(tmp_path / "out"),
+        shapes_root=shapes_copy,
         timeout=300,
     )
     line = _one_error_line(proc)
@@ -423,11 +343,11 @@ def _assert_interrupted(code, stderr):
 
 def test_ctrl_c_during_training(tiny_shapes, tmp_path):
     run = tmp_path / "run"
-    cmd = _tool_cmd(
+    cmd = tool_command(
         "train_net.py",
         "--config-file",
         "configs/shapes_rince_ood.yaml",
-        *TINY,
+        *TINY_SCHEDULE,
         "SOLVER.MAX_ITER",
         "100000",
         "SOLVER.CHECKPOINT_PERIOD",
@@ -441,7 +361,7 @@ def test_ctrl_c_during_training(tiny_shapes, tmp_path):
     )
     code, _, stderr = _interrupt(
         cmd,
-        _env(tiny_shapes),
+        tool_env(tiny_shapes),
         tmp_path,
         lambda out, err: (run / "last_checkpoint").is_file(),
         "the first checkpoint",
@@ -460,7 +380,7 @@ def test_ctrl_c_during_evaluation(tiny_shapes, tiny_models, tmp_path):
     shutil.copy(tiny_models["rince"], weights)
     out = tmp_path / "ood"
     # Large test images give the interrupt a window of a few seconds.
-    cmd = _tool_cmd(
+    cmd = tool_command(
         "benchmark_ood.py",
         "--config-file",
         "configs/shapes_rince_ood.yaml",
@@ -479,7 +399,7 @@ def test_ctrl_c_during_evaluation(tiny_shapes, tiny_models, tmp_path):
     )
     code, _, stderr = _interrupt(
         cmd,
-        _env(tiny_shapes),
+        tool_env(tiny_shapes),
         tmp_path,
         lambda o, e: "fitting OOD statistics" in e,
         "the OOD statistics pass",

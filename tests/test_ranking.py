@@ -4,6 +4,7 @@ shipped ranking files."""
 import numpy as np
 import pytest
 import yaml
+from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC
 
 from rcdet.data.shapes import CLASS_NAMES as SHAPES
 from rcdet.ranking import (
@@ -16,28 +17,6 @@ from rcdet.ranking import (
 )
 
 N = NEGATIVE_RANK
-VOC = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
 ABC = ("a", "b", "c", "d")
 
 

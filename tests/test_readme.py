@@ -9,30 +9,11 @@ import re
 import shlex
 import sys
 
-from conftest import REPO
+from conftest import REPO, TINY_SCHEDULE
 
 SNIPPET_HEADING = "## Using rcdet in your own detectron2 project"
 # README name -> the name in the committed results.md tables, which keep the name of their day.
 RENAMED_METHODS = {"rince_out_r1": "supcon_out"}
-# The tiny schedule of conftest.tiny_cfg, as command-line KEY VALUE overrides.
-TINY_OVERRIDES = [
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "SOLVER.MAX_ITER",
-    "2",
-    "SOLVER.STEPS",
-    "()",
-    "SOLVER.WARMUP_ITERS",
-    "1",
-    "DATALOADER.NUM_WORKERS",
-    "0",
-    "INPUT.MIN_SIZE_TRAIN",
-    "(160,)",
-    "INPUT.MIN_SIZE_TEST",
-    "160",
-    "MODEL.RCDET.QUEUE_SIZE",
-    "64",
-]
 
 
 def _read(*path):
@@ -73,7 +54,7 @@ def test_readme_snippet_trains_a_model_in_your_own_project(tiny_shapes, tmp_path
         "sys.argv[1:]" in code
     ), "the snippet no longer takes KEY VALUE overrides from the command line"
     out = tmp_path / "mine"
-    monkeypatch.setattr(sys, "argv", ["train_mine.py", *TINY_OVERRIDES, "OUTPUT_DIR", str(out)])
+    monkeypatch.setattr(sys, "argv", ["train_mine.py", *TINY_SCHEDULE, "OUTPUT_DIR", str(out)])
     monkeypatch.chdir(REPO)  # the snippet's config and ranking paths are relative to the checkout
     namespace = {"__name__": "__main__"}
     exec(compile(code, "README.md (snippet)", "exec"), namespace)
@@ -246,16 +227,12 @@ def test_readme_links_every_tool_and_every_rcdet_module():
         if n.endswith((".py", ".sh")) and n != "__init__.py"
     ]
     missing = [f"tools/{n}" for n in tools if f"](tools/{n})" not in readme]
-    for name in sorted(os.listdir(os.path.join(REPO, "rcdet"))):
-        full = os.path.join(REPO, "rcdet", name)
-        if name.endswith(".py") and name != "__init__.py":
-            target = f"rcdet/{name}"
-        elif os.path.isfile(os.path.join(full, "__init__.py")):
-            target = f"rcdet/{name}/"
-        else:
-            continue
-        if f"]({target})" not in readme:
-            missing.append(target)
+    modules = []
+    for folder, _, files in os.walk(os.path.join(REPO, "rcdet")):
+        rel = os.path.relpath(folder, REPO).replace(os.sep, "/")
+        modules += [f"{rel}/{n}" for n in files if n.endswith(".py") and n != "__init__.py"]
+    assert "rcdet/modeling/rince.py" in modules and "rcdet/data/shapes.py" in modules
+    missing += [m for m in sorted(modules) if f"]({m})" not in readme]
     assert not missing, f"README.md does not link {missing}"
 
 

@@ -1,4 +1,5 @@
-"""rcdet.study: the comparison study's table, statistics, paired tests, results and figures."""
+"""rcdet.study: the comparison study's methods, provenance, table, statistics, paired tests, results
+and figures."""
 
 import json
 import os
@@ -247,3 +248,125 @@ def test_tsne_panel_has_a_class_legend(tmp_path):
     assert labels == ["disc [round]", "bullseye [round]", "ring (held out)"]
     assert [a.get_title() for a in tsne.axes] == ["softmax", "rince_in"]
     assert study.tsne_panel({"softmax": str(tmp_path / "none")}) is None
+
+
+# ---------------------------------------------------------------- methods and provenance
+
+
+def test_the_shuffled_control_moves_the_true_structure_onto_other_classes(tmp_path, repo_path):
+    from rcdet.ranking import load_ranking
+
+    classes = study.class_names(False)
+    true_file = repo_path(study.true_ranking_file(False))
+    true = load_ranking(true_file, classes)
+    path = str(tmp_path / "shuffled.yaml")
+    study.write_shuffled_ranking(path, true_file, classes, seed=1000)
+    shuffled = load_ranking(path, classes)
+    expected = true.permuted(seed=1000)
+    assert np.array_equal(shuffled.matrix, expected.matrix)
+    assert not np.array_equal(shuffled.matrix, true.matrix)
+    # The same rank statistics: only which classes are similar changes.
+    assert sorted(shuffled.matrix.ravel().tolist()) == sorted(true.matrix.ravel().tolist())
+    assert "(seed 1000): deliberately wrong" in open(path).read()
+    assert len(study.class_names(True)) == 20 and study.class_names(True)[-1] == "tvmonitor"
+
+
+def test_each_run_keeps_the_commits_and_seconds_of_its_stages(tmp_path):
+    assert study.run_provenance(str(tmp_path)) == {}
+    study.record_stage(str(tmp_path), "train", 12.34, "b" * 40, True)
+    study.record_stage(str(tmp_path), "ood", 5.0, "a" * 40, False)
+    study.record_stage(str(tmp_path), "train", 7.06, "c" * 40, False)  # a re-run replaces it
+    with open(tmp_path / "provenance.json") as f:
+        stages = json.load(f)["stages"]
+    assert stages == {
+        "train": {"seconds": 7.1, "commit": "c" * 40, "uncommitted_changes": False},
+        "ood": {"seconds": 5.0, "commit": "a" * 40, "uncommitted_changes": False},
+    }
+    assert study.run_provenance(str(tmp_path)) == {
+        "commits": ["a" * 40, "c" * 40],
+        "stage_seconds": {"train": 7.1, "ood": 5.0},
+    }
+
+
+def test_study_meta_names_the_runs_protocols_and_provenance(tmp_path):
+    (tmp_path / "a").mkdir()
+    study.record_stage(str(tmp_path / "a"), "train", 3.0, "a" * 40, False)
+    runs = [("softmax", 1, str(tmp_path / "a")), ("softmax", 0, str(tmp_path / "b"))]
+    per_method = {"softmax": [{"protocol_version": 3}, {"protocol_version": 2}]}
+    invocation = {"commit": "a" * 40, "uncommitted_changes": True, "wall_seconds": 4.0}
+    prov = study.study_provenance(None, invocation)
+    meta = study.study_meta(runs, per_method, prov, True, "drop_images", "python x.py --quick")
+    assert list(meta) == [
+        "commit",
+        "uncommitted_changes",
+        "commits",
+        "quick",
+        "seeds",
+        "hold_out_mode",
+        "ood_protocol_versions",
+        "methods",
+        "command",
+        "machine",
+        "wall_seconds",
+        "invocations",
+        "runs",
+    ]
+    assert meta["commit"] == "a" * 40 and meta["uncommitted_changes"] is True
+    assert meta["seeds"] == [0, 1] and meta["ood_protocol_versions"] == [2, 3]
+    assert meta["methods"] == ["softmax"] and meta["wall_seconds"] == 4.0
+    assert meta["command"] == "python x.py --quick" and " cores, torch " in meta["machine"]
+    assert meta["runs"] == [
+        {"method": "softmax", "seed": 1, "commits": ["a" * 40], "stage_seconds": {"train": 3.0}},
+        {"method": "softmax", "seed": 0},
+    ]
+
+
+def test_resumed_study_names_every_commit_and_sums_wall_time():
+    # meta.json written before invocations were recorded: it stands for one invocation.
+    legacy = {"commit": "a" * 40, "uncommitted_changes": True, "seeds": [0], "wall_seconds": 100.0}
+    now = {
+        "commit": "b" * 40,
+        "uncommitted_changes": False,
+        "seeds_run": [1, 2],
+        "stages_run": 30,
+        "wall_seconds": 200.04,
+    }
+    prov = study.study_provenance(legacy, now)
+    assert prov["commit"] == "b" * 40 and prov["uncommitted_changes"] is False
+    assert prov["commits"] == ["a" * 40, "b" * 40]
+    assert prov["wall_seconds"] == 300.0
+    assert [i["wall_seconds"] for i in prov["invocations"]] == [100.0, 200.04]
+    # Re-aggregating without running anything keeps the study as it was.
+    again = study.study_provenance({**prov, "wall_seconds": 300.0}, None)
+    assert (
+        again["commits"] == prov["commits"]
+        and again["wall_seconds"] == 300.0
+        and again["commit"] == "b" * 40
+    )
+    assert study.study_provenance(None, None)["wall_seconds"] is None
+
+
+def test_git_state_ignores_the_studys_own_results(tmp_path):
+    """
+    A resumed study rewrites its committed results; that alone must not flag the code as changed.
+    """
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / "results" / "study").mkdir(parents=True)
+    (repo / "code.py").write_text("x = 1\n")
+    (repo / "results" / "study" / "results.md").write_text("old\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
+    subprocess.run(git + ["add", "."], cwd=repo, check=True)
+    subprocess.run(git + ["commit", "-qm", "init"], cwd=repo, check=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+    (repo / "results" / "study" / "results.md").write_text("new\n")
+    assert study.git_state(str(repo), exclude=str(repo / "results" / "study")) == (head, False)
+    assert study.git_state(str(repo)) == (head, True)
+    # The checkout itself is not excluded.
+    assert study.git_state(str(repo), exclude=str(repo)) == (head, True)
+    (repo / "code.py").write_text("x = 2\n")
+    assert study.git_state(str(repo), exclude=str(repo / "results" / "study")) == (head, True)

@@ -28,7 +28,6 @@ meta.json (commit, machine, wall time).
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -46,42 +45,14 @@ from rcdet.engine import (
     report_user_errors,
 )
 from rcdet.evaluation.report import PROTOCOL_VERSION, report_version
-from rcdet.file_io import atomic_write, write_json_atomic
+from rcdet.file_io import write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The drop_annotations variant study compares these methods.
-VARIANT_METHODS = ("softmax", "supcon", "rince_out_r1", "rince_out_in")
-
-
-@dataclass
-class Method:
-    name: str
-    config: str
-    opts: List[str] = field(default_factory=list)
-    shuffled_ranking: bool = False
-
-
-def methods_for(voc: bool) -> List[Method]:
-    p = "voc" if voc else "shapes"
-    return [
-        Method("softmax", f"configs/{p}_softmax_ood.yaml"),
-        Method("supcon", f"configs/{p}_supcon_ood.yaml"),
-        Method(
-            "rince_out_r1", f"configs/{p}_supcon_ood.yaml", ["MODEL.RCDET.LOSS", "rince_out_r1"]
-        ),
-        Method("rince_in", f"configs/{p}_rince_ood.yaml", ["MODEL.RCDET.LOSS", "rince_in"]),
-        Method("rince_out_in", f"configs/{p}_rince_ood.yaml"),
-        Method("rince_out_in_shuffled", f"configs/{p}_rince_ood.yaml", shuffled_ranking=True),
-    ]
-
-
-def true_ranking_file(voc: bool) -> str:
-    return "configs/rankings/voc_human.yaml" if voc else "configs/rankings/shapes_families.yaml"
 
 
 @dataclass
 class Run:
-    method: Method
+    method: study.Method
     seed: int
     run_dir: str
     extra: List[str]
@@ -112,30 +83,19 @@ class Run:
         # The analysis always measures against the true ranking, also for the shuffled control.
         analysis_opts = list(eval_opts)
         if self.ranking_file:
-            analysis_opts[analysis_opts.index(self.ranking_file)] = true_ranking_file(voc)
+            analysis_opts[analysis_opts.index(self.ranking_file)] = study.true_ranking_file(voc)
         ood, analysis = os.path.join(self.run_dir, "ood"), os.path.join(self.run_dir, "analysis")
+        train = [py, "tools/train_net.py", "--config-file", cfg] + self.train_args
+        evaluate = [py, "tools/benchmark_ood.py", "--name", self.method.name, "--output", ood]
+        analyze = [py, "tools/analyze_embeddings.py", "--output", analysis, "--config-file", cfg]
         return [
-            (
-                "train",
-                self.weights,
-                [py, "tools/train_net.py", "--config-file", cfg]
-                + self.train_args
-                + self.train_opts(),
-            ),
+            ("train", self.weights, train + self.train_opts()),
             (
                 "ood",
                 os.path.join(ood, "ood_report.json"),
-                [py, "tools/benchmark_ood.py", "--name", self.method.name, "--output", ood]
-                + self.ood_args
-                + ["--config-file", cfg]
-                + eval_opts,
+                evaluate + self.ood_args + ["--config-file", cfg] + eval_opts,
             ),
-            (
-                "analysis",
-                os.path.join(analysis, "analysis.json"),
-                [py, "tools/analyze_embeddings.py", "--output", analysis, "--config-file", cfg]
-                + analysis_opts,
-            ),
+            ("analysis", os.path.join(analysis, "analysis.json"), analyze + analysis_opts),
         ]
 
 
@@ -146,13 +106,13 @@ def plan(args) -> List[Run]:
     if mode != "drop_images":
         extra += ["MODEL.RCDET.OOD.HOLD_OUT_MODE", mode]
     extra += list(args.opts)
-    methods = args.methods or (list(VARIANT_METHODS) if mode != "drop_images" else None)
+    methods = args.methods or (list(study.VARIANT_METHODS) if mode != "drop_images" else None)
     num_gpus, ood_dataset = getattr(args, "num_gpus", None), getattr(args, "ood_dataset", None)
     train_args = ["--num-gpus", str(num_gpus)] if num_gpus else []
     ood_args = ["--ood-dataset", ood_dataset] if ood_dataset else []
     return [
         Run(m, s, os.path.join(args.runs_dir, m.name, f"seed{s}"), extra, train_args, ood_args)
-        for m in methods_for(args.voc)
+        for m in study.methods_for(args.voc)
         if not methods or m.name in methods
         for s in seeds
     ]
@@ -170,58 +130,11 @@ def stage_done(name: str, marker: str, reevaluate: bool = False) -> bool:
 
 
 def write_shuffled_ranking(run: Run, voc: bool):
-    """The control ranking: the true one with its structure moved onto permuted classes."""
-    from rcdet.data.shapes import CLASS_NAMES
-    from rcdet.ranking import load_ranking, ranking_to_yaml
-
-    if voc:
-        from detectron2.data.datasets.pascal_voc import CLASS_NAMES as classes
-    else:
-        classes = CLASS_NAMES
-    true = load_ranking(os.path.join(REPO, true_ranking_file(voc)), list(classes))
-    seed = 1000 + run.seed
-    text = ranking_to_yaml(
-        true.permuted(seed=seed),
-        f"Shuffled control for {true.source} (seed {seed}): deliberately wrong.",
+    """The shuffled control's ranking (rcdet.study.write_shuffled_ranking), seeded by the run."""
+    true_file = os.path.join(REPO, study.true_ranking_file(voc))
+    study.write_shuffled_ranking(
+        run.ranking_file, true_file, study.class_names(voc), 1000 + run.seed
     )
-    atomic_write(run.ranking_file, text.encode())
-
-
-def git_state(exclude: Optional[str] = None, repo: str = REPO):
-    """
-    (commit, whether tracked files have uncommitted changes) of the checkout the study runs from.
-    ``exclude``: the study's own output folder, left out of the check, since a resumed study has
-    rewritten its committed results there by the time it runs again.
-    """
-    cmd = ["git", "status", "--porcelain", "--untracked-files=no"]
-    if exclude:
-        rel = os.path.relpath(os.path.abspath(exclude), repo)
-        # Only a folder inside the checkout, never the checkout itself: that hides every change.
-        if rel != os.curdir and rel != os.pardir and not rel.startswith(os.pardir + os.sep):
-            cmd += ["--", ".", f":(exclude){rel}"]
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(cmd, cwd=repo, capture_output=True, text=True).stdout
-    except OSError:
-        return "unknown", False
-    return commit or "unknown", bool(dirty.strip())
-
-
-def record_stage(run_dir: str, stage: str, seconds: float, commit: str, dirty: bool):
-    """Each run keeps the commit and time of its own stages: a resumed study mixes invocations."""
-    path = os.path.join(run_dir, "provenance.json")
-    info = {"stages": {}}
-    if os.path.isfile(path):
-        with open(path) as f:
-            info = json.load(f)
-    info["stages"][stage] = {
-        "seconds": round(seconds, 1),
-        "commit": commit,
-        "uncommitted_changes": dirty,
-    }
-    write_json_atomic(path, info)
 
 
 def execute(
@@ -247,35 +160,8 @@ def execute(
             if run.seed not in done["seeds_run"]:
                 done["seeds_run"].append(run.seed)
             if commit is not None:
-                record_stage(run.run_dir, name, time.perf_counter() - t0, *commit)
+                study.record_stage(run.run_dir, name, time.perf_counter() - t0, *commit)
     return done
-
-
-def study_provenance(previous_meta: Optional[dict], invocation: Optional[dict]) -> dict:
-    """Commits and wall time of the study: the invocations it resumed, and this one if it ran."""
-    invocations = []
-    if previous_meta:
-        invocations = previous_meta.get("invocations") or [
-            {
-                # meta.json from before invocations were recorded: one invocation.
-                "commit": previous_meta.get("commit", "unknown"),
-                "uncommitted_changes": previous_meta.get("uncommitted_changes", False),
-                "seeds_run": previous_meta.get("seeds"),
-                "wall_seconds": previous_meta.get("wall_seconds"),
-            }
-        ]
-    invocations = invocations + ([invocation] if invocation else [])
-    latest = invocations[-1] if invocations else {"commit": "unknown", "uncommitted_changes": False}
-    # Summed over the invocations that contributed runs. One interrupted before it wrote meta.json
-    # is not counted; the stage times of its runs are still in their provenance.json.
-    walls = [i.get("wall_seconds") for i in invocations]
-    return {
-        "commit": latest["commit"],
-        "uncommitted_changes": latest["uncommitted_changes"],
-        "commits": sorted({i["commit"] for i in invocations}),
-        "invocations": invocations,
-        "wall_seconds": round(sum(walls), 1) if walls and None not in walls else None,
-    }
 
 
 def aggregate(
@@ -290,7 +176,8 @@ def aggregate(
     ``invocation``: commit, seeds and wall time of this call if it ran stages (else None).
     ``previous_meta``: meta.json of the invocations whose finished runs this call resumed.
     """
-    md, per_method = study.write_results([(r.method.name, r.seed, r.run_dir) for r in runs], output)
+    study_runs = [(r.method.name, r.seed, r.run_dir) for r in runs]
+    md, per_method = study.write_results(study_runs, output)
     cfg_dir = os.path.join(output, "configs")
     os.makedirs(cfg_dir, exist_ok=True)
     for run in runs:
@@ -300,39 +187,14 @@ def aggregate(
             shutil.copy(config, name + ".yaml")
             if run.ranking_file and os.path.isfile(run.ranking_file):
                 shutil.copy(run.ranking_file, name + "_ranking.yaml")
-    import torch
-
-    prov = study_provenance(previous_meta, invocation)
-    command = ["python", "tools/compare_methods.py"] + (args.argv or [])
-    meta = {
-        "commit": prov["commit"],
-        "uncommitted_changes": prov["uncommitted_changes"],
-        "commits": prov["commits"],
-        "quick": args.quick,
-        "seeds": sorted({r.seed for r in runs}),
-        "hold_out_mode": getattr(args, "hold_out_mode", "drop_images"),
-        "ood_protocol_versions": sorted(
-            {m["protocol_version"] for results in per_method.values() for m in results}
-        ),
-        "methods": list(per_method),
-        "command": shlex.join(command),
-        "machine": (
-            f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads"
-        ),
-        "wall_seconds": prov["wall_seconds"],
-        "invocations": prov["invocations"],
-        "runs": [],
-    }
-    for run in runs:
-        entry = {"method": run.method.name, "seed": run.seed}
-        path = os.path.join(run.run_dir, "provenance.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                stages = json.load(f)["stages"]
-            entry["commits"] = sorted({st["commit"] for st in stages.values()})
-            entry["stage_seconds"] = {k: st["seconds"] for k, st in stages.items()}
-        meta["runs"].append(entry)
+    meta = study.study_meta(
+        study_runs,
+        per_method,
+        study.study_provenance(previous_meta, invocation),
+        quick=args.quick,
+        hold_out_mode=getattr(args, "hold_out_mode", "drop_images"),
+        command=shlex.join(["python", "tools/compare_methods.py"] + (args.argv or [])),
+    )
     write_json_atomic(os.path.join(output, "meta.json"), meta)
     return md
 
@@ -343,7 +205,7 @@ def check_options(args):
 
     from rcdet.config import add_rcdet_config
 
-    for config in sorted({m.config for m in methods_for(args.voc)}):
+    for config in sorted({m.config for m in study.methods_for(args.voc)}):
         cfg = get_cfg()
         add_rcdet_config(cfg)
         cli.load_config_file(cfg, os.path.join(REPO, config), option="the study's config")
@@ -360,6 +222,7 @@ def check_options(args):
 
 
 def main(argv=None):
+    variant = ", ".join(study.VARIANT_METHODS)
     parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--voc", action="store_true", help="the VOC2007 R50-FPN study (GPUs)")
     parser.add_argument("--quick", action="store_true", help="one seed, short schedule")
@@ -377,18 +240,15 @@ def main(argv=None):
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=[m.name for m in methods_for(False)],
+        choices=[m.name for m in study.methods_for(False)],
         metavar="METHOD",
-        help="subset of methods: " + ", ".join(m.name for m in methods_for(False)),
+        help="subset of methods: " + ", ".join(m.name for m in study.methods_for(False)),
     )
     parser.add_argument(
         "--hold-out-mode",
         choices=HOLD_OUT_MODES,
         default="drop_images",
-        help=(
-            "drop_annotations: the variant study "
-            "(softmax, supcon, rince_out_r1, rince_out_in unless --methods)"
-        ),
+        help=f"drop_annotations: the variant study ({variant} unless --methods)",
     )
     parser.add_argument(
         "--num-gpus",
@@ -439,7 +299,7 @@ def run_study(args):
                 note = " (done)" if finished else redo
                 print(f"  {name}{note}: {shlex.join(argv_)}")
         return 0
-    commit, dirty = git_state(exclude=args.output)
+    commit, dirty = study.git_state(repo=REPO, exclude=args.output)
     start = time.perf_counter()
     counts = execute(runs, args.voc, commit=(commit, dirty), reevaluate=args.reevaluate)
     wall = time.perf_counter() - start

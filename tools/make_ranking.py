@@ -16,33 +16,12 @@ import os
 import sys
 
 import numpy as np
+from detectron2.data.datasets.pascal_voc import CLASS_NAMES as VOC_CLASSES
 
 from rcdet import cli
 from rcdet.engine import exit_on_user_error, report_user_errors
 from rcdet.ranking import ranking_from_dict, similarity_ranking_yaml
 
-VOC_CLASSES = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
 # VOC's run-together names read better to a language model as words.
 READABLE = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 

@@ -11,6 +11,7 @@ gives a real two-level similarity structure for rankings: same family first, the
 
 import math
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Dict, List, Optional, Tuple
@@ -282,8 +283,6 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     from ..engine import exit_on_user_error
 
     sys.exit(exit_on_user_error(main, prog="python -m rcdet.data.shapes"))

@@ -37,7 +37,7 @@ identity included.
 
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -154,6 +154,23 @@ def _set_logsumexp(class_lse: torch.Tensor, member: torch.Tensor) -> torch.Tenso
     return class_lse.masked_fill(~member, -_INF).logsumexp(dim=1)
 
 
+class _Saved(NamedTuple):
+    """What the forward keeps for the backward, in ``ctx.save_for_backward``'s order."""
+
+    anchors: torch.Tensor  # (N, d)
+    keys: torch.Tensor  # (M, d)
+    key_cls: torch.Tensor  # (M,) column of each key in the code table
+    class_codes: torch.Tensor  # (N, C) code of each key class for each anchor
+    shifted: torch.Tensor  # (N, M) similarities minus their (anchor, class) block max
+    block_max: torch.Tensor  # (N, C)
+    weights: torch.Tensor  # (N,) anchor weights, 0 for padding
+    has_pos: torch.Tensor  # (N, r) whether the anchor has a positive at each rank
+    n_pos: torch.Tensor  # (N, r) its positives per rank, at least 1
+    self_col: torch.Tensor  # (N, 1) column of the anchor's own key (0 without one)
+    has_self: torch.Tensor  # (N,) whether it has one
+    avail: torch.Tensor  # (N, C) keys of each class, its own excluded
+
+
 class _RankedInfoNCEFunction(torch.autograd.Function):
     """
     (anchors, keys) -> per-rank *sums* of ``w_i * ell_k(i)``, anchor counts and mean similarities.
@@ -252,14 +269,13 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
                 saved.append((lse_pos, lse_other))
             per_rank_sum = torch.stack(per_rank_sum)
 
-        ctx.save_for_backward(
+        saved_tensors = _Saved(
             anchors,
             keys,
             key_cls,
             class_codes,
             shifted,
             block_max,
-            onehot,
             weights,
             has_pos,
             n_pos,
@@ -267,6 +283,7 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
             has_self,
             avail,
         )
+        ctx.save_for_backward(*saved_tensors)
         ctx.meta = (taus, forms, saved)
         ctx.mark_non_differentiable(anchor_counts, mean_sim)
         return per_rank_sum, anchor_counts, mean_sim
@@ -274,24 +291,10 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_sum, _grad_counts, _grad_mean_sim):
-        (
-            anchors,
-            keys,
-            key_cls,
-            class_codes,
-            shifted,
-            block_max,
-            onehot,
-            weights,
-            has_pos,
-            n_pos,
-            self_col,
-            has_self,
-            avail,
-        ) = ctx.saved_tensors
+        fwd = _Saved(*ctx.saved_tensors)  # the forward's tensors
         taus, forms, saved = ctx.meta
-        present = avail > 0
-        with torch.autocast(device_type=anchors.device.type, enabled=False):
+        present = fwd.avail > 0
+        with torch.autocast(device_type=fwd.anchors.device.type, enabled=False):
             grad = None
 
             def add(part, row_scale):
@@ -304,55 +307,75 @@ class _RankedInfoNCEFunction(torch.autograd.Function):
             def add_softmax_part(t, log_factor, row_scale):
                 # exp(t s_ij + log_factor_ic - t block_max_ic): the per-class factor goes into the
                 # exponent, so each part is one gather, one exp and one multiply-add.
-                add(_per_key(log_factor, key_cls).add_(shifted, alpha=t).exp_(), row_scale)
+                add(_per_key(log_factor, fwd.key_cls).add_(fwd.shifted, alpha=t).exp_(), row_scale)
 
             for k in range(1, len(taus) + 1):
                 t = 1.0 / taus[k - 1]
                 lse_pos, lse_other = saved[k - 1]
-                valid_k = has_pos[:, k - 1]
+                valid_k = fwd.has_pos[:, k - 1]
                 coef = torch.where(
-                    valid_k, weights * grad_sum[k - 1] * t, torch.zeros_like(weights)
+                    valid_k, fwd.weights * grad_sum[k - 1] * t, torch.zeros_like(fwd.weights)
                 )
                 live = present & valid_k[:, None]
                 if forms[k - 1] == "in":
                     # d ell / d(t s_ij) = 1[j in D] softmax_D(j) - 1[j in P] softmax_P(j)
                     add_softmax_part(
                         t,
-                        _log_softmax_factor(live & (class_codes >= k), block_max, lse_other, t),
+                        _log_softmax_factor(
+                            live & (fwd.class_codes >= k), fwd.block_max, lse_other, t
+                        ),
                         coef,
                     )
                     add_softmax_part(
                         t,
-                        _log_softmax_factor(live & (class_codes == k), block_max, lse_pos, t),
+                        _log_softmax_factor(
+                            live & (fwd.class_codes == k), fwd.block_max, lse_pos, t
+                        ),
                         -coef,
                     )
                 elif forms[k - 1] == "supcon":
                     # d ell / d(t s_ij) = 1[j in D] softmax_D(j) - 1[j in P] / |P|
                     add_softmax_part(
                         t,
-                        _log_softmax_factor(live & (class_codes >= k), block_max, lse_other, t),
+                        _log_softmax_factor(
+                            live & (fwd.class_codes >= k), fwd.block_max, lse_other, t
+                        ),
                         coef,
                     )
-                    positive = _per_key((live & (class_codes == k)).to(shifted.dtype), key_cls)
-                    add(_drop_self(positive, self_col, has_self), -coef / n_pos[:, k - 1])
+                    positive = _per_key(
+                        (live & (fwd.class_codes == k)).to(fwd.shifted.dtype), fwd.key_cls
+                    )
+                    add(
+                        _drop_self(positive, fwd.self_col, fwd.has_self),
+                        -coef / fwd.n_pos[:, k - 1],
+                    )
                     del positive
                 else:
                     # positives: -sigmoid(N - t s_p) / |P|; negatives: mean_p sigmoid(N - t s_p)
                     # softmax_N(j)
                     sig = torch.sigmoid_(
-                        _positive_gaps(shifted, block_max, key_cls, lse_other, t, class_codes == k)
+                        _positive_gaps(
+                            fwd.shifted,
+                            fwd.block_max,
+                            fwd.key_cls,
+                            lse_other,
+                            t,
+                            fwd.class_codes == k,
+                        )
                     )
-                    sig = _drop_self(sig, self_col, has_self)
-                    sig_mean = sig.sum(dim=1) / n_pos[:, k - 1]
-                    add(sig, -coef / n_pos[:, k - 1])
+                    sig = _drop_self(sig, fwd.self_col, fwd.has_self)
+                    sig_mean = sig.sum(dim=1) / fwd.n_pos[:, k - 1]
+                    add(sig, -coef / fwd.n_pos[:, k - 1])
                     del sig
                     add_softmax_part(
                         t,
-                        _log_softmax_factor(live & (class_codes > k), block_max, lse_other, t),
+                        _log_softmax_factor(
+                            live & (fwd.class_codes > k), fwd.block_max, lse_other, t
+                        ),
                         coef * sig_mean,
                     )
-            grad_anchors = grad @ keys
-            grad_keys = grad.t() @ anchors
+            grad_anchors = grad @ fwd.keys
+            grad_keys = grad.t() @ fwd.anchors
         return grad_anchors, grad_keys, None, None, None, None, None, None, None
 
 

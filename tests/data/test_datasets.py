@@ -13,6 +13,7 @@ import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
+from conftest import run_in_process
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.pascal_voc import load_voc_instances
 from PIL import Image
@@ -113,26 +114,6 @@ def test_missing_voc_root_names_path_and_variable():
 # ---------------------------------------------------------------- boxes the loader drops
 
 
-def _train_net(argv, capsys):
-    """(exit code, stderr) of tools/train_net.py's command line, run in this process."""
-    from detectron2.engine import default_argument_parser
-
-    from tools import train_net
-
-    capsys.readouterr()
-    # detectron2's setup_logger is cached with a capture stream closed by now; the errors under
-    # test are printed, not logged.
-    logging.disable(logging.CRITICAL)
-    try:
-        train_net.cli_main(default_argument_parser().parse_args(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    finally:
-        logging.disable(logging.NOTSET)
-    return code, capsys.readouterr().err
-
-
 TRAIN_ARGV = [
     "--config-file",
     "configs/shapes_softmax.yaml",
@@ -154,6 +135,18 @@ def _one_error_line(code, err):
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def _training_error(root, tiny_shapes, capsys):
+    """The one error line of tools/train_net.py training on the dataset at ``root``."""
+    from rcdet.data import register_rcdet_shapes
+
+    register_rcdet_shapes(root)
+    try:
+        code, err = run_in_process("train_net", TRAIN_ARGV, capsys)
+    finally:
+        register_rcdet_shapes(tiny_shapes)
+    return _one_error_line(code, err)
 
 
 def _edit_xmls(root, edit):
@@ -223,8 +216,6 @@ def test_count_box_drops_matches_detectron2_mapper():
 
 
 def test_split_whose_boxes_all_lie_outside_their_images_fails(broken_copy, tiny_shapes, capsys):
-    from rcdet.data import register_rcdet_shapes
-
     def move_out(tree):
         width = int(tree.find("size/width").text)
         for box in tree.findall("object/bndbox"):
@@ -233,12 +224,7 @@ def test_split_whose_boxes_all_lie_outside_their_images_fails(broken_copy, tiny_
     _edit_xmls(broken_copy, move_out)
     ids = _split_ids(broken_copy, "trainval")
     boxes = sum(len(_objects(broken_copy, i)) for i in ids)
-    register_rcdet_shapes(broken_copy)
-    try:
-        code, err = _train_net(TRAIN_ARGV, capsys)
-    finally:
-        register_rcdet_shapes(tiny_shapes)
-    line = _one_error_line(code, err)
+    line = _training_error(broken_copy, tiny_shapes, capsys)
     split_file = os.path.join(broken_copy, "ImageSets", "Main", "trainval.txt")
     xml = os.path.join(broken_copy, "Annotations", f"{ids[0]}.xml")
     width = ET.parse(xml).find("size/width").text
@@ -297,19 +283,12 @@ class _ListHandler(logging.Handler):
 
 
 def test_size_mismatch_names_image_annotation_and_both_sizes(broken_copy, tiny_shapes, capsys):
-    from rcdet.data import register_rcdet_shapes
-
     def widen(tree):
         node = tree.find("size/width")
         node.text = str(int(node.text) + 7)
 
     _edit_xmls(broken_copy, widen)
-    register_rcdet_shapes(broken_copy)
-    try:
-        code, err = _train_net(TRAIN_ARGV, capsys)
-    finally:
-        register_rcdet_shapes(tiny_shapes)
-    line = _one_error_line(code, err)
+    line = _training_error(broken_copy, tiny_shapes, capsys)
     m = re.fullmatch(
         r"error: (\S+\.jpg): the image is (\d+)x(\d+) pixels \(width x height\), but (\S+\.xml)"
         r" gives its size as (\d+)x(\d+)\. Fix the annotation's size/width and size/height .*",

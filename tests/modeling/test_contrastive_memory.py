@@ -6,11 +6,9 @@ without anchors and a worker without regions must neither hang nor change the re
 makes no sync.
 """
 
-import os
-
 import pytest
 import torch
-from dist_utils import run_distributed
+from dist_utils import run_workers
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -84,7 +82,7 @@ def _reference(scenario, variant):
     return loss.item(), [p.grad.clone() for p in proj.parameters()], contrast.queue.state_dict()
 
 
-def _worker(rank, world_size, out_dir):
+def _worker(rank, world_size):
     results = {}
     for variant in VARIANTS:
         for scenario in SCENARIOS:
@@ -114,14 +112,12 @@ def _worker(rank, world_size, out_dir):
                 "queue": contrast.queue.state_dict(),
                 "syncs": dict(counter.sync_ops),
             }
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pth"))
+    return results
 
 
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    run_distributed(_worker, 2, str(out))
-    return [torch.load(out / f"rank{r}.pth") for r in (0, 1)]
+    return run_workers(_worker, 2, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

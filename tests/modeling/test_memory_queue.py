@@ -1,9 +1,7 @@
 """rcdet.modeling.memory_queue: the ring buffer of past embeddings, on one worker and on two."""
 
-import os
-
 import torch
-from dist_utils import run_distributed
+from dist_utils import run_workers
 
 from rcdet.modeling.memory_queue import EmbeddingQueue
 
@@ -66,7 +64,7 @@ def test_class_balanced_rings_drop_non_class_labels():
     assert sorted(q.embeddings[0, :, 0].tolist()) == [2.0, 9.0]
 
 
-def _queue_worker(rank, world_size, out_dir):
+def _queue_worker(rank, world_size):
     q = EmbeddingQueue(size=7, dim=2)
     g = torch.Generator().manual_seed(rank)
     for step in range(4):
@@ -74,13 +72,11 @@ def _queue_worker(rank, world_size, out_dir):
         emb = torch.randn(n, 2, generator=g)
         labels = torch.full((n,), 10 * rank + step)
         q.enqueue(emb, labels, mask=torch.arange(n) % 3 != 2)
-    torch.save(q.state_dict(), os.path.join(out_dir, f"queue{rank}.pth"))
+    return q.state_dict()
 
 
 def test_two_workers_hold_identical_queues(tmp_path):
-    run_distributed(_queue_worker, 2, str(tmp_path))
-    a = torch.load(tmp_path / "queue0.pth")
-    b = torch.load(tmp_path / "queue1.pth")
+    a, b = run_workers(_queue_worker, 2, tmp_path)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     labels = a["labels"][a["filled"]].tolist()

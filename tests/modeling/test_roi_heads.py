@@ -5,17 +5,15 @@ device syncs of a training step, mixed precision, non-finite embeddings; two glo
 one; TorchScript scripting of the head and tracing of the whole model with embeddings.
 """
 
-import os
-
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import shapes_batch, tiny_cfg, train_step_syncs
 from detectron2.export import TracingAdapter
 from detectron2.export.torchscript_patch import freeze_training_mode, patch_instances
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
-from dist_utils import run_distributed
+from dist_utils import run_workers
 
 from rcdet.config import ConfigError
 from rcdet.modeling import RankedContrastiveROIHeads
@@ -208,30 +206,6 @@ def test_config_errors_name_the_key(opts, key):
 # ---------------------------------------------------------------- syncs, precision, non-finite
 
 
-def _batch(seed=1, n_images=2):
-    from detectron2.structures import Boxes, Instances
-
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(n_images):
-        inst = Instances((160, 176))
-        xy = torch.rand(3, 2, generator=g) * 90
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + 30 + torch.rand(3, 2, generator=g) * 50], dim=1))
-        inst.gt_classes = torch.randint(0, 9, (3,), generator=g)
-        img = torch.randint(0, 256, (3, 160, 176), generator=g, dtype=torch.uint8)
-        batch.append({"image": img, "instances": inst, "height": 160, "width": 176})
-    return batch
-
-
-def _train_step_syncs(model, batch):
-    model.train()
-    torch.manual_seed(5)
-    with EventStorage(0), SyncCounter() as counter:
-        losses = model(batch)
-        sum(losses.values()).backward()
-    return counter, losses
-
-
 def test_head_step_adds_at_most_one_sync(tiny_shapes):
     # Everything detectron2 itself syncs on (proposal sampling, pooler level assignment) is the
     # same with and without the branch, so the difference is what rcdet adds: the one transfer
@@ -243,9 +217,9 @@ def test_head_step_adds_at_most_one_sync(tiny_shapes):
     )
     torch.manual_seed(0)
     without = build_model(tiny_cfg("configs/shapes_rince.yaml", "MODEL.RCDET.LOSS", "none"))
-    batch = _batch()
-    on, losses = _train_step_syncs(with_branch, batch)
-    off, _ = _train_step_syncs(without, batch)
+    batch = shapes_batch()
+    on, losses = train_step_syncs(with_branch, batch)
+    off, _ = train_step_syncs(without, batch)
     assert "loss_contrast" in losses and losses["loss_contrast"] > 0
     diff = on.sync_ops - off.sync_ops
     assert sum(diff.values()) <= 1, dict(diff)
@@ -318,7 +292,7 @@ def test_one_head_training_step_under_bfloat16_autocast(tiny_shapes):
     model.train()
     with EventStorage(0):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses = model(_batch())
+            losses = model(shapes_batch())
         sum(losses.values()).backward()
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_contrast"].dtype == torch.float32
@@ -394,24 +368,20 @@ def _contrastive_losses(head, image_slice):
     return losses
 
 
-def _head_worker(rank, world_size, out_dir, shapes_root):
+def _head_worker(rank, world_size, shapes_root):
     from rcdet.data import register_rcdet_shapes
 
     # A spawned process imports rcdet afresh: point it at the test's dataset again.
     register_rcdet_shapes(shapes_root)
     head = _worker_head()
     losses = _contrastive_losses(head, slice(rank, rank + 1))
-    torch.save(
-        {"losses": losses, "queue": head.queue.state_dict()},
-        os.path.join(out_dir, f"rank{rank}.pth"),
-    )
+    return {"losses": losses, "queue": head.queue.state_dict()}
 
 
 def test_two_workers_average_to_single_worker_loss(tmp_path, tiny_shapes):
     single_head = _worker_head()
     single = _contrastive_losses(single_head, slice(0, 2))
-    run_distributed(_head_worker, 2, str(tmp_path), tiny_shapes)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pth") for r in (0, 1))
+    r0, r1 = run_workers(_head_worker, 2, tmp_path, tiny_shapes)
     for step in range(STEPS):
         # Each worker's loss is its anchors' share rescaled by world size, so the mean over
         # workers (what DDP averages and detectron2 logs) equals the single-worker loss.

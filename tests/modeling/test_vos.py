@@ -11,10 +11,17 @@ import os
 
 import pytest
 import torch
-from conftest import REPO, run_training, tiny_cfg
+from conftest import (
+    REPO,
+    run_training,
+    shapes_batch,
+    tiny_cfg,
+    tiny_ood_benchmark,
+    train_step_syncs,
+)
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
-from dist_utils import run_distributed
+from dist_utils import run_workers
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -248,7 +255,7 @@ def _run(net, part, world, rank_seed, scenario):
     return results
 
 
-def _vos_worker(rank, world_size, out_dir):
+def _vos_worker(rank, world_size):
     results = {}
     for scenario, split in SCENARIOS.items():
         # broadcast_buffers off, as detectron2 wraps models: the queues must agree by themselves.
@@ -256,14 +263,12 @@ def _vos_worker(rank, world_size, out_dir):
         part = slice(0, split) if rank == 0 else slice(split, None)
         # Different random streams per worker: every worker must use rank 0's draw.
         results[scenario] = _run(net, part, world_size, 7 * rank, scenario)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pth"))
+    return results
 
 
 @pytest.fixture(scope="module")
 def vos_workers(tmp_path_factory):
-    out = tmp_path_factory.mktemp("vos_ddp")
-    run_distributed(_vos_worker, 2, str(out))
-    return [torch.load(out / f"rank{r}.pth") for r in (0, 1)]
+    return run_workers(_vos_worker, 2, tmp_path_factory.mktemp("vos_ddp"))
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -353,30 +358,6 @@ def _model(*opts, seed=0):
     return build_model(cfg)
 
 
-def _batch(seed=1, n_images=2):
-    from detectron2.structures import Boxes, Instances
-
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(n_images):
-        inst = Instances((160, 176))
-        xy = torch.rand(3, 2, generator=g) * 90
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + 30 + torch.rand(3, 2, generator=g) * 50], dim=1))
-        inst.gt_classes = torch.randint(0, 9, (3,), generator=g)
-        img = torch.randint(0, 256, (3, 160, 176), generator=g, dtype=torch.uint8)
-        batch.append({"image": img, "instances": inst, "height": 160, "width": 176})
-    return batch
-
-
-def _train_step(model, batch):
-    model.train()
-    torch.manual_seed(5)
-    with EventStorage(0), SyncCounter() as counter:
-        losses = model(batch)
-        sum(losses.values()).backward()
-    return counter, losses
-
-
 def test_vos_keeps_standard_initialisation_and_losses(tiny_shapes):
     std = _model("MODEL.ROI_HEADS.NAME", "StandardROIHeads")
     off = _model("MODEL.RCDET.LOSS", "none")
@@ -387,8 +368,8 @@ def test_vos_keeps_standard_initialisation_and_losses(tiny_shapes):
     assert {k for k in sd_vos if k not in sd_std} == {
         k for k in sd_vos if k.startswith("roi_heads.vos.")
     }
-    batch = _batch()
-    (_, l_std), (_, l_vos) = _train_step(std, batch), _train_step(vos, batch)
+    batch = shapes_batch()
+    (_, l_std), (_, l_vos) = train_step_syncs(std, batch), train_step_syncs(vos, batch)
     for k in l_std:
         assert torch.equal(l_std[k], l_vos[k]), k
     assert set(l_vos) - set(l_std) == {"loss_vos"}
@@ -409,8 +390,8 @@ def test_head_step_with_vos_adds_at_most_one_sync(tiny_shapes, loss):
         with_vos.roi_heads.contrast.static_shapes = True  # the accelerator path
     _fill_head_queue(with_vos.roi_heads)
     without = _model("MODEL.RCDET.LOSS", "none")
-    on, losses = _train_step(with_vos, _batch())
-    off, _ = _train_step(without, _batch())
+    on, losses = train_step_syncs(with_vos, shapes_batch())
+    off, _ = train_step_syncs(without, shapes_batch())
     assert losses["loss_vos"] > 0 and torch.isfinite(losses["loss_vos"])
     diff = on.sync_ops - off.sync_ops
     assert sum(diff.values()) <= 1, dict(diff)
@@ -424,7 +405,7 @@ def test_head_logs_vos_scalars(tiny_shapes):
     _fill_head_queue(model.roi_heads)
     model.train()
     with EventStorage(0) as storage:
-        model(_batch())
+        model(shapes_batch())
     logged = storage.latest()
     assert logged["rcdet/vos_queue_fill"][0] == 1.0 and logged["rcdet/vos_active"][0] == 1.0
     assert {"rcdet/vos_energy_id", "rcdet/vos_energy_outlier"} <= set(logged)
@@ -479,16 +460,7 @@ def test_ood_benchmark_scores_a_vos_model_by_energy(vos_run, tmp_path):
         *TRAIN_OPTS,
         "MODEL.WEIGHTS",
         str(out / "model_final.pth"),
-        "MODEL.RCDET.EMBED_AT_TEST",
-        "True",
-        "TEST.OOD.SCORE_THRESHOLD",
-        "0.0",
-        "TEST.OOD.MATCH_IOU",
-        "0.1",
-        "TEST.OOD.OOD_DATASET",
-        "none",
-        "TEST.OOD.BOOTSTRAP",
-        "20",
+        *tiny_ood_benchmark("none", bootstrap=20),
     )
     cfg.freeze()
     report = run_ood_benchmark(cfg, str(tmp_path))

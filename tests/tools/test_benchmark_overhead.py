@@ -5,24 +5,16 @@ import json
 from tools import benchmark_overhead
 
 
-def test_benchmark_overhead_reports_syncs_and_operators(tmp_path):
-    out = tmp_path / "overhead.json"
-    argv = [
-        "--synthetic",
-        "--steps",
-        "1",
-        "--batches",
-        "1",
-        "--no-memory",
-        "--json",
-        str(out),
-        "SOLVER.IMS_PER_BATCH",
-        "2",
-        "INPUT.MIN_SIZE_TEST",
-        "128",
-    ]
+def _overhead(out, *options):
+    """One synthetic step and batch on small images, without the memory pass; the JSON result."""
+    argv = [*options, "--synthetic", "--steps", "1", "--batches", "1", "--no-memory"]
+    argv += ["--json", str(out), "SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TEST", "128"]
     assert benchmark_overhead.main(argv) == 0
-    result = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_benchmark_overhead_reports_syncs_and_operators(tmp_path):
+    result = _overhead(tmp_path / "overhead.json")
     assert result["lr"] == 0.0 and result["amp"] == "off"
     assert result["syncs_added_by_rcdet"] == {"Tensor.tolist": 1}
     assert result["syncs_per_step"]["rince"] == result["syncs_per_step"]["standard"] + 1
@@ -30,27 +22,8 @@ def test_benchmark_overhead_reports_syncs_and_operators(tmp_path):
 
 
 def test_benchmark_overhead_of_vos_reports_at_most_one_added_sync(tmp_path):
-    out = tmp_path / "vos.json"
-    argv = [
-        "--config-file",
-        "configs/shapes_vos_ood.yaml",
-        "--branch",
-        "vos",
-        "--synthetic",
-        "--steps",
-        "1",
-        "--batches",
-        "1",
-        "--no-memory",
-        "--json",
-        str(out),
-        "SOLVER.IMS_PER_BATCH",
-        "2",
-        "INPUT.MIN_SIZE_TEST",
-        "128",
-    ]
-    assert benchmark_overhead.main(argv) == 0
-    result = json.loads(out.read_text())
+    options = ["--config-file", "configs/shapes_vos_ood.yaml", "--branch", "vos"]
+    result = _overhead(tmp_path / "vos.json", *options)
     assert result["branch"] == "vos" and set(result["train_step_ms"]) == {"standard", "vos"}
     assert result["syncs_added_by_rcdet"] == {"Tensor.tolist": 1}
     assert result["ops_per_step"]["vos"] > result["ops_per_step"]["standard"]

@@ -1,8 +1,7 @@
 """
 tools/compare_methods.py: the study's plan (quick, VOC, the drop_annotations variant, --num-gpus),
 resuming finished stages and re-evaluating reports of an older protocol, each stage's provenance,
-the study's commits and wall time over invocations, the configs and meta.json next to the
-results, and a git state that ignores the study's own results.
+which invocations a resumed study inherits, and the configs and meta.json next to the results.
 """
 
 import json
@@ -21,6 +20,20 @@ METHODS = [
     "rince_out_in",
     "rince_out_in_shuffled",
 ]
+
+
+def _args(tmp_path, methods=None, **kw):
+    """The arguments plan() reads, for a quick one-seed study in ``tmp_path``."""
+    return cm.argparse.Namespace(
+        quick=True,
+        quick_iters=10,
+        seeds=[0],
+        methods=methods,
+        voc=False,
+        runs_dir=str(tmp_path),
+        opts=[],
+        **kw,
+    )
 
 
 def test_quick_dry_run_lists_the_expected_runs(capsys, tmp_path):
@@ -45,16 +58,7 @@ def test_voc_dry_run_uses_the_r50_fpn_configs(capsys, tmp_path):
 
 
 def test_resume_skips_finished_stages(tmp_path, monkeypatch):
-    args = cm.argparse.Namespace(
-        quick=True,
-        quick_iters=10,
-        seeds=[0],
-        methods=None,
-        voc=False,
-        runs_dir=str(tmp_path),
-        opts=[],
-    )
-    runs = cm.plan(args)
+    runs = cm.plan(_args(tmp_path))
     finished = runs[0]
     for name, marker, _ in finished.stages(False):
         os.makedirs(os.path.dirname(marker), exist_ok=True)
@@ -76,16 +80,7 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
 
 
 def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
-    args = cm.argparse.Namespace(
-        quick=True,
-        quick_iters=10,
-        seeds=[0],
-        methods=["softmax", "rince_in"],
-        voc=False,
-        runs_dir=str(tmp_path),
-        opts=[],
-    )
-    old, current = cm.plan(args)
+    old, current = cm.plan(_args(tmp_path, ["softmax", "rince_in"]))
     for run, version in ((old, None), (current, PROTOCOL_VERSION)):
         for name, marker, _ in run.stages(False):
             os.makedirs(os.path.dirname(marker), exist_ok=True)
@@ -171,16 +166,7 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
 
 
 def test_execute_records_each_stage_in_the_run_provenance(tmp_path, monkeypatch):
-    args = cm.argparse.Namespace(
-        quick=True,
-        quick_iters=10,
-        seeds=[0],
-        methods=["softmax"],
-        voc=False,
-        runs_dir=str(tmp_path),
-        opts=[],
-    )
-    (run,) = cm.plan(args)
+    (run,) = cm.plan(_args(tmp_path, ["softmax"]))
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: None)
     cm.execute([run], voc=False, log=lambda *a: None, commit=("abc123", True))
     with open(os.path.join(run.run_dir, "provenance.json")) as f:
@@ -190,31 +176,6 @@ def test_execute_records_each_stage_in_the_run_provenance(tmp_path, monkeypatch)
         s["commit"] == "abc123" and s["uncommitted_changes"] is True and s["seconds"] >= 0
         for s in stages.values()
     )
-
-
-def test_resumed_study_names_every_commit_and_sums_wall_time():
-    # meta.json written before invocations were recorded: it stands for one invocation.
-    legacy = {"commit": "a" * 40, "uncommitted_changes": True, "seeds": [0], "wall_seconds": 100.0}
-    now = {
-        "commit": "b" * 40,
-        "uncommitted_changes": False,
-        "seeds_run": [1, 2],
-        "stages_run": 30,
-        "wall_seconds": 200.04,
-    }
-    prov = cm.study_provenance(legacy, now)
-    assert prov["commit"] == "b" * 40 and prov["uncommitted_changes"] is False
-    assert prov["commits"] == ["a" * 40, "b" * 40]
-    assert prov["wall_seconds"] == 300.0
-    assert [i["wall_seconds"] for i in prov["invocations"]] == [100.0, 200.04]
-    # Re-aggregating without running anything keeps the study as it was.
-    again = cm.study_provenance({**prov, "wall_seconds": 300.0}, None)
-    assert (
-        again["commits"] == prov["commits"]
-        and again["wall_seconds"] == 300.0
-        and again["commit"] == "b" * 40
-    )
-    assert cm.study_provenance(None, None)["wall_seconds"] is None
 
 
 @pytest.mark.parametrize("skipped,inherits", [(0, False), (5, True)])
@@ -227,7 +188,7 @@ def test_only_a_resumed_study_inherits_the_previous_invocations(
         json.dumps({"commit": "a" * 40, "uncommitted_changes": False, "wall_seconds": 7.0})
     )
     seen = {}
-    monkeypatch.setattr(cm, "git_state", lambda **kw: ("b" * 40, False))
+    monkeypatch.setattr(cm.study, "git_state", lambda **kw: ("b" * 40, False))
     monkeypatch.setattr(
         cm,
         "execute",
@@ -250,17 +211,7 @@ def test_only_a_resumed_study_inherits_the_previous_invocations(
 
 def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
     """The results come from rcdet.study; the tool adds the first seed's configs and meta.json."""
-    args = cm.argparse.Namespace(
-        quick=True,
-        quick_iters=10,
-        seeds=[0],
-        voc=False,
-        methods=["softmax", "supcon"],
-        runs_dir=str(tmp_path / "runs"),
-        opts=[],
-        argv=[],
-        hold_out_mode="drop_images",
-    )
+    args = _args(tmp_path / "runs", ["softmax", "supcon"], argv=[], hold_out_mode="drop_images")
     runs = cm.plan(args)
     for run in runs:
         os.makedirs(run.run_dir)
@@ -281,31 +232,3 @@ def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
         meta = json.load(f)
     assert meta["hold_out_mode"] == "drop_images" and meta["ood_protocol_versions"] == [2]
     assert meta["methods"] == ["softmax", "supcon"] and meta["seeds"] == [0]
-
-
-def test_git_state_ignores_the_studys_own_results(tmp_path):
-    """
-    A resumed study rewrites its committed results; that alone must not flag the code as changed.
-    """
-    import subprocess
-
-    repo = tmp_path / "repo"
-    (repo / "results" / "study").mkdir(parents=True)
-    (repo / "code.py").write_text("x = 1\n")
-    (repo / "results" / "study" / "results.md").write_text("old\n")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    subprocess.run(git + ["init", "-q"], cwd=repo, check=True)
-    subprocess.run(git + ["add", "."], cwd=repo, check=True)
-    subprocess.run(git + ["commit", "-qm", "init"], cwd=repo, check=True)
-    head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
-    ).stdout.strip()
-    (repo / "results" / "study" / "results.md").write_text("new\n")
-    assert cm.git_state(exclude=str(repo / "results" / "study"), repo=str(repo)) == (head, False)
-    assert cm.git_state(repo=str(repo)) == (head, True)
-    assert cm.git_state(exclude=str(repo), repo=str(repo)) == (
-        head,
-        True,
-    )  # the checkout itself: not excluded
-    (repo / "code.py").write_text("x = 2\n")
-    assert cm.git_state(exclude=str(repo / "results" / "study"), repo=str(repo)) == (head, True)

@@ -4,42 +4,20 @@ schedule; its saved config evaluates as it is, and that evaluation keeps it.
 """
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import TINY_SCHEDULE, TINY_SIZES, run_tool
+from detectron2.data import DatasetCatalog
 
 from rcdet.evaluation.scores import ALL_SCORES, REFERENCE_SCORES
-
 from tools import demo
 
 # A model trained without exposed classes has no reference embedding f, so no `reference` score.
 SCORES_WITHOUT_F = tuple(s for s in ALL_SCORES if s not in REFERENCE_SCORES)
 
-TINY = [
-    "SOLVER.IMS_PER_BATCH",
-    "2",
-    "SOLVER.MAX_ITER",
-    "2",
-    "SOLVER.STEPS",
-    "()",
-    "SOLVER.WARMUP_ITERS",
-    "1",
-    "DATALOADER.NUM_WORKERS",
-    "0",
-    "INPUT.MIN_SIZE_TRAIN",
-    "(160,)",
-    "INPUT.MIN_SIZE_TEST",
-    "160",
-    "MODEL.RCDET.QUEUE_SIZE",
-    "64",
-]
-
 
 def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RCDET_SHAPES_ROOT", tiny_shapes)  # the data exists: no generation
-    assert demo.main(["--output", str(tmp_path)] + TINY) == 0
+    assert demo.main(["--output", str(tmp_path)] + TINY_SCHEDULE) == 0
     with open(tmp_path / "metrics.json") as f:
         metrics = json.load(f)
     assert {"AP", "AP50", "AP75"} <= set(metrics)
@@ -54,9 +32,6 @@ def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch,
     assert set(metrics["ood_image_level"]["scores"]) == set(metrics["ood"])
     assert {"a_ose", "wilderness_impact"} <= set(metrics["open_set"])
     # The demo states its hold-out mode and how many training images that left.
-    from conftest import TINY_SIZES
-    from detectron2.data import DatasetCatalog
-
     assert metrics["hold_out_mode"] == "drop_images"
     assert (
         metrics["train_images_available"]
@@ -82,21 +57,14 @@ def test_demo_writes_metrics_with_ap_and_ood(tiny_shapes, tmp_path, monkeypatch,
     train = tmp_path / "train"
     saved = (train / "config.yaml").read_bytes()
     assert b"rcdet_shapes_test__minus_ring+triangle_ood_test" in saved
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "train_net.py"),
-            "--eval-only",
-            "--config-file",
-            str(train / "config.yaml"),
-            "MODEL.WEIGHTS",
-            str(train / "model_final.pth"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes),
+    proc = run_tool(
+        "train_net.py",
+        "--eval-only",
+        "--config-file",
+        str(train / "config.yaml"),
+        "MODEL.WEIGHTS",
+        str(train / "model_final.pth"),
+        shapes_root=tiny_shapes,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copypaste: AP,AP50,AP75" in proc.stdout

@@ -2,10 +2,8 @@
 without a traceback."""
 
 import os
-import subprocess
-import sys
 
-from conftest import REPO, run_training, tiny_cfg
+from conftest import REPO, run_tool, run_training, tiny_cfg
 from detectron2.engine import default_argument_parser
 
 from tools import train_net
@@ -40,19 +38,13 @@ def test_train_checkpoint_then_eval_only_reports_ap(tiny_shapes, tmp_path):
 
 
 def test_cli_reports_config_errors_without_traceback(tiny_shapes):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "train_net.py"),
-            "--config-file",
-            "configs/shapes_rince.yaml",
-            "MODEL.RCDET.TEMPERATURES",
-            "[0.3, 0.1, 0.2]",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes),
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        "configs/shapes_rince.yaml",
+        "MODEL.RCDET.TEMPERATURES",
+        "[0.3, 0.1, 0.2]",
+        shapes_root=tiny_shapes,
         timeout=300,
     )
     assert proc.returncode == 2
