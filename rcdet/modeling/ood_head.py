@@ -56,6 +56,10 @@ class OODScorer(nn.Module):
     ``has_threshold`` whether detections can be flagged unknown.
     """
 
+    # Test-time Python only: a scripted model exports boxes, scores and classes (the ROI head's
+    # ood fields are attached by a method TorchScript leaves out).
+    __jit_unused_properties__ = ["ready", "has_threshold", "needs_statistics"]
+
     def __init__(
         self, score: str, num_classes: int, embed_dim: int, energy_temperature: float = 1.0
     ):

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import benchmark_scores_by_image, compare_with_benchmark, tiny_cfg
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
@@ -23,7 +23,6 @@ from rcdet.checkpoint import load_trained_weights
 from rcdet.config import ConfigError
 from rcdet.evaluation.calibration import MODEL_WITH_SCORER
 from rcdet.evaluation.evaluator import fit_ood_statistics
-from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 from rcdet.evaluation.scores import ALL_SCORES, EMBEDDING_SCORES, EmbeddingStatistics, logit_scores
 from rcdet.modeling.ood_head import OODScorer
 
@@ -247,59 +246,11 @@ def test_config_keys_are_checked(tiny_shapes, opts, message):
 # ---------------------------------------------------------------- against the OOD benchmark
 
 
-@pytest.fixture(scope="module")
-def benchmarked(tiny_models, tmp_path_factory):
-    """The OOD benchmark of the tiny RINCE model (its scorer: cosine, by auto): its config and
-    output folder, with ood_scores.npz and model_ood.pth, the weights with the fitted scorer."""
-    cfg = tiny_cfg(
-        "configs/shapes_rince_ood.yaml",
-        "MODEL.WEIGHTS",
-        tiny_models["rince"],
-        "MODEL.RCDET.EMBED_AT_TEST",
-        "True",
-        # A 2-iteration model barely localises: a loose IoU gives ID matches to calibrate on.
-        "TEST.OOD.SCORE_THRESHOLD",
-        "0.0",
-        "TEST.OOD.MATCH_IOU",
-        "0.1",
-        "TEST.OOD.OOD_DATASET",
-        "none",
-        "TEST.OOD.BOOTSTRAP",
-        "0",
-    )
-    cfg.freeze()
-    out = tmp_path_factory.mktemp("benchmarked")
-    run_ood_benchmark(cfg, str(out))
-    return cfg, out
-
-
-def benchmark_scores_by_image(folder, score):
-    """{image index: (boxes, the benchmark's scores)} from a run's ood_scores.npz."""
-    with np.load(folder / "ood_scores.npz") as z:
-        boxes, images, values = z["boxes"], z["image_index"], z[score]
-    return {int(i): (boxes[images == i], values[images == i]) for i in np.unique(images)}
-
-
-def compare_with_benchmark(found, expected, rtol=1e-4, atol=1e-4):
-    """Match each benchmark detection to the predicted one with the same box; compare the scores
-    the benchmark computed (embedding scores only for the detections a metric uses). Returns how
-    many were compared."""
-    boxes, scores = found
-    ref_boxes, ref_scores = expected
-    assert len(boxes) == len(ref_boxes)
-    compared = 0
-    for box, value in zip(ref_boxes, ref_scores):
-        j = int(np.abs(boxes - box).max(axis=1).argmin())
-        np.testing.assert_allclose(boxes[j], box, atol=1e-3)
-        if not np.isnan(value):
-            np.testing.assert_allclose(scores[j], value, rtol=rtol, atol=atol)
-            compared += 1
-    return compared
-
-
 @pytest.mark.parametrize("score", ALL_SCORES)
-def test_default_predictor_ood_scores_equal_the_benchmarks(benchmarked, score):
-    cfg, out = benchmarked
+def test_default_predictor_ood_scores_equal_the_benchmarks(image_level_report, tiny_models, score):
+    # The benchmark of the tiny RINCE model (conftest), whose scorer is cosine (auto): its
+    # folder holds ood_scores.npz and model_ood.pth, the weights with the fitted scorer.
+    cfg, out = image_level_report.cfg, image_level_report.folder
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.WEIGHTS = str(out / MODEL_WITH_SCORER)
@@ -311,7 +262,8 @@ def test_default_predictor_ood_scores_equal_the_benchmarks(benchmarked, score):
     else:
         # Another score's statistics: fitted from the model (the benchmark's cached fit).
         assert scorer.ready == (score not in EMBEDDING_SCORES) and not scorer.has_threshold
-        fit_ood_statistics(predictor.model, cfg, cache_dir=os.path.dirname(cfg.MODEL.WEIGHTS))
+        cache = os.path.dirname(tiny_models["rince"])  # where training cached them
+        fit_ood_statistics(predictor.model, cfg, cache_dir=cache)
         assert scorer.ready
     expected = benchmark_scores_by_image(out, score)
     dicts = DatasetCatalog.get(cfg.DATASETS.TEST[0])
