@@ -8,17 +8,21 @@ Held-out-class OOD detection benchmark (higher scores mean "more in-distribution
         --output output/ood/comparison
 
 Writes ood_report.json, ood_report.csv, ood_scores.npz, roc.png and score_hist.png (atomically),
-and, with an OOD image set, roc_image_level.png and ood_image_level_scores.npz. The protocols
+and, with an OOD image set, roc_image_level.png and ood_image_level_scores.npz; and
+model_ood.pth, the weights with the model's own OOD scorer fitted and calibrated (for
+tools/predict.py). The protocols
 are rcdet.evaluation.evaluator's (docs/ood_benchmark.md); each option below overrides its
 TEST.OOD config key. ``--compare`` refuses reports of different protocols or test images.
 """
 
 import argparse
+import os
 import sys
 
 from detectron2.utils.logger import setup_logger
 
 from rcdet.engine import USER_ERRORS, exit_on_user_error, setup_cfg, user_error_message
+from rcdet.evaluation.calibration import MODEL_WITH_SCORER
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
 from rcdet.evaluation.report import ReportError, merge_reports
 
@@ -81,6 +85,8 @@ def main(argv=None):
         return 2
     print("\n".join(report.summary_lines()))
     print(f"Report: {out}/ood_report.json; ROC plot: {out}/roc.png")
+    if os.path.isfile(os.path.join(out, MODEL_WITH_SCORER)):
+        print(f"Model with its fitted OOD scorer (tools/predict.py): {out}/{MODEL_WITH_SCORER}")
     return 0
 
 
