@@ -40,6 +40,8 @@ _STATISTICS = {
     "knn": ("bank", "knn_k"),
     "gaussian": ("means", "precisions", "log_dets"),
 }
+# score_index, num_known, knn_k and threshold have one element, not zero dimensions: numpy
+# arithmetic on a 0-d array gives a scalar, which no longer loads as a checkpoint's tensor.
 _ALL_BUFFERS = ("score_index", "num_known", "threshold", "prototypes", "bank", "knn_k") + (
     "means",
     "precisions",
@@ -110,8 +112,8 @@ class OODScorer(nn.Module):
         """
         device = self.score_index.device
         new = {
-            "score_index": torch.tensor(ALL_SCORES.index(self.score), device=device),
-            "num_known": torch.tensor(self.num_classes, device=device),
+            "score_index": torch.tensor([ALL_SCORES.index(self.score)], device=device),
+            "num_known": torch.tensor([self.num_classes], device=device),
         }
         if self.needs_statistics:
             if stats is None:
@@ -128,7 +130,7 @@ class OODScorer(nn.Module):
                 new["prototypes"] = f32(stats.prototypes)[valid.to(device)]
             elif self.score == "knn":
                 new["bank"] = f32(stats.bank)
-                new["knn_k"] = torch.tensor(int(stats.knn_k), device=device)
+                new["knn_k"] = torch.tensor([int(stats.knn_k)], device=device)
             else:
                 new["means"] = f32(stats.means)[valid.to(device)]
                 precisions, log_dets = f32(stats.precisions), f32(stats.log_dets)
@@ -139,7 +141,7 @@ class OODScorer(nn.Module):
             getattr(self, k).shape == v.shape and torch.equal(getattr(self, k), v)
             for k, v in new.items()
         )
-        threshold = self.threshold if same else torch.tensor(float("nan"), device=device)
+        threshold = self.threshold if same else torch.tensor([float("nan")], device=device)
         self.clear()
         for k, v in new.items():
             setattr(self, k, v)
@@ -152,7 +154,7 @@ class OODScorer(nn.Module):
             raise RuntimeError("fill the scorer (fill(stats)) before setting its threshold")
         nan = float("nan")
         self.threshold = torch.tensor(
-            nan if value is None else float(value), device=self.score_index.device
+            [nan if value is None else float(value)], device=self.score_index.device
         )
         self._sync_attributes()
 

@@ -78,10 +78,10 @@ def test_state_dict_holds_only_what_the_fitted_score_needs():
         "gaussian": {"means", "precisions", "log_dets"},
     }
     for score, names in needs.items():
-        assert set(_scorer(score).state_dict()) == {"score_index", "threshold"} | names
+        assert set(_scorer(score).state_dict()) == {"score_index", "num_known", "threshold"} | names
     logit = OODScorer("energy", K, D)
     logit.fill(None)
-    assert set(logit.state_dict()) == {"score_index", "threshold"}
+    assert set(logit.state_dict()) == {"score_index", "num_known", "threshold"}
     # The absent class has no prototype and no mean.
     assert _scorer("cosine").prototypes.shape == (K - 1, D)
     assert _scorer("gaussian", _stats(True)).precisions.shape == (K - 1, D, D)
@@ -100,6 +100,16 @@ def test_threshold_kept_for_the_same_statistics_and_cleared_for_others():
         OODScorer("cosine", K, D).fill(None)
     with pytest.raises(RuntimeError, match="fill the scorer"):
         OODScorer("msp", K, D).set_threshold(0.5)
+
+
+def test_statistics_for_another_class_count_load_unfitted(caplog):
+    other = OODScorer("cosine", K + 1, D)
+    with caplog.at_level(logging.WARNING, logger="rcdet.modeling.ood_head"):
+        other.load_state_dict(_scorer("cosine").state_dict())
+    assert not other.ready and f"for {K} known classes, the model has {K + 1}" in caplog.text
+    same = OODScorer("cosine", K, D)
+    same.load_state_dict(_scorer("cosine").state_dict())
+    assert same.ready and torch.equal(same.prototypes, _scorer("cosine").prototypes)
 
 
 def _model(*opts):
