@@ -384,6 +384,17 @@ def load_training_weights(trainer, resume: bool = True) -> None:
     if not resuming and path and "://" not in path and not os.path.isfile(path):
         raise WeightsError(f"MODEL.WEIGHTS = '{path}': file not found.")
     checkpointer.resume_or_load(path, resume=resume)
+    _drop_ood_statistics(trainer.model)
     if resuming:
         # The checkpoint stores the iteration that just finished.
         trainer.start_iter = trainer.iter + 1
+
+
+def _drop_ood_statistics(model) -> None:
+    """A model about to be trained has no OOD statistics: those of a loaded checkpoint describe
+    its weights, which training changes (rcdet's after-training hook fits them anew)."""
+    model = getattr(model, "module", model)
+    scorer = getattr(getattr(model, "roi_heads", None), "ood_scorer", None)
+    if scorer is not None and scorer.state_dict():
+        logger.info("The checkpoint's OOD statistics are dropped: training changes its weights.")
+        scorer.clear()

@@ -88,6 +88,21 @@ def add_rcdet_config(cfg):
     # Added to the shared covariance's diagonal, so that it is invertible (VOS: 1e-4).
     _C.MODEL.RCDET.VOS.COVARIANCE_EPS = 1e-4
 
+    # The model's own OOD scorer (rcdet.modeling.ood_head): with EMBED_AT_TEST, every detection
+    # carries ood_scores (higher: more in-distribution) and, with a calibrated threshold,
+    # is_unknown. Its statistics and threshold are buffers, fitted after training with held-out
+    # classes or by tools/benchmark_ood.py.
+    # The score: msp, max_logit, energy, cosine, knn, gaussian, or auto (cosine with the
+    # contrastive branch, msp without).
+    _C.MODEL.RCDET.OOD.SCORE = "auto"
+    # is_unknown is a score below the one that keeps this fraction, in (0, 1], of the calibration
+    # split's ID detections (those that claim a known object, matched as TEST.OOD matches).
+    _C.MODEL.RCDET.OOD.ID_RECALL = 0.95
+    # The calibration split: "" for DATASETS.TRAIN[0] (the known-class training split, on which
+    # detections are more confident than on new images), or a registered split, whose held-out
+    # classes are set apart as for DATASETS.TEST.
+    _C.MODEL.RCDET.OOD.CALIBRATION_DATASET = ""
+
     # The OOD evaluation (rcdet.evaluation.OODDetectionEvaluator, tools/benchmark_ood.py); the
     # report records every value it used.
     _C.TEST.OOD = CN()
@@ -148,7 +163,7 @@ def check_rcdet_config(cfg) -> None:
         raise ConfigError("MODEL.RCDET is missing: call rcdet.add_rcdet_config(cfg) first.")
     defaults = CN({"MODEL": CN(), "SOLVER": CN({"AMP": CN()}), "TEST": CN()})
     add_rcdet_config(defaults)
-    rules = _rcdet_rules()
+    rules = {**_rcdet_rules(), **_ood_scorer_rules()}
     for key, default in _flat_keys(defaults.MODEL.RCDET):
         value = _lookup(rc, key)
         if value is _MISSING:
@@ -327,5 +342,21 @@ def _rcdet_rules():
         "OOD.REFERENCE": (
             (lambda v: isinstance(v, str) and v in REFERENCE_CHOICES),
             f"one of {', '.join(REFERENCE_CHOICES)}",
+        ),
+    }
+
+
+def _ood_scorer_rules():
+    from .modeling.ood_head import OOD_SCORE_CHOICES
+
+    return {
+        "OOD.SCORE": (
+            (lambda v: isinstance(v, str) and v in OOD_SCORE_CHOICES),
+            f"one of {', '.join(OOD_SCORE_CHOICES)}",
+        ),
+        "OOD.ID_RECALL": ((lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"),
+        "OOD.CALIBRATION_DATASET": (
+            (lambda v: isinstance(v, str)),
+            "a registered dataset name, or '' for DATASETS.TRAIN[0]",
         ),
     }

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,3 +287,27 @@ def image_level_report(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("il", numbered=False)
     report = run_ood_benchmark(cfg, str(out))
     return SimpleNamespace(cfg=cfg, ood_dataset=ood_name, report=report, folder=out)
+
+
+def benchmark_scores_by_image(folder, score):
+    """{image index: (boxes, the benchmark's scores)} from a run's ood_scores.npz."""
+    with np.load(os.path.join(folder, "ood_scores.npz")) as z:
+        boxes, images, values = z["boxes"], z["image_index"], z[score]
+    return {int(i): (boxes[images == i], values[images == i]) for i in np.unique(images)}
+
+
+def compare_with_benchmark(found, expected, rtol=1e-4, atol=1e-4):
+    """Match each benchmark detection to the predicted one with the same box; compare the scores
+    the benchmark computed (embedding scores only for the detections a metric uses). Returns how
+    many were compared."""
+    boxes, scores = found
+    ref_boxes, ref_scores = expected
+    assert len(boxes) == len(ref_boxes)
+    compared = 0
+    for box, value in zip(ref_boxes, ref_scores):
+        j = int(np.abs(boxes - box).max(axis=1).argmin())
+        np.testing.assert_allclose(boxes[j], box, atol=1e-3)
+        if not np.isnan(value):
+            np.testing.assert_allclose(scores[j], value, rtol=rtol, atol=atol)
+            compared += 1
+    return compared

@@ -10,6 +10,8 @@ import shlex
 import sys
 
 from conftest import REPO, TINY_SCHEDULE
+from detectron2.data import DatasetCatalog
+from detectron2.data.detection_utils import read_image
 
 SNIPPET_HEADING = "## Using rcdet in your own detectron2 project"
 # README name -> the name in the committed results.md tables, which keep the name of their day.
@@ -49,12 +51,23 @@ def test_readme_snippet_trains_a_model_in_your_own_project(tiny_shapes, tmp_path
     is the command line: the snippet merges ``sys.argv[1:]`` as KEY VALUE overrides, and the test
     passes a tiny schedule and OUTPUT_DIR there, as a user would pass them to their script."""
     code = _snippet()
-    assert len(code.strip().splitlines()) <= 20, "the README snippet should stay about 15 lines"
+    assert len(code.strip().splitlines()) <= 20, "the README snippet should stay about 20 lines"
     assert (
         "sys.argv[1:]" in code
     ), "the snippet no longer takes KEY VALUE overrides from the command line"
     out = tmp_path / "mine"
-    monkeypatch.setattr(sys, "argv", ["train_mine.py", *TINY_SCHEDULE, "OUTPUT_DIR", str(out)])
+    # A 2-iteration model barely localises: a loose IoU gives ID matches to calibrate on.
+    ood = [
+        "TEST.OOD.MATCH_IOU",
+        "0.1",
+        "TEST.OOD.SCORE_THRESHOLD",
+        "0.0",
+        "TEST.OOD.BOOTSTRAP",
+        "0",
+    ]
+    ood += ["TEST.OOD.OOD_DATASET", "none"]
+    argv = ["train_mine.py", *TINY_SCHEDULE, *ood, "OUTPUT_DIR", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.chdir(REPO)  # the snippet's config and ranking paths are relative to the checkout
     namespace = {"__name__": "__main__"}
     exec(compile(code, "README.md (snippet)", "exec"), namespace)
@@ -70,9 +83,12 @@ def test_readme_snippet_trains_a_model_in_your_own_project(tiny_shapes, tmp_path
     ), "no rcdet/* scalars logged"
     trainer = namespace["trainer"]
     assert trainer.iter == 2
-    assert (
-        "bbox" in trainer._last_eval_results
-    ), "the snippet's training did not evaluate on DATASETS.TEST"
+    results = trainer._last_eval_results
+    assert "bbox" in results, "the snippet's training did not evaluate on DATASETS.TEST"
+    assert "msp_auroc" in results.get("ood", {}), "the snippet's evaluator reported no OOD"
+    image = read_image(DatasetCatalog.get(trainer.cfg.DATASETS.TEST[0])[0]["file_name"], "BGR")
+    found = namespace["predictor"](image)["instances"]
+    assert len(found) and found.has("ood_scores") and found.has("is_unknown")
 
 
 def test_readme_results_table_matches_the_committed_results():

@@ -10,18 +10,21 @@ Held-out-class OOD detection benchmark (higher scores mean "more in-distribution
 Writes ood_report.json, ood_report.csv, ood_scores.npz, roc.png and score_hist.png (atomically),
 with held-out classes ood_placement.csv and placement.png (where the claimed held-out objects
 land, docs/unknown_objects.md), and, with an OOD image set, roc_image_level.png and
-ood_image_level_scores.npz. The protocols are rcdet.evaluation.evaluator's
+ood_image_level_scores.npz; and model_ood.pth, the weights with the model's own OOD scorer
+fitted and calibrated (for tools/predict.py). The protocols are rcdet.evaluation.evaluator's
 (docs/ood_benchmark.md); each option below overrides its TEST.OOD config key. ``--compare``
 refuses reports of different protocols or test images.
 """
 
 import argparse
+import os
 import sys
 
 from detectron2.utils.logger import setup_logger
 
 from rcdet import cli
 from rcdet.engine import exit_on_user_error, report_user_errors, setup_cfg
+from rcdet.evaluation.calibration import MODEL_WITH_SCORER
 from rcdet.evaluation.evaluator import IMAGE_THRESHOLD_RULES
 from rcdet.evaluation.matching import MATCHING_MODES
 from rcdet.evaluation.ood_benchmark import run_ood_benchmark
@@ -130,6 +133,8 @@ def run(args):
     print(f"Report: {out}/ood_report.json; ROC plot: {out}/roc.png")
     if report.placement:
         print(f"Placement: {out}/ood_placement.csv; figure: {out}/placement.png")
+    if os.path.isfile(os.path.join(out, MODEL_WITH_SCORER)):
+        print(f"Model with its fitted OOD scorer (tools/predict.py): {out}/{MODEL_WITH_SCORER}")
     return 0
 
 

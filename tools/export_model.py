@@ -11,9 +11,11 @@ against the eager model on a test image.
   control flow; it outputs boxes, scores and classes. The contrastive branch is training-only,
   so ``MODEL.RCDET.EMBED_AT_TEST`` must be off.
 - ``tracing`` (``detectron2.export.TracingAdapter``): with ``EMBED_AT_TEST`` on, each detection
-  also carries ``pred_logits`` (all classes + background) and ``pred_embeddings``, so a deployed
-  model can be scored for OOD (msp, energy, cosine, ...). The outputs are a flat tuple of
-  tensors: ``outputs_schema.txt`` next to ``model.ts`` lists them in order.
+  also carries ``pred_logits`` (all classes + background) and ``pred_embeddings`` and, from a
+  model whose OOD scorer is fitted (the model_ood.pth of tools/benchmark_ood.py, or the
+  model_final.pth of a training with held-out classes), ``ood_scores`` (MODEL.RCDET.OOD.SCORE)
+  and ``is_unknown``. The outputs are a flat tuple of tensors: ``outputs_schema.txt`` next to
+  ``model.ts`` lists them in order.
 
 The export is run on one image of ``DATASETS.TEST`` (a second image of another size checks
 that the trace does not hard-code sizes) and compared with the eager model.

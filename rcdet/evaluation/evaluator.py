@@ -182,9 +182,18 @@ def fit_ood_statistics(model, cfg, cache_dir: Optional[str] = None):
     Cached in ``cache_dir`` (default OUTPUT_DIR) under a key of what they were computed from:
     the weights' checksum, a digest of the training split's image ids and annotations, k and the
     covariance kind. Another model, or other images under the same split name, fit anew.
+    The model's OOD scorer (rcdet.modeling.ood_head), if it has one, takes them into its buffers.
     """
     if not has_embedding_branch(model):
         return None
+    stats = _fit_or_load_statistics(model, cfg, cache_dir)
+    scorer = getattr(_unwrap(model).roi_heads, "ood_scorer", None)
+    if scorer is not None and scorer.needs_statistics:
+        scorer.fill(stats)
+    return stats
+
+
+def _fit_or_load_statistics(model, cfg, cache_dir: Optional[str]) -> EmbeddingStatistics:
     opts = OODOptions.from_config(cfg)
     train_name = cfg.DATASETS.TRAIN[0]
     dicts = DatasetCatalog.get(train_name)
@@ -216,7 +225,11 @@ def fit_ood_statistics(model, cfg, cache_dir: Optional[str] = None):
 
 
 class OODStatisticsHook(HookBase):
-    """After training, fit (and cache) the OOD statistics of the trained model."""
+    """
+    After training, fit (and cache) the OOD statistics of the trained model and calibrate its
+    OOD scorer's unknown-object threshold (rcdet.evaluation.calibration), then write them into
+    model_final.pth (its model entry; the training state stays as saved).
+    """
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -226,7 +239,16 @@ class OODStatisticsHook(HookBase):
         # model gets statistics, as detectron2's EvalHook only evaluates one.
         finished = self.trainer.iter + 1 >= self.trainer.max_iter
         if finished and comm.is_main_process():
-            fit_ood_statistics(self.trainer.model, self.cfg)
+            # Imported here: calibration imports this module.
+            from .calibration import fit_ood_scorer, update_checkpoint_model
+
+            scorer = fit_ood_scorer(self.trainer.model, self.cfg)
+            if scorer is None:
+                fit_ood_statistics(self.trainer.model, self.cfg)
+            elif scorer.ready:
+                # The periodic checkpointer saved model_final before this hook ran.
+                path = os.path.join(self.trainer.checkpointer.save_dir, "model_final.pth")
+                update_checkpoint_model(path, self.trainer.model)
 
 
 def _records_of(inputs, outputs, score_threshold: float) -> List[Dict]:

@@ -116,9 +116,14 @@ def dataset_digest(dicts) -> str:
 
 
 def model_digest(model) -> str:
-    """The checksum of a model's weights in memory: its state dict's names, shapes and bytes."""
+    """
+    The checksum of a model's weights in memory: its state dict's names, shapes and bytes,
+    without the OOD scorer's buffers (rcdet.modeling.ood_head), which are fitted from the rest.
+    """
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        if ".ood_scorer." in f".{name}":
+            continue
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())

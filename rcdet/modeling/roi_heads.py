@@ -4,6 +4,7 @@ and optionally VOS (virtual outlier synthesis) on the same features.
 """
 
 import bisect
+import logging
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -13,6 +14,7 @@ from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.structures import Instances
 from detectron2.structures.boxes import matched_pairwise_iou
 from detectron2.utils.events import get_event_storage
+from detectron2.utils.logger import log_first_n
 from torch import nn
 from torch.nn import functional as F
 
@@ -20,6 +22,7 @@ from ..config import check_rcdet_config
 from ..data.held_out import training_classes
 from .contrastive_memory import RankedInfoNCEWithMemory
 from .memory_queue import EmbeddingQueue
+from .ood_head import OODScorer, build_ood_scorer
 from .reference import REFERENCE_MODES, ReferenceEmbedding, with_reference_class
 from .rince import RankedInfoNCELoss, build_contrastive_loss, iou_reweight
 from .vos import VirtualOutlierSynthesis, build_vos
@@ -42,6 +45,9 @@ class RankedContrastiveROIHeads(StandardROIHeads):
     VOS, and carry ``gt_exposed``. With ``reference`` (f, a buffer or a parameter, so
     checkpoints carry it) they are also anchors of the contrastive loss whose only positive is
     f, and background keys of every anchor; without it they are background keys only.
+
+    ``ood_scorer`` (rcdet.modeling.ood_head) scores each detection for OOD at test time once it
+    holds statistics (its state dict is empty until then).
     """
 
     @configurable
@@ -64,6 +70,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         vos: Optional[VirtualOutlierSynthesis] = None,
         num_exposed: int = 0,
         reference: Optional[ReferenceEmbedding] = None,
+        ood_scorer: Optional[OODScorer] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -80,6 +87,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             self.reference = reference
         else:
             self.reference = None
+        self.ood_scorer = ood_scorer
         self.loss_weight = loss_weight
         self.decay_steps = sorted(decay_steps)
         self.decay_rate = decay_rate
@@ -157,6 +165,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         shape = ret["box_head"].output_shape
         feature_dim = shape.channels * (shape.height or 1) * (shape.width or 1)
         ret["vos"] = build_vos(cfg, cfg.MODEL.ROI_HEADS.NUM_CLASSES, feature_dim)
+        ret["ood_scorer"] = build_ood_scorer(cfg, has_branch=contrastive_loss is not None)
         return ret
 
     @torch.jit.unused
@@ -199,6 +208,7 @@ class RankedContrastiveROIHeads(StandardROIHeads):
         pred_instances, kept = self.box_predictor.inference(predictions, proposals)
         if self.embed_at_test:
             self._attach_embeddings(box_in, predictions[0], proposals, pred_instances, kept)
+            self._attach_ood_scores(pred_instances)
         return pred_instances
 
     @torch.jit.unused
@@ -277,6 +287,36 @@ class RankedContrastiveROIHeads(StandardROIHeads):
             pred_instances, embeddings.split([x.pred_boxes.tensor.shape[0] for x in pred_instances])
         ):
             inst.pred_embeddings = emb
+
+    @torch.jit.unused
+    def _attach_ood_scores(self, pred_instances: List[Instances]) -> None:
+        """
+        ood_scores (MODEL.RCDET.OOD.SCORE, higher: more in-distribution) and, with a calibrated
+        threshold, is_unknown, for every detection; neither while the scorer lacks the statistics
+        its score needs.
+        """
+        scorer = self.ood_scorer
+        if scorer is None:
+            return
+        if not scorer.ready:
+            log_first_n(
+                logging.WARNING,
+                f"The OOD scorer has no statistics for the score '{scorer.score}': detections"
+                " carry no ood_scores (fit them with rcdet.evaluation.fit_ood_statistics).",
+                name=__name__,
+            )
+            return
+        embeddings = (
+            torch.cat([x.pred_embeddings for x in pred_instances])
+            if scorer.needs_statistics
+            else None
+        )
+        scores = scorer(torch.cat([x.pred_logits for x in pred_instances]), embeddings)
+        sizes = [x.pred_logits.shape[0] for x in pred_instances]
+        for inst, img_scores in zip(pred_instances, scores.split(sizes)):
+            inst.ood_scores = img_scores
+            if scorer.has_threshold:
+                inst.is_unknown = scorer.unknown(img_scores)
 
     @torch.jit.unused
     def current_loss_weight(self, iteration: int) -> float:
