@@ -134,6 +134,23 @@ def run_in_process(tool, argv, capsys):
     return code, capsys.readouterr().err
 
 
+@pytest.fixture(autouse=True)
+def _loggers_of_this_test():
+    """detectron2's setup_logger is cached, so its handlers keep the capture stream of the test
+    that first called it, closed once that test ends; a later test that logs through them gets
+    a logging error in its stderr. Each test starts without them."""
+    yield
+    import logging
+
+    from detectron2.utils.logger import setup_logger
+
+    setup_logger.cache_clear()
+    for name in ("detectron2", "d2", "rcdet", "fvcore"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+
+
 @pytest.fixture
 def repo_path():
     return lambda *p: os.path.join(REPO, *p)

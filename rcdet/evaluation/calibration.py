@@ -56,7 +56,9 @@ def calibration_split(cfg) -> str:
     base = parse_held_out_split(name)
     if (base[0] if base else name) not in DatasetCatalog.list():
         raise ConfigError(f"{KEY} '{name}' is not a registered dataset; name one, or '' for none.")
-    split = _held_out_split(name, held_out, cfg.MODEL.RCDET.OOD.HOLD_OUT_MODE, "test", KEY)
+    ood = cfg.MODEL.RCDET.OOD
+    exposed, keep_exposed = list(ood.EXPOSED_CLASSES), ood.REFERENCE != "removed"
+    split = _held_out_split(name, held_out, ood.HOLD_OUT_MODE, "test", KEY, exposed, keep_exposed)
     classes = list(MetadataCatalog.get(split).get("thing_classes", []))
     if cfg.DATASETS.TRAIN:
         known = list(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_classes)

@@ -23,14 +23,24 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..config import ConfigError
-from ..evaluation.scores import ALL_SCORES, EMBEDDING_SCORES, LOGIT_SCORES
+from ..evaluation.scores import EMBEDDING_SCORES, LOGIT_SCORES
 
-__all__ = ["OODScorer", "build_ood_scorer", "resolve_ood_score", "OOD_SCORE_CHOICES"]
+__all__ = [
+    "OODScorer",
+    "build_ood_scorer",
+    "resolve_ood_score",
+    "MODEL_SCORES",
+    "OOD_SCORE_CHOICES",
+]
 
 logger = logging.getLogger(__name__)
 
-# MODEL.RCDET.OOD.SCORE: auto or one of rcdet.evaluation.scores' scores.
-OOD_SCORE_CHOICES = ("auto",) + ALL_SCORES
+# The scores the model computes itself, in the order of rcdet.evaluation.scores.ALL_SCORES (a
+# checkpoint stores the index). The ranking-aware scores and ``reference`` are the benchmark's
+# only: they need the ranking's families or f beside the statistics.
+MODEL_SCORES = LOGIT_SCORES + EMBEDDING_SCORES
+# MODEL.RCDET.OOD.SCORE: auto or one of MODEL_SCORES.
+OOD_SCORE_CHOICES = ("auto",) + MODEL_SCORES
 # The buffers each score needs besides score_index and threshold.
 _STATISTICS = {
     "msp": (),
@@ -66,8 +76,8 @@ class OODScorer(nn.Module):
         self, score: str, num_classes: int, embed_dim: int, energy_temperature: float = 1.0
     ):
         super().__init__()
-        if score not in ALL_SCORES:
-            raise ValueError(f"score must be one of {ALL_SCORES}, got {score!r}")
+        if score not in MODEL_SCORES:
+            raise ValueError(f"score must be one of {MODEL_SCORES}, got {score!r}")
         self.score = score
         self.num_classes = num_classes
         self.embed_dim = embed_dim
@@ -112,7 +122,7 @@ class OODScorer(nn.Module):
         """
         device = self.score_index.device
         new = {
-            "score_index": torch.tensor([ALL_SCORES.index(self.score)], device=device),
+            "score_index": torch.tensor([MODEL_SCORES.index(self.score)], device=device),
             "num_known": torch.tensor([self.num_classes], device=device),
         }
         if self.needs_statistics:
@@ -181,7 +191,7 @@ class OODScorer(nn.Module):
         if not found:
             return  # a checkpoint without statistics: unfitted
         index = int(found["score_index"]) if "score_index" in found else -1
-        stored = ALL_SCORES[index] if 0 <= index < len(ALL_SCORES) else None
+        stored = MODEL_SCORES[index] if 0 <= index < len(MODEL_SCORES) else None
         wanted = ("score_index", "num_known", "threshold") + (_STATISTICS[stored] if stored else ())
         if set(found) != set(wanted):
             # detectron2's checkpointer drops a buffer whose shape differs from the model's

@@ -23,8 +23,8 @@ from rcdet.checkpoint import load_trained_weights
 from rcdet.config import ConfigError
 from rcdet.evaluation.calibration import MODEL_WITH_SCORER
 from rcdet.evaluation.evaluator import fit_ood_statistics
-from rcdet.evaluation.scores import ALL_SCORES, EMBEDDING_SCORES, EmbeddingStatistics, logit_scores
-from rcdet.modeling.ood_head import OODScorer
+from rcdet.evaluation.scores import EMBEDDING_SCORES, EmbeddingStatistics, logit_scores
+from rcdet.modeling.ood_head import MODEL_SCORES, OODScorer
 
 K, D = 4, 8
 
@@ -49,7 +49,7 @@ def test_scores_equal_the_numpy_scores(per_class_covariance):
     rng = np.random.default_rng(1)
     emb, logits = rng.normal(size=(40, D)), rng.normal(size=(40, K + 1)) * 3
     expected = dict(stats.scores(emb), **logit_scores(logits, K, energy_temperature=2.0))
-    for score in ALL_SCORES:
+    for score in MODEL_SCORES:
         scorer = _scorer(score, stats, temperature=2.0)
         got = scorer(torch.tensor(logits).float(), torch.tensor(emb).float())
         assert got.dtype == torch.float32 and got.shape == (40,)
@@ -70,7 +70,7 @@ def test_knn_with_a_bank_smaller_than_2k_and_no_detections():
 
 
 def test_state_dict_holds_only_what_the_fitted_score_needs():
-    for score in ALL_SCORES:
+    for score in MODEL_SCORES:
         assert OODScorer(score, K, D).state_dict() == {}  # unfitted: nothing
     needs = {
         "cosine": {"prototypes"},
@@ -256,7 +256,7 @@ def test_config_keys_are_checked(tiny_shapes, opts, message):
 # ---------------------------------------------------------------- against the OOD benchmark
 
 
-@pytest.mark.parametrize("score", ALL_SCORES)
+@pytest.mark.parametrize("score", MODEL_SCORES)
 def test_default_predictor_ood_scores_equal_the_benchmarks(image_level_report, tiny_models, score):
     # The benchmark of the tiny RINCE model (conftest), whose scorer is cosine (auto): its
     # folder holds ood_scores.npz and model_ood.pth, the weights with the fitted scorer.
