@@ -203,21 +203,26 @@ def tiny_cfg(config="configs/shapes_rince.yaml", *opts, output_dir=None):
     return setup_cfg(os.path.join(REPO, config), base + list(opts), freeze=False)
 
 
-def shapes_batch(seed=1, n_images=2):
+def shapes_batch(seed=1, n_images=2, classes=None):
     """
-    A training batch of ``n_images`` random 160 x 176 images with three random boxes each of the
-    built-in dataset's 9 classes, as detectron2's data loader gives it.
+    A training batch of ``n_images`` random 160 x 176 images, as detectron2's data loader gives
+    it, with random boxes: three each of random classes among the built-in dataset's 9, or with
+    ``classes``, one box of each of those classes per image.
     """
     import torch
     from detectron2.structures import Boxes, Instances
 
     g = torch.Generator().manual_seed(seed)
+    n = 3 if classes is None else len(classes)
     batch = []
     for _ in range(n_images):
         inst = Instances((160, 176))
-        xy = torch.rand(3, 2, generator=g) * 90
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + 30 + torch.rand(3, 2, generator=g) * 50], dim=1))
-        inst.gt_classes = torch.randint(0, 9, (3,), generator=g)
+        xy = torch.rand(n, 2, generator=g) * 90
+        inst.gt_boxes = Boxes(torch.cat([xy, xy + 30 + torch.rand(n, 2, generator=g) * 50], dim=1))
+        if classes is None:
+            inst.gt_classes = torch.randint(0, 9, (3,), generator=g)
+        else:
+            inst.gt_classes = torch.tensor(classes)
         img = torch.randint(0, 256, (3, 160, 176), generator=g, dtype=torch.uint8)
         batch.append({"image": img, "instances": inst, "height": 160, "width": 176})
     return batch
@@ -236,6 +241,30 @@ def train_step_syncs(model, batch):
         losses = model(batch)
         sum(losses.values()).backward()
     return counter, losses
+
+
+def sampled_proposals(seed, sizes, num_classes, exposed=False):
+    """
+    One image's sampled proposals per entry of ``sizes`` (that many each) on a 64 x 64 image,
+    with random boxes, IoUs and labels: classes ``0..num_classes - 1`` and background
+    ``num_classes``; with ``exposed``, also exposed boxes (``gt_exposed``, classed background).
+    """
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        p = Instances((64, 64))
+        p.proposal_boxes = Boxes(torch.rand(n, 4, generator=g))
+        labels = torch.randint(0, num_classes + (2 if exposed else 1), (n,), generator=g)
+        if exposed:
+            p.gt_exposed = labels == num_classes + 1
+            labels = labels.clamp(max=num_classes)
+        p.gt_classes = labels
+        p.gt_iou = 0.4 + 0.6 * torch.rand(n, generator=g)
+        out.append(p)
+    return out
 
 
 def tiny_ood_benchmark(ood_dataset, bootstrap):

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import REPO, tiny_cfg
+from conftest import REPO, sampled_proposals, shapes_batch, tiny_cfg, train_step_syncs
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -204,37 +204,15 @@ def test_gradient_reaches_f_when_learned_and_never_when_fixed():
             assert head.reference.vector.grad is None
 
 
-def _exposure_batch(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    batch = []
-    for _ in range(2):
-        inst = Instances((160, 176))
-        xy = torch.rand(4, 2, generator=g) * 90
-        inst.gt_boxes = Boxes(torch.cat([xy, xy + 30 + torch.rand(4, 2, generator=g) * 50], dim=1))
-        inst.gt_classes = torch.tensor([0, 3, 6, 7])
-        img = torch.randint(0, 256, (3, 160, 176), generator=g, dtype=torch.uint8)
-        batch.append({"image": img, "instances": inst, "height": 160, "width": 176})
-    return batch
-
-
-def _step_syncs(model, batch):
-    model.train()
-    torch.manual_seed(5)
-    with EventStorage(0), SyncCounter() as counter:
-        losses = model(batch)
-        sum(losses.values()).backward()
-    return counter, losses
-
-
 def test_exposure_keeps_the_step_at_one_sync():
     torch.manual_seed(0)
     with_f = build_model(tiny_cfg(CONFIG, "MODEL.RCDET.QUEUE_SIZE", "32"))
     with_f.roi_heads.contrast.static_shapes = True  # the accelerator path
     torch.manual_seed(0)
     without = build_model(tiny_cfg("configs/shapes_softmax_exposure_ood.yaml"))
-    batch = _exposure_batch()
-    on, losses = _step_syncs(with_f, batch)
-    off, _ = _step_syncs(without, batch)
+    batch = shapes_batch(classes=[0, 3, 6, 7])
+    on, losses = train_step_syncs(with_f, batch)
+    off, _ = train_step_syncs(without, batch)
     assert losses["loss_contrast"] > 0
     assert sum((on.sync_ops - off.sync_ops).values()) <= 1, dict(on.sync_ops - off.sync_ops)
     assert (off.sync_ops - on.sync_ops) == {}
@@ -254,17 +232,7 @@ STEPS = 2
 
 def _worker_proposals(step):
     """Two images' sampled proposals: known classes, background and exposed (uneven sizes)."""
-    g = torch.Generator().manual_seed(300 + step)
-    out = []
-    for n in (9, 7):
-        p = Instances((64, 64))
-        p.proposal_boxes = Boxes(torch.rand(n, 4, generator=g))
-        labels = torch.randint(0, K + 2, (n,), generator=g)  # K: background, K + 1: exposed
-        p.gt_exposed = labels == K + 1
-        p.gt_classes = labels.clamp(max=K)
-        p.gt_iou = 0.4 + 0.6 * torch.rand(n, generator=g)
-        out.append(p)
-    return out
+    return sampled_proposals(300 + step, (9, 7), K, exposed=True)
 
 
 def _worker_head():

@@ -7,7 +7,7 @@ one; TorchScript scripting of the head and tracing of the whole model with embed
 
 import pytest
 import torch
-from conftest import shapes_batch, tiny_cfg, train_step_syncs
+from conftest import sampled_proposals, shapes_batch, tiny_cfg, train_step_syncs
 from detectron2.export import TracingAdapter
 from detectron2.export.torchscript_patch import freeze_training_mode, patch_instances
 from detectron2.modeling import build_model
@@ -322,16 +322,8 @@ STEPS = 2
 
 
 def _worker_proposals(step):
-    """Two images' sampled proposals with hand-set labels and IoUs (uneven sizes)."""
-    g = torch.Generator().manual_seed(100 + step)
-    out = []
-    for n in (9, 6):
-        p = Instances((64, 64))
-        p.proposal_boxes = Boxes(torch.rand(n, 4, generator=g))
-        p.gt_classes = torch.randint(0, 10, (n,), generator=g)  # 9 = background
-        p.gt_iou = 0.4 + 0.6 * torch.rand(n, generator=g)
-        out.append(p)
-    return out
+    """Two images' sampled proposals: the 9 classes and background (uneven sizes)."""
+    return sampled_proposals(100 + step, (9, 6), 9)
 
 
 def _worker_features(step, dim):
