@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
@@ -201,6 +202,14 @@ def tiny_cfg(config="configs/shapes_rince.yaml", *opts, output_dir=None):
     if output_dir:
         base += ["OUTPUT_DIR", str(output_dir)]
     return setup_cfg(os.path.join(REPO, config), base + list(opts), freeze=False)
+
+
+def voc_object_names(root, fileid):
+    """The class names of the objects in image ``fileid``'s VOC annotation under ``root``."""
+    return [
+        o.find("name").text
+        for o in ET.parse(os.path.join(root, "Annotations", f"{fileid}.xml")).findall("object")
+    ]
 
 
 def shapes_batch(seed=1, n_images=2, classes=None):

@@ -5,12 +5,9 @@ exposed object; REFERENCE removed removes them from training instead; the VOC ev
 only the images the split holds; bad exposure configs are ConfigErrors naming the key.
 """
 
-import os
-import xml.etree.ElementTree as ET
-
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import tiny_cfg, voc_object_names
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, BoxMode, Instances
 
@@ -32,13 +29,6 @@ TRAIN = "rcdet_shapes_trainval__minus_ring+triangle_exposed_frame+tri_split_drop
 TEST = "rcdet_shapes_test__minus_ring+triangle_exposed_frame+tri_split_ood_test"
 
 
-def _names_in(root, fileid):
-    return [
-        o.find("name").text
-        for o in ET.parse(os.path.join(root, "Annotations", f"{fileid}.xml")).findall("object")
-    ]
-
-
 def _ids(name):
     return [d["image_id"] for d in DatasetCatalog.get(name)]
 
@@ -53,7 +43,7 @@ def test_exposed_boxes_stay_in_training_and_leave_the_test_split(tiny_shapes):
     assert MetadataCatalog.get(TEST).exposed_classes == EXPOSED
 
     names = {
-        d["image_id"]: _names_in(tiny_shapes, d["image_id"])
+        d["image_id"]: voc_object_names(tiny_shapes, d["image_id"])
         for split in ("rcdet_shapes_trainval", "rcdet_shapes_test")
         for d in DatasetCatalog.get(split)
     }
@@ -139,7 +129,7 @@ def test_removed_exposed_classes_leave_training_as_held_out_ones(tiny_shapes):
     assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == ((train_name,), (TEST,))
     train = DatasetCatalog.get(train_name)
     for d in train:
-        assert not set(_names_in(tiny_shapes, d["image_id"])) & set(HELD + EXPOSED)
+        assert not set(voc_object_names(tiny_shapes, d["image_id"])) & set(HELD + EXPOSED)
         assert "exposed_annotations" not in d
     # The same images as four held-out classes give, and the same test split as the exposure.
     four = tiny_cfg(
@@ -159,7 +149,7 @@ def test_removed_exposed_classes_leave_training_as_held_out_ones(tiny_shapes):
     kept = DatasetCatalog.get(drop_annotations.DATASETS.TRAIN[0])
     assert [d["image_id"] for d in kept] == _ids("rcdet_shapes_trainval")
     assert sum(len(d["annotations"]) for d in kept) == sum(
-        n in KNOWN for d in kept for n in _names_in(tiny_shapes, d["image_id"])
+        n in KNOWN for d in kept for n in voc_object_names(tiny_shapes, d["image_id"])
     )
 
 

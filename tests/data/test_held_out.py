@@ -12,7 +12,7 @@ import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import run_in_process, tiny_cfg
+from conftest import run_in_process, tiny_cfg, voc_object_names
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from rcdet.config import ConfigError
@@ -21,13 +21,6 @@ from rcdet.data.shapes import CLASS_NAMES
 
 TRAIN_SPLIT = "rcdet_shapes_trainval__minus_ring+triangle_drop_images"
 TEST_SPLIT = "rcdet_shapes_test__minus_ring+triangle_ood_test"
-
-
-def _names_in(root, fileid):
-    return [
-        o.find("name").text
-        for o in ET.parse(os.path.join(root, "Annotations", f"{fileid}.xml")).findall("object")
-    ]
 
 
 @pytest.mark.parametrize("mode", ["drop_images", "drop_annotations"])
@@ -43,7 +36,7 @@ def test_held_out_splits(tiny_shapes, mode):
     )
     assert meta.thing_classes == known and meta.all_classes == list(CLASS_NAMES)
     with_held = [
-        d["image_id"] for d in base if set(_names_in(tiny_shapes, d["image_id"])) & set(held)
+        d["image_id"] for d in base if set(voc_object_names(tiny_shapes, d["image_id"])) & set(held)
     ]
     assert with_held, "the tiny split should contain held-out objects"
     ids = [d["image_id"] for d in train]
@@ -52,14 +45,14 @@ def test_held_out_splits(tiny_shapes, mode):
     else:
         assert ids == [d["image_id"] for d in base]
     for d in train:
-        names = [n for n in _names_in(tiny_shapes, d["image_id"]) if n not in held]
+        names = [n for n in voc_object_names(tiny_shapes, d["image_id"]) if n not in held]
         assert [known[a["category_id"]] for a in d["annotations"]] == names
     test = DatasetCatalog.get(register_held_out_split("rcdet_shapes_test", held, mode, "test"))
     assert [d["image_id"] for d in test] == [
         d["image_id"] for d in DatasetCatalog.get("rcdet_shapes_test")
     ]
     for d in test:
-        names = _names_in(tiny_shapes, d["image_id"])
+        names = voc_object_names(tiny_shapes, d["image_id"])
         assert [known[a["category_id"]] for a in d["annotations"]] == [
             n for n in names if n not in held
         ]
@@ -146,7 +139,7 @@ def test_derived_split_of_an_unregistered_base_is_an_error(tiny_shapes):
 
 def test_held_out_classes_that_remove_every_training_image_are_explained(tiny_shapes, capsys):
     base = DatasetCatalog.get("rcdet_shapes_trainval")
-    names = {d["image_id"]: set(_names_in(tiny_shapes, d["image_id"])) for d in base}
+    names = {d["image_id"]: set(voc_object_names(tiny_shapes, d["image_id"])) for d in base}
     # A known class that no image shows alone: holding out all the others removes every image.
     keep = next(c for c in CLASS_NAMES if all(n - {c} for n in names.values()))
     held = [c for c in CLASS_NAMES if c != keep]
@@ -175,7 +168,7 @@ def test_held_out_classes_that_remove_every_training_image_are_explained(tiny_sh
     )
     for c in held:
         images = sum(c in n for n in names.values())
-        boxes = sum(_names_in(tiny_shapes, i).count(c) for i in names)
+        boxes = sum(voc_object_names(tiny_shapes, i).count(c) for i in names)
         assert f"'{c}' is in {images} images ({boxes} boxes)" in line
     assert line.endswith(
         "Set MODEL.RCDET.OOD.HOLD_OUT_MODE drop_annotations (it keeps the images and removes only"
