@@ -4,7 +4,8 @@ The input checks every tool shares, made at the boundary, before any work starts
 - argparse types that state what they accept, which ``--help`` shows next to each option
   (``int_in_range``, ``float_in_range``, ``size_pair``, ``choice``, ``existing_file``,
   ``at_file_or``, ``device``, ``registered_dataset``, ``text_template``), and an
-  ``ArgumentParser`` whose errors are one line with exit code 2;
+  ``ArgumentParser`` whose errors are one line with exit code 2 and that adds the ``KEY VALUE``
+  config overrides (``add_config_overrides``);
 - output folders and files that cannot be created or written (``check_output_dir``,
   ``check_output_file``), checked without creating anything;
 - devices and GPU counts (``check_device``, ``check_gpu_count``), naming the key or option to
@@ -109,6 +110,15 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def add_config_overrides(self):
+        """The ``opts`` positional: the ``KEY VALUE`` config overrides, after the tool's options
+        (``merge_overrides`` names an option given after them)."""
+        self.add_argument(
+            "opts",
+            nargs=argparse.REMAINDER,
+            help="config overrides, KEY VALUE pairs (after the options)",
+        )
 
 
 def _arg_type(parse: Callable, allowed: str, name: str, show: Callable = str) -> Callable:

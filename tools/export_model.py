@@ -21,7 +21,6 @@ The export is run on one image of ``DATASETS.TEST`` (a second image of another s
 that the trace does not hard-code sizes) and compared with the eager model.
 """
 
-import argparse
 import os
 import sys
 
@@ -129,11 +128,7 @@ def main(argv=None):
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--export-method", choices=["scripting", "tracing"], default="tracing")
     parser.add_argument("--output", default="output/export", help="folder for model.ts")
-    parser.add_argument(
-        "opts",
-        nargs=argparse.REMAINDER,
-        help="config overrides, KEY VALUE pairs (after the options)",
-    )
+    parser.add_config_overrides()
     args = parser.parse_args(argv)
     setup_logger(name="rcdet")
     return report_user_errors(run, args)

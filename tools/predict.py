@@ -17,7 +17,6 @@ Writes OUTPUT/<image name> for each image (OUTPUT/<video name>.mp4 for a video) 
 OUTPUT/predictions.json (each image's detections: box, class, score, ood_score, unknown).
 """
 
-import argparse
 import os
 import sys
 
@@ -57,11 +56,7 @@ def main(argv=None):
         default=0.5,
         help="draw detections scoring at least this (MODEL.ROI_HEADS.SCORE_THRESH_TEST)",
     )
-    parser.add_argument(
-        "opts",
-        nargs=argparse.REMAINDER,
-        help="config overrides, KEY VALUE pairs (after the options)",
-    )
+    parser.add_config_overrides()
     args = parser.parse_args(argv)
     setup_logger(name="rcdet")
     return report_user_errors(run, args)
