@@ -401,25 +401,25 @@ def _write_problem(path: str, folder: bool) -> Optional[str]:
     return None
 
 
+def _check_output(path: str, option: str, folder: bool) -> str:
+    what = "folder" if folder else "file"
+    if not path:
+        raise UsageError(f"{option} is empty: name an output {what}.")
+    problem = _write_problem(path, folder=folder)
+    if problem:
+        raise UsageError(f"{option} {path}: {problem}; set {option} to a {what} you can write.")
+    return path
+
+
 def check_output_dir(path: str, option: str) -> str:
     """Fail with one line naming ``option`` if folder ``path`` can be neither created nor written
     (a regular file on its way, a broken link, no write permission). Creates nothing."""
-    if not path:
-        raise UsageError(f"{option} is empty: name an output folder.")
-    problem = _write_problem(path, folder=True)
-    if problem:
-        raise UsageError(f"{option} {path}: {problem}; set {option} to a folder you can write.")
-    return path
+    return _check_output(path, option, folder=True)
 
 
 def check_output_file(path: str, option: str) -> str:
     """``check_output_dir`` for a file that a tool writes (its folder is created if missing)."""
-    if not path:
-        raise UsageError(f"{option} is empty: name an output file.")
-    problem = _write_problem(path, folder=False)
-    if problem:
-        raise UsageError(f"{option} {path}: {problem}; set {option} to a file you can write.")
-    return path
+    return _check_output(path, option, folder=False)
 
 
 # ---------------------------------------------------------------- config files and overrides
