@@ -293,6 +293,9 @@ def _rcdet_rules():
     accepted = losses + tuple(DEPRECATED_NAMES)
     flag = (lambda v: isinstance(v, bool)), "True or False"
     unit = _in_unit_interval, "a number in [0, 1]"
+    class_names = (
+        lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) and c for c in v)
+    ), "a list of class names"
     return {
         "LOSS": ((lambda v: isinstance(v, str) and v in accepted), f"one of {', '.join(losses)}"),
         "RANKING_FILE": ((lambda v: isinstance(v, str)), "a path, or '' for none"),
@@ -327,18 +330,12 @@ def _rcdet_rules():
         "GATHER": flag,
         "EMBED_AT_TEST": flag,
         "FINETUNE_FROM_OTHER_CLASSES": flag,
-        "OOD.HELD_OUT_CLASSES": (
-            lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) and c for c in v),
-            "a list of class names",
-        ),
+        "OOD.HELD_OUT_CLASSES": class_names,
         "OOD.HOLD_OUT_MODE": (
             (lambda v: isinstance(v, str) and v in HOLD_OUT_MODES),
             f"one of {', '.join(HOLD_OUT_MODES)}",
         ),
-        "OOD.EXPOSED_CLASSES": (
-            lambda v: isinstance(v, (list, tuple)) and all(isinstance(c, str) and c for c in v),
-            "a list of class names",
-        ),
+        "OOD.EXPOSED_CLASSES": class_names,
         "OOD.REFERENCE": (
             (lambda v: isinstance(v, str) and v in REFERENCE_CHOICES),
             f"one of {', '.join(REFERENCE_CHOICES)}",
