@@ -280,21 +280,19 @@ def _records_of(inputs, outputs, score_threshold: float) -> List[Dict]:
     return records
 
 
-def _score_records(records, num_known: int, opts: OODOptions) -> Dict:
-    """The logit scores and detector confidence of every detection of ``records``, in order."""
-    found = [r for r in records if len(r["scores"])]
-    width = num_known + 1
-    logits = np.concatenate([r["logits"] for r in found]) if found else np.zeros((0, width))
-    return {
-        "scores": logit_scores(logits, num_known, opts.energy_temperature),
-        "confidence": detector_confidence(logits, num_known),
-    }
-
-
 def _stacked(records, key: str, width: int) -> np.ndarray:
     """Every detection's ``key`` row (logits, embeddings) of ``records``, in order."""
     found = [r for r in records if len(r["scores"])]
     return np.concatenate([r[key] for r in found]) if found else np.zeros((0, width))
+
+
+def _score_records(records, num_known: int, opts: OODOptions) -> Dict:
+    """The logit scores and detector confidence of every detection of ``records``, in order."""
+    logits = _stacked(records, "logits", num_known + 1)
+    return {
+        "scores": logit_scores(logits, num_known, opts.energy_temperature),
+        "confidence": detector_confidence(logits, num_known),
+    }
 
 
 def _embedding_scores(
