@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .analysis import _HELD_OUT_MARKERS, _MARKERS
-from .evaluation.bootstrap import paired_bootstrap
+from .evaluation.bootstrap import paired_bootstrap, paired_bootstrap_family_accuracy
 from .evaluation.plots import plot_roc, pyplot, save_figure
 from .evaluation.report import (
     csv_table,
@@ -35,8 +35,14 @@ from .file_io import atomic_write, write_json_atomic
 
 __all__ = [
     "Method",
+    "Study",
+    "STUDIES",
     "VARIANT_METHODS",
+    "VOC_EXPOSURE_OPTS",
     "methods_for",
+    "exposure_methods_for",
+    "study_for",
+    "all_method_names",
     "true_ranking_file",
     "class_names",
     "write_shuffled_ranking",
@@ -44,10 +50,14 @@ __all__ = [
     "record_stage",
     "run_provenance",
     "study_provenance",
+    "copy_configs",
     "machine_description",
     "study_meta",
+    "TABLES",
     "COLUMNS",
     "PAIRED",
+    "family_means",
+    "load_family_set",
     "run_metrics",
     "mean_std",
     "build_table",
@@ -75,14 +85,41 @@ class Method:
     shuffled_ranking: bool = False
 
 
-# The drop_annotations variant study compares these methods.
-VARIANT_METHODS = ("softmax", "supcon", "rince_out_r1", "rince_out_in")
+@dataclass
+class Study:
+    """
+    One study: its methods, its hold-out mode, and the partner methods of its paired tests (the
+    names of its SupCon, softmax and VOS rows; None where the study has no such row).
+    """
+
+    name: str
+    methods: List[Method]
+    hold_out_mode: str = "drop_images"
+    partners: Dict[str, Optional[str]] = field(
+        default_factory=lambda: {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
+    )
+
+
+STUDIES = ("main", "exposure")
+# The drop_annotations variant of the main study compares these methods.
+VARIANT_METHODS = ("softmax", "supcon", "vos", "rince_out_in")
+# The exposure split on VOC (the built-in one is in its configs, docs/unknown_objects.md): chair
+# and motorbike stay the test unknowns, and cow and bus are exposed, so that every family keeps
+# a known member (chair: sofa; motorbike: bicycle; cow: sheep and horse; bus: train and car).
+VOC_EXPOSURE_OPTS = [
+    "MODEL.ROI_HEADS.NUM_CLASSES",
+    "16",
+    "MODEL.RCDET.OOD.EXPOSED_CLASSES",
+    "['cow', 'bus']",
+]
 
 
 def methods_for(voc: bool) -> List[Method]:
     """
-    softmax (branch off), supcon, rince_out_r1 (RINCE-out with one rank), rince_in and rince_out_in
-    with the true ranking, and rince_out_in with a shuffled one: on VOC or the built-in dataset.
+    The main study's methods on VOC or the built-in dataset: softmax (branch off), supcon
+    (Khosla et al.), rince_out_r1 (RINCE-out with one rank), rince_in and rince_out_in with the
+    true ranking, rince_out_in with a shuffled one (the control), vos (VOS on the softmax head)
+    and rince_out_in_vos (both).
     """
     p = "voc" if voc else "shapes"
     return [
@@ -94,7 +131,59 @@ def methods_for(voc: bool) -> List[Method]:
         Method("rince_in", f"configs/{p}_rince_ood.yaml", ["MODEL.RCDET.LOSS", "rince_in"]),
         Method("rince_out_in", f"configs/{p}_rince_ood.yaml"),
         Method("rince_out_in_shuffled", f"configs/{p}_rince_ood.yaml", shuffled_ranking=True),
+        Method("vos", f"configs/{p}_vos_ood.yaml"),
+        Method("rince_out_in_vos", f"configs/{p}_rince_vos_ood.yaml"),
     ]
+
+
+def exposure_methods_for(voc: bool) -> List[Method]:
+    """
+    The exposure study's methods (the reference report's experiment, docs/unknown_objects.md):
+    RINCE out-in with f fixed and learned, RINCE out-in with the exposed classes removed, SupCon
+    with a fixed f, and softmax with the exposed objects as background (outlier exposure).
+    """
+    if not voc:
+        c = "configs/shapes_{}.yaml".format
+        return [
+            Method("softmax_oe", c("softmax_exposure_ood")),
+            Method("supcon_f_fixed", c("supcon_exposure_ood")),
+            Method("rince_out_in_no_exposure", c("rince_expsplit_ood")),
+            Method("rince_out_in_f_fixed", c("rince_exposure_ood")),
+            Method("rince_out_in_f_learned", c("rince_exposure_learned_ood")),
+        ]
+
+    def reference(kind):
+        return VOC_EXPOSURE_OPTS + ["MODEL.RCDET.OOD.REFERENCE", kind]
+
+    return [
+        Method("softmax_oe", "configs/voc_softmax_ood.yaml", reference("background")),
+        Method("supcon_f_fixed", "configs/voc_supcon_ood.yaml", reference("fixed")),
+        Method("rince_out_in_no_exposure", "configs/voc_rince_ood.yaml", reference("removed")),
+        Method("rince_out_in_f_fixed", "configs/voc_rince_ood.yaml", reference("fixed")),
+        Method("rince_out_in_f_learned", "configs/voc_rince_ood.yaml", reference("learned")),
+    ]
+
+
+def study_for(name: str, voc: bool, hold_out_mode: str = "drop_images") -> Study:
+    """
+    The study ``name`` (one of STUDIES) on VOC or the built-in dataset. The main study in
+    ``drop_annotations`` mode is its variant, with the VARIANT_METHODS only.
+    """
+    if name == "exposure":
+        partners = {"supcon": "supcon_f_fixed", "softmax": "softmax_oe", "vos": None}
+        return Study(name, exposure_methods_for(voc), hold_out_mode, partners)
+    if name != "main":
+        raise ValueError(f"Unknown study {name!r}: one of {', '.join(STUDIES)}.")
+    methods = methods_for(voc)
+    if hold_out_mode != "drop_images":
+        methods = [m for m in methods if m.name in VARIANT_METHODS]
+    return Study(name, methods, hold_out_mode)
+
+
+def all_method_names() -> List[str]:
+    """Every study's method names, each once, in study order."""
+    names = [m.name for m in methods_for(False) + exposure_methods_for(False)]
+    return list(dict.fromkeys(names))
 
 
 def true_ranking_file(voc: bool) -> str:
@@ -212,6 +301,28 @@ def study_provenance(previous_meta: Optional[dict], invocation: Optional[dict]) 
     }
 
 
+def copy_configs(folder: str, runs: Dict[str, Tuple[str, Optional[str]]]):
+    """
+    Each method's config.yaml (and its ranking file, for the shuffled control) into ``folder``
+    as ``<method>.yaml`` and ``<method>_ranking.yaml``; ``runs``: ``{method: (run folder, ranking
+    file or None)}`` of one seed. Runs not trained yet are left out.
+    """
+    os.makedirs(folder, exist_ok=True)
+    for method, (run_dir, ranking_file) in runs.items():
+        config = os.path.join(run_dir, "config.yaml")
+        if os.path.isfile(config):
+            atomic_write(os.path.join(folder, method + ".yaml"), _read_bytes(config))
+            if ranking_file and os.path.isfile(ranking_file):
+                atomic_write(
+                    os.path.join(folder, method + "_ranking.yaml"), _read_bytes(ranking_file)
+                )
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def machine_description() -> str:
     """The machine the study runs on: architecture, cores, torch version and threads."""
     import torch
@@ -259,31 +370,76 @@ def study_meta(
 
 # ---------------------------------------------------------------- results
 
-# The method the paired tests compare every other method's best embedding score with.
-SUPCON = "supcon"
 # Paired bootstrap replicates over the test images for the table's tests.
 PAIRED_REPLICATES = 1000
-# (key, label, digits) of the table's mean ± std columns. "best_emb" stands for the method's
-# best embedding score; outlier fractions are shown in percent.
-COLUMNS = [
-    ("AP", "AP", 1),
-    ("AP50", "AP50", 1),
-    ("AP75", "AP75", 1),
-    ("msp_auroc", "MSP AUROC", 3),
-    ("msp_fpr95", "MSP FPR95", 3),
-    ("best_emb_auroc", "best emb. AUROC", 3),
-    ("best_emb_fpr95", "best emb. FPR95", 3),
-    ("outliers_class", "outliers class %", 1),
-    ("outliers_group", "outliers group %", 1),
-    ("spearman", "Spearman", 3),
-    ("a_ose", "A-OSE", 0),
-    ("wi", "WI", 4),
-    ("img_msp_auroc", "image-level MSP AUROC", 3),
-    ("img_best_emb_auroc", "image-level best emb. AUROC", 3),
+# The study's tables: (title, [(key, label, digits)]) of mean ± std columns. "best_emb" stands
+# for the method's best embedding score; outlier fractions are shown in percent; family_* are
+# the mean over held-out classes of the family accuracy (rcdet.evaluation.placement) by
+# prototype ("emb.") and by argmax class, and its chance rate.
+TABLES = [
+    (
+        "Detection and OOD detection (object level unless marked image-level)",
+        [
+            ("AP", "AP", 1),
+            ("AP50", "AP50", 1),
+            ("AP75", "AP75", 1),
+            ("msp_auroc", "MSP AUROC", 3),
+            ("msp_fpr95", "MSP FPR95", 3),
+            ("energy_auroc", "energy AUROC", 3),
+            ("best_emb_auroc", "best emb. AUROC", 3),
+            ("best_emb_fpr95", "best emb. FPR95", 3),
+            ("sibling_margin_auroc", "sibling margin AUROC", 3),
+            ("family_energy_auroc", "family energy AUROC", 3),
+            ("reference_auroc", "reference AUROC", 3),
+            ("a_ose", "A-OSE", 0),
+            ("wi", "WI", 4),
+            ("img_msp_auroc", "image-level MSP AUROC", 3),
+            ("img_best_emb_auroc", "image-level best emb. AUROC", 3),
+        ],
+    ),
+    (
+        "Where the unknown objects land, and the embedding",
+        [
+            ("family_emb", "family acc. emb.", 3),
+            ("family_argmax", "family acc. argmax", 3),
+            ("family_chance", "family chance", 3),
+            ("outliers_class", "outliers class %", 1),
+            ("outliers_group", "outliers group %", 1),
+            ("spearman", "Spearman", 3),
+        ],
+    ),
 ]
-# Paired bootstrap tests of each method's best embedding score (AUROC, object level): against
-# SupCon's best embedding score, and against MSP of the same models.
-PAIRED = [("vs_supcon", "best emb. − SupCon AUROC"), ("vs_msp", "best emb. − MSP AUROC")]
+COLUMNS = [column for _, columns in TABLES for column in columns]
+# Paired bootstrap tests over the test images, seed by seed (key, label, partner role): the best
+# embedding score's AUROC against the study's SupCon row's best embedding score, VOS's energy
+# score, and MSP of the same models; the family accuracy (by embedding where the method has a
+# projection, else by argmax) against SupCon's and softmax's.
+PAIRED = [
+    ("vs_supcon", "best emb. − SupCon best emb. AUROC", "supcon"),
+    ("vs_vos", "best emb. − VOS energy AUROC", "vos"),
+    ("vs_msp", "best emb. − MSP AUROC", None),
+    ("family_vs_supcon", "family acc. − SupCon", "supcon"),
+    ("family_vs_softmax", "family acc. − softmax", "softmax"),
+]
+# The partner's score of the AUROC tests: its best embedding score, or VOS's own score.
+PARTNER_SCORE = {"supcon": "best_emb", "vos": "energy"}
+
+
+def family_means(placement: Optional[Dict]) -> Dict[str, Optional[float]]:
+    """
+    The mean over held-out classes of the report's family accuracy by prototype (``family_emb``)
+    and by argmax (``family_argmax``), each over the classes where it is defined, and the mean
+    chance rate over the classes with a defined argmax accuracy (``family_chance``).
+    """
+    out = {"family_emb": None, "family_argmax": None, "family_chance": None}
+    classes = (placement or {}).get("classes") or {}
+    for key, method in (("family_emb", "prototype"), ("family_argmax", "argmax")):
+        values = [c["family_accuracy"][method] for c in classes.values()]
+        values = [v for v in values if v is not None]
+        out[key] = float(np.mean(values)) if values else None
+    chance = [c["chance"] for c in classes.values() if c["family_accuracy"]["argmax"] is not None]
+    out["family_chance"] = float(np.mean(chance)) if chance else None
+    return out
 
 
 def run_metrics(run_dir: str) -> Dict[str, Optional[float]]:
@@ -292,6 +448,7 @@ def run_metrics(run_dir: str) -> Dict[str, Optional[float]]:
     with open(os.path.join(run_dir, "analysis", "analysis.json")) as f:
         spaces = json.load(f)["spaces"]
     out = report_metrics(report)
+    out.update(family_means(report.placement))
     out["protocol_version"] = protocol_of(report)["version"]
     space = spaces.get("projection") or spaces.get("box_features")
     out["space"] = "projection" if "projection" in spaces else "box_features"
@@ -313,11 +470,14 @@ def mean_std(values: List[Optional[float]]):
 def build_table(per_method: Dict[str, List[Dict]]) -> List[Dict]:
     """
     Rows of (mean, std) per COLUMNS key, one per method (``{method: run_metrics of its seeds}``).
-    The best embedding score is the one with the highest mean AUROC.
+    The best embedding score is the one with the highest mean AUROC. ``placement`` is the
+    placement the family tests compare: prototype where the method has a projection, else argmax.
     """
     rows = []
     for method, results in per_method.items():
-        row = {"method": method, "seeds": len(results), "space": results[0].get("space", "")}
+        space = results[0].get("space", "")
+        row = {"method": method, "seeds": len(results), "space": space}
+        row["placement"] = "prototype" if space == "projection" else "argmax"
         best, best_auroc = None, -1.0
         for s in EMBEDDING_SCORES:
             m, _ = mean_std([r.get(f"{s}_auroc") for r in results])
@@ -337,44 +497,112 @@ def build_table(per_method: Dict[str, List[Dict]]) -> List[Dict]:
     return rows
 
 
+def load_family_set(run_dir: str, placement: str) -> Optional[Tuple[tuple, Tuple[str, ...]]]:
+    """
+    ``((held_out_labels, in_family, image_index), image_ids)`` of a run's claimed held-out objects
+    whose family is defined, placed by ``placement`` (ood/ood_scores.npz's ``placed_<placement>``,
+    the families from ood/ood_report.json); None for a run without them.
+    """
+    path = os.path.join(run_dir, "ood", "ood_scores.npz")
+    if not os.path.isfile(path):
+        return None
+    with np.load(path) as z:
+        if f"placed_{placement}" not in z.files:
+            return None
+        placed, labels = z[f"placed_{placement}"], z["ood_class"]
+        groups, ids = z["image_index"], tuple(z["image_ids"].tolist())
+    report = load_report(os.path.join(run_dir, "ood"))
+    classes = (report.placement or {}).get("classes")
+    if not classes:
+        return None
+    known = report.known_classes
+    family = [set(classes[h]["family"] or ()) for h in report.held_out_classes]
+    keep = np.flatnonzero(placed >= 0)
+    keep = keep[[bool(family[labels[i]]) for i in keep]]
+    hits = np.array([known[placed[i]] in family[labels[i]] for i in keep], dtype=bool)
+    return (labels[keep], hits, groups[keep]), ids
+
+
 def attach_paired_tests(
     rows: List[Dict],
-    run_dirs: Dict[str, List[str]],
+    run_dirs: Dict[str, Dict[int, str]],
+    partners: Optional[Dict[str, Optional[str]]] = None,
     replicates: int = PAIRED_REPLICATES,
     seed: int = 0,
 ) -> List[Dict]:
     """
-    Add ``vs_supcon`` and ``vs_msp`` to each row: paired bootstraps (rcdet.evaluation.bootstrap.
-    paired_bootstrap) of the object-level AUROC of the method's best embedding score, mean over its
-    seeds, minus SupCon's best embedding score (mean over SupCon's seeds), and minus MSP of the same
-    models. Every replicate resamples the test images once for all runs, so the comparison is
-    paired by image. It measures the test set's sampling, not the seeds' spread (the ± columns).
-    Runs without saved scores, or evaluated on other images, get None.
+    Add the PAIRED tests to each row: paired bootstraps (rcdet.evaluation.bootstrap) over the
+    test images, each side the mean over the seeds both methods ran, run paired with run of the
+    same seed (``run_dirs``: ``{method: {seed: run folder}}``). ``partners`` names the study's
+    ``supcon``, ``softmax`` and ``vos`` rows (default: those names). Every replicate resamples
+    the test images once for all runs, so each comparison is paired by image. It measures the
+    test set's sampling, not the seeds' spread (the ± columns). A test is "self" for a partner
+    against itself, and None where a side has no such score or the runs were evaluated on other
+    images.
     """
-    sets = {m: [load_roc_set(os.path.join(d, "ood")) for d in dirs] for m, dirs in run_dirs.items()}
-    every = [rs for runs in sets.values() for rs in runs]
+    partners = partners or {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
+    by_method = {r["method"]: r for r in rows}
+    rocs = {
+        m: {s: load_roc_set(os.path.join(d, "ood")) for s, d in seeds.items()}
+        for m, seeds in run_dirs.items()
+    }
+    families = {
+        m: {s: load_family_set(d, by_method[m]["placement"]) for s, d in seeds.items()}
+        for m, seeds in run_dirs.items()
+        if m in by_method
+    }
+    every = [rs for seeds in rocs.values() for rs in seeds.values()]
     indexed = [rs for rs in every if rs is not None]
     usable = len(indexed) == len(every) and len({rs.image_ids for rs in indexed}) == 1
     num_images = len(indexed[0].image_ids) if usable else 0
-    best = {r["method"]: r["best_emb_score"] for r in rows}
+    image_ids = indexed[0].image_ids if usable else None
 
-    def paired(method, score, other, other_score):
-        a = [(rs.scores[score], rs.is_id, rs.image_index) for rs in sets[method]]
-        b = [(rs.scores[other_score], rs.is_id, rs.image_index) for rs in sets[other]]
-        return paired_bootstrap(a, b, num_images, "auroc", replicates, seed)
+    def score_of(method, what):
+        if what == "best_emb":
+            return by_method[method]["best_emb_score"]
+        return what
+
+    def auroc_test(a, a_score, b, b_score):
+        seeds = sorted(set(rocs[a]) & set(rocs[b]))
+        if not seeds or a_score == "n/a" or b_score == "n/a":
+            return None
+        if any(a_score not in rocs[a][s].scores or b_score not in rocs[b][s].scores for s in seeds):
+            return None
+        runs_a = [
+            (rocs[a][s].scores[a_score], rocs[a][s].is_id, rocs[a][s].image_index) for s in seeds
+        ]
+        runs_b = [
+            (rocs[b][s].scores[b_score], rocs[b][s].is_id, rocs[b][s].image_index) for s in seeds
+        ]
+        return {
+            **paired_bootstrap(runs_a, runs_b, num_images, "auroc", replicates, seed),
+            "seeds": seeds,
+        }
+
+    def family_test(a, b):
+        seeds = sorted(set(families[a]) & set(families[b]))
+        pairs = [(families[a][s], families[b][s]) for s in seeds]
+        if not seeds or any(x is None or y is None for x, y in pairs):
+            return None
+        if any(x[1] != image_ids or y[1] != image_ids for x, y in pairs):
+            return None
+        runs_a, runs_b = [x[0] for x, _ in pairs], [y[0] for _, y in pairs]
+        result = paired_bootstrap_family_accuracy(runs_a, runs_b, num_images, replicates, seed)
+        return {**result, "seeds": seeds}
 
     for r in rows:
-        m, b = r["method"], best[r["method"]]
-        if not usable or b == "n/a":
-            r["vs_supcon"] = r["vs_msp"] = None
-            continue
-        r["vs_msp"] = paired(m, b, m, "msp")
-        if m == SUPCON:
-            r["vs_supcon"] = "self"
-        elif best.get(SUPCON, "n/a") != "n/a":
-            r["vs_supcon"] = paired(m, b, SUPCON, best[SUPCON])
-        else:
-            r["vs_supcon"] = None
+        m = r["method"]
+        for key, _, role in PAIRED:
+            partner = partners.get(role) if role else m
+            if not usable or (role and partner not in by_method):
+                r[key] = None
+            elif role and partner == m:
+                r[key] = "self"
+            elif key.startswith("family"):
+                r[key] = family_test(m, partner)
+            else:
+                partner_score = score_of(partner, PARTNER_SCORE.get(role, "msp"))
+                r[key] = auroc_test(m, score_of(m, "best_emb"), partner, partner_score)
     return rows
 
 
@@ -398,17 +626,28 @@ def _paired_cell(test) -> str:
 
 
 def table_markdown(rows: List[Dict]) -> str:
-    """The table as shown in the README: mean ± std per column, then the paired tests."""
-    header = ["method", "seeds"] + [label for _, label, _ in COLUMNS] + ["best emb. score"]
-    header += [label for _, label in PAIRED]
+    """
+    The study's tables in markdown, one per TABLES entry (mean ± std over seeds), then the paired
+    tests, each under a bold title.
+    """
+    parts = []
+    for title, columns in TABLES:
+        header = ["method", "seeds"] + [label for _, label, _ in columns]
+        cells = [
+            [r["method"], str(r["seeds"])] + [_cell(r[k], d) for k, _, d in columns] for r in rows
+        ]
+        if columns is TABLES[0][1]:
+            header.append("best emb. score")
+            cells = [c + [r["best_emb_score"]] for c, r in zip(cells, rows)]
+        parts.append(f"**{title}**\n\n" + markdown_table(header, cells))
+    header = ["method", "seeds"] + [label for _, label, _ in PAIRED]
     cells = [
-        [r["method"], str(r["seeds"])]
-        + [_cell(r[k], d) for k, _, d in COLUMNS]
-        + [r["best_emb_score"]]
-        + [_paired_cell(r.get(k)) for k, _ in PAIRED]
+        [r["method"], str(r["seeds"])] + [_paired_cell(r.get(k)) for k, _, _ in PAIRED]
         for r in rows
     ]
-    return markdown_table(header, cells)
+    title = "Paired bootstrap tests over the test images (difference [95% interval], p)"
+    parts.append(f"**{title}**\n\n" + markdown_table(header, cells))
+    return "\n".join(parts)
 
 
 def _number(v) -> str:
@@ -416,19 +655,23 @@ def _number(v) -> str:
 
 
 def table_csv(rows: List[Dict]) -> str:
-    """The table's numbers: mean and std per column; difference, interval and p-value per test."""
+    """The tables' numbers: mean and std per column; difference, interval and p-value per test."""
     header = ["method", "seeds"] + [f"{k}_{x}" for k, _, _ in COLUMNS for x in ("mean", "std")]
-    header += ["best_emb_score"]
-    header += [f"{k}_{x}" for k, _ in PAIRED for x in ("difference", "ci_lo", "ci_hi", "p_value")]
+    header += ["best_emb_score", "placement"]
+    header += [
+        f"{k}_{x}" for k, _, _ in PAIRED for x in ("difference", "ci_lo", "ci_hi", "p_value")
+    ]
     lines = [header]
     for r in rows:
         tests = []
-        for k, _ in PAIRED:
+        for k, _, _ in PAIRED:
             t = r[k] if isinstance(r.get(k), dict) else {}
             ci = t.get("ci") or [None, None]
             tests += [_number(v) for v in (t.get("difference"), ci[0], ci[1], t.get("p_value"))]
         values = [_number(v) for k, _, _ in COLUMNS for v in r[k]]
-        lines.append([r["method"], r["seeds"]] + values + [r["best_emb_score"]] + tests)
+        lines.append(
+            [r["method"], r["seeds"]] + values + [r["best_emb_score"], r["placement"]] + tests
+        )
     return csv_table(lines)
 
 
@@ -538,25 +781,30 @@ def tsne_panel(runs: Dict[str, str]):
 
 
 def write_results(
-    runs: Sequence[Tuple[str, int, str]], output: str, replicates: int = PAIRED_REPLICATES
+    runs: Sequence[Tuple[str, int, str]],
+    output: str,
+    replicates: int = PAIRED_REPLICATES,
+    partners: Optional[Dict[str, Optional[str]]] = None,
 ) -> Tuple[str, Dict[str, List[Dict]]]:
     """
     results.md, results.csv, roc.png and tsne_panel.png in ``output``, each written atomically,
     from finished ``(method, seed, run folder)`` runs; the figures show each method's first run.
-    Returns the markdown table and each method's run_metrics.
+    ``partners``: the study's SupCon, softmax and VOS rows (attach_paired_tests). Returns the
+    markdown tables and each method's run_metrics.
     """
     per_method: Dict[str, List[Dict]] = {}
-    run_dirs: Dict[str, List[str]] = {}
-    for method, _, run_dir in runs:
+    run_dirs: Dict[str, Dict[int, str]] = {}
+    for method, seed, run_dir in runs:
         per_method.setdefault(method, []).append(run_metrics(run_dir))
-        run_dirs.setdefault(method, []).append(run_dir)
-    rows = attach_paired_tests(build_table(per_method), run_dirs, replicates)
+        run_dirs.setdefault(method, {})[seed] = run_dir
+    rows = attach_paired_tests(build_table(per_method), run_dirs, partners, replicates)
     md = table_markdown(rows)
     atomic_write(os.path.join(output, "results.md"), md.encode())
     atomic_write(os.path.join(output, "results.csv"), table_csv(rows).encode())
-    first = {method: dirs[0] for method, dirs in run_dirs.items()}
+    first = {method: dirs[min(dirs)] for method, dirs in run_dirs.items()}
     best = {r["method"]: r["best_emb_score"] for r in rows}
-    save_figure(roc_figure(first, best, runs[0][1]), os.path.join(output, "roc.png"), dpi=110)
+    seed = min(seed for _, seed, _ in runs)
+    save_figure(roc_figure(first, best, seed), os.path.join(output, "roc.png"), dpi=110)
     panel = tsne_panel(first)
     if panel is not None:
         save_figure(panel, os.path.join(output, "tsne_panel.png"), dpi=100)

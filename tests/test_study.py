@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from rcdet import study
+from rcdet.evaluation.bootstrap import paired_bootstrap_family_accuracy
 from rcdet.evaluation.metrics import ood_metrics
-from rcdet.evaluation.report import PROTOCOL_VERSION
+from rcdet.evaluation.report import PROTOCOL_VERSION, OODReport
+from rcdet.file_io import save_npz_atomic
 
 
 def test_table_builder_mean_and_sample_std():
@@ -82,36 +84,45 @@ def _fake_run(folder, rng, quality, image_ids, scores=("msp", "knn")):
     return {s: v[m] for s, v in values.items()}, status[m] == 1
 
 
+def _tables(md):
+    """{title: {method: row line}} of study.table_markdown's output."""
+    tables, title = {}, None
+    for line in md.splitlines():
+        if line.startswith("**"):
+            title = line.strip("*")
+            tables[title] = {}
+        elif line.startswith("| ") and not line.startswith("| method |"):
+            tables[title][line.split(" | ")[0][2:]] = line
+    return tables
+
+
+PAIRED_TITLE = "Paired bootstrap tests over the test images (difference [95% interval], p)"
+
+
 def test_paired_bootstrap_tests_in_the_table(tmp_path):
     rng = np.random.default_rng(0)
     ids = [f"{i:06d}" for i in range(60)]
     dirs, raw = {}, {}
-    for method, quality, seeds in (
-        ("softmax", {"msp": 0.5}, 1),
-        ("supcon", {"msp": 0.5, "knn": 1.0}, 2),
-        ("rince_in", {"msp": 0.5, "knn": 2.0}, 2),
+    for method, quality, seeds, scores in (
+        ("softmax", {"msp": 0.5}, 1, ("msp",)),
+        ("supcon", {"msp": 0.5, "knn": 1.0}, 2, ("msp", "knn")),
+        ("rince_in", {"msp": 0.5, "knn": 2.0}, 2, ("msp", "knn")),
+        ("vos", {"msp": 0.5, "energy": 1.5}, 2, ("msp", "energy")),
     ):
         for seed in range(seeds):
             folder = str(tmp_path / method / f"seed{seed}")
-            scores = ("msp",) if method == "softmax" else ("msp", "knn")
             raw.setdefault(method, []).append(_fake_run(folder, rng, quality, ids, scores))
-            dirs.setdefault(method, []).append(folder)
+            dirs.setdefault(method, {})[seed] = folder
 
-    def result(method, values, is_id):
+    def result(values, is_id):
         auc = {s: ood_metrics(v, is_id)["auroc"] for s, v in values.items()}
-        return {
-            "AP": 50.0,
-            "msp_auroc": auc["msp"],
-            "knn_auroc": auc.get("knn"),
-            "cosine_auroc": None,
-            "gaussian_auroc": None,
-        }
+        return {"AP": 50.0, **{f"{s}_auroc": a for s, a in auc.items()}}
 
-    rows = study.build_table({m: [result(m, *r) for r in runs] for m, runs in raw.items()})
+    rows = study.build_table({m: [result(*r) for r in runs] for m, runs in raw.items()})
     study.attach_paired_tests(rows, dirs, replicates=200)
     r = {row["method"]: row for row in rows}
     assert r["softmax"]["vs_msp"] is None and r["softmax"]["vs_supcon"] is None
-    assert r["supcon"]["vs_supcon"] == "self"
+    assert r["supcon"]["vs_supcon"] == "self" and r["vos"]["vs_vos"] == "self"
 
     # The observed difference is the mean over seeds of each side's AUROC.
     def auc(m, s):
@@ -123,23 +134,200 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     assert r["rince_in"]["vs_supcon"]["difference"] == pytest.approx(
         auc("rince_in", "knn") - auc("supcon", "knn")
     )
+    # Against VOS: VOS's own score, energy.
+    assert r["rince_in"]["vs_vos"]["difference"] == pytest.approx(
+        auc("rince_in", "knn") - auc("vos", "energy")
+    )
+    assert r["rince_in"]["vs_vos"]["seeds"] == [0, 1]
     t = r["rince_in"]["vs_supcon"]
     assert t["ci"][0] <= t["difference"] <= t["ci"][1] and 0 <= t["p_value"] <= 1
     md = study.table_markdown(rows)
-    assert md.splitlines()[0].endswith("| best emb. − SupCon AUROC | best emb. − MSP AUROC |")
+    assert PAIRED_TITLE in md.splitlines()[-8]
+    assert md.splitlines()[-6].startswith("| method | seeds | best emb. − SupCon best emb. AUROC |")
+    paired = _tables(md)[PAIRED_TITLE]
     cell = f"{t['difference']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p {t['p_value']:.3f}"
-    assert cell in md and md.splitlines()[3].startswith("| supcon |")
-    assert "| — |" in md.splitlines()[3]
-    assert md.splitlines()[2].endswith("| n/a | n/a |")  # softmax: no embedding score
+    assert cell in paired["rince_in"] and "| — |" in paired["supcon"]
+    assert paired["softmax"] == "| softmax | 1 | n/a | n/a | n/a | n/a | — |"
     assert (
         study.table_csv(rows)
         .splitlines()[0]
-        .endswith("vs_msp_difference,vs_msp_ci_lo,vs_msp_ci_hi,vs_msp_p_value")
+        .endswith(
+            "family_vs_softmax_difference,family_vs_softmax_ci_lo,family_vs_softmax_ci_hi,"
+            "family_vs_softmax_p_value"
+        )
     )
     # Runs evaluated on different test images cannot be paired.
     _fake_run(dirs["rince_in"][0], rng, {"knn": 2.0}, ids[:-1])
     study.attach_paired_tests(rows, dirs, replicates=20)
     assert all(row["vs_msp"] is None for row in rows)
+
+
+def test_paired_tests_pair_each_run_with_the_partners_run_of_the_same_seed(tmp_path):
+    """A method with seeds 1 and 2 is compared with the partner's seeds 1 and 2, not 0."""
+    rng = np.random.default_rng(1)
+    ids = [f"{i:06d}" for i in range(50)]
+    dirs, raw = {}, {}
+    # The partner's seed 0 is far better than its seeds 1 and 2: pairing it in would show.
+    for method, seed, quality in (
+        ("supcon_f_fixed", 0, 4.0),
+        ("supcon_f_fixed", 1, 0.5),
+        ("supcon_f_fixed", 2, 0.7),
+        ("rince_out_in_f_fixed", 1, 1.0),
+        ("rince_out_in_f_fixed", 2, 1.2),
+    ):
+        folder = str(tmp_path / method / f"seed{seed}")
+        values, is_id = _fake_run(folder, rng, {"msp": 0.2, "knn": quality}, ids)
+        raw[(method, seed)] = ood_metrics(values["knn"], is_id)["auroc"]
+        dirs.setdefault(method, {})[seed] = folder
+    per_method = {
+        m: [{"knn_auroc": raw[(m, s)], "msp_auroc": 0.5} for s in sorted(seeds)]
+        for m, seeds in dirs.items()
+    }
+    rows = study.build_table(per_method)
+    partners = study.study_for("exposure", voc=False).partners
+    study.attach_paired_tests(rows, dirs, partners, replicates=50)
+    r = {row["method"]: row for row in rows}
+    test = r["rince_out_in_f_fixed"]["vs_supcon"]
+    assert test["seeds"] == [1, 2]
+    expected = np.mean(
+        [raw[("rince_out_in_f_fixed", s)] - raw[("supcon_f_fixed", s)] for s in (1, 2)]
+    )
+    assert test["difference"] == pytest.approx(expected)
+    assert r["supcon_f_fixed"]["vs_supcon"] == "self"
+    # The exposure study has no VOS row, and no softmax run here.
+    assert r["rince_out_in_f_fixed"]["vs_vos"] is None
+    assert r["rince_out_in_f_fixed"]["family_vs_softmax"] is None
+
+
+def _placement(ring, triangle, chance=(0.4, 0.2)):
+    """A report's placement section: family accuracy {method: value} per held-out class."""
+    return {
+        "classes": {
+            "ring": {"family": ["disc", "bullseye"], "chance": chance[0], "family_accuracy": ring},
+            "triangle": {"family": ["tri_frame"], "chance": chance[1], "family_accuracy": triangle},
+        }
+    }
+
+
+def test_family_columns_are_the_mean_over_held_out_classes():
+    both = _placement(
+        {"prototype": 0.9, "knn": 0.8, "argmax": 0.7}, {"prototype": 0.5, "knn": 0.4, "argmax": 0.3}
+    )
+    assert study.family_means(both) == pytest.approx(
+        {"family_emb": 0.7, "family_argmax": 0.5, "family_chance": 0.3}
+    )
+    # A head without a projection: argmax only. A class without a defined accuracy is left out,
+    # of the chance rate too.
+    argmax_only = _placement(
+        {"prototype": None, "knn": None, "argmax": 0.6},
+        {"prototype": None, "knn": None, "argmax": None},
+    )
+    assert study.family_means(argmax_only) == {
+        "family_emb": None,
+        "family_argmax": 0.6,
+        "family_chance": 0.4,
+    }
+    assert study.family_means(None) == {
+        "family_emb": None,
+        "family_argmax": None,
+        "family_chance": None,
+    }
+    rows = study.build_table(
+        {
+            "rince": [
+                {**study.family_means(both), "space": "projection"},
+                {
+                    "family_emb": 0.5,
+                    "family_argmax": 0.3,
+                    "family_chance": 0.3,
+                    "space": "projection",
+                },
+            ],
+            "softmax": [{**study.family_means(argmax_only), "space": "box_features"}],
+        }
+    )
+    r = {row["method"]: row for row in rows}
+    assert r["rince"]["family_emb"] == pytest.approx((0.6, np.std([0.7, 0.5], ddof=1)))
+    assert r["rince"]["placement"] == "prototype" and r["softmax"]["placement"] == "argmax"
+    table = _tables(study.table_markdown(rows))["Where the unknown objects land, and the embedding"]
+    assert table["rince"].startswith(
+        "| rince | 2 | 0.600 ± 0.141 | 0.400 ± 0.141 | 0.300 ± 0.000 |"
+    )
+    assert table["softmax"].startswith("| softmax | 1 | n/a | 0.600 | 0.400 |")
+
+
+def _placement_run(folder, ids, placed, ood_class, image_index, known, held_out, families):
+    """A run folder whose ood/ holds a report with a placement section and ood_scores.npz."""
+    n = len(placed["argmax"])
+    classes = {
+        h: {
+            "objects": 0,
+            "family": families[h],
+            "chance": None,
+            "family_accuracy": {},
+            "confusion": {},
+        }
+        for h in held_out
+    }
+    report = OODReport(
+        name="run",
+        weights="",
+        test_dataset="rcdet_shapes_test",
+        known_classes=list(known),
+        held_out_classes=list(held_out),
+        hold_out_mode="drop_images",
+        protocol={"version": PROTOCOL_VERSION},
+        data={},
+        counts={},
+        open_set={},
+        defined=True,
+        warnings=[],
+        scores={},
+        placement={"methods": list(placed), "classes": classes},
+    )
+    arrays = dict(
+        status=np.full(n, 2),
+        image_index=np.asarray(image_index),
+        image_ids=np.array(ids),
+        ood_class=np.asarray(ood_class),
+        **{f"placed_{m}": np.asarray(v) for m, v in placed.items()},
+    )
+    os.makedirs(os.path.join(folder, "ood"), exist_ok=True)
+    with open(os.path.join(folder, "ood", "ood_report.json"), "w") as f:
+        json.dump(report.to_dict(), f)
+    save_npz_atomic(os.path.join(folder, "ood", "ood_scores.npz"), **arrays)
+    return folder
+
+
+def test_family_accuracy_paired_test_reads_each_objects_placement(tmp_path):
+    known, held_out = ["disc", "bullseye", "tri_frame"], ["ring", "triangle"]
+    families = {"ring": ["disc", "bullseye"], "triangle": ["tri_frame"]}
+    ids = [f"{i:06d}" for i in range(4)]
+    # Detections: -1 is not a claimed held-out object. Ring objects on images 0, 1; triangles on
+    # images 2, 3.
+    ood_class = [0, 0, 0, 1, 1, -1]
+    image_index = [0, 0, 1, 2, 3, 3]
+    # Method a: rings 2 of 3 in the family (disc, bullseye), triangles 1 of 2 -> mean 7/12.
+    a = _placement_run(
+        str(tmp_path / "a"), ids, {"prototype": [0, 1, 2, 2, 0, -1], "argmax": [2, 2, 2, 2, 2, -1]},
+        ood_class, image_index, known, held_out, families,
+    )  # fmt: skip
+    # Method b (no projection): argmax only; rings 1 of 3, triangles 2 of 2 -> mean 4/6.
+    b = _placement_run(
+        str(tmp_path / "b"), ids, {"argmax": [1, 2, 2, 2, 2, -1]},
+        ood_class, image_index, known, held_out, families,
+    )  # fmt: skip
+    labels, hits, groups = study.load_family_set(a, "prototype")[0]
+    assert labels.tolist() == [0, 0, 0, 1, 1] and hits.tolist() == [True, True, False, True, False]
+    assert groups.tolist() == [0, 0, 1, 2, 3]
+    assert study.load_family_set(b, "prototype") is None  # not computed for this head
+    test = paired_bootstrap_family_accuracy(
+        [study.load_family_set(a, "prototype")[0]],
+        [study.load_family_set(b, "argmax")[0]],
+        num_images=4,
+        replicates=200,
+    )
+    assert test["difference"] == pytest.approx(7 / 12 - 4 / 6)
 
 
 def test_write_results_reads_current_protocol_reports(tmp_path):
@@ -190,10 +378,12 @@ def test_write_results_reads_current_protocol_reports(tmp_path):
                 f,
             )
     md, per_method = study.write_results(runs, str(tmp_path / "out"))
-    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines()[2:]}
+    tables = _tables(md)
+    rows = tables["Detection and OOD detection (object level unless marked image-level)"]
     assert "| 12 | 0.0500 | 0.600 |" in rows["rince_in"]
-    assert rows["softmax"].endswith("| n/a | n/a |")
-    assert rows["supcon"].split(" | ")[-2] == "—"
+    paired = tables[PAIRED_TITLE]
+    assert paired["softmax"].endswith("| n/a | n/a | n/a | n/a | — |")
+    assert paired["supcon"].split(" | ")[2] == "—"
     versions = {m["protocol_version"] for results in per_method.values() for m in results}
     assert sorted(versions) == [PROTOCOL_VERSION]
     assert (tmp_path / "out" / "results.md").read_text() == md

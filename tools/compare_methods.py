@@ -1,26 +1,29 @@
 #!/usr/bin/env python
 """
-Reproducible comparison: softmax vs SupCon vs RINCE, with two classes held out.
+Reproducible comparison of the field's baselines and RINCE, with classes held out.
 
-Methods: softmax (branch off), supcon (Khosla et al.'s SupCon, as FSCE uses it), rince_out_r1
-(RINCE-out with one rank: the official RINCE code's one-rank baseline, the seed report's
-"SupCL"), rince_in and rince_out_in with the family ranking, and rince_out_in with a
-deliberately wrong (shuffled) ranking as a control. For each method and
-seed: train, then the OOD benchmark (AP, AP50, AP75 and every OOD score) and the embedding
-analysis. Every stage is a real command (see --dry-run) and is skipped when its output exists,
-so an interrupted study resumes where it stopped.
+Studies (rcdet.study): main, on the held-out split: softmax (branch off), supcon (Khosla et al.'s
+SupCon, as FSCE uses it), rince_out_r1 (RINCE-out with one rank, the seed report's "SupCL"),
+rince_in and rince_out_in with the family ranking, rince_out_in with a deliberately wrong
+(shuffled) ranking as a control, vos (VOS on the softmax head) and rince_out_in_vos. With
+--hold-out-mode drop_annotations, its variant (softmax, supcon, vos, rince_out_in). exposure: the
+reference-vector experiment (docs/unknown_objects.md). For each method and seed: train, then
+the OOD benchmark (AP and every OOD score) and the embedding analysis. Every stage is a real
+command (see --dry-run) and is skipped when its output exists, so an interrupted study resumes
+where it stopped; a cut-off training starts again from scratch.
 
     make compare                                  # built-in dataset, 3 seeds, CPU demo schedule
     python tools/compare_methods.py --quick       # 1 seed, short schedule (smoke check)
     python tools/compare_methods.py --voc --num-gpus 8 --dry-run   # VOC2007 R50-FPN, GPUs
     python tools/compare_methods.py --hold-out-mode drop_annotations   # the variant study
+    python tools/compare_methods.py --study exposure                   # the exposure study
 
 An OOD stage whose report was written under an older benchmark protocol counts as not done: a
 resumed study re-evaluates the finished runs' checkpoints (no retraining) under the current
 protocol. --reevaluate re-runs every OOD stage regardless.
 
-Outputs in --output (default results/builtin_comparison, results/voc_comparison, with a
-_drop_annotations suffix in that mode): results.md / results.csv (mean +- std over seeds, and
+Outputs in --output (default results/builtin_comparison, results/voc_comparison, with an
+_exposure or _drop_annotations suffix): results.md / results.csv (mean +- std over seeds, and
 paired bootstrap tests over test images), roc.png, tsne_panel.png (rcdet.study), configs/ and
 meta.json (commit, machine, wall time).
 """
@@ -29,7 +32,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -99,21 +101,32 @@ class Run:
         ]
 
 
+def selected_study(args) -> study.Study:
+    """The study of --study and --hold-out-mode, with --methods (a subset of its methods)."""
+    selected = study.study_for(args.study, args.voc, args.hold_out_mode)
+    names = [m.name for m in selected.methods]
+    unknown = [m for m in args.methods or () if m not in names]
+    if unknown:
+        raise cli.UsageError(
+            f"--methods {' '.join(unknown)}: not a method of the {args.study} study"
+            f" (--hold-out-mode {args.hold_out_mode}); its methods are {', '.join(names)}."
+        )
+    if args.methods:
+        selected.methods = [m for m in selected.methods if m.name in args.methods]
+    return selected
+
+
 def plan(args) -> List[Run]:
     seeds = [0] if args.quick else args.seeds
     extra = ["SOLVER.MAX_ITER", str(args.quick_iters), "SOLVER.STEPS", "()"] if args.quick else []
-    mode = getattr(args, "hold_out_mode", "drop_images")
-    if mode != "drop_images":
-        extra += ["MODEL.RCDET.OOD.HOLD_OUT_MODE", mode]
+    if args.hold_out_mode != "drop_images":
+        extra += ["MODEL.RCDET.OOD.HOLD_OUT_MODE", args.hold_out_mode]
     extra += list(args.opts)
-    methods = args.methods or (list(study.VARIANT_METHODS) if mode != "drop_images" else None)
-    num_gpus, ood_dataset = getattr(args, "num_gpus", None), getattr(args, "ood_dataset", None)
-    train_args = ["--num-gpus", str(num_gpus)] if num_gpus else []
-    ood_args = ["--ood-dataset", ood_dataset] if ood_dataset else []
+    train_args = ["--num-gpus", str(args.num_gpus)] if args.num_gpus else []
+    ood_args = ["--ood-dataset", args.ood_dataset] if args.ood_dataset else []
     return [
         Run(m, s, os.path.join(args.runs_dir, m.name, f"seed{s}"), extra, train_args, ood_args)
-        for m in study.methods_for(args.voc)
-        if not methods or m.name in methods
+        for m in selected_study(args).methods
         for s in seeds
     ]
 
@@ -177,22 +190,18 @@ def aggregate(
     ``previous_meta``: meta.json of the invocations whose finished runs this call resumed.
     """
     study_runs = [(r.method.name, r.seed, r.run_dir) for r in runs]
-    md, per_method = study.write_results(study_runs, output)
-    cfg_dir = os.path.join(output, "configs")
-    os.makedirs(cfg_dir, exist_ok=True)
-    for run in runs:
-        config = os.path.join(run.run_dir, "config.yaml")
-        if run.seed == runs[0].seed and os.path.isfile(config):
-            name = os.path.join(cfg_dir, run.method.name)
-            shutil.copy(config, name + ".yaml")
-            if run.ranking_file and os.path.isfile(run.ranking_file):
-                shutil.copy(run.ranking_file, name + "_ranking.yaml")
+    partners = study.study_for(args.study, args.voc, args.hold_out_mode).partners
+    md, per_method = study.write_results(study_runs, output, partners=partners)
+    first = [r for r in runs if r.seed == runs[0].seed]
+    study.copy_configs(
+        os.path.join(output, "configs"), {r.method.name: (r.run_dir, r.ranking_file) for r in first}
+    )
     meta = study.study_meta(
         study_runs,
         per_method,
         study.study_provenance(previous_meta, invocation),
         quick=args.quick,
-        hold_out_mode=getattr(args, "hold_out_mode", "drop_images"),
+        hold_out_mode=args.hold_out_mode,
         command=shlex.join(["python", "tools/compare_methods.py"] + (args.argv or [])),
     )
     write_json_atomic(os.path.join(output, "meta.json"), meta)
@@ -205,11 +214,11 @@ def check_options(args):
 
     from rcdet.config import add_rcdet_config
 
-    for config in sorted({m.config for m in study.methods_for(args.voc)}):
+    for method in selected_study(args).methods:
         cfg = get_cfg()
         add_rcdet_config(cfg)
-        cli.load_config_file(cfg, os.path.join(REPO, config), option="the study's config")
-        cli.merge_overrides(cfg, args.opts)
+        cli.load_config_file(cfg, os.path.join(REPO, method.config), option="the study's config")
+        cli.merge_overrides(cfg, method.opts + list(args.opts))
         check_config_values(cfg)
         check_training_values(cfg)
     if args.voc and args.ood_dataset == "builtin":
@@ -238,11 +247,18 @@ def main(argv=None):
         help="one run per method and seed",
     )
     parser.add_argument(
+        "--study",
+        choices=study.STUDIES,
+        default="main",
+        help="main: the methods on the held-out split; exposure: the reference-vector experiment"
+        " (docs/unknown_objects.md)",
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
-        choices=[m.name for m in study.methods_for(False)],
+        choices=study.all_method_names(),
         metavar="METHOD",
-        help="subset of methods: " + ", ".join(m.name for m in study.methods_for(False)),
+        help="subset of the study's methods: " + ", ".join(study.all_method_names()),
     )
     parser.add_argument(
         "--hold-out-mode",
@@ -279,6 +295,7 @@ def main(argv=None):
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     kind = "voc" if args.voc else "builtin"
     suffix = "_quick" if args.quick else ""
+    suffix += "" if args.study == "main" else f"_{args.study}"
     suffix += "" if args.hold_out_mode == "drop_images" else f"_{args.hold_out_mode}"
     args.runs_dir = args.runs_dir or os.path.join("output", f"compare_{kind}{suffix}")
     args.output = args.output or os.path.join("results", f"{kind}_comparison{suffix}")

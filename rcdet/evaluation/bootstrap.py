@@ -1,6 +1,7 @@
 """
 Bootstrap confidence intervals over test images for the OOD metrics (AUROC, FPR95, AUPR-In,
-AUPR-Out), and the paired bootstrap that compares two scores on the same images.
+AUPR-Out), and the paired bootstrap that compares two scores (or two models' family accuracy) on
+the same images.
 
 The resampling unit is the **test image**, not the detection: detections of one image share
 its content, so resampling them independently would understate the spread. Each replicate
@@ -19,7 +20,7 @@ for all replicates at once from one sort: 1000 replicates of six scores over abo
 detections take about a second on two CPU cores.
 """
 
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -31,6 +32,9 @@ __all__ = [
     "weighted_metrics",
     "bootstrap_intervals",
     "paired_bootstrap",
+    "family_accuracy",
+    "paired_bootstrap_family_accuracy",
+    "paired_bootstrap_statistic",
 ]
 
 METRICS = ("auroc", "fpr95", "aupr_in", "aupr_out")
@@ -193,11 +197,85 @@ def paired_bootstrap(
     resampled difference falls on the other side of zero. This reflects the test images'
     sampling only, not the training seeds' spread.
     """
+
+    def statistic(run, counts):
+        return _chunked(*run, counts)[metric]
+
+    return paired_bootstrap_statistic(
+        statistic, runs_a, runs_b, num_images, replicates, seed, level
+    )
+
+
+def family_accuracy(held_out_labels, in_family, groups, weights: np.ndarray) -> np.ndarray:
+    """
+    The mean over held-out classes of each class's family accuracy (the weighted fraction of its
+    claimed objects placed in its family), for each row of ``weights`` (B, num_images): a
+    class without a drawn object in a row is left out of that row's mean (NaN if none is left).
+
+    Args:
+        held_out_labels: (N,) held-out class of each claimed object whose family is defined.
+        in_family: (N,) whether its nearest known class lies in that family.
+        groups: (N,) its test image.
+    """
+    labels = np.asarray(held_out_labels, dtype=np.int64).reshape(-1)
+    hits = np.asarray(in_family, dtype=np.float64).reshape(-1)
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))[:, np.asarray(groups, dtype=np.int64)]
+    per_class = []
+    for h in np.unique(labels):
+        m = labels == h
+        total = w[:, m].sum(axis=1)
+        per_class.append(
+            np.where(total > 0, (w[:, m] * hits[m]).sum(axis=1) / np.maximum(total, 1), np.nan)
+        )
+    if not per_class:
+        return np.full(w.shape[0], np.nan)
+    stacked = np.stack(per_class)
+    defined = ~np.isnan(stacked)
+    return np.where(
+        defined.any(axis=0), np.nansum(stacked, axis=0) / np.maximum(defined.sum(axis=0), 1), np.nan
+    )
+
+
+def paired_bootstrap_family_accuracy(
+    runs_a: Sequence[tuple],
+    runs_b: Sequence[tuple],
+    num_images: int,
+    replicates: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Dict[str, Optional[float]]:
+    """
+    :func:`paired_bootstrap` of the mean family accuracy (:func:`family_accuracy`); each run is
+    ``(held_out_labels, in_family, groups)`` of its claimed held-out objects. The two sides may
+    claim different objects of the same images: the pairing is by image.
+    """
+
+    def statistic(run, counts):
+        return family_accuracy(*run, counts)
+
+    return paired_bootstrap_statistic(
+        statistic, runs_a, runs_b, num_images, replicates, seed, level
+    )
+
+
+def paired_bootstrap_statistic(
+    statistic: Callable[[tuple, np.ndarray], np.ndarray],
+    runs_a: Sequence[tuple],
+    runs_b: Sequence[tuple],
+    num_images: int,
+    replicates: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Dict[str, Optional[float]]:
+    """
+    The paired bootstrap of :func:`paired_bootstrap` for any ``statistic(run, counts)`` that
+    evaluates one run on each row of (B, num_images) image draw counts.
+    """
     counts = resample_counts(num_images, replicates, seed)
     ones = np.ones((1, num_images), dtype=np.int64)
 
     def side(runs, c):
-        return np.mean([_chunked(s, y, g, c)[metric] for s, y, g in runs], axis=0)
+        return np.mean([statistic(run, c) for run in runs], axis=0)
 
     observed = float(side(runs_a, ones)[0] - side(runs_b, ones)[0])
     d = side(runs_a, counts) - side(runs_b, counts)

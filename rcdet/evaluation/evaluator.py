@@ -40,7 +40,13 @@ from .extract import dataset_digest, embed_ground_truth, model_digest
 from .matching import BACKGROUND, DUPLICATE, ID, MATCHING_MODES, OOD, match_detections
 from .metrics import score_report
 from .open_set import OPEN_SET_IOU, WI_RECALL_LEVEL, absolute_open_set_error, wilderness_impact
-from .placement import held_out_families, placement_section, ranking_scores, sibling_indices
+from .placement import (
+    held_out_families,
+    nearest_known_classes,
+    placement_section,
+    ranking_scores,
+    sibling_indices,
+)
 from .report import PROTOCOL_VERSION, OODReport
 from .scores import (
     EMBEDDING_SCORES,
@@ -349,7 +355,11 @@ def family_ranking(cfg, test_name: str, warnings: List[str]):
 
 
 def _placement_report(records, stats, ood_class, claimed, held_out, known, ranking, warnings):
-    """The report's ``placement`` section: where the claimed held-out objects land."""
+    """
+    The report's ``placement`` section (where the claimed held-out objects land) and, per
+    placement method, the nearest known class of every detection (-1 where not a claimed
+    held-out object), for ood_scores.npz: the study's paired tests of family accuracy use them.
+    """
     families = (
         held_out_families(ranking, held_out, known, warnings)
         if ranking is not None
@@ -365,14 +375,25 @@ def _placement_report(records, stats, ood_class, claimed, held_out, known, ranki
                 " the kNN placement is left out; delete the cached ood_stats_*.npz to fit them"
                 " again."
             )
+    nearest = nearest_known_classes(logits, len(known), embeddings, stats)
     section = placement_section(
-        ood_class[claimed], held_out, known, families, logits, embeddings, stats
+        ood_class[claimed],
+        held_out,
+        known,
+        families,
+        nearest,
+        None if stats is None else stats.knn_k,
     )
-    return {
+    placed = {}
+    for method, classes in nearest.items():
+        placed[f"placed_{method}"] = np.full(len(claimed), -1, dtype=np.int64)
+        placed[f"placed_{method}"][claimed] = classes
+    report = {
         "ranking": None if ranking is None else ranking.source,
         "unit": "claimed held-out object (one detection per object)",
         **section,
     }
+    return report, placed
 
 
 def _cat(parts, dtype=np.int64):
@@ -606,9 +627,9 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
             ood_records, siblings,
         )  # fmt: skip
         warnings += image_level["warnings"]
-    placement = None
+    placement, placed = None, {}
     if held_out:
-        placement = _placement_report(
+        placement, placed = _placement_report(
             records, stats, ood_class, one == OOD, held_out, known_classes, ranking,
             placement_warnings,
         )  # fmt: skip
@@ -665,6 +686,7 @@ def build_report(cfg, test_name: str, records, stats, ood_name=None, ood_records
             confidence=confidence,
             ood_class=ood_class,
             **{k: v for k, v in table.items() if v is not None},
+            **placed,
         )
     }
     if image_arrays is not None:

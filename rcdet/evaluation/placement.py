@@ -45,6 +45,7 @@ __all__ = [
     "family_energy",
     "ranking_scores",
     "placement",
+    "nearest_known_classes",
     "placement_section",
 ]
 
@@ -239,33 +240,44 @@ def placement(
     return out
 
 
-def placement_section(
-    held_out_labels,
-    held_out: Sequence[str],
-    known: Sequence[str],
-    families: Dict[str, Optional[List[str]]],
-    logits,
-    embeddings=None,
-    statistics=None,
-) -> Dict:
+def nearest_known_classes(
+    logits, num_known: int, embeddings=None, statistics=None
+) -> Dict[str, np.ndarray]:
     """
-    The report's placement of claimed held-out objects, every method the model allows: argmax
-    from the (N, K + 1) ``logits``; with ``embeddings`` and ``statistics`` (an
-    EmbeddingStatistics fitted on the training split) also prototype and kNN (k =
-    ``statistics.knn_k``; kNN needs the bank's labels). ``methods`` lists those computed; per
-    held-out class, ``objects``, ``family`` and ``chance`` as :func:`placement` gives them, and
-    ``family_accuracy`` and ``confusion`` per method (None for a method not computed).
-
-    Args:
-        held_out_labels: (N,) index into ``held_out`` of each claimed held-out object.
+    The nearest known class of each object, every way the model allows: ``argmax`` from the
+    (N, K + 1) ``logits`` (``num_known`` = K); with ``embeddings`` and ``statistics`` (an
+    EmbeddingStatistics fitted on the training split) also ``prototype`` and ``knn`` (k =
+    ``statistics.knn_k``; kNN needs the bank's labels). Each is an (N,) index into the known
+    classes.
     """
-    nearest = {"argmax": nearest_by_logits(logits, len(known))}
+    nearest = {"argmax": nearest_by_logits(logits, num_known)}
     if embeddings is not None and statistics is not None:
         nearest["prototype"] = nearest_by_prototype(embeddings, statistics.prototypes)
         if statistics.bank_labels is not None:
             nearest["knn"] = nearest_by_knn(
                 embeddings, statistics.bank, statistics.bank_labels, statistics.knn_k
             )
+    return nearest
+
+
+def placement_section(
+    held_out_labels,
+    held_out: Sequence[str],
+    known: Sequence[str],
+    families: Dict[str, Optional[List[str]]],
+    nearest: Dict[str, np.ndarray],
+    knn_k: Optional[int] = None,
+) -> Dict:
+    """
+    The report's placement of claimed held-out objects: ``nearest`` maps each placement method
+    computed (nearest_known_classes; argmax always) to the (N,) nearest known class of each
+    object. ``methods`` lists those computed; per held-out class, ``objects``, ``family`` and
+    ``chance`` as :func:`placement` gives them, and ``family_accuracy`` and ``confusion`` per
+    method (None for a method not computed). ``knn_k``: the k of the kNN placement, if computed.
+
+    Args:
+        held_out_labels: (N,) index into ``held_out`` of each claimed held-out object.
+    """
     methods = [m for m in PLACEMENT_METHODS if m in nearest]
     per_method = {
         m: placement(held_out_labels, nearest[m], held_out, known, families) for m in methods
@@ -286,5 +298,4 @@ def placement_section(
                 for m in PLACEMENT_METHODS
             },
         }
-    knn_k = statistics.knn_k if "knn" in nearest else None
-    return {"methods": methods, "knn_k": knn_k, "classes": classes}
+    return {"methods": methods, "knn_k": knn_k if "knn" in nearest else None, "classes": classes}

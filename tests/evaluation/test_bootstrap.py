@@ -61,3 +61,23 @@ def test_paired_bootstrap():
         ood_metrics(better, is_id)["auroc"] - ood_metrics(scores, is_id)["auroc"]
     )
     assert d["ci"][0] > 0 and d["p_value"] == 0.0
+
+
+def test_family_accuracy_per_replicate_by_hand():
+    from rcdet.evaluation.bootstrap import family_accuracy
+
+    # Class 0: objects on images 0 (in family) and 1 (not); class 1: one object on image 2 (in).
+    labels, hits, images = [0, 0, 1], [True, False, True], [0, 1, 2]
+    weights = np.array([[1, 1, 1], [2, 0, 1], [0, 0, 3], [0, 1, 0], [0, 0, 0]])
+    # Row 1: (1/2 + 1) / 2; row 2: (2/2 + 1) / 2; row 3: class 0 not drawn, left out; row 4:
+    # class 1 not drawn; row 5: nothing drawn.
+    out = family_accuracy(labels, hits, images, weights)
+    assert out[:4].tolist() == [0.75, 1.0, 1.0, 0.0] and np.isnan(out[4])
+
+
+def test_paired_family_accuracy_of_a_run_against_itself_is_zero_with_p_one():
+    from rcdet.evaluation.bootstrap import paired_bootstrap_family_accuracy
+
+    run = (np.array([0, 0, 1, 1]), np.array([True, False, True, True]), np.array([0, 1, 2, 3]))
+    test = paired_bootstrap_family_accuracy([run], [run], num_images=4, replicates=100)
+    assert test["difference"] == 0.0 and test["ci"] == [0.0, 0.0] and test["p_value"] == 1.0

@@ -245,11 +245,24 @@ def test_build_report_places_claimed_held_out_objects_by_hand(tmp_path):
     assert "held-out class 'y' has no rank-2 known class" in warning and warning in report.warnings
     assert report.defined  # a placement warning leaves the OOD metrics defined
     assert arrays["object"]["ood_class"].tolist() == [-1, 0, 1, -1, 0, 0, 0]
+    # Each claimed held-out object's nearest known class in ood_scores.npz (-1: not claimed; the
+    # duplicate on x is not the object's claim).
+    assert arrays["object"]["placed_prototype"].tolist() == [-1, 1, 0, -1, 1, -1, 2]
+    assert arrays["object"]["placed_knn"].tolist() == [-1, 0, 0, -1, 2, -1, 2]
+    assert arrays["object"]["placed_argmax"].tolist() == [-1, 2, 2, -1, 1, -1, 0]
     flat = report.flat_metrics()
     assert flat["family_accuracy_knn_x"] == 1 / 3 and math.isnan(flat["family_accuracy_knn_y"])
+    # The study reads them back: x's objects (y has no family), in family by prototype 2 of 3.
+    from rcdet import study
+    from rcdet.evaluation.report import write_report_files
+
+    write_report_files(str(tmp_path / "run" / "ood"), report, arrays, figures=False)
+    (labels, hits, images), ids = study.load_family_set(str(tmp_path / "run"), "prototype")
+    assert labels.tolist() == [0, 0, 0] and hits.tolist() == [True, True, False]
+    assert images.tolist() == [0, 1, 1] and ids == ("0", "1")
 
     # Without a projection (no statistics): argmax placement only.
-    plain, _ = build_report(_probe_cfg(tmp_path), PROBE, PROBE_RECORDS, None)
+    plain, plain_arrays = build_report(_probe_cfg(tmp_path), PROBE, PROBE_RECORDS, None)
     assert plain.placement["methods"] == ["argmax"] and plain.placement["knn_k"] is None
     assert plain.placement["classes"]["x"]["family_accuracy"] == {
         "prototype": None,
@@ -258,6 +271,8 @@ def test_build_report_places_claimed_held_out_objects_by_hand(tmp_path):
     }
     assert plain.placement["classes"]["x"]["confusion"]["prototype"] is None
     assert not plain.scores["sibling_margin"]["available"]
+    placed = sorted(k for k in plain_arrays["object"] if k.startswith("placed_"))
+    assert placed == ["placed_argmax"]
 
 
 def test_ranking_scores_in_the_report_by_hand(tmp_path):

@@ -19,11 +19,21 @@ METHODS = [
     "rince_in",
     "rince_out_in",
     "rince_out_in_shuffled",
+    "vos",
+    "rince_out_in_vos",
+]
+EXPOSURE_METHODS = [
+    "softmax_oe",
+    "supcon_f_fixed",
+    "rince_out_in_no_exposure",
+    "rince_out_in_f_fixed",
+    "rince_out_in_f_learned",
 ]
 
 
 def _args(tmp_path, methods=None, **kw):
     """The arguments plan() reads, for a quick one-seed study in ``tmp_path``."""
+    options = dict(study="main", hold_out_mode="drop_images", num_gpus=None, ood_dataset=None)
     return cm.argparse.Namespace(
         quick=True,
         quick_iters=10,
@@ -32,7 +42,7 @@ def _args(tmp_path, methods=None, **kw):
         voc=False,
         runs_dir=str(tmp_path),
         opts=[],
-        **kw,
+        **{**options, **kw},
     )
 
 
@@ -42,19 +52,48 @@ def test_quick_dry_run_lists_the_expected_runs(capsys, tmp_path):
     runs = [line for line in out.splitlines() if line.startswith("run ")]
     assert [line.split()[1] for line in runs] == METHODS
     assert all(" seed 0 [todo]" in line for line in runs)
-    assert out.count("tools/train_net.py") == 6 and out.count("tools/benchmark_ood.py") == 6
-    assert out.count("tools/analyze_embeddings.py") == 6 and "SOLVER.MAX_ITER 150" in out
+    assert out.count("tools/train_net.py") == 8 and out.count("tools/benchmark_ood.py") == 8
+    assert out.count("tools/analyze_embeddings.py") == 8 and "SOLVER.MAX_ITER 150" in out
     assert "MODEL.RCDET.LOSS rince_in" in out and "shuffled_ranking.yaml" in out
     assert "configs/shapes_supcon_ood.yaml MODEL.RCDET.LOSS rince_out_r1" in out
+    assert "configs/shapes_vos_ood.yaml" in out and "configs/shapes_rince_vos_ood.yaml" in out
 
 
-def test_voc_dry_run_uses_the_r50_fpn_configs(capsys, tmp_path):
+def test_voc_dry_run_lists_the_same_methods_with_the_r50_fpn_configs(capsys, tmp_path):
     assert cm.main(["--voc", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert (
-        len([lab for lab in out.splitlines() if lab.startswith("run ")]) == 18
-    )  # 6 methods x 3 seeds
+    runs = [line.split()[1] for line in out.splitlines() if line.startswith("run ")]
+    assert runs == [m for m in METHODS for _ in range(3)]  # 8 methods x 3 seeds
     assert "configs/voc_rince_ood.yaml" in out and "configs/voc_softmax_ood.yaml" in out
+    assert "configs/voc_vos_ood.yaml" in out and "configs/voc_rince_vos_ood.yaml" in out
+    assert "configs/shapes_" not in out
+
+
+def test_exposure_study_lists_the_reference_vector_methods(capsys, tmp_path):
+    argv = ["--study", "exposure", "--seeds", "0", "--dry-run", "--runs-dir", str(tmp_path)]
+    assert cm.main(argv) == 0
+    out = capsys.readouterr().out
+    runs = [line.split()[1] for line in out.splitlines() if line.startswith("run ")]
+    assert runs == EXPOSURE_METHODS
+    for config in ("softmax_exposure", "supcon_exposure", "rince_expsplit", "rince_exposure"):
+        assert f"configs/shapes_{config}_ood.yaml" in out
+    assert "configs/shapes_rince_exposure_learned_ood.yaml" in out
+    assert cm.main(["--study", "exposure", "--dry-run"]) == 0
+    assert "output/compare_builtin_exposure/softmax_oe/seed0" in capsys.readouterr().out
+    # On VOC, the same five methods on the VOC configs with the VOC exposure split.
+    assert cm.main(["--voc"] + argv) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("run ")] == runs
+    assert out.count("MODEL.RCDET.OOD.EXPOSED_CLASSES") == 15  # 5 runs x 3 stages
+    assert "MODEL.RCDET.OOD.REFERENCE learned" in out and "configs/shapes_" not in out
+
+
+def test_a_method_of_another_study_is_a_usage_error(capsys, tmp_path):
+    argv = ["--study", "exposure", "--methods", "vos", "--dry-run", "--runs-dir", str(tmp_path)]
+    assert cm.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--methods vos: not a method of the exposure study" in err
+    assert "softmax_oe, supcon_f_fixed" in err
 
 
 def test_resume_skips_finished_stages(tmp_path, monkeypatch):
@@ -73,7 +112,7 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
     monkeypatch.setattr(cm, "write_shuffled_ranking", lambda run, voc: None)
     counts = cm.execute(runs, voc=False, log=lambda *a: None)
-    assert counts == {"skipped": 4, "ran": 14, "seeds_run": [0]}
+    assert counts == {"skipped": 4, "ran": 20, "seeds_run": [0]}  # 8 methods x 3 stages - 4
     ran_dirs = {a[a.index("--output") + 1] if "--output" in a else a[-1] for a in calls}
     assert not any(finished.run_dir in d for d in ran_dirs)
     assert not any(a[1] == "tools/train_net.py" and partial.run_dir in " ".join(a) for a in calls)
@@ -132,7 +171,7 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
     )
     out = capsys.readouterr().out
     runs = [line.split()[1] for line in out.splitlines() if line.startswith("run ")]
-    assert runs == ["softmax"] * 3 + ["supcon"] * 3 + ["rince_out_r1"] * 3 + ["rince_out_in"] * 3
+    assert runs == ["softmax"] * 3 + ["supcon"] * 3 + ["rince_out_in"] * 3 + ["vos"] * 3
     stages = [line for line in out.splitlines() if line.startswith("  ")]
     assert len(stages) == 36 and all(
         "MODEL.RCDET.OOD.HOLD_OUT_MODE drop_annotations" in line for line in stages
@@ -159,7 +198,7 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
     out = capsys.readouterr().out
     train = [line for line in out.splitlines() if line.startswith("  train")]
     ood = [line for line in out.splitlines() if line.startswith("  ood")]
-    assert len(train) == 18 and all(
+    assert len(train) == 24 and all(
         "tools/train_net.py --config-file" in lab and "--num-gpus 8" in lab for lab in train
     )
     assert all("--num-gpus" not in lab and "--ood-dataset coco_2017_val" in lab for lab in ood)
@@ -219,14 +258,15 @@ def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
             f.write(f"# {run.method.name}\n")
     seen = {}
 
-    def write_results(study_runs, output):
-        seen["runs"] = study_runs
+    def write_results(study_runs, output, partners):
+        seen["runs"], seen["partners"] = study_runs, partners
         return "| table |\n", {r.method.name: [{"protocol_version": 2}] for r in runs}
 
     monkeypatch.setattr(cm.study, "write_results", write_results)
     out = tmp_path / "out"
     assert cm.aggregate(runs, str(out), args) == "| table |\n"
     assert seen["runs"] == [(r.method.name, 0, r.run_dir) for r in runs]
+    assert seen["partners"] == {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
     assert (out / "configs" / "supcon.yaml").read_text() == "# supcon\n"
     with open(out / "meta.json") as f:
         meta = json.load(f)
