@@ -345,11 +345,20 @@ def study_meta(
     The study's meta.json: its ``provenance`` (study_provenance), how it was run, the seeds,
     methods and OOD protocol versions of its ``(method, seed, run folder)`` runs and their
     ``per_method`` numbers (write_results), the machine, and each run's own provenance.
+    ``commits`` are the invocations' and the runs' commits.
     """
+    runs_provenance = [
+        {"method": method, "seed": seed, **run_provenance(run_dir)}
+        for method, seed, run_dir in runs
+    ]
+    # An invocation cut off before it wrote meta.json still named its commits in its runs.
+    commits = set(provenance["commits"]) | {
+        c for r in runs_provenance for c in r.get("commits", ())
+    }
     return {
         "commit": provenance["commit"],
         "uncommitted_changes": provenance["uncommitted_changes"],
-        "commits": provenance["commits"],
+        "commits": sorted(commits - {"unknown"}) or sorted(commits),
         "quick": quick,
         "seeds": sorted({seed for _, seed, _ in runs}),
         "hold_out_mode": hold_out_mode,
@@ -361,10 +370,7 @@ def study_meta(
         "machine": machine_description(),
         "wall_seconds": provenance["wall_seconds"],
         "invocations": provenance["invocations"],
-        "runs": [
-            {"method": method, "seed": seed, **run_provenance(run_dir)}
-            for method, seed, run_dir in runs
-        ],
+        "runs": runs_provenance,
     }
 
 

@@ -124,10 +124,11 @@ def plan(args) -> List[Run]:
     extra += list(args.opts)
     train_args = ["--num-gpus", str(args.num_gpus)] if args.num_gpus else []
     ood_args = ["--ood-dataset", args.ood_dataset] if args.ood_dataset else []
+    # Seed by seed: an interrupted study has whole seeds of every method to report.
     return [
         Run(m, s, os.path.join(args.runs_dir, m.name, f"seed{s}"), extra, train_args, ood_args)
-        for m in selected_study(args).methods
         for s in seeds
+        for m in selected_study(args).methods
     ]
 
 
@@ -288,6 +289,11 @@ def main(argv=None):
         help="re-run every OOD stage from the finished checkpoints",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and commands only")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="write the tables of the runs finished so far (every stage done); run nothing",
+    )
     parser.add_argument("--runs-dir", default="")
     parser.add_argument("--output", default="")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
@@ -300,6 +306,14 @@ def main(argv=None):
     args.runs_dir = args.runs_dir or os.path.join("output", f"compare_{kind}{suffix}")
     args.output = args.output or os.path.join("results", f"{kind}_comparison{suffix}")
     return report_user_errors(run_study, args)
+
+
+def _previous_meta(output: str) -> Optional[dict]:
+    path = os.path.join(output, "meta.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def run_study(args):
@@ -316,15 +330,22 @@ def run_study(args):
                 note = " (done)" if finished else redo
                 print(f"  {name}{note}: {shlex.join(argv_)}")
         return 0
+    if args.report:
+        finished = [r for r in runs if all(stage_done(n, m) for n, m, _ in r.stages(args.voc))]
+        if not finished:
+            raise cli.UsageError(
+                f"--report: no run in {args.runs_dir} has finished every stage yet; run the study"
+                " first (the same options without --report)."
+            )
+        print(aggregate(finished, args.output, args, None, _previous_meta(args.output)))
+        print(f"[compare] {len(finished)} of {len(runs)} runs finished; results in {args.output}/")
+        return 0
     commit, dirty = study.git_state(repo=REPO, exclude=args.output)
     start = time.perf_counter()
     counts = execute(runs, args.voc, commit=(commit, dirty), reevaluate=args.reevaluate)
     wall = time.perf_counter() - start
-    previous_path, previous = os.path.join(args.output, "meta.json"), None
-    if os.path.isfile(previous_path) and counts["skipped"]:
-        # Only a resumed study inherits the earlier invocations: a fresh one re-ran all they made.
-        with open(previous_path) as f:
-            previous = json.load(f)
+    # Only a resumed study inherits the earlier invocations: a fresh one re-ran all they made.
+    previous = _previous_meta(args.output) if counts["skipped"] else None
     invocation = None
     if counts["ran"]:
         invocation = {

@@ -33,17 +33,18 @@ EXPOSURE_METHODS = [
 
 def _args(tmp_path, methods=None, **kw):
     """The arguments plan() reads, for a quick one-seed study in ``tmp_path``."""
-    options = dict(study="main", hold_out_mode="drop_images", num_gpus=None, ood_dataset=None)
-    return cm.argparse.Namespace(
+    options = dict(
         quick=True,
         quick_iters=10,
         seeds=[0],
-        methods=methods,
         voc=False,
-        runs_dir=str(tmp_path),
         opts=[],
-        **{**options, **kw},
+        study="main",
+        hold_out_mode="drop_images",
+        num_gpus=None,
+        ood_dataset=None,
     )
+    return cm.argparse.Namespace(methods=methods, runs_dir=str(tmp_path), **{**options, **kw})
 
 
 def test_quick_dry_run_lists_the_expected_runs(capsys, tmp_path):
@@ -63,7 +64,7 @@ def test_voc_dry_run_lists_the_same_methods_with_the_r50_fpn_configs(capsys, tmp
     assert cm.main(["--voc", "--dry-run", "--runs-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     runs = [line.split()[1] for line in out.splitlines() if line.startswith("run ")]
-    assert runs == [m for m in METHODS for _ in range(3)]  # 8 methods x 3 seeds
+    assert runs == METHODS * 3  # 8 methods x 3 seeds, seed by seed
     assert "configs/voc_rince_ood.yaml" in out and "configs/voc_softmax_ood.yaml" in out
     assert "configs/voc_vos_ood.yaml" in out and "configs/voc_rince_vos_ood.yaml" in out
     assert "configs/shapes_" not in out
@@ -171,7 +172,7 @@ def test_drop_annotations_variant_and_num_gpus(capsys, tmp_path):
     )
     out = capsys.readouterr().out
     runs = [line.split()[1] for line in out.splitlines() if line.startswith("run ")]
-    assert runs == ["softmax"] * 3 + ["supcon"] * 3 + ["rince_out_in"] * 3 + ["vos"] * 3
+    assert runs == ["softmax", "supcon", "rince_out_in", "vos"] * 3
     stages = [line for line in out.splitlines() if line.startswith("  ")]
     assert len(stages) == 36 and all(
         "MODEL.RCDET.OOD.HOLD_OUT_MODE drop_annotations" in line for line in stages
@@ -272,3 +273,44 @@ def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
         meta = json.load(f)
     assert meta["hold_out_mode"] == "drop_images" and meta["ood_protocol_versions"] == [2]
     assert meta["methods"] == ["softmax", "supcon"] and meta["seeds"] == [0]
+
+
+def test_report_writes_the_tables_of_the_finished_runs_only(tmp_path, monkeypatch, capsys):
+    runs_dir, out = tmp_path / "runs", tmp_path / "out"
+    argv = ["--seeds", "0", "1", "--methods", "softmax", "supcon", "--runs-dir", str(runs_dir)]
+    argv += ["--output", str(out), "--report"]
+    assert cm.main(argv) == 2
+    assert "--report: no run in" in capsys.readouterr().err
+    runs = cm.plan(_args(runs_dir, ["softmax", "supcon"], seeds=[0, 1], quick=False))
+    assert [(r.method.name, r.seed) for r in runs] == [
+        ("softmax", 0), ("supcon", 0), ("softmax", 1), ("supcon", 1),
+    ]  # fmt: skip
+    for run in runs[:3]:  # supcon seed 1 not trained yet
+        for name, marker, _ in run.stages(False):
+            os.makedirs(os.path.dirname(marker), exist_ok=True)
+            with open(marker, "w") as f:
+                f.write(json.dumps({"protocol": {"version": PROTOCOL_VERSION}}))
+        cm.study.record_stage(run.run_dir, "train", 60.0, f"{run.seed}" * 40, False)
+    seen = {}
+
+    def aggregate(finished, output, args, invocation, previous):
+        seen.update(runs=[(r.method.name, r.seed) for r in finished], invocation=invocation)
+        return "| table |"
+
+    monkeypatch.setattr(cm, "aggregate", aggregate)
+    monkeypatch.setattr(cm.subprocess, "run", lambda *a, **k: pytest.fail("--report ran a stage"))
+    assert cm.main(argv) == 0
+    assert seen == {"runs": [("softmax", 0), ("supcon", 0), ("softmax", 1)], "invocation": None}
+    assert "3 of 4 runs finished" in capsys.readouterr().out
+
+
+def test_study_meta_names_the_commits_of_runs_whose_invocation_was_cut_off(tmp_path):
+    for name, commit in (("a", "a" * 40), ("b", "b" * 40)):
+        (tmp_path / name).mkdir()
+        cm.study.record_stage(str(tmp_path / name), "train", 5.0, commit, False)
+    runs = [("softmax", 0, str(tmp_path / "a")), ("softmax", 1, str(tmp_path / "b"))]
+    per_method = {"softmax": [{"protocol_version": 3}] * 2}
+    previous = {"commit": "a" * 40, "uncommitted_changes": False, "wall_seconds": 5.0}
+    prov = cm.study.study_provenance(previous, None)
+    meta = cm.study.study_meta(runs, per_method, prov, False, "drop_images", "python x.py")
+    assert meta["commits"] == ["a" * 40, "b" * 40] and meta["commit"] == "a" * 40
