@@ -369,6 +369,10 @@ def study_meta(
         "command": command,
         "machine": machine_description(),
         "wall_seconds": provenance["wall_seconds"],
+        # Every run's stages, whichever invocation ran them: the study's compute.
+        "stage_seconds_total": round(
+            sum(sum(r.get("stage_seconds", {}).values()) for r in runs_provenance), 1
+        ),
         "invocations": provenance["invocations"],
         "runs": runs_provenance,
     }

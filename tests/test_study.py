@@ -498,12 +498,14 @@ def test_study_meta_names_the_runs_protocols_and_provenance(tmp_path):
         "command",
         "machine",
         "wall_seconds",
+        "stage_seconds_total",
         "invocations",
         "runs",
     ]
     assert meta["commit"] == "a" * 40 and meta["uncommitted_changes"] is True
     assert meta["seeds"] == [0, 1] and meta["ood_protocol_versions"] == [2, 3]
     assert meta["methods"] == ["softmax"] and meta["wall_seconds"] == 4.0
+    assert meta["stage_seconds_total"] == 3.0
     assert meta["command"] == "python x.py --quick" and " cores, torch " in meta["machine"]
     assert meta["runs"] == [
         {"method": "softmax", "seed": 1, "commits": ["a" * 40], "stage_seconds": {"train": 3.0}},
