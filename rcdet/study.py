@@ -67,6 +67,10 @@ __all__ = [
     "roc_figure",
     "tsne_panel",
     "write_results",
+    "StudyRun",
+    "write_study",
+    "load_meta",
+    "check_method_configs",
 ]
 
 # ---------------------------------------------------------------- the methods
@@ -788,6 +792,70 @@ def tsne_panel(runs: Dict[str, str]):
     )
     fig.tight_layout(rect=(0, 0.14 if legend else 0, 1, 1))
     return fig
+
+
+@dataclass
+class StudyRun:
+    """One finished run of a study: its method, seed, folder and (the control's) ranking file."""
+
+    method: str
+    seed: int
+    run_dir: str
+    ranking_file: Optional[str] = None
+
+
+def write_study(
+    runs: Sequence[StudyRun],
+    output: str,
+    partners: Optional[Dict[str, Optional[str]]],
+    provenance: dict,
+    quick: bool,
+    hold_out_mode: str,
+    command: str,
+) -> str:
+    """
+    Everything a study writes to ``output``: the results (write_results), each method's config
+    of the first seed (copy_configs) and meta.json (study_meta, with ``provenance``:
+    study_provenance). Returns the markdown tables.
+    """
+    triples = [(r.method, r.seed, r.run_dir) for r in runs]
+    md, per_method = write_results(triples, output, partners=partners)
+    first = [r for r in runs if r.seed == runs[0].seed]
+    copy_configs(
+        os.path.join(output, "configs"), {r.method: (r.run_dir, r.ranking_file) for r in first}
+    )
+    meta = study_meta(triples, per_method, provenance, quick, hold_out_mode, command)
+    write_json_atomic(os.path.join(output, "meta.json"), meta)
+    return md
+
+
+def load_meta(output: str) -> Optional[dict]:
+    """The meta.json a study wrote to ``output``; None if it has none yet."""
+    path = os.path.join(output, "meta.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_method_configs(methods: Sequence[Method], opts: Sequence[str], repo: str):
+    """
+    Each method's config (relative to ``repo``) with its overrides and the study's ``opts``,
+    checked as training would check it: a wrong key or value is one clear error before any run.
+    """
+    from detectron2.config import get_cfg
+
+    from . import cli
+    from .config import add_rcdet_config
+    from .engine import check_config_values, check_training_values
+
+    for method in methods:
+        cfg = get_cfg()
+        add_rcdet_config(cfg)
+        cli.load_config_file(cfg, os.path.join(repo, method.config), option="the study's config")
+        cli.merge_overrides(cfg, list(method.opts) + list(opts))
+        check_config_values(cfg)
+        check_training_values(cfg)
 
 
 def write_results(

@@ -29,7 +29,6 @@ meta.json (commit, machine, wall time).
 """
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -40,14 +39,8 @@ from typing import Dict, List, Optional
 
 from rcdet import cli, study
 from rcdet.data.held_out import HOLD_OUT_MODES
-from rcdet.engine import (
-    check_config_values,
-    check_training_values,
-    exit_on_user_error,
-    report_user_errors,
-)
+from rcdet.engine import exit_on_user_error, report_user_errors
 from rcdet.evaluation.report import PROTOCOL_VERSION, report_version
-from rcdet.file_io import write_json_atomic
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -185,43 +178,25 @@ def aggregate(
     invocation: Optional[dict] = None,
     previous_meta: Optional[dict] = None,
 ) -> str:
-    """Write the results (rcdet.study.write_results), the configs and meta.json.
+    """The study's results, configs and meta.json (rcdet.study.write_study) of ``runs``.
 
     ``invocation``: commit, seeds and wall time of this call if it ran stages (else None).
     ``previous_meta``: meta.json of the invocations whose finished runs this call resumed.
     """
-    study_runs = [(r.method.name, r.seed, r.run_dir) for r in runs]
-    partners = study.study_for(args.study, args.voc, args.hold_out_mode).partners
-    md, per_method = study.write_results(study_runs, output, partners=partners)
-    first = [r for r in runs if r.seed == runs[0].seed]
-    study.copy_configs(
-        os.path.join(output, "configs"), {r.method.name: (r.run_dir, r.ranking_file) for r in first}
-    )
-    meta = study.study_meta(
-        study_runs,
-        per_method,
+    return study.write_study(
+        [study.StudyRun(r.method.name, r.seed, r.run_dir, r.ranking_file) for r in runs],
+        output,
+        study.study_for(args.study, args.voc, args.hold_out_mode).partners,
         study.study_provenance(previous_meta, invocation),
         quick=args.quick,
         hold_out_mode=args.hold_out_mode,
         command=shlex.join(["python", "tools/compare_methods.py"] + (args.argv or [])),
     )
-    write_json_atomic(os.path.join(output, "meta.json"), meta)
-    return md
 
 
 def check_options(args):
     """The study's overrides and output folders, checked before a command is listed or run."""
-    from detectron2.config import get_cfg
-
-    from rcdet.config import add_rcdet_config
-
-    for method in selected_study(args).methods:
-        cfg = get_cfg()
-        add_rcdet_config(cfg)
-        cli.load_config_file(cfg, os.path.join(REPO, method.config), option="the study's config")
-        cli.merge_overrides(cfg, method.opts + list(args.opts))
-        check_config_values(cfg)
-        check_training_values(cfg)
+    study.check_method_configs(selected_study(args).methods, args.opts, REPO)
     if args.voc and args.ood_dataset == "builtin":
         raise cli.UsageError(
             "--ood-dataset builtin: the built-in OOD images go with the built-in dataset; for"
@@ -308,14 +283,6 @@ def main(argv=None):
     return report_user_errors(run_study, args)
 
 
-def _previous_meta(output: str) -> Optional[dict]:
-    path = os.path.join(output, "meta.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def run_study(args):
     check_options(args)
     runs = plan(args)
@@ -337,7 +304,7 @@ def run_study(args):
                 f"--report: no run in {args.runs_dir} has finished every stage yet; run the study"
                 " first (the same options without --report)."
             )
-        print(aggregate(finished, args.output, args, None, _previous_meta(args.output)))
+        print(aggregate(finished, args.output, args, None, study.load_meta(args.output)))
         print(f"[compare] {len(finished)} of {len(runs)} runs finished; results in {args.output}/")
         return 0
     commit, dirty = study.git_state(repo=REPO, exclude=args.output)
@@ -345,7 +312,7 @@ def run_study(args):
     counts = execute(runs, args.voc, commit=(commit, dirty), reevaluate=args.reevaluate)
     wall = time.perf_counter() - start
     # Only a resumed study inherits the earlier invocations: a fresh one re-ran all they made.
-    previous = _previous_meta(args.output) if counts["skipped"] else None
+    previous = study.load_meta(args.output) if counts["skipped"] else None
     invocation = None
     if counts["ran"]:
         invocation = {
