@@ -601,7 +601,9 @@ def attach_paired_tests(
         if any(x[1] != image_ids or y[1] != image_ids for x, y in pairs):
             return None
         runs_a, runs_b = [x[0] for x, _ in pairs], [y[0] for _, y in pairs]
-        result = paired_bootstrap_family_accuracy(runs_a, runs_b, num_images, replicates, seed)
+        result = paired_bootstrap_family_accuracy(
+            runs_a, runs_b, num_images, replicates=replicates, seed=seed
+        )
         return {**result, "seeds": seeds}
 
     for r in rows:

@@ -237,25 +237,19 @@ def family_accuracy(held_out_labels, in_family, groups, weights: np.ndarray) -> 
 
 
 def paired_bootstrap_family_accuracy(
-    runs_a: Sequence[tuple],
-    runs_b: Sequence[tuple],
-    num_images: int,
-    replicates: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
+    runs_a: Sequence[tuple], runs_b: Sequence[tuple], num_images: int, **options
 ) -> Dict[str, Optional[float]]:
     """
     :func:`paired_bootstrap` of the mean family accuracy (:func:`family_accuracy`); each run is
     ``(held_out_labels, in_family, groups)`` of its claimed held-out objects. The two sides may
-    claim different objects of the same images: the pairing is by image.
+    claim different objects of the same images: the pairing is by image. ``options``:
+    ``replicates``, ``seed`` and ``level``, as for :func:`paired_bootstrap_statistic`.
     """
 
     def statistic(run, counts):
         return family_accuracy(*run, counts)
 
-    return paired_bootstrap_statistic(
-        statistic, runs_a, runs_b, num_images, replicates, seed, level
-    )
+    return paired_bootstrap_statistic(statistic, runs_a, runs_b, num_images, **options)
 
 
 def paired_bootstrap_statistic(

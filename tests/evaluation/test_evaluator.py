@@ -8,12 +8,10 @@ bad options and datasets are errors naming their key.
 import json
 import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, run_training, tiny_cfg
+from conftest import run_tool, run_training, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
@@ -120,29 +118,22 @@ def _held_out_cfg(weights, output_dir, *opts):
 
 
 def test_eval_only_with_held_out_classes_prints_ap_and_ood(tiny_models, tiny_shapes, tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(REPO, "tools", "train_net.py"),
-            "--config-file",
-            "configs/shapes_rince_ood.yaml",
-            "--eval-only",
-            "MODEL.WEIGHTS",
-            tiny_models["rince"],
-            "OUTPUT_DIR",
-            str(tmp_path),
-            "INPUT.MIN_SIZE_TEST",
-            "160",
-            "TEST.OOD.OOD_DATASET",
-            "none",
-            "TEST.OOD.BOOTSTRAP",
-            "0",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, RCDET_SHAPES_ROOT=tiny_shapes),
-        timeout=600,
+    proc = run_tool(
+        "train_net.py",
+        "--config-file",
+        "configs/shapes_rince_ood.yaml",
+        "--eval-only",
+        "MODEL.WEIGHTS",
+        tiny_models["rince"],
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "INPUT.MIN_SIZE_TEST",
+        "160",
+        "TEST.OOD.OOD_DATASET",
+        "none",
+        "TEST.OOD.BOOTSTRAP",
+        "0",
+        shapes_root=tiny_shapes,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copypaste: AP,AP50,AP75" in proc.stdout
