@@ -11,6 +11,7 @@ much time made them.
 """
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -23,6 +24,7 @@ from .analysis import _HELD_OUT_MARKERS, _MARKERS
 from .evaluation.bootstrap import paired_bootstrap, paired_bootstrap_family_accuracy
 from .evaluation.plots import plot_roc, pyplot, save_figure
 from .evaluation.report import (
+    ReportError,
     csv_table,
     load_report,
     load_roc_set,
@@ -32,6 +34,8 @@ from .evaluation.report import (
 )
 from .evaluation.scores import EMBEDDING_SCORES
 from .file_io import atomic_write, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Method",
@@ -349,7 +353,8 @@ def study_meta(
     The study's meta.json: its ``provenance`` (study_provenance), how it was run, the seeds,
     methods and OOD protocol versions of its ``(method, seed, run folder)`` runs and their
     ``per_method`` numbers (write_results), the machine, and each run's own provenance.
-    ``commits`` are the invocations' and the runs' commits.
+    ``commits`` are the invocations' and the runs' commits ("unknown", without git, only when
+    there is no other).
     """
     runs_provenance = [
         {"method": method, "seed": seed, **run_provenance(run_dir)}
@@ -373,7 +378,8 @@ def study_meta(
         "command": command,
         "machine": machine_description(),
         "wall_seconds": provenance["wall_seconds"],
-        # Every run's stages, whichever invocation ran them: the study's compute.
+        # Every run's last time of each of its stages, whichever invocation ran it (a stage run
+        # again, e.g. re-evaluated, counts once; a cut-off one not at all).
         "stage_seconds_total": round(
             sum(sum(r.get("stage_seconds", {}).values()) for r in runs_provenance), 1
         ),
@@ -522,6 +528,12 @@ def load_family_set(run_dir: str, placement: str) -> Optional[Tuple[tuple, Tuple
         return None
     with np.load(path) as z:
         if f"placed_{placement}" not in z.files:
+            if "placed_argmax" not in z.files:
+                logger.warning(
+                    f"{path} holds no placed_* arrays (evaluated by an older rcdet): the family"
+                    " accuracy tests of this run are left out; run the study again with"
+                    " --reevaluate to fill them."
+                )
             return None
         placed, labels = z[f"placed_{placement}"], z["ood_class"]
         groups, ids = z["image_index"], tuple(z["image_ids"].tolist())
@@ -537,6 +549,11 @@ def load_family_set(run_dir: str, placement: str) -> Optional[Tuple[tuple, Tuple
     return (labels[keep], hits, groups[keep]), ids
 
 
+def _only_classes(family_set: tuple, classes) -> tuple:
+    keep = np.isin(family_set[0], classes)
+    return tuple(a[keep] for a in family_set)
+
+
 def attach_paired_tests(
     rows: List[Dict],
     run_dirs: Dict[str, Dict[int, str]],
@@ -550,9 +567,10 @@ def attach_paired_tests(
     same seed (``run_dirs``: ``{method: {seed: run folder}}``). ``partners`` names the study's
     ``supcon``, ``softmax`` and ``vos`` rows (default: those names). Every replicate resamples
     the test images once for all runs, so each comparison is paired by image. It measures the
-    test set's sampling, not the seeds' spread (the ± columns). A test is "self" for a partner
-    against itself, and None where a side has no such score or the runs were evaluated on other
-    images.
+    test set's sampling, not the seeds' spread (the ± columns). The family accuracy tests compare
+    each row's ``placement`` (build_table) with the partner's, over the held-out classes both
+    claimed objects of in that seed. A test is "self" for a partner against itself, and None where a side has
+    no such score or the runs were evaluated on other images.
     """
     partners = partners or {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
     by_method = {r["method"]: r for r in rows}
@@ -600,7 +618,12 @@ def attach_paired_tests(
             return None
         if any(x[1] != image_ids or y[1] != image_ids for x, y in pairs):
             return None
-        runs_a, runs_b = [x[0] for x, _ in pairs], [y[0] for _, y in pairs]
+        # Like for like: each seed's pair over the held-out classes both runs claimed objects of.
+        runs_a, runs_b = [], []
+        for (x, _), (y, _) in pairs:
+            shared = sorted(set(x[0].tolist()) & set(y[0].tolist()))
+            runs_a.append(_only_classes(x, shared))
+            runs_b.append(_only_classes(y, shared))
         result = paired_bootstrap_family_accuracy(
             runs_a, runs_b, num_images, replicates=replicates, seed=seed
         )
@@ -656,9 +679,11 @@ def table_markdown(rows: List[Dict]) -> str:
             header.append("best emb. score")
             cells = [c + [r["best_emb_score"]] for c, r in zip(cells, rows)]
         parts.append(f"**{title}**\n\n" + markdown_table(header, cells))
-    header = ["method", "seeds"] + [label for _, label, _ in PAIRED]
+    header = ["method", "seeds"] + [label for _, label, _ in PAIRED] + ["family placement"]
     cells = [
-        [r["method"], str(r["seeds"])] + [_paired_cell(r.get(k)) for k, _, _ in PAIRED]
+        [r["method"], str(r["seeds"])]
+        + [_paired_cell(r.get(k)) for k, _, _ in PAIRED]
+        + [r["placement"]]
         for r in rows
     ]
     title = "Paired bootstrap tests over the test images (difference [95% interval], p)"
@@ -691,10 +716,10 @@ def table_csv(rows: List[Dict]) -> str:
     return csv_table(lines)
 
 
-def roc_figure(runs: Dict[str, str], best: Dict[str, str], seed: int):
+def roc_figure(runs: Dict[str, str], best: Dict[str, str], seeds: Dict[str, int]):
     """
-    Object-level ROC of one run per method (``{method: run folder}``, evaluated with ``seed``),
-    one colour per method: its MSP dotted, its best embedding score (``best``) solid.
+    Object-level ROC of one run per method (``{method: run folder}``, trained with ``seeds``
+    [method]), one colour per method: its MSP dotted, its best embedding score (``best``) solid.
     """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5.5))
@@ -709,7 +734,7 @@ def roc_figure(runs: Dict[str, str], best: Dict[str, str], seed: int):
                     ax,
                     roc.scores[score],
                     roc.is_id,
-                    f"{method} {score}",
+                    f"{method} (seed {seeds[method]}) {score}",
                     linestyle=style,
                     color=cmap(i % 10),
                 )
@@ -717,7 +742,7 @@ def roc_figure(runs: Dict[str, str], best: Dict[str, str], seed: int):
     ax.set_xlabel("FPR (held-out objects accepted)")
     ax.set_ylabel("TPR (known objects accepted)")
     ax.set_title(
-        f"OOD ROC, seed {seed} of each method (dotted: MSP; solid: best embedding score)",
+        "OOD ROC, one seed of each method (dotted: MSP; solid: best embedding score)",
         fontsize=8,
     )
     if ax.get_legend_handles_labels()[0]:
@@ -817,15 +842,15 @@ def write_study(
 ) -> str:
     """
     Everything a study writes to ``output``: the results (write_results), each method's config
-    of the first seed (copy_configs) and meta.json (study_meta, with ``provenance``:
+    of its smallest seed (copy_configs) and meta.json (study_meta, with ``provenance``:
     study_provenance). Returns the markdown tables.
     """
     triples = [(r.method, r.seed, r.run_dir) for r in runs]
     md, per_method = write_results(triples, output, partners=partners)
-    first = [r for r in runs if r.seed == runs[0].seed]
-    copy_configs(
-        os.path.join(output, "configs"), {r.method: (r.run_dir, r.ranking_file) for r in first}
-    )
+    first = {}
+    for r in sorted(runs, key=lambda r: r.seed, reverse=True):
+        first[r.method] = (r.run_dir, r.ranking_file)  # each method's smallest seed
+    copy_configs(os.path.join(output, "configs"), first)
     meta = study_meta(triples, per_method, provenance, quick, hold_out_mode, command)
     write_json_atomic(os.path.join(output, "meta.json"), meta)
     return md
@@ -836,19 +861,32 @@ def load_meta(output: str) -> Optional[dict]:
     path = os.path.join(output, "meta.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ReportError(
+            f"{path}: not a study's meta.json ({e}); delete it (the runs keep their own"
+            " provenance.json) and run the study again."
+        ) from None
+    if not isinstance(meta, dict):
+        raise ReportError(
+            f"{path}: not a study's meta.json (no JSON object); delete it and run again."
+        )
+    return meta
 
 
 def check_method_configs(methods: Sequence[Method], opts: Sequence[str], repo: str):
     """
     Each method's config (relative to ``repo``) with its overrides and the study's ``opts``,
-    checked as training would check it: a wrong key or value is one clear error before any run.
+    checked as training checks it (values, schedule, held-out and exposed classes against
+    NUM_CLASSES): a wrong key or value is one clear error before any run.
     """
     from detectron2.config import get_cfg
 
     from . import cli
     from .config import add_rcdet_config
+    from .data.held_out import apply_held_out_config
     from .engine import check_config_values, check_training_values
 
     for method in methods:
@@ -858,6 +896,8 @@ def check_method_configs(methods: Sequence[Method], opts: Sequence[str], repo: s
         cli.merge_overrides(cfg, list(method.opts) + list(opts))
         check_config_values(cfg)
         check_training_values(cfg)
+        if cfg.MODEL.RCDET.OOD.HELD_OUT_CLASSES:
+            apply_held_out_config(cfg)
 
 
 def write_results(
@@ -883,8 +923,8 @@ def write_results(
     atomic_write(os.path.join(output, "results.csv"), table_csv(rows).encode())
     first = {method: dirs[min(dirs)] for method, dirs in run_dirs.items()}
     best = {r["method"]: r["best_emb_score"] for r in rows}
-    seed = min(seed for _, seed, _ in runs)
-    save_figure(roc_figure(first, best, seed), os.path.join(output, "roc.png"), dpi=110)
+    seeds = {method: min(dirs) for method, dirs in run_dirs.items()}
+    save_figure(roc_figure(first, best, seeds), os.path.join(output, "roc.png"), dpi=110)
     panel = tsne_panel(first)
     if panel is not None:
         save_figure(panel, os.path.join(output, "tsne_panel.png"), dpi=100)

@@ -147,7 +147,7 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     paired = _tables(md)[PAIRED_TITLE]
     cell = f"{t['difference']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p {t['p_value']:.3f}"
     assert cell in paired["rince_in"] and "| — |" in paired["supcon"]
-    assert paired["softmax"] == "| softmax | 1 | n/a | n/a | n/a | n/a | — |"
+    assert paired["softmax"] == "| softmax | 1 | n/a | n/a | n/a | n/a | — | argmax |"
     assert (
         study.table_csv(rows)
         .splitlines()[0]
@@ -382,7 +382,7 @@ def test_write_results_reads_current_protocol_reports(tmp_path):
     rows = tables["Detection and OOD detection (object level unless marked image-level)"]
     assert "| 12 | 0.0500 | 0.600 |" in rows["rince_in"]
     paired = tables[PAIRED_TITLE]
-    assert paired["softmax"].endswith("| n/a | n/a | n/a | n/a | — |")
+    assert paired["softmax"].endswith("| n/a | n/a | n/a | n/a | — | prototype |")
     assert paired["supcon"].split(" | ")[2] == "—"
     versions = {m["protocol_version"] for results in per_method.values() for m in results}
     assert sorted(versions) == [PROTOCOL_VERSION]
@@ -399,19 +399,20 @@ def test_roc_figure_draws_msp_dotted_and_the_best_embedding_score_solid(tmp_path
     for method, scores in (("softmax", ("msp",)), ("rince_in", ("msp", "knn"))):
         runs[method] = str(tmp_path / method)
         raw[method] = _fake_run(runs[method], rng, {"msp": 0.5, "knn": 1.5}, ids, scores)
-    fig = study.roc_figure(runs, {"softmax": "n/a", "rince_in": "knn"}, seed=0)
+    seeds = {"softmax": 0, "rince_in": 2}
+    fig = study.roc_figure(runs, {"softmax": "n/a", "rince_in": "knn"}, seeds)
     ax = fig.axes[0]
     curves = {lab.get_label(): lab for lab in ax.get_lines() if not lab.get_label().startswith("_")}
     auc = {(m, s): ood_metrics(v[s], y)["auroc"] for m, (v, y) in raw.items() for s in v}
     assert list(curves) == [
-        f"{m} {s} ({auc[m, s]:.3f})"
+        f"{m} (seed {seeds[m]}) {s} ({auc[m, s]:.3f})"
         for m, s in (("softmax", "msp"), ("rince_in", "msp"), ("rince_in", "knn"))
     ]
     styles = [lab.get_linestyle() for lab in curves.values()]
     assert styles == [":", ":", "-"]
     colours = [mcolors.to_hex(lab.get_color()) for lab in curves.values()]
     assert colours[1] == colours[2] != colours[0]  # one colour per method
-    assert ax.get_title().startswith("OOD ROC, seed 0 of each method")
+    assert ax.get_title().startswith("OOD ROC, one seed of each method")
 
 
 def test_tsne_panel_has_a_class_legend(tmp_path):
@@ -562,3 +563,89 @@ def test_git_state_ignores_the_studys_own_results(tmp_path):
     assert study.git_state(str(repo), exclude=str(repo)) == (head, True)
     (repo / "code.py").write_text("x = 2\n")
     assert study.git_state(str(repo), exclude=str(repo / "results" / "study")) == (head, True)
+
+
+def _family_by_brute_force(objects, draws):
+    """Mean over classes of each class's in-family share, objects repeated as often as their
+    image was drawn; classes without a drawn object left out."""
+    per_class = {}
+    for label, hit, image in objects:
+        for _ in range(draws[image]):
+            per_class.setdefault(label, []).append(hit)
+    return np.mean([np.mean(v) for v in per_class.values()]) if per_class else np.nan
+
+
+def test_family_tests_through_the_table_pair_seeds_and_placements(tmp_path):
+    """family_vs_supcon and family_vs_softmax: each row's placement (prototype with a projection,
+    argmax without) against the partner's, seed by seed, over the classes both claimed."""
+    from rcdet.evaluation.bootstrap import resample_counts
+
+    known, held_out = ["disc", "bullseye", "tri_frame"], ["ring", "triangle"]
+    families = {"ring": ["disc", "bullseye"], "triangle": ["tri_frame"]}
+    ids = [f"{i:06d}" for i in range(6)]
+    ood_class = [0, 0, 0, 1, 1, 1]
+    image_index = [0, 1, 2, 3, 4, 5]
+    # Nearest known class per object (prototype, argmax): 0/1 are ring's family, 2 triangle's.
+    placements = {
+        ("rince", 0): {"prototype": [0, 1, 2, 2, 2, 0], "argmax": [2, 2, 2, 2, 2, 2]},
+        ("rince", 1): {"prototype": [0, 0, 0, 2, 0, 0], "argmax": [2, 2, 2, 2, 2, 2]},
+        ("supcon", 0): {"prototype": [2, 2, 0, 2, 2, 2], "argmax": [0, 0, 0, 0, 0, 0]},
+        ("supcon", 1): {"prototype": [0, 2, 2, 0, 0, 2], "argmax": [0, 0, 0, 0, 0, 0]},
+        # softmax claims no ring in seed 0: that seed's comparison is over triangle only.
+        ("softmax", 0): {"argmax": [-1, -1, -1, 2, 0, 0]},
+        ("softmax", 1): {"argmax": [1, 2, 2, 2, 2, 0]},
+    }
+    dirs = {}
+    for (method, seed), placed in placements.items():
+        folder = str(tmp_path / method / f"seed{seed}")
+        labels = [c if p >= 0 else -1 for c, p in zip(ood_class, placed["argmax"])]
+        _placement_run(folder, ids, placed, labels, image_index, known, held_out, families)
+        dirs.setdefault(method, {})[seed] = folder
+    space = {"rince": "projection", "supcon": "projection", "softmax": "box_features"}
+    rows = study.build_table({m: [{"space": space[m]}] * 2 for m in dirs})
+    replicates = 200
+    study.attach_paired_tests(rows, dirs, replicates=replicates)
+    r = {row["method"]: row for row in rows}
+
+    def objects(method, seed, placement, classes=(0, 1)):
+        placed = placements[(method, seed)][placement]
+        fam = [set(families[h]) for h in held_out]
+        return [
+            (c, known[p] in fam[c], i)
+            for c, p, i in zip(ood_class, placed, image_index)
+            if p >= 0 and c in classes
+        ]
+
+    # rince (prototype) vs supcon (prototype), seeds 0 and 1.
+    # rince: seed 0 ring 2/3, triangle 2/3 -> 2/3; seed 1 ring 1, triangle 1/3 -> 2/3.
+    # supcon: seed 0 ring 1/3, triangle 1 -> 2/3; seed 1 ring 1/3, triangle 1/3 -> 1/3.
+    test = r["rince"]["family_vs_supcon"]
+    assert test["seeds"] == [0, 1]
+    assert test["difference"] == pytest.approx((2 / 3 + 2 / 3) / 2 - (2 / 3 + 1 / 3) / 2)
+    counts = resample_counts(len(ids), replicates, 0)
+    d = [
+        np.mean([_family_by_brute_force(objects("rince", s, "prototype"), c) for s in (0, 1)])
+        - np.mean([_family_by_brute_force(objects("supcon", s, "prototype"), c) for s in (0, 1)])
+        for c in counts
+    ]
+    d = np.array(d)[~np.isnan(d)]
+    assert test["ci"] == pytest.approx(list(np.percentile(d, [2.5, 97.5])))
+    assert test["p_value"] == pytest.approx(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0))))
+    # rince vs softmax's argmax: seed 0 over triangle only (softmax claimed no ring there):
+    # rince 2/3, softmax 1/3. Seed 1: rince 2/3; softmax ring 1/3, triangle 2/3 -> 1/2.
+    test = r["rince"]["family_vs_softmax"]
+    assert test["difference"] == pytest.approx((2 / 3 + 2 / 3) / 2 - (1 / 3 + 1 / 2) / 2)
+    assert r["softmax"]["family_vs_softmax"] == "self" and r["supcon"]["family_vs_supcon"] == "self"
+    assert r["softmax"]["placement"] == "argmax" and r["rince"]["placement"] == "prototype"
+
+
+def test_a_corrupt_meta_json_is_one_clear_error(tmp_path):
+    from rcdet.evaluation.report import ReportError
+
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(ReportError, match="meta.json: not a study's meta.json .*delete it"):
+        study.load_meta(str(tmp_path))
+    (tmp_path / "meta.json").write_text("[1, 2]")
+    with pytest.raises(ReportError, match="no JSON object"):
+        study.load_meta(str(tmp_path))
+    assert study.load_meta(str(tmp_path / "none")) is None

@@ -20,7 +20,8 @@ where it stopped; a cut-off training starts again from scratch.
 
 An OOD stage whose report was written under an older benchmark protocol counts as not done: a
 resumed study re-evaluates the finished runs' checkpoints (no retraining) under the current
-protocol. --reevaluate re-runs every OOD stage regardless.
+protocol. --reevaluate re-runs every OOD stage regardless. --report writes the tables of the runs
+finished so far and runs nothing, e.g. while a long study is still running.
 
 Outputs in --output (default results/builtin_comparison, results/voc_comparison, with an
 _exposure or _drop_annotations suffix): results.md / results.csv (mean +- std over seeds, and
@@ -75,10 +76,10 @@ class Run:
         """(name, output that marks it done, argv)."""
         py, cfg = sys.executable, self.method.config
         eval_opts = self._opts("OUTPUT_DIR", self.run_dir, "MODEL.WEIGHTS", self.weights)
-        # The analysis always measures against the true ranking, also for the shuffled control.
-        analysis_opts = list(eval_opts)
+        # Evaluation always reads the true ranking, also for the shuffled control: its families
+        # (placement, ranking-aware scores) and the analysis's ranking levels are the dataset's.
         if self.ranking_file:
-            analysis_opts[analysis_opts.index(self.ranking_file)] = study.true_ranking_file(voc)
+            eval_opts[eval_opts.index(self.ranking_file)] = study.true_ranking_file(voc)
         ood, analysis = os.path.join(self.run_dir, "ood"), os.path.join(self.run_dir, "analysis")
         train = [py, "tools/train_net.py", "--config-file", cfg] + self.train_args
         evaluate = [py, "tools/benchmark_ood.py", "--name", self.method.name, "--output", ood]
@@ -90,7 +91,7 @@ class Run:
                 os.path.join(ood, "ood_report.json"),
                 evaluate + self.ood_args + ["--config-file", cfg] + eval_opts,
             ),
-            ("analysis", os.path.join(analysis, "analysis.json"), analyze + analysis_opts),
+            ("analysis", os.path.join(analysis, "analysis.json"), analyze + eval_opts),
         ]
 
 
@@ -111,7 +112,11 @@ def selected_study(args) -> study.Study:
 
 def plan(args) -> List[Run]:
     seeds = [0] if args.quick else args.seeds
-    extra = ["SOLVER.MAX_ITER", str(args.quick_iters), "SOLVER.STEPS", "()"] if args.quick else []
+    extra = []
+    if args.quick:
+        # VOS starts half-way, so that the smoke check runs its outlier loss too.
+        extra = ["SOLVER.MAX_ITER", str(args.quick_iters), "SOLVER.STEPS", "()"]
+        extra += ["MODEL.RCDET.VOS.STARTING_ITER", str(args.quick_iters // 2)]
     if args.hold_out_mode != "drop_images":
         extra += ["MODEL.RCDET.OOD.HOLD_OUT_MODE", args.hold_out_mode]
     extra += list(args.opts)

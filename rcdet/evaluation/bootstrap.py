@@ -224,9 +224,8 @@ def family_accuracy(held_out_labels, in_family, groups, weights: np.ndarray) -> 
     for h in np.unique(labels):
         m = labels == h
         total = w[:, m].sum(axis=1)
-        per_class.append(
-            np.where(total > 0, (w[:, m] * hits[m]).sum(axis=1) / np.maximum(total, 1), np.nan)
-        )
+        hit = (w[:, m] * hits[m]).sum(axis=1)
+        per_class.append(np.divide(hit, total, out=np.full_like(total, np.nan), where=total > 0))
     if not per_class:
         return np.full(w.shape[0], np.nan)
     stacked = np.stack(per_class)

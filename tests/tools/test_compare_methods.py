@@ -314,3 +314,42 @@ def test_study_meta_names_the_commits_of_runs_whose_invocation_was_cut_off(tmp_p
     prov = cm.study.study_provenance(previous, None)
     meta = cm.study.study_meta(runs, per_method, prov, False, "drop_images", "python x.py")
     assert meta["commits"] == ["a" * 40, "b" * 40] and meta["commit"] == "a" * 40
+
+
+def test_the_control_trains_on_its_shuffled_ranking_and_is_evaluated_on_the_true_one(tmp_path):
+    (run,) = cm.plan(_args(tmp_path, ["rince_out_in_shuffled"]))
+    stages = {name: argv for name, _, argv in run.stages(False)}
+    ranking = stages["train"][stages["train"].index("MODEL.RCDET.RANKING_FILE") + 1]
+    assert ranking == os.path.join(run.run_dir, "shuffled_ranking.yaml")
+    for name in ("ood", "analysis"):
+        argv = stages[name]
+        assert argv[argv.index("MODEL.RCDET.RANKING_FILE") + 1] == (
+            "configs/rankings/shapes_families.yaml"
+        )
+        assert "shuffled_ranking.yaml" not in " ".join(argv)
+    # --quick starts VOS half-way through its short schedule.
+    (vos,) = cm.plan(_args(tmp_path, ["vos"], quick_iters=40))
+    train = vos.stages(False)[0][2]
+    assert train[train.index("MODEL.RCDET.VOS.STARTING_ITER") + 1] == "20"
+
+
+def test_a_study_whose_classes_do_not_add_up_is_refused_before_any_run(capsys, tmp_path):
+    argv = ["--study", "exposure", "--dry-run", "--runs-dir", str(tmp_path)]
+    assert cm.main(argv + ["MODEL.ROI_HEADS.NUM_CLASSES", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "MODEL.ROI_HEADS.NUM_CLASSES" in err and "5" in err and "\n" not in err.strip(), err
+
+
+def test_report_with_a_corrupt_meta_json_is_one_clear_error(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text("{")
+    (run,) = cm.plan(_args(tmp_path / "runs", ["softmax"], quick=False))
+    for name, marker, _ in run.stages(False):
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(json.dumps({"protocol": {"version": PROTOCOL_VERSION}}))
+    argv = ["--seeds", "0", "--methods", "softmax", "--runs-dir", str(tmp_path / "runs")]
+    assert cm.main(argv + ["--output", str(out), "--report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out}/meta.json: not a study's meta.json") and "\n" not in err
