@@ -569,8 +569,8 @@ def attach_paired_tests(
     the test images once for all runs, so each comparison is paired by image. It measures the
     test set's sampling, not the seeds' spread (the ± columns). The family accuracy tests compare
     each row's ``placement`` (build_table) with the partner's, over the held-out classes both
-    claimed objects of in that seed. A test is "self" for a partner against itself, and None where a side has
-    no such score or the runs were evaluated on other images.
+    runs of a seed claimed objects of. A test is "self" for a partner against itself, and None
+    where a side has no such score or the runs were evaluated on other images.
     """
     partners = partners or {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
     by_method = {r["method"]: r for r in rows}
