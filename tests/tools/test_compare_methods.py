@@ -28,6 +28,7 @@ EXPOSURE_METHODS = [
     "rince_out_in_no_exposure",
     "rince_out_in_f_fixed",
     "rince_out_in_f_learned",
+    "rince_out_in_oe",
 ]
 
 
@@ -85,8 +86,9 @@ def test_exposure_study_lists_the_reference_vector_methods(capsys, tmp_path):
     assert cm.main(["--voc"] + argv) == 0
     out = capsys.readouterr().out
     assert [line.split()[1] for line in out.splitlines() if line.startswith("run ")] == runs
-    assert out.count("MODEL.RCDET.OOD.EXPOSED_CLASSES") == 15  # 5 runs x 3 stages
+    assert out.count("MODEL.RCDET.OOD.EXPOSED_CLASSES") == 18  # 6 runs x 3 stages
     assert "MODEL.RCDET.OOD.REFERENCE learned" in out and "configs/shapes_" not in out
+    assert "configs/voc_rince_ood.yaml MODEL.ROI_HEADS.NUM_CLASSES 16" in out
 
 
 def test_a_method_of_another_study_is_a_usage_error(capsys, tmp_path):
