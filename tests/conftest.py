@@ -192,6 +192,16 @@ TINY_SCHEDULE = [
     "MODEL.RCDET.QUEUE_SIZE",
     "64",
 ]
+# A small memory queue whose keys and anchors take any proposal of IoU >= 0.5: the multi-worker
+# tests' heads, so that a few proposals per image fill both.
+SMALL_QUEUE = [
+    "MODEL.RCDET.QUEUE_SIZE",
+    "16",
+    "MODEL.RCDET.IOU_THRESHOLD",
+    "0.5",
+    "MODEL.RCDET.QUEUE_IOU_THRESHOLD",
+    "0.5",
+]
 
 
 def tiny_cfg(config="configs/shapes_rince.yaml", *opts, output_dir=None):

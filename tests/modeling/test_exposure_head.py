@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import REPO, sampled_proposals, shapes_batch, tiny_cfg, train_step_syncs
+from conftest import REPO, SMALL_QUEUE, sampled_proposals, shapes_batch, tiny_cfg, train_step_syncs
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
@@ -236,16 +236,7 @@ def _worker_proposals(step):
 
 
 def _worker_head():
-    return _head(
-        "MODEL.RCDET.QUEUE_SIZE",
-        "16",
-        "MODEL.RCDET.IOU_THRESHOLD",
-        "0.5",
-        "MODEL.RCDET.QUEUE_IOU_THRESHOLD",
-        "0.5",
-        "MODEL.RCDET.OOD.REFERENCE",
-        "learned",
-    )
+    return _head(*SMALL_QUEUE, "MODEL.RCDET.OOD.REFERENCE", "learned")
 
 
 def _worker_losses(head, image_slice):

@@ -7,7 +7,7 @@ one; TorchScript scripting of the head and tracing of the whole model with embed
 
 import pytest
 import torch
-from conftest import sampled_proposals, shapes_batch, tiny_cfg, train_step_syncs
+from conftest import SMALL_QUEUE, sampled_proposals, shapes_batch, tiny_cfg, train_step_syncs
 from detectron2.export import TracingAdapter
 from detectron2.export.torchscript_patch import freeze_training_mode, patch_instances
 from detectron2.modeling import build_model
@@ -332,17 +332,7 @@ def _worker_features(step, dim):
 
 
 def _worker_head():
-    cfg = tiny_cfg(
-        "configs/shapes_rince.yaml",
-        "MODEL.RCDET.QUEUE_SIZE",
-        "16",
-        "MODEL.RCDET.IOU_THRESHOLD",
-        "0.5",
-        "MODEL.RCDET.QUEUE_IOU_THRESHOLD",
-        "0.5",
-        "MODEL.RCDET.REWEIGHT",
-        "linear",
-    )
+    cfg = tiny_cfg("configs/shapes_rince.yaml", *SMALL_QUEUE, "MODEL.RCDET.REWEIGHT", "linear")
     torch.manual_seed(0)
     return build_model(cfg).roi_heads
 
