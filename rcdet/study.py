@@ -287,10 +287,16 @@ def run_provenance(run_dir: str) -> Dict:
     }
 
 
-def study_provenance(previous_meta: Optional[dict], invocation: Optional[dict]) -> dict:
+def study_provenance(
+    previous_meta: Optional[dict],
+    invocation: Optional[dict],
+    current: Optional[Tuple[str, bool]] = None,
+) -> dict:
     """
     Commits and wall time of the study: the invocations it resumed (``previous_meta``, the
-    meta.json they wrote) and this one (``invocation``) if it ran stages.
+    meta.json they wrote) and this one (``invocation``) if it ran stages. ``current``: (commit,
+    uncommitted changes) of the checkout that writes the tables, the study's commit when no
+    invocation is recorded (--report over runs whose invocations were cut off).
     """
     invocations = []
     if previous_meta:
@@ -304,7 +310,8 @@ def study_provenance(previous_meta: Optional[dict], invocation: Optional[dict]) 
             }
         ]
     invocations = invocations + ([invocation] if invocation else [])
-    latest = invocations[-1] if invocations else {"commit": "unknown", "uncommitted_changes": False}
+    commit, dirty = current or ("unknown", False)
+    latest = invocations[-1] if invocations else {"commit": commit, "uncommitted_changes": dirty}
     # Summed over the invocations that contributed runs. One interrupted before it wrote meta.json
     # is not counted; the stage times of its runs are still in their provenance.json.
     walls = [i.get("wall_seconds") for i in invocations]

@@ -537,6 +537,9 @@ def test_resumed_study_names_every_commit_and_sums_wall_time():
         and again["commit"] == "b" * 40
     )
     assert study.study_provenance(None, None)["wall_seconds"] is None
+    # --report over runs whose invocations were all cut off: the tables' own checkout.
+    cut_off = study.study_provenance(None, None, ("c" * 40, False))
+    assert cut_off["commit"] == "c" * 40 and cut_off["commits"] == []
 
 
 def test_git_state_ignores_the_studys_own_results(tmp_path):

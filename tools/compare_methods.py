@@ -182,17 +182,19 @@ def aggregate(
     args,
     invocation: Optional[dict] = None,
     previous_meta: Optional[dict] = None,
+    current: Optional[tuple] = None,
 ) -> str:
     """The study's results, configs and meta.json (rcdet.study.write_study) of ``runs``.
 
     ``invocation``: commit, seeds and wall time of this call if it ran stages (else None).
     ``previous_meta``: meta.json of the invocations whose finished runs this call resumed.
+    ``current``: (commit, uncommitted changes) of this checkout, for --report.
     """
     return study.write_study(
         [study.StudyRun(r.method.name, r.seed, r.run_dir, r.ranking_file) for r in runs],
         output,
         study.study_for(args.study, args.voc, args.hold_out_mode).partners,
-        study.study_provenance(previous_meta, invocation),
+        study.study_provenance(previous_meta, invocation, current),
         quick=args.quick,
         hold_out_mode=args.hold_out_mode,
         command=shlex.join(["python", "tools/compare_methods.py"] + (args.argv or [])),
@@ -309,7 +311,9 @@ def run_study(args):
                 f"--report: no run in {args.runs_dir} has finished every stage yet; run the study"
                 " first (the same options without --report)."
             )
-        print(aggregate(finished, args.output, args, None, study.load_meta(args.output)))
+        current = study.git_state(repo=REPO, exclude=args.output)
+        md = aggregate(finished, args.output, args, None, study.load_meta(args.output), current)
+        print(md)
         print(f"[compare] {len(finished)} of {len(runs)} runs finished; results in {args.output}/")
         return 0
     commit, dirty = study.git_state(repo=REPO, exclude=args.output)

@@ -295,14 +295,18 @@ def test_report_writes_the_tables_of_the_finished_runs_only(tmp_path, monkeypatc
         cm.study.record_stage(run.run_dir, "train", 60.0, f"{run.seed}" * 40, False)
     seen = {}
 
-    def aggregate(finished, output, args, invocation, previous):
+    def aggregate(finished, output, args, invocation, previous, current):
         seen.update(runs=[(r.method.name, r.seed) for r in finished], invocation=invocation)
+        seen["current"] = current
         return "| table |"
 
     monkeypatch.setattr(cm, "aggregate", aggregate)
-    monkeypatch.setattr(cm.subprocess, "run", lambda *a, **k: pytest.fail("--report ran a stage"))
+    monkeypatch.setattr(cm, "execute", lambda *a, **k: pytest.fail("--report ran a stage"))
+    monkeypatch.setattr(cm.study, "git_state", lambda repo, exclude: ("c" * 40, False))
     assert cm.main(argv) == 0
+    current = seen.pop("current")
     assert seen == {"runs": [("softmax", 0), ("supcon", 0), ("softmax", 1)], "invocation": None}
+    assert current == ("c" * 40, False)
     assert "3 of 4 runs finished" in capsys.readouterr().out
 
 
