@@ -668,14 +668,20 @@ def _cell(ms, digits):
 
 
 def _paired_cell(test) -> str:
-    """'+0.012 [-0.010, +0.034], p 0.28'; '—' for a method against itself; n/a when not run."""
+    """
+    '+0.012 [-0.010, +0.034], p 0.280' ('p < 0.002' when no replicate of 1000 crossed zero); '—'
+    for a method against itself; n/a when not run.
+    """
     if test == "self":
         return "—"
     if not test or test.get("difference") is None:
         return "n/a"
     text = f"{test['difference']:+.3f}"
     if test.get("ci"):
-        text += f" [{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}], p {test['p_value']:.3f}"
+        p = test["p_value"]
+        # No replicate on the other side of zero: p is below the resolution of the replicates.
+        shown = f"p < {2 / test['replicates']:.3f}" if p == 0 else f"p {p:.3f}"
+        text += f" [{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}], {shown}"
     return text
 
 

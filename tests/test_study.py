@@ -145,7 +145,8 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     assert PAIRED_TITLE in md.splitlines()[-8]
     assert md.splitlines()[-6].startswith("| method | seeds | best emb. − SupCon best emb. AUROC |")
     paired = _tables(md)[PAIRED_TITLE]
-    cell = f"{t['difference']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], p {t['p_value']:.3f}"
+    p = f"p {t['p_value']:.3f}" if t["p_value"] else f"p < {2 / t['replicates']:.3f}"
+    cell = f"{t['difference']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], {p}"
     assert cell in paired["rince_in"] and "| — |" in paired["supcon"]
     assert paired["softmax"] == "| softmax | 1 | n/a | n/a | n/a | n/a | — | argmax |"
     assert (
@@ -652,3 +653,11 @@ def test_a_corrupt_meta_json_is_one_clear_error(tmp_path):
     with pytest.raises(ReportError, match="no JSON object"):
         study.load_meta(str(tmp_path))
     assert study.load_meta(str(tmp_path / "none")) is None
+
+
+def test_a_paired_cell_shows_p_below_the_replicates_resolution():
+    test = {"difference": 0.1234, "ci": [0.05, 0.2], "p_value": 0.0, "replicates": 1000}
+    assert study._paired_cell(test) == "+0.123 [+0.050, +0.200], p < 0.002"
+    test.update(p_value=0.046, replicates=500)
+    assert study._paired_cell(test) == "+0.123 [+0.050, +0.200], p 0.046"
+    assert study._paired_cell("self") == "—" and study._paired_cell(None) == "n/a"
