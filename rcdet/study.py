@@ -300,15 +300,18 @@ def study_provenance(
     """
     invocations = []
     if previous_meta:
-        invocations = previous_meta.get("invocations") or [
-            {
-                # meta.json from before invocations were recorded: one invocation.
-                "commit": previous_meta.get("commit", "unknown"),
-                "uncommitted_changes": previous_meta.get("uncommitted_changes", False),
-                "seeds_run": previous_meta.get("seeds"),
-                "wall_seconds": previous_meta.get("wall_seconds"),
-            }
-        ]
+        # meta.json from before invocations were recorded stands for one invocation; one
+        # written by --report alone records none.
+        invocations = previous_meta.get("invocations")
+        if invocations is None:
+            invocations = [
+                {
+                    "commit": previous_meta.get("commit", "unknown"),
+                    "uncommitted_changes": previous_meta.get("uncommitted_changes", False),
+                    "seeds_run": previous_meta.get("seeds"),
+                    "wall_seconds": previous_meta.get("wall_seconds"),
+                }
+            ]
     invocations = invocations + ([invocation] if invocation else [])
     commit, dirty = current or ("unknown", False)
     latest = invocations[-1] if invocations else {"commit": commit, "uncommitted_changes": dirty}

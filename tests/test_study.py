@@ -541,6 +541,9 @@ def test_resumed_study_names_every_commit_and_sums_wall_time():
     # --report over runs whose invocations were all cut off: the tables' own checkout.
     cut_off = study.study_provenance(None, None, ("c" * 40, False))
     assert cut_off["commit"] == "c" * 40 and cut_off["commits"] == []
+    # A second --report over it records no invocation either: its commit is the new checkout's.
+    again = study.study_provenance(cut_off, None, ("d" * 40, False))
+    assert again["commit"] == "d" * 40 and again["commits"] == [] and again["invocations"] == []
 
 
 def test_git_state_ignores_the_studys_own_results(tmp_path):
