@@ -93,6 +93,10 @@ class Method:
     shuffled_ranking: bool = False
 
 
+# The paired tests' partner rows of a study whose methods carry the roles' own names.
+DEFAULT_PARTNERS = {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
+
+
 @dataclass
 class Study:
     """
@@ -103,9 +107,7 @@ class Study:
     name: str
     methods: List[Method]
     hold_out_mode: str = "drop_images"
-    partners: Dict[str, Optional[str]] = field(
-        default_factory=lambda: {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
-    )
+    partners: Dict[str, Optional[str]] = field(default_factory=lambda: dict(DEFAULT_PARTNERS))
 
 
 STUDIES = ("main", "exposure")
@@ -180,20 +182,34 @@ def exposure_methods_for(voc: bool) -> List[Method]:
     ]
 
 
-def study_for(name: str, voc: bool, hold_out_mode: str = "drop_images") -> Study:
+def study_for(
+    name: str, voc: bool, hold_out_mode: str = "drop_images", only: Sequence[str] = ()
+) -> Study:
     """
     The study ``name`` (one of STUDIES) on VOC or the built-in dataset. The main study in
-    ``drop_annotations`` mode is its variant, with the VARIANT_METHODS only.
+    ``drop_annotations`` mode is its variant, with the VARIANT_METHODS only. ``only``: a subset
+    of its method names (ValueError names one that is not its).
     """
     if name == "exposure":
         partners = {"supcon": "supcon_f_fixed", "softmax": "softmax_oe", "vos": None}
-        return Study(name, exposure_methods_for(voc), hold_out_mode, partners)
-    if name != "main":
+        selected = Study(name, exposure_methods_for(voc), hold_out_mode, partners)
+    elif name == "main":
+        methods = methods_for(voc)
+        if hold_out_mode != "drop_images":
+            methods = [m for m in methods if m.name in VARIANT_METHODS]
+        selected = Study(name, methods, hold_out_mode)
+    else:
         raise ValueError(f"Unknown study {name!r}: one of {', '.join(STUDIES)}.")
-    methods = methods_for(voc)
-    if hold_out_mode != "drop_images":
-        methods = [m for m in methods if m.name in VARIANT_METHODS]
-    return Study(name, methods, hold_out_mode)
+    names = [m.name for m in selected.methods]
+    unknown = [m for m in only if m not in names]
+    if unknown:
+        raise ValueError(
+            f"{' '.join(unknown)}: not a method of the {name} study (hold-out mode"
+            f" {hold_out_mode}); its methods are {', '.join(names)}."
+        )
+    if only:
+        selected.methods = [m for m in selected.methods if m.name in only]
+    return selected
 
 
 def all_method_names() -> List[str]:
@@ -590,7 +606,7 @@ def attach_paired_tests(
     runs of a seed claimed objects of. A test is "self" for a partner against itself, and None
     where a side has no such score or the runs were evaluated on other images.
     """
-    partners = partners or {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
+    partners = partners or DEFAULT_PARTNERS
     by_method = {r["method"]: r for r in rows}
     rocs = {
         m: {s: load_roc_set(os.path.join(d, "ood")) for s, d in seeds.items()}

@@ -2,33 +2,20 @@
 """
 Reproducible comparison of the field's baselines and RINCE, with classes held out.
 
-Studies (rcdet.study): main, on the held-out split: softmax (branch off), supcon (Khosla et al.'s
-SupCon, as FSCE uses it), rince_out_r1 (RINCE-out with one rank, the seed report's "SupCL"),
-rince_in and rince_out_in with the family ranking, rince_out_in with a deliberately wrong
-(shuffled) ranking as a control, vos (VOS on the softmax head) and rince_out_in_vos. With
---hold-out-mode drop_annotations, its variant (softmax, supcon, vos, rince_out_in). exposure: the
-reference-vector experiment (docs/unknown_objects.md). For each method and seed: train, then
-the OOD benchmark (AP and every OOD score) and the embedding analysis. Every stage is a real
-command (see --dry-run) and is skipped when its output exists, so an interrupted study resumes
-where it stopped; a cut-off training starts again from scratch.
+For each method of the study (rcdet.study: main, its drop_annotations variant, exposure) and
+seed: train, run the OOD benchmark and the embedding analysis, each a real command (--dry-run)
+that is skipped when its output exists, so that an interrupted study resumes where it stopped.
+A cut-off training starts again from scratch; an OOD report of an older protocol is evaluated
+again from its checkpoint. --report writes the tables of the runs finished so far. Outputs in
+--output: results.md / results.csv, roc.png, tsne_panel.png, configs/ and meta.json.
+Methods, options and outputs: docs/usage.md#tools.
 
     make compare                                  # built-in dataset, 3 seeds, CPU demo schedule
     python tools/compare_methods.py --quick       # 1 seed, short schedule (smoke check)
     python tools/compare_methods.py --voc --num-gpus 8 --dry-run   # VOC2007 R50-FPN, GPUs
     python tools/compare_methods.py --hold-out-mode drop_annotations   # the variant study
     python tools/compare_methods.py --study exposure                   # the exposure study
-
-An OOD stage whose report was written under an older benchmark protocol counts as not done: a
-resumed study re-evaluates the finished runs' checkpoints (no retraining) under the current
-protocol. --reevaluate re-runs every OOD stage regardless. --report writes the tables of the runs
-finished so far and runs nothing, e.g. while a long study is still running.
-
-Outputs in --output (default results/builtin_comparison, results/voc_comparison, with an
-_exposure or _drop_annotations suffix): results.md / results.csv (mean +- std over seeds, and
-paired bootstrap tests over test images), roc.png, tsne_panel.png (rcdet.study), configs/ and
-meta.json (commit, machine, wall time).
 """
-
 import argparse
 import os
 import shlex
@@ -97,17 +84,10 @@ class Run:
 
 def selected_study(args) -> study.Study:
     """The study of --study and --hold-out-mode, with --methods (a subset of its methods)."""
-    selected = study.study_for(args.study, args.voc, args.hold_out_mode)
-    names = [m.name for m in selected.methods]
-    unknown = [m for m in args.methods or () if m not in names]
-    if unknown:
-        raise cli.UsageError(
-            f"--methods {' '.join(unknown)}: not a method of the {args.study} study"
-            f" (--hold-out-mode {args.hold_out_mode}); its methods are {', '.join(names)}."
-        )
-    if args.methods:
-        selected.methods = [m for m in selected.methods if m.name in args.methods]
-    return selected
+    try:
+        return study.study_for(args.study, args.voc, args.hold_out_mode, args.methods or ())
+    except ValueError as e:
+        raise cli.UsageError(f"--methods {e}") from None
 
 
 def plan(args) -> List[Run]:
@@ -141,14 +121,6 @@ def stage_done(name: str, marker: str, reevaluate: bool = False) -> bool:
     return report_version(marker) == PROTOCOL_VERSION  # unreadable: evaluate again
 
 
-def write_shuffled_ranking(run: Run, voc: bool):
-    """The shuffled control's ranking (rcdet.study.write_shuffled_ranking), seeded by the run."""
-    true_file = os.path.join(REPO, study.true_ranking_file(voc))
-    study.write_shuffled_ranking(
-        run.ranking_file, true_file, study.class_names(voc), 1000 + run.seed
-    )
-
-
 def execute(
     runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = None, reevaluate: bool = False
 ) -> Dict[str, int]:
@@ -162,7 +134,11 @@ def execute(
                 done["skipped"] += 1
                 continue
             if name == "train" and run.ranking_file and not os.path.isfile(run.ranking_file):
-                write_shuffled_ranking(run, voc)
+                true_file = os.path.join(REPO, study.true_ranking_file(voc))
+                seed = 1000 + run.seed
+                study.write_shuffled_ranking(
+                    run.ranking_file, true_file, study.class_names(voc), seed
+                )
             if os.path.isfile(marker):
                 log(f"{what}: re-evaluating under protocol {PROTOCOL_VERSION}")
             log(f"{what}: {shlex.join(argv)}")
@@ -193,7 +169,7 @@ def aggregate(
     return study.write_study(
         [study.StudyRun(r.method.name, r.seed, r.run_dir, r.ranking_file) for r in runs],
         output,
-        study.study_for(args.study, args.voc, args.hold_out_mode).partners,
+        selected_study(args).partners,
         study.study_provenance(previous_meta, invocation, current),
         quick=args.quick,
         hold_out_mode=args.hold_out_mode,
@@ -214,71 +190,32 @@ def check_options(args):
 
 
 def main(argv=None):
-    variant = ", ".join(study.VARIANT_METHODS)
+    names, variant = study.all_method_names(), ", ".join(study.VARIANT_METHODS)
     parser = cli.ArgumentParser(description=__doc__)
-    parser.add_argument("--voc", action="store_true", help="the VOC2007 R50-FPN study (GPUs)")
-    parser.add_argument("--quick", action="store_true", help="one seed, short schedule")
-    parser.add_argument(
-        "--quick-iters", type=cli.int_in_range(1), default=150, help="iterations with --quick"
-    )
+    add = parser.add_argument
+    add("--voc", action="store_true", help="the VOC2007 R50-FPN study (GPUs)")
+    add("--quick", action="store_true", help="one seed, short schedule")
+    add("--quick-iters", type=cli.int_in_range(1), default=150, help="iterations with --quick")
     # SEED -1 is detectron2's "random": a study's seeds are reproducible ones.
-    parser.add_argument(
-        "--seeds",
-        type=cli.int_in_range(0, 2**31 - 1),
-        nargs="+",
-        default=[0, 1, 2],
-        help="one run per method and seed",
-    )
-    parser.add_argument(
-        "--study",
-        choices=study.STUDIES,
-        default="main",
-        help="main: the methods on the held-out split; exposure: the reference-vector experiment"
-        " (docs/unknown_objects.md)",
-    )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        choices=study.all_method_names(),
-        metavar="METHOD",
-        help="subset of the study's methods: " + ", ".join(study.all_method_names()),
-    )
-    parser.add_argument(
+    seed = cli.int_in_range(0, 2**31 - 1)
+    add("--seeds", type=seed, nargs="+", default=[0, 1, 2], help="one run per method and seed")
+    add("--study", choices=study.STUDIES, default="main", help="exposure: docs/unknown_objects.md")
+    add("--methods", nargs="+", choices=names, metavar="METHOD", help=", ".join(names))
+    add(
         "--hold-out-mode",
         choices=HOLD_OUT_MODES,
         default="drop_images",
         help=f"drop_annotations: the variant study ({variant} unless --methods)",
     )
-    parser.add_argument(
-        "--num-gpus",
-        type=cli.int_in_range(1),
-        default=None,
-        help="passed to tools/train_net.py (e.g. with --voc)",
-    )
-    parser.add_argument(
-        "--ood-dataset",
-        type=cli.registered_dataset(("auto", "builtin", "none")),
-        default=None,
-        metavar="NAME",
-        help=(
-            "passed to tools/benchmark_ood.py: the image-level protocol's OOD "
-            "images (e.g. a COCO subset for --voc)"
-        ),
-    )
-    parser.add_argument(
-        "--reevaluate",
-        action="store_true",
-        help="re-run every OOD stage from the finished checkpoints",
-    )
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and commands only")
-    parser.add_argument(
-        "--report",
-        action="store_true",
-        help="write the tables of the runs finished so far (every stage done); run nothing",
-    )
-    parser.add_argument("--runs-dir", default="")
-    parser.add_argument("--output", default="")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
+    add("--num-gpus", type=cli.int_in_range(1), help="passed to tools/train_net.py")
+    datasets = cli.registered_dataset(("auto", "builtin", "none"))
+    add("--ood-dataset", type=datasets, metavar="NAME", help="benchmark_ood.py's OOD images")
+    add("--reevaluate", action="store_true", help="re-run every OOD stage from the checkpoints")
+    add("--dry-run", action="store_true", help="list the runs and commands only")
+    add("--report", action="store_true", help="the tables of the finished runs; run nothing")
+    add("--runs-dir", default="")
+    add("--output", default="")
+    add("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     kind = "voc" if args.voc else "builtin"

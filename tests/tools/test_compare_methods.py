@@ -113,7 +113,7 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     open(partial.weights, "w").close()
     calls = []
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
-    monkeypatch.setattr(cm, "write_shuffled_ranking", lambda run, voc: None)
+    monkeypatch.setattr(cm.study, "write_shuffled_ranking", lambda *a: None)
     counts = cm.execute(runs, voc=False, log=lambda *a: None)
     assert counts == {"skipped": 4, "ran": 20, "seeds_run": [0]}  # 8 methods x 3 stages - 4
     ran_dirs = {a[a.index("--output") + 1] if "--output" in a else a[-1] for a in calls}
