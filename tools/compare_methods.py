@@ -121,6 +121,17 @@ def stage_done(name: str, marker: str, reevaluate: bool = False) -> bool:
     return report_version(marker) == PROTOCOL_VERSION  # unreadable: evaluate again
 
 
+def stage_env() -> Dict[str, str]:
+    """
+    The stages' environment: this checkout first on PYTHONPATH. A script's own folder (tools/)
+    is what Python puts first, so without it every stage would import whichever rcdet is
+    installed (e.g. another checkout's editable install) and the provenance's commit would lie.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
 def execute(
     runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = None, reevaluate: bool = False
 ) -> Dict[str, int]:
@@ -143,7 +154,7 @@ def execute(
                 log(f"{what}: re-evaluating under protocol {PROTOCOL_VERSION}")
             log(f"{what}: {shlex.join(argv)}")
             t0 = time.perf_counter()
-            subprocess.run(argv, cwd=REPO, check=True)
+            subprocess.run(argv, cwd=REPO, check=True, env=stage_env())
             done["ran"] += 1
             if run.seed not in done["seeds_run"]:
                 done["seeds_run"].append(run.seed)

@@ -6,6 +6,8 @@ which invocations a resumed study inherits, and the configs and meta.json next t
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -119,6 +121,26 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     ran_dirs = {a[a.index("--output") + 1] if "--output" in a else a[-1] for a in calls}
     assert not any(finished.run_dir in d for d in ran_dirs)
     assert not any(a[1] == "tools/train_net.py" and partial.run_dir in " ".join(a) for a in calls)
+
+
+def test_stages_import_this_checkouts_rcdet(tmp_path, monkeypatch):
+    """A stage is a script in tools/, whose own folder Python puts first on sys.path: without
+    this checkout on PYTHONPATH it would import an rcdet installed from elsewhere."""
+    (run,) = cm.plan(_args(tmp_path, ["softmax"]))
+    envs = []
+    monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: envs.append(kw["env"]))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    cm.execute([run], voc=False, log=lambda *a: None)
+    assert len(envs) == 3
+    for env in envs:
+        assert env["PYTHONPATH"].split(os.pathsep) == [cm.REPO, "/elsewhere"]
+    monkeypatch.undo()
+    probe = tmp_path / "probe.py"
+    probe.write_text("import rcdet; print(rcdet.__file__)")
+    out = subprocess.run(
+        [sys.executable, str(probe)], env=cm.stage_env(), capture_output=True, text=True
+    )
+    assert out.stdout.strip() == os.path.join(cm.REPO, "rcdet", "__init__.py")
 
 
 def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
