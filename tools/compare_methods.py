@@ -17,6 +17,7 @@ Methods, options and outputs: docs/usage.md#tools.
     python tools/compare_methods.py --study exposure                   # the exposure study
 """
 import argparse
+import glob
 import os
 import shlex
 import subprocess
@@ -132,6 +133,29 @@ def stage_env() -> Dict[str, str]:
     return env
 
 
+# What a training writes into OUTPUT_DIR before model_final.pth (detectron2's writers append).
+_TRAINING_OUTPUTS = (
+    "metrics.json",
+    "log.txt",
+    "last_checkpoint",
+    "events.out.tfevents.*",
+    "model_*.pth",
+)
+
+
+def clear_cut_off_training(run_dir: str) -> List[str]:
+    """
+    Remove the outputs of a training cut off before model_final.pth, so that the new training
+    starts from scratch and its metrics.json and log.txt hold only its own lines.
+    """
+    removed = []
+    for pattern in _TRAINING_OUTPUTS:
+        for path in sorted(glob.glob(os.path.join(run_dir, pattern))):
+            os.remove(path)
+            removed.append(os.path.basename(path))
+    return removed
+
+
 def execute(
     runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = None, reevaluate: bool = False
 ) -> Dict[str, int]:
@@ -144,6 +168,9 @@ def execute(
                 log(f"{what} already done ({marker})")
                 done["skipped"] += 1
                 continue
+            if name == "train":
+                for leftover in clear_cut_off_training(run.run_dir):
+                    log(f"{what}: removed {leftover} of a cut-off training")
             if name == "train" and run.ranking_file and not os.path.isfile(run.ranking_file):
                 true_file = os.path.join(REPO, study.true_ranking_file(voc))
                 seed = 1000 + run.seed

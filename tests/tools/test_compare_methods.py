@@ -143,6 +143,22 @@ def test_stages_import_this_checkouts_rcdet(tmp_path, monkeypatch):
     assert out.stdout.strip() == os.path.join(cm.REPO, "rcdet", "__init__.py")
 
 
+def test_a_cut_off_training_starts_again_from_scratch(tmp_path, monkeypatch):
+    (run,) = cm.plan(_args(tmp_path, ["softmax"]))
+    os.makedirs(run.run_dir)
+    cut_off = ["metrics.json", "log.txt", "last_checkpoint", "model_0000199.pth"]
+    cut_off.append("events.out.tfevents.1.vm.2.0")
+    for name in cut_off + ["config.yaml", "provenance.json"]:
+        open(os.path.join(run.run_dir, name), "w").close()
+    seen, logged = [], []
+    monkeypatch.setattr(
+        cm.subprocess, "run", lambda argv, **kw: seen.append(sorted(os.listdir(run.run_dir)))
+    )
+    cm.execute([run], voc=False, log=logged.append)
+    assert seen[0] == ["config.yaml", "provenance.json"]  # when the training stage starts
+    assert sum("of a cut-off training" in line for line in logged) == len(cut_off)
+
+
 def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
     old, current = cm.plan(_args(tmp_path, ["softmax", "rince_in"]))
     for run, version in ((old, None), (current, PROTOCOL_VERSION)):
