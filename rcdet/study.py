@@ -93,15 +93,21 @@ class Method:
     shuffled_ranking: bool = False
 
 
-# The paired tests' partner rows of a study whose methods carry the roles' own names.
-DEFAULT_PARTNERS = {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
+# The paired tests' partner rows of a study whose methods carry the roles' own names; the
+# control, RINCE out-in with a shuffled ranking, is what tells the ranking's effect apart.
+DEFAULT_PARTNERS = {
+    "supcon": "supcon",
+    "softmax": "softmax",
+    "vos": "vos",
+    "control": "rince_out_in_shuffled",
+}
 
 
 @dataclass
 class Study:
     """
     One study: its methods, its hold-out mode, and the partner methods of its paired tests (the
-    names of its SupCon, softmax and VOS rows; None where the study has no such row).
+    names of its SupCon, softmax, VOS and shuffled-control rows; None where it has no such row).
     """
 
     name: str
@@ -191,7 +197,12 @@ def study_for(
     of its method names (ValueError names one that is not its).
     """
     if name == "exposure":
-        partners = {"supcon": "supcon_f_fixed", "softmax": "softmax_oe", "vos": None}
+        partners = {
+            "supcon": "supcon_f_fixed",
+            "softmax": "softmax_oe",
+            "vos": None,
+            "control": None,
+        }
         selected = Study(name, exposure_methods_for(voc), hold_out_mode, partners)
     elif name == "main":
         methods = methods_for(voc)
@@ -472,11 +483,12 @@ PAIRED = [
     ("vs_supcon", "best emb. − SupCon best emb. AUROC", "supcon"),
     ("vs_vos", "best emb. − VOS energy AUROC", "vos"),
     ("vs_msp", "best emb. − MSP AUROC", None),
+    ("vs_control", "best emb. − shuffled control best emb. AUROC", "control"),
     ("family_vs_supcon", "family acc. − SupCon", "supcon"),
     ("family_vs_softmax", "family acc. − softmax", "softmax"),
 ]
 # The partner's score of the AUROC tests: its best embedding score, or VOS's own score.
-PARTNER_SCORE = {"supcon": "best_emb", "vos": "energy"}
+PARTNER_SCORE = {"supcon": "best_emb", "vos": "energy", "control": "best_emb"}
 
 
 def family_means(placement: Optional[Dict]) -> Dict[str, Optional[float]]:
@@ -599,12 +611,13 @@ def attach_paired_tests(
     Add the PAIRED tests to each row: paired bootstraps (rcdet.evaluation.bootstrap) over the
     test images, each side the mean over the seeds both methods ran, run paired with run of the
     same seed (``run_dirs``: ``{method: {seed: run folder}}``). ``partners`` names the study's
-    ``supcon``, ``softmax`` and ``vos`` rows (default: those names). Every replicate resamples
-    the test images once for all runs, so each comparison is paired by image. It measures the
-    test set's sampling, not the seeds' spread (the ± columns). The family accuracy tests compare
-    each row's ``placement`` (build_table) with the partner's, over the held-out classes both
-    runs of a seed claimed objects of. A test is "self" for a partner against itself, and None
-    where a side has no such score or the runs were evaluated on other images.
+    ``supcon``, ``softmax``, ``vos`` and ``control`` rows (default: DEFAULT_PARTNERS). Every
+    replicate resamples the test images once for all runs, so each comparison is paired by
+    image. It measures the test set's sampling, not the seeds' spread (the ± columns). The
+    family accuracy tests compare each row's ``placement`` (build_table) with the partner's,
+    over the held-out classes both runs of a seed claimed objects of. A test is "self" for a
+    partner against itself, and None where a side has no such score or the runs were evaluated
+    on other images.
     """
     partners = partners or DEFAULT_PARTNERS
     by_method = {r["method"]: r for r in rows}
@@ -949,8 +962,8 @@ def write_results(
     """
     results.md, results.csv, roc.png and tsne_panel.png in ``output``, each written atomically,
     from finished ``(method, seed, run folder)`` runs; the figures show each method's first run.
-    ``partners``: the study's SupCon, softmax and VOS rows (attach_paired_tests). Returns the
-    markdown tables and each method's run_metrics.
+    ``partners``: the study's SupCon, softmax, VOS and control rows (attach_paired_tests).
+    Returns the markdown tables and each method's run_metrics.
     """
     per_method: Dict[str, List[Dict]] = {}
     run_dirs: Dict[str, Dict[int, str]] = {}

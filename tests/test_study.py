@@ -108,6 +108,7 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
         ("supcon", {"msp": 0.5, "knn": 1.0}, 2, ("msp", "knn")),
         ("rince_in", {"msp": 0.5, "knn": 2.0}, 2, ("msp", "knn")),
         ("vos", {"msp": 0.5, "energy": 1.5}, 2, ("msp", "energy")),
+        ("rince_out_in_shuffled", {"msp": 0.5, "knn": 0.7}, 2, ("msp", "knn")),
     ):
         for seed in range(seeds):
             folder = str(tmp_path / method / f"seed{seed}")
@@ -139,16 +140,22 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
         auc("rince_in", "knn") - auc("vos", "energy")
     )
     assert r["rince_in"]["vs_vos"]["seeds"] == [0, 1]
+    # Against the shuffled-ranking control: its best embedding score.
+    assert r["rince_in"]["vs_control"]["difference"] == pytest.approx(
+        auc("rince_in", "knn") - auc("rince_out_in_shuffled", "knn")
+    )
+    assert r["rince_out_in_shuffled"]["vs_control"] == "self"
+    assert r["softmax"]["vs_control"] is None and r["vos"]["vs_control"] is None
     t = r["rince_in"]["vs_supcon"]
     assert t["ci"][0] <= t["difference"] <= t["ci"][1] and 0 <= t["p_value"] <= 1
     md = study.table_markdown(rows)
-    assert PAIRED_TITLE in md.splitlines()[-8]
-    assert md.splitlines()[-6].startswith("| method | seeds | best emb. − SupCon best emb. AUROC |")
+    assert PAIRED_TITLE in md.splitlines()[-9]
+    assert md.splitlines()[-7].startswith("| method | seeds | best emb. − SupCon best emb. AUROC |")
     paired = _tables(md)[PAIRED_TITLE]
     p = f"p {t['p_value']:.3f}" if t["p_value"] else f"p < {2 / t['replicates']:.3f}"
     cell = f"{t['difference']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], {p}"
     assert cell in paired["rince_in"] and "| — |" in paired["supcon"]
-    assert paired["softmax"] == "| softmax | 1 | n/a | n/a | n/a | n/a | — | argmax |"
+    assert paired["softmax"] == "| softmax | 1 | n/a | n/a | n/a | n/a | n/a | — | argmax |"
     assert (
         study.table_csv(rows)
         .splitlines()[0]
@@ -197,6 +204,7 @@ def test_paired_tests_pair_each_run_with_the_partners_run_of_the_same_seed(tmp_p
     assert r["supcon_f_fixed"]["vs_supcon"] == "self"
     # The exposure study has no VOS row, and no softmax run here.
     assert r["rince_out_in_f_fixed"]["vs_vos"] is None
+    assert r["rince_out_in_f_fixed"]["vs_control"] is None
     assert r["rince_out_in_f_fixed"]["family_vs_softmax"] is None
 
 

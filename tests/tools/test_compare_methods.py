@@ -307,7 +307,7 @@ def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert cm.aggregate(runs, str(out), args) == "| table |\n"
     assert seen["runs"] == [(r.method.name, 0, r.run_dir) for r in runs]
-    assert seen["partners"] == {"supcon": "supcon", "softmax": "softmax", "vos": "vos"}
+    assert seen["partners"] == cm.study.DEFAULT_PARTNERS
     assert (out / "configs" / "supcon.yaml").read_text() == "# supcon\n"
     with open(out / "meta.json") as f:
         meta = json.load(f)
