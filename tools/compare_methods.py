@@ -123,31 +123,20 @@ def stage_done(name: str, marker: str, reevaluate: bool = False) -> bool:
 
 
 def stage_env() -> Dict[str, str]:
-    """
-    The stages' environment: this checkout first on PYTHONPATH. A script's own folder (tools/)
-    is what Python puts first, so without it every stage would import whichever rcdet is
-    installed (e.g. another checkout's editable install) and the provenance's commit would lie.
-    """
+    """This checkout first on PYTHONPATH: Python puts a script's own folder (tools/) first, so a
+    stage would import whichever rcdet is installed and its provenance's commit would lie."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
 
 # What a training writes into OUTPUT_DIR before model_final.pth (detectron2's writers append).
-_TRAINING_OUTPUTS = (
-    "metrics.json",
-    "log.txt",
-    "last_checkpoint",
-    "events.out.tfevents.*",
-    "model_*.pth",
-)
+_TRAINING_OUTPUTS = "metrics.json log.txt last_checkpoint events.out.tfevents.* model_*.pth".split()
 
 
 def clear_cut_off_training(run_dir: str) -> List[str]:
-    """
-    Remove the outputs of a training cut off before model_final.pth, so that the new training
-    starts from scratch and its metrics.json and log.txt hold only its own lines.
-    """
+    """Remove what a training cut off before model_final.pth left, so that the next one starts
+    from scratch and its metrics.json and log.txt hold only its own lines."""
     removed = []
     for pattern in _TRAINING_OUTPUTS:
         for path in sorted(glob.glob(os.path.join(run_dir, pattern))):
@@ -198,12 +187,9 @@ def aggregate(
     previous_meta: Optional[dict] = None,
     current: Optional[tuple] = None,
 ) -> str:
-    """The study's results, configs and meta.json (rcdet.study.write_study) of ``runs``.
-
-    ``invocation``: commit, seeds and wall time of this call if it ran stages (else None).
-    ``previous_meta``: meta.json of the invocations whose finished runs this call resumed.
-    ``current``: (commit, uncommitted changes) of this checkout, for --report.
-    """
+    """The results, configs and meta.json of ``runs`` (rcdet.study.write_study). ``invocation``:
+    this call's commit, seeds and wall time if it ran stages; ``previous_meta``: meta.json of the
+    invocations it resumed; ``current``: (commit, uncommitted changes), for --report."""
     return study.write_study(
         [study.StudyRun(r.method.name, r.seed, r.run_dir, r.ranking_file) for r in runs],
         output,
