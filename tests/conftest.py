@@ -84,6 +84,12 @@ def tool_command(tool, *argv):
     return [sys.executable, os.path.join(REPO, "tools", tool), *argv]
 
 
+def eval_only_args(weights, output_dir, *opts, config="configs/shapes_rince_ood.yaml"):
+    """train_net.py's arguments to evaluate ``weights`` under ``config`` into ``output_dir``."""
+    model = ["MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(output_dir)]
+    return ["--config-file", config, "--eval-only", *model, *opts]
+
+
 def tool_env(shapes_root):
     """The environment of a tool process that reads the built-in data at ``shapes_root``."""
     return dict(os.environ, RCDET_SHAPES_ROOT=str(shapes_root))

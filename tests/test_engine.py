@@ -17,7 +17,16 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_SCHEDULE, run_tool, run_training, tiny_cfg, tool_command, tool_env
+from conftest import (
+    REPO,
+    TINY_SCHEDULE,
+    eval_only_args,
+    run_tool,
+    run_training,
+    tiny_cfg,
+    tool_command,
+    tool_env,
+)
 from detectron2.engine import AMPTrainer
 from detectron2.utils.events import EventStorage
 
@@ -260,19 +269,8 @@ def test_unreadable_image_met_while_training(shapes_copy, tmp_path):
 
 def test_unreadable_image_met_while_evaluating(shapes_copy, tiny_models, tmp_path):
     damaged = _damage_split(shapes_copy, "test", "truncated")
-    proc = run_tool(
-        "train_net.py",
-        "--config-file",
-        "configs/shapes_rince_ood.yaml",
-        "--eval-only",
-        *TINY_SCHEDULE,
-        "MODEL.WEIGHTS",
-        tiny_models["rince"],
-        "OUTPUT_DIR",
-        str(tmp_path / "out"),
-        shapes_root=shapes_copy,
-        timeout=300,
-    )
+    argv = eval_only_args(tiny_models["rince"], tmp_path / "out", *TINY_SCHEDULE)
+    proc = run_tool("train_net.py", *argv, shapes_root=shapes_copy, timeout=300)
     line = _one_error_line(proc)
     named = re.match(r"error: (\S+\.jpg): cannot read the image \(image file is truncated", line)
     assert named and named.group(1) in damaged, line

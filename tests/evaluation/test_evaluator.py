@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import run_tool, run_training, tiny_cfg
+from conftest import eval_only_args, run_tool, run_training, tiny_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
@@ -118,23 +118,9 @@ def _held_out_cfg(weights, output_dir, *opts):
 
 
 def test_eval_only_with_held_out_classes_prints_ap_and_ood(tiny_models, tiny_shapes, tmp_path):
-    proc = run_tool(
-        "train_net.py",
-        "--config-file",
-        "configs/shapes_rince_ood.yaml",
-        "--eval-only",
-        "MODEL.WEIGHTS",
-        tiny_models["rince"],
-        "OUTPUT_DIR",
-        str(tmp_path),
-        "INPUT.MIN_SIZE_TEST",
-        "160",
-        "TEST.OOD.OOD_DATASET",
-        "none",
-        "TEST.OOD.BOOTSTRAP",
-        "0",
-        shapes_root=tiny_shapes,
-    )
+    opts = ["INPUT.MIN_SIZE_TEST", "160", "TEST.OOD.OOD_DATASET", "none", "TEST.OOD.BOOTSTRAP", "0"]
+    argv = eval_only_args(tiny_models["rince"], tmp_path, *opts)
+    proc = run_tool("train_net.py", *argv, shapes_root=tiny_shapes)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "copypaste: AP,AP50,AP75" in proc.stdout
     assert "copypaste: Task: ood" in proc.stdout and "msp_auroc" in proc.stdout
