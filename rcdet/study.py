@@ -46,6 +46,7 @@ __all__ = [
     "methods_for",
     "exposure_methods_for",
     "study_for",
+    "STUDY_VERSION",
     "all_method_names",
     "true_ranking_file",
     "class_names",
@@ -117,6 +118,9 @@ class Study:
 
 
 STUDIES = ("main", "exposure")
+# The tables' version: the studies write to results/<kind>_comparison_v3[_<study>]; version 2's
+# tables (with the one-rank RINCE-out as its "SupCon") stay in results/<kind>_comparison[_...].
+STUDY_VERSION = 3
 # The drop_annotations variant of the main study compares these methods.
 VARIANT_METHODS = ("softmax", "supcon", "vos", "rince_out_in")
 # The exposure split on VOC (the built-in one is in its configs, docs/unknown_objects.md): chair

@@ -247,7 +247,8 @@ def main(argv=None):
     suffix += "" if args.study == "main" else f"_{args.study}"
     suffix += "" if args.hold_out_mode == "drop_images" else f"_{args.hold_out_mode}"
     args.runs_dir = args.runs_dir or os.path.join("output", f"compare_{kind}{suffix}")
-    args.output = args.output or os.path.join("results", f"{kind}_comparison{suffix}")
+    results = f"{kind}_comparison_v{study.STUDY_VERSION}{suffix}"
+    args.output = args.output or os.path.join("results", results)
     return report_user_errors(run_study, args)
 
 

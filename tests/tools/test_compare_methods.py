@@ -73,6 +73,23 @@ def test_voc_dry_run_lists_the_same_methods_with_the_r50_fpn_configs(capsys, tmp
     assert "configs/shapes_" not in out
 
 
+@pytest.mark.parametrize(
+    "argv, output",
+    [
+        ([], "results/builtin_comparison_v3"),
+        (["--study", "exposure"], "results/builtin_comparison_v3_exposure"),
+        (["--hold-out-mode", "drop_annotations"], "results/builtin_comparison_v3_drop_annotations"),
+        (["--voc", "--quick"], "results/voc_comparison_v3_quick"),
+    ],
+)
+def test_default_output_is_the_current_studys_results_folder(monkeypatch, argv, output):
+    """Study v2's committed tables (results/builtin_comparison*) are never the default output."""
+    seen = {}
+    monkeypatch.setattr(cm, "run_study", lambda args: seen.setdefault("output", args.output))
+    cm.main(argv)
+    assert seen["output"] == output
+
+
 def test_exposure_study_lists_the_reference_vector_methods(capsys, tmp_path):
     argv = ["--study", "exposure", "--seeds", "0", "--dry-run", "--runs-dir", str(tmp_path)]
     assert cm.main(argv) == 0
