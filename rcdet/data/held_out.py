@@ -190,22 +190,6 @@ def _check_training_split(
     )
 
 
-def split_name(
-    base_name: str,
-    held_out: Sequence[str],
-    mode: str,
-    role: str,
-    exposed: Sequence[str] = (),
-    keep_exposed: bool = True,
-) -> str:
-    """The registered name of a derived split (see _SPLIT_NAME)."""
-    name = f"{base_name}__minus_{'+'.join(held_out)}"
-    if exposed:
-        kind = "exposed" if keep_exposed or role == "test" else "removed"
-        name += f"_{kind}_{'+'.join(exposed)}"
-    return name + (f"_{mode}" if role == "train" else "_ood_test")
-
-
 def register_held_out_split(
     base_name: str,
     held_out: Sequence[str],
@@ -230,7 +214,11 @@ def register_held_out_split(
     all_classes = list(base_meta.get("all_classes", base_meta.thing_classes))
     known = known_classes(all_classes, held_out, exposed)
     keep_exposed = bool(keep_exposed) or role == "test"
-    name = split_name(base_name, held_out, mode, role, exposed, keep_exposed)
+    # The registered name (see _SPLIT_NAME): exposed classes kept or removed, and the mode.
+    name = f"{base_name}__minus_{'+'.join(held_out)}"
+    if exposed:
+        name += f"_{'exposed' if keep_exposed else 'removed'}_{'+'.join(exposed)}"
+    name += f"_{mode}" if role == "train" else "_ood_test"
     if name in DatasetCatalog.list():
         return name
     load = functools.partial(
