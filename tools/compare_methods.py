@@ -16,6 +16,7 @@ Methods, options and outputs: docs/usage.md#tools.
     python tools/compare_methods.py --hold-out-mode drop_annotations   # the variant study
     python tools/compare_methods.py --study exposure                   # the exposure study
 """
+
 import argparse
 import glob
 import os
@@ -160,12 +161,10 @@ def execute(
             if name == "train":
                 for leftover in clear_cut_off_training(run.run_dir):
                     log(f"{what}: removed {leftover} of a cut-off training")
-            if name == "train" and run.ranking_file and not os.path.isfile(run.ranking_file):
-                true_file = os.path.join(REPO, study.true_ranking_file(voc))
-                seed = 1000 + run.seed
-                study.write_shuffled_ranking(
-                    run.ranking_file, true_file, study.class_names(voc), seed
-                )
+                if run.ranking_file and not os.path.isfile(run.ranking_file):
+                    true_file = os.path.join(REPO, study.true_ranking_file(voc))
+                    classes, seed = study.class_names(voc), 1000 + run.seed
+                    study.write_shuffled_ranking(run.ranking_file, true_file, classes, seed)
             if os.path.isfile(marker):
                 log(f"{what}: re-evaluating under protocol {PROTOCOL_VERSION}")
             log(f"{what}: {shlex.join(argv)}")
