@@ -39,7 +39,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Method",
+    "Contrast",
     "Study",
+    "MAIN_CONTRASTS",
+    "EXPOSURE_CONTRASTS",
     "STUDIES",
     "VARIANT_METHODS",
     "VOC_EXPOSURE_OPTS",
@@ -66,9 +69,12 @@ __all__ = [
     "run_metrics",
     "mean_std",
     "build_table",
+    "PairedRuns",
     "attach_paired_tests",
+    "contrast_tests",
     "table_markdown",
     "table_csv",
+    "contrasts_csv",
     "roc_figure",
     "tsne_panel",
     "write_results",
@@ -104,17 +110,54 @@ DEFAULT_PARTNERS = {
 }
 
 
+@dataclass(frozen=True)
+class Contrast:
+    """
+    A study's own question that the tests against its partner rows do not ask: method ``a``
+    minus method ``b``, paired by test image and seed, on ``measure``: an OOD score's AUROC
+    ("msp", "energy", or "best_emb", each side's best embedding score) or "family", the family
+    accuracy of each side's placement.
+    """
+
+    a: str
+    b: str
+    measure: str
+    question: str
+
+
 @dataclass
 class Study:
     """
-    One study: its methods, its hold-out mode, and the partner methods of its paired tests (the
-    names of its SupCon, softmax, VOS and shuffled-control rows; None where it has no such row).
+    One study: its methods, its hold-out mode, the partner methods of its paired tests (the
+    names of its SupCon, softmax, VOS and shuffled-control rows; None where it has no such row)
+    and its contrasts.
     """
 
     name: str
     methods: List[Method]
     hold_out_mode: str = "drop_images"
     partners: Dict[str, Optional[str]] = field(default_factory=lambda: dict(DEFAULT_PARTNERS))
+    contrasts: List[Contrast] = field(default_factory=list)
+
+
+# What VOS adds on top of RINCE out-in, and RINCE's two variants against each other.
+MAIN_CONTRASTS = [
+    Contrast("rince_out_in_vos", "rince_out_in", "best_emb", "what VOS adds to RINCE out-in"),
+    Contrast("rince_out_in_vos", "rince_out_in", "msp", "what VOS adds to RINCE out-in"),
+    Contrast("rince_out_in_vos", "rince_out_in", "energy", "what VOS adds to RINCE out-in"),
+    Contrast("rince_in", "rince_out_in", "best_emb", "RINCE-in against RINCE out-in"),
+]
+# What exposure adds: the f runs against RINCE on the same images with the exposed objects as
+# background (rince_out_in_oe), and that one against RINCE that never saw them.
+EXPOSURE_CONTRASTS = [
+    Contrast(a, b, measure, question)
+    for a, b, question in (
+        ("rince_out_in_f_fixed", "rince_out_in_oe", "what a fixed f adds on the same images"),
+        ("rince_out_in_f_learned", "rince_out_in_oe", "what a learned f adds on the same images"),
+        ("rince_out_in_oe", "rince_out_in_no_exposure", "what the exposed images add without f"),
+    )
+    for measure in ("best_emb", "msp", "family")
+]
 
 
 STUDIES = ("main", "exposure")
@@ -207,12 +250,14 @@ def study_for(
             "vos": None,
             "control": None,
         }
-        selected = Study(name, exposure_methods_for(voc), hold_out_mode, partners)
+        selected = Study(
+            name, exposure_methods_for(voc), hold_out_mode, partners, list(EXPOSURE_CONTRASTS)
+        )
     elif name == "main":
         methods = methods_for(voc)
         if hold_out_mode != "drop_images":
             methods = [m for m in methods if m.name in VARIANT_METHODS]
-        selected = Study(name, methods, hold_out_mode)
+        selected = Study(name, methods, hold_out_mode, contrasts=list(MAIN_CONTRASTS))
     else:
         raise ValueError(f"Unknown study {name!r}: one of {', '.join(STUDIES)}.")
     names = [m.name for m in selected.methods]
@@ -224,6 +269,8 @@ def study_for(
         )
     if only:
         selected.methods = [m for m in selected.methods if m.name in only]
+    names = {m.name for m in selected.methods}
+    selected.contrasts = [c for c in selected.contrasts if {c.a, c.b} <= names]
     return selected
 
 
@@ -604,96 +651,136 @@ def _only_classes(family_set: tuple, classes) -> tuple:
     return tuple(a[keep] for a in family_set)
 
 
-def attach_paired_tests(
-    rows: List[Dict],
-    run_dirs: Dict[str, Dict[int, str]],
-    partners: Optional[Dict[str, Optional[str]]] = None,
-    replicates: int = PAIRED_REPLICATES,
-    seed: int = 0,
-) -> List[Dict]:
+class PairedRuns:
     """
-    Add the PAIRED tests to each row: paired bootstraps (rcdet.evaluation.bootstrap) over the
-    test images, each side the mean over the seeds both methods ran, run paired with run of the
-    same seed (``run_dirs``: ``{method: {seed: run folder}}``). ``partners`` names the study's
-    ``supcon``, ``softmax``, ``vos`` and ``control`` rows (default: DEFAULT_PARTNERS). Every
-    replicate resamples the test images once for all runs, so each comparison is paired by
-    image. It measures the test set's sampling, not the seeds' spread (the ± columns). The
-    family accuracy tests compare each row's ``placement`` (build_table) with the partner's,
-    over the held-out classes both runs of a seed claimed objects of. A test is "self" for a
-    partner against itself, and None where a side has no such score or the runs were evaluated
-    on other images.
+    The finished runs' ROC sets and family sets, for paired bootstraps over the test images
+    (rcdet.evaluation.bootstrap), each side the mean over the seeds both methods ran, run paired
+    with run of the same seed. ``rows``: build_table's (each method's best embedding score and
+    placement); ``run_dirs``: ``{method: {seed: run folder}}``. Every replicate resamples the
+    test images once for all runs, so each comparison is paired by image. It measures the test
+    set's sampling, not the seeds' spread (the ± columns). ``usable`` is False when some run has
+    no per-detection scores or the runs were evaluated on other images: then nothing is paired.
     """
-    partners = partners or DEFAULT_PARTNERS
-    by_method = {r["method"]: r for r in rows}
-    rocs = {
-        m: {s: load_roc_set(os.path.join(d, "ood")) for s, d in seeds.items()}
-        for m, seeds in run_dirs.items()
-    }
-    families = {
-        m: {s: load_family_set(d, by_method[m]["placement"]) for s, d in seeds.items()}
-        for m, seeds in run_dirs.items()
-        if m in by_method
-    }
-    every = [rs for seeds in rocs.values() for rs in seeds.values()]
-    indexed = [rs for rs in every if rs is not None]
-    usable = len(indexed) == len(every) and len({rs.image_ids for rs in indexed}) == 1
-    num_images = len(indexed[0].image_ids) if usable else 0
-    image_ids = indexed[0].image_ids if usable else None
 
-    def score_of(method, what):
-        if what == "best_emb":
-            return by_method[method]["best_emb_score"]
-        return what
-
-    def auroc_test(a, a_score, b, b_score):
-        seeds = sorted(set(rocs[a]) & set(rocs[b]))
-        if not seeds or a_score == "n/a" or b_score == "n/a":
-            return None
-        if any(a_score not in rocs[a][s].scores or b_score not in rocs[b][s].scores for s in seeds):
-            return None
-        runs_a = [
-            (rocs[a][s].scores[a_score], rocs[a][s].is_id, rocs[a][s].image_index) for s in seeds
-        ]
-        runs_b = [
-            (rocs[b][s].scores[b_score], rocs[b][s].is_id, rocs[b][s].image_index) for s in seeds
-        ]
-        return {
-            **paired_bootstrap(runs_a, runs_b, num_images, "auroc", replicates, seed),
-            "seeds": seeds,
+    def __init__(
+        self,
+        rows: List[Dict],
+        run_dirs: Dict[str, Dict[int, str]],
+        replicates: int = PAIRED_REPLICATES,
+        seed: int = 0,
+    ):
+        self.rows = {r["method"]: r for r in rows}
+        self.replicates, self.seed = replicates, seed
+        self.rocs = {
+            m: {s: load_roc_set(os.path.join(d, "ood")) for s, d in seeds.items()}
+            for m, seeds in run_dirs.items()
         }
+        self.families = {
+            m: {s: load_family_set(d, self.rows[m]["placement"]) for s, d in seeds.items()}
+            for m, seeds in run_dirs.items()
+            if m in self.rows
+        }
+        every = [rs for seeds in self.rocs.values() for rs in seeds.values()]
+        indexed = [rs for rs in every if rs is not None]
+        self.usable = len(indexed) == len(every) and len({rs.image_ids for rs in indexed}) == 1
+        self.num_images = len(indexed[0].image_ids) if self.usable else 0
+        self.image_ids = indexed[0].image_ids if self.usable else None
 
-    def family_test(a, b):
-        seeds = sorted(set(families[a]) & set(families[b]))
-        pairs = [(families[a][s], families[b][s]) for s in seeds]
-        if not seeds or any(x is None or y is None for x, y in pairs):
+    def score_of(self, method: str, what: str) -> str:
+        """The method's best embedding score for "best_emb", else ``what`` itself."""
+        return self.rows[method]["best_emb_score"] if what == "best_emb" else what
+
+    def auroc(self, a: str, a_score: str, b: str, b_score: str) -> Optional[Dict]:
+        """AUROC of a's ``a_score`` minus b's ``b_score``; None where a side lacks the score."""
+        seeds = sorted(set(self.rocs.get(a, ())) & set(self.rocs.get(b, ())))
+        if not self.usable or not seeds or "n/a" in (a_score, b_score):
             return None
-        if any(x[1] != image_ids or y[1] != image_ids for x, y in pairs):
+        ra, rb = self.rocs[a], self.rocs[b]
+        if any(a_score not in ra[s].scores or b_score not in rb[s].scores for s in seeds):
             return None
-        # Like for like: each seed's pair over the held-out classes both runs claimed objects of.
+        runs_a = [(ra[s].scores[a_score], ra[s].is_id, ra[s].image_index) for s in seeds]
+        runs_b = [(rb[s].scores[b_score], rb[s].is_id, rb[s].image_index) for s in seeds]
+        test = paired_bootstrap(
+            runs_a, runs_b, self.num_images, "auroc", self.replicates, self.seed
+        )
+        return {**test, "seeds": seeds}
+
+    def family(self, a: str, b: str) -> Optional[Dict]:
+        """
+        Family accuracy of a's placement minus b's, each seed over the held-out classes both of
+        its runs claimed objects of; None where a side has no placements.
+        """
+        seeds = sorted(set(self.families.get(a, ())) & set(self.families.get(b, ())))
+        pairs = [(self.families[a][s], self.families[b][s]) for s in seeds]
+        if not self.usable or not seeds or any(x is None or y is None for x, y in pairs):
+            return None
+        if any(x[1] != self.image_ids or y[1] != self.image_ids for x, y in pairs):
+            return None
         runs_a, runs_b = [], []
         for (x, _), (y, _) in pairs:
             shared = sorted(set(x[0].tolist()) & set(y[0].tolist()))
             runs_a.append(_only_classes(x, shared))
             runs_b.append(_only_classes(y, shared))
         result = paired_bootstrap_family_accuracy(
-            runs_a, runs_b, num_images, replicates=replicates, seed=seed
+            runs_a, runs_b, self.num_images, replicates=self.replicates, seed=self.seed
         )
         return {**result, "seeds": seeds}
 
+
+def attach_paired_tests(
+    rows: List[Dict], paired: PairedRuns, partners: Optional[Dict[str, Optional[str]]] = None
+) -> List[Dict]:
+    """
+    Add the PAIRED tests (of ``paired``, the runs of ``rows``) to each row. ``partners`` names
+    the study's ``supcon``, ``softmax``, ``vos`` and ``control`` rows (default:
+    DEFAULT_PARTNERS). The family accuracy tests compare each row's ``placement`` (build_table)
+    with the partner's. A test is "self" for a partner against itself, and None where a side
+    has no such score or the runs cannot be paired.
+    """
+    partners = partners or DEFAULT_PARTNERS
     for r in rows:
         m = r["method"]
         for key, _, role in PAIRED:
             partner = partners.get(role) if role else m
-            if not usable or (role and partner not in by_method):
+            if role and partner not in paired.rows:
                 r[key] = None
             elif role and partner == m:
                 r[key] = "self"
             elif key.startswith("family"):
-                r[key] = family_test(m, partner)
+                r[key] = paired.family(m, partner)
             else:
-                partner_score = score_of(partner, PARTNER_SCORE.get(role, "msp"))
-                r[key] = auroc_test(m, score_of(m, "best_emb"), partner, partner_score)
+                partner_score = paired.score_of(partner, PARTNER_SCORE.get(role, "msp"))
+                r[key] = paired.auroc(m, paired.score_of(m, "best_emb"), partner, partner_score)
     return rows
+
+
+def contrast_tests(paired: PairedRuns, contrasts: Sequence[Contrast]) -> List[Dict]:
+    """
+    The study's contrasts (Contrast), each a paired test of ``paired``: its ``a`` and ``b``,
+    the scores compared (``a_score``, ``b_score``: "family" for family accuracy) and the test
+    (None where a side did not run or lacks the score).
+    """
+    out = []
+    for c in contrasts:
+        if c.measure == "family":
+            scores = ("family", "family")
+            test = paired.family(c.a, c.b)
+        elif c.a in paired.rows and c.b in paired.rows:
+            scores = (paired.score_of(c.a, c.measure), paired.score_of(c.b, c.measure))
+            test = paired.auroc(c.a, scores[0], c.b, scores[1])
+        else:
+            scores, test = (c.measure, c.measure), None
+        out.append(
+            {
+                "a": c.a,
+                "b": c.b,
+                "question": c.question,
+                "a_score": scores[0],
+                "b_score": scores[1],
+                "test": test,
+            }
+        )
+    return out
 
 
 def _cell(ms, digits):
@@ -721,10 +808,10 @@ def _paired_cell(test) -> str:
     return text
 
 
-def table_markdown(rows: List[Dict]) -> str:
+def table_markdown(rows: List[Dict], contrasts: Sequence[Dict] = ()) -> str:
     """
     The study's tables in markdown, one per TABLES entry (mean ± std over seeds), then the paired
-    tests, each under a bold title.
+    tests and the ``contrasts`` (contrast_tests), if any, each under a bold title.
     """
     parts = []
     for title, columns in TABLES:
@@ -745,7 +832,31 @@ def table_markdown(rows: List[Dict]) -> str:
     ]
     title = "Paired bootstrap tests over the test images (difference [95% interval], p)"
     parts.append(f"**{title}**\n\n" + markdown_table(header, cells))
+    if contrasts:
+        header = ["question", "A − B", "measure", "seeds", "difference [95% interval], p"]
+        cells = [
+            [
+                c["question"],
+                f"{c['a']} − {c['b']}",
+                _measure(c),
+                ", ".join(map(str, (c["test"] or {}).get("seeds", ()))) or "n/a",
+                _paired_cell(c["test"]),
+            ]
+            for c in contrasts
+        ]
+        parts.append(f"**{CONTRASTS_TITLE}**\n\n" + markdown_table(header, cells))
     return "\n".join(parts)
+
+
+CONTRASTS_TITLE = "Contrasts: the study's own questions (A − B, paired bootstrap as above)"
+
+
+def _measure(contrast: Dict) -> str:
+    if contrast["a_score"] == "family":
+        return "family acc."
+    if contrast["a_score"] == contrast["b_score"]:
+        return f"{contrast['a_score']} AUROC"
+    return f"{contrast['a_score']} − {contrast['b_score']} AUROC"
 
 
 def _number(v) -> str:
@@ -770,6 +881,18 @@ def table_csv(rows: List[Dict]) -> str:
         lines.append(
             [r["method"], r["seeds"]] + values + [r["best_emb_score"], r["placement"]] + tests
         )
+    return csv_table(lines)
+
+
+def contrasts_csv(contrasts: Sequence[Dict]) -> str:
+    """The contrasts' numbers (contrast_tests): sides, scores, seeds and the test."""
+    lines = [["a", "b", "a_score", "b_score", "seeds", "difference", "ci_lo", "ci_hi", "p_value"]]
+    for c in contrasts:
+        t = c["test"] or {}
+        ci = t.get("ci") or [None, None]
+        seeds = " ".join(map(str, t.get("seeds", ())))
+        tests = [_number(v) for v in (t.get("difference"), ci[0], ci[1], t.get("p_value"))]
+        lines.append([c["a"], c["b"], c["a_score"], c["b_score"], seeds] + tests)
     return csv_table(lines)
 
 
@@ -892,18 +1015,20 @@ def write_study(
     runs: Sequence[StudyRun],
     output: str,
     partners: Optional[Dict[str, Optional[str]]],
+    contrasts: Sequence[Contrast],
     provenance: dict,
     quick: bool,
     hold_out_mode: str,
     command: str,
 ) -> str:
     """
-    Everything a study writes to ``output``: the results (write_results), each method's config
-    of its smallest seed (copy_configs) and meta.json (study_meta, with ``provenance``:
-    study_provenance). Returns the markdown tables.
+    Everything a study writes to ``output``: the results (write_results, with the study's
+    ``partners`` and ``contrasts``), each method's config of its smallest seed (copy_configs)
+    and meta.json (study_meta, with ``provenance``: study_provenance). Returns the markdown
+    tables.
     """
     triples = [(r.method, r.seed, r.run_dir) for r in runs]
-    md, per_method = write_results(triples, output, partners=partners)
+    md, per_method = write_results(triples, output, partners=partners, contrasts=contrasts)
     first = {}
     for r in sorted(runs, key=lambda r: r.seed, reverse=True):
         first[r.method] = (r.run_dir, r.ranking_file)  # each method's smallest seed
@@ -962,11 +1087,13 @@ def write_results(
     output: str,
     replicates: int = PAIRED_REPLICATES,
     partners: Optional[Dict[str, Optional[str]]] = None,
+    contrasts: Sequence[Contrast] = (),
 ) -> Tuple[str, Dict[str, List[Dict]]]:
     """
     results.md, results.csv, roc.png and tsne_panel.png in ``output``, each written atomically,
     from finished ``(method, seed, run folder)`` runs; the figures show each method's first run.
-    ``partners``: the study's SupCon, softmax, VOS and control rows (attach_paired_tests).
+    ``partners``: the study's SupCon, softmax, VOS and control rows (attach_paired_tests);
+    ``contrasts``: its own questions (contrast_tests), also in contrasts.csv.
     Returns the markdown tables and each method's run_metrics.
     """
     per_method: Dict[str, List[Dict]] = {}
@@ -974,10 +1101,18 @@ def write_results(
     for method, seed, run_dir in runs:
         per_method.setdefault(method, []).append(run_metrics(run_dir))
         run_dirs.setdefault(method, {})[seed] = run_dir
-    rows = attach_paired_tests(build_table(per_method), run_dirs, partners, replicates)
-    md = table_markdown(rows)
+    rows = build_table(per_method)
+    paired = PairedRuns(rows, run_dirs, replicates)
+    attach_paired_tests(rows, paired, partners)
+    tested = contrast_tests(paired, contrasts)
+    md = table_markdown(rows, tested)
     atomic_write(os.path.join(output, "results.md"), md.encode())
     atomic_write(os.path.join(output, "results.csv"), table_csv(rows).encode())
+    contrasts_path = os.path.join(output, "contrasts.csv")
+    if tested:
+        atomic_write(contrasts_path, contrasts_csv(tested).encode())
+    elif os.path.isfile(contrasts_path):
+        os.remove(contrasts_path)  # an earlier study's, in the same folder
     first = {method: dirs[min(dirs)] for method, dirs in run_dirs.items()}
     best = {r["method"]: r["best_emb_score"] for r in rows}
     seeds = {method: min(dirs) for method, dirs in run_dirs.items()}

@@ -120,7 +120,7 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
         return {"AP": 50.0, **{f"{s}_auroc": a for s, a in auc.items()}}
 
     rows = study.build_table({m: [result(*r) for r in runs] for m, runs in raw.items()})
-    study.attach_paired_tests(rows, dirs, replicates=200)
+    study.attach_paired_tests(rows, study.PairedRuns(rows, dirs, replicates=200))
     r = {row["method"]: row for row in rows}
     assert r["softmax"]["vs_msp"] is None and r["softmax"]["vs_supcon"] is None
     assert r["supcon"]["vs_supcon"] == "self" and r["vos"]["vs_vos"] == "self"
@@ -164,10 +164,61 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
             "family_vs_softmax_p_value"
         )
     )
+    # The study's contrasts: A − B on the named score, each side's best embedding score for
+    # best_emb; None where a side did not run or lacks the score.
+    contrasts = study.contrast_tests(
+        study.PairedRuns(rows, dirs, replicates=200),
+        [
+            study.Contrast("rince_in", "supcon", "best_emb", "q1"),
+            study.Contrast("rince_in", "vos", "msp", "q2"),
+            study.Contrast("vos", "rince_in", "energy", "q3"),
+            study.Contrast("rince_in", "rince_out_in_vos", "msp", "q4"),
+        ],
+    )
+    best, msp, energy, absent = contrasts
+    assert best["test"] == r["rince_in"]["vs_supcon"]  # the same test, the same replicates
+    assert (best["a_score"], best["b_score"]) == ("knn", "knn")
+    assert msp["test"]["difference"] == pytest.approx(auc("rince_in", "msp") - auc("vos", "msp"))
+    assert msp["test"]["seeds"] == [0, 1]
+    assert energy["test"] is None and absent["test"] is None
+    md = study.table_markdown(rows, contrasts)
+    lines = md.split(f"**{study.CONTRASTS_TITLE}**")[1].strip().splitlines()
+    assert lines[0] == "| question | A − B | measure | seeds | difference [95% interval], p |"
+    lines = lines[2:]
+    assert lines[0].startswith("| q1 | rince_in − supcon | knn AUROC | 0, 1 | ")
+    assert lines[0].endswith(f" | {cell} |")
+    assert lines[3] == "| q4 | rince_in − rince_out_in_vos | msp AUROC | n/a | n/a |"
+    assert study.CONTRASTS_TITLE not in study.table_markdown(rows)
+    csv_lines = study.contrasts_csv(contrasts).splitlines()
+    assert csv_lines[0] == "a,b,a_score,b_score,seeds,difference,ci_lo,ci_hi,p_value"
+    d = msp["test"]["difference"]
+    assert csv_lines[2].startswith(f"rince_in,vos,msp,msp,0 1,{d:.6g},")
+    assert csv_lines[4] == "rince_in,rince_out_in_vos,msp,msp,,,,,"
     # Runs evaluated on different test images cannot be paired.
     _fake_run(dirs["rince_in"][0], rng, {"knn": 2.0}, ids[:-1])
-    study.attach_paired_tests(rows, dirs, replicates=20)
+    paired = study.PairedRuns(rows, dirs, replicates=20)
+    study.attach_paired_tests(rows, paired)
     assert all(row["vs_msp"] is None for row in rows)
+    assert (
+        study.contrast_tests(paired, [study.Contrast("rince_in", "vos", "msp", "q")])[0]["test"]
+        is None
+    )
+
+
+def test_each_study_asks_its_own_contrasts_of_the_methods_it_runs():
+    exposure = study.study_for("exposure", voc=False)
+    assert exposure.contrasts == study.EXPOSURE_CONTRASTS
+    assert ("rince_out_in_f_fixed", "rince_out_in_oe", "best_emb") in {
+        (c.a, c.b, c.measure) for c in exposure.contrasts
+    }
+    assert study.study_for("main", voc=True).contrasts == study.MAIN_CONTRASTS
+    # The drop_annotations variant runs neither rince_in nor rince_out_in_vos.
+    assert study.study_for("main", False, "drop_annotations").contrasts == []
+    only = study.study_for("main", False, only=("rince_in", "rince_out_in", "supcon"))
+    assert [(c.a, c.b) for c in only.contrasts] == [("rince_in", "rince_out_in")]
+    names = {m.name for m in study.methods_for(False) + study.exposure_methods_for(False)}
+    for c in study.MAIN_CONTRASTS + study.EXPOSURE_CONTRASTS:
+        assert {c.a, c.b} <= names and c.measure in ("best_emb", "msp", "energy", "family")
 
 
 def test_paired_tests_pair_each_run_with_the_partners_run_of_the_same_seed(tmp_path):
@@ -193,7 +244,7 @@ def test_paired_tests_pair_each_run_with_the_partners_run_of_the_same_seed(tmp_p
     }
     rows = study.build_table(per_method)
     partners = study.study_for("exposure", voc=False).partners
-    study.attach_paired_tests(rows, dirs, partners, replicates=50)
+    study.attach_paired_tests(rows, study.PairedRuns(rows, dirs, replicates=50), partners)
     r = {row["method"]: row for row in rows}
     test = r["rince_out_in_f_fixed"]["vs_supcon"]
     assert test["seeds"] == [1, 2]
@@ -619,7 +670,7 @@ def test_family_tests_through_the_table_pair_seeds_and_placements(tmp_path):
     space = {"rince": "projection", "supcon": "projection", "softmax": "box_features"}
     rows = study.build_table({m: [{"space": space[m]}] * 2 for m in dirs})
     replicates = 200
-    study.attach_paired_tests(rows, dirs, replicates=replicates)
+    study.attach_paired_tests(rows, study.PairedRuns(rows, dirs, replicates=replicates))
     r = {row["method"]: row for row in rows}
 
     def objects(method, seed, placement, classes=(0, 1)):
@@ -652,6 +703,11 @@ def test_family_tests_through_the_table_pair_seeds_and_placements(tmp_path):
     assert test["difference"] == pytest.approx((2 / 3 + 2 / 3) / 2 - (1 / 3 + 1 / 2) / 2)
     assert r["softmax"]["family_vs_softmax"] == "self" and r["supcon"]["family_vs_supcon"] == "self"
     assert r["softmax"]["placement"] == "argmax" and r["rince"]["placement"] == "prototype"
+    # A family contrast is the same test: rince's placement against softmax's.
+    paired = study.PairedRuns(rows, dirs, replicates=replicates)
+    (contrast,) = study.contrast_tests(paired, [study.Contrast("rince", "softmax", "family", "q")])
+    assert contrast["test"] == r["rince"]["family_vs_softmax"]
+    assert study._measure(contrast) == "family acc."
 
 
 def test_a_corrupt_meta_json_is_one_clear_error(tmp_path):

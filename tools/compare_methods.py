@@ -189,10 +189,12 @@ def aggregate(
     """The results, configs and meta.json of ``runs`` (rcdet.study.write_study). ``invocation``:
     this call's commit, seeds and wall time if it ran stages; ``previous_meta``: meta.json of the
     invocations it resumed; ``current``: (commit, uncommitted changes), for --report."""
+    selected = selected_study(args)
     return study.write_study(
         [study.StudyRun(r.method.name, r.seed, r.run_dir, r.ranking_file) for r in runs],
         output,
-        selected_study(args).partners,
+        selected.partners,
+        selected.contrasts,
         study.study_provenance(previous_meta, invocation, current),
         quick=args.quick,
         hold_out_mode=args.hold_out_mode,

@@ -316,8 +316,8 @@ def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
             f.write(f"# {run.method.name}\n")
     seen = {}
 
-    def write_results(study_runs, output, partners):
-        seen["runs"], seen["partners"] = study_runs, partners
+    def write_results(study_runs, output, partners, contrasts):
+        seen["runs"], seen["partners"], seen["contrasts"] = study_runs, partners, contrasts
         return "| table |\n", {r.method.name: [{"protocol_version": 2}] for r in runs}
 
     monkeypatch.setattr(cm.study, "write_results", write_results)
@@ -325,6 +325,7 @@ def test_aggregate_writes_the_configs_and_meta(tmp_path, monkeypatch):
     assert cm.aggregate(runs, str(out), args) == "| table |\n"
     assert seen["runs"] == [(r.method.name, 0, r.run_dir) for r in runs]
     assert seen["partners"] == cm.study.DEFAULT_PARTNERS
+    assert seen["contrasts"] == []  # the main study's contrasts need methods not selected here
     assert (out / "configs" / "supcon.yaml").read_text() == "# supcon\n"
     with open(out / "meta.json") as f:
         meta = json.load(f)
