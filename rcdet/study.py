@@ -339,26 +339,37 @@ def record_stage(run_dir: str, stage: str, seconds: float, commit: str, dirty: b
     Add one finished stage (its seconds, commit and uncommitted changes) to the run's
     provenance.json: each run keeps its own, since a resumed study mixes invocations.
     """
-    path = os.path.join(run_dir, "provenance.json")
-    info = {"stages": {}}
-    if os.path.isfile(path):
-        with open(path) as f:
-            info = json.load(f)
+    info = _read_provenance(run_dir)
     info["stages"][stage] = {
         "seconds": round(seconds, 1),
         "commit": commit,
         "uncommitted_changes": dirty,
     }
-    write_json_atomic(path, info)
+    write_json_atomic(os.path.join(run_dir, "provenance.json"), info)
+
+
+def _read_provenance(run_dir: str) -> Dict:
+    path = os.path.join(run_dir, "provenance.json")
+    if not os.path.isfile(path):
+        return {"stages": {}}
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        if not isinstance(info.get("stages"), dict):
+            raise ValueError("no 'stages' object")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ReportError(
+            f"{path}: not a run's provenance.json ({e}); delete it, and that run is trained and"
+            " evaluated again."
+        ) from None
+    return info
 
 
 def run_provenance(run_dir: str) -> Dict:
     """The commits and stage seconds of one run (record_stage); {} for a run without them."""
-    path = os.path.join(run_dir, "provenance.json")
-    if not os.path.isfile(path):
+    stages = _read_provenance(run_dir)["stages"]
+    if not stages:
         return {}
-    with open(path) as f:
-        stages = json.load(f)["stages"]
     return {
         "commits": sorted({st["commit"] for st in stages.values()}),
         "stage_seconds": {k: st["seconds"] for k, st in stages.items()},

@@ -11,7 +11,7 @@ import pytest
 from rcdet import study
 from rcdet.evaluation.bootstrap import paired_bootstrap_family_accuracy
 from rcdet.evaluation.metrics import ood_metrics
-from rcdet.evaluation.report import PROTOCOL_VERSION, OODReport
+from rcdet.evaluation.report import PROTOCOL_VERSION, OODReport, ReportError
 from rcdet.file_io import save_npz_atomic
 
 
@@ -537,6 +537,10 @@ def test_each_run_keeps_the_commits_and_seconds_of_its_stages(tmp_path):
         "commits": ["a" * 40, "c" * 40],
         "stage_seconds": {"train": 7.1, "ood": 5.0},
     }
+    for corrupt in ("", "[]", '{"stages": 3}'):
+        (tmp_path / "provenance.json").write_text(corrupt)
+        with pytest.raises(ReportError, match="provenance.json: not a run's provenance.json"):
+            study.run_provenance(str(tmp_path))
 
 
 def test_study_meta_names_the_runs_protocols_and_provenance(tmp_path):

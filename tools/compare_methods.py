@@ -113,9 +113,16 @@ def plan(args) -> List[Run]:
 
 
 def stage_done(name: str, marker: str, reevaluate: bool = False) -> bool:
-    """A stage is done when its output exists; an OOD report also needs the current protocol."""
+    """
+    A stage is done when its output exists; an OOD report also needs the current protocol, and
+    a training its record in the run's provenance.json (execute writes it when the training
+    exits): detectron2 writes model_final.pth at the last iteration, before the OOD statistics
+    hook and the final evaluation, so a training cut off then has its marker already.
+    """
     if not os.path.isfile(marker):
         return False
+    if name == "train":
+        return "train" in study.run_provenance(os.path.dirname(marker)).get("stage_seconds", {})
     if name != "ood":
         return True
     if reevaluate:
@@ -131,13 +138,24 @@ def stage_env() -> Dict[str, str]:
     return env
 
 
-# What a training writes into OUTPUT_DIR before model_final.pth (detectron2's writers append).
-_TRAINING_OUTPUTS = "metrics.json log.txt last_checkpoint events.out.tfevents.* model_*.pth".split()
+def stages_done(run: Run, voc: bool, reevaluate: bool = False) -> List[bool]:
+    """stage_done of each of the run's stages; none is done after a training that is not (the
+    evaluations read its weights)."""
+    stages = run.stages(voc)
+    assert stages[0][0] == "train"
+    done = [stage_done(name, marker, reevaluate) for name, marker, _ in stages]
+    return [finished and done[0] for finished in done]
+
+
+# What a training writes into OUTPUT_DIR (detectron2's writers append).
+_TRAINING_OUTPUTS = (
+    "metrics.json log.txt last_checkpoint events.out.tfevents.* model_*.pth ood_stats_*.npz"
+).split()
 
 
 def clear_cut_off_training(run_dir: str) -> List[str]:
-    """Remove what a training cut off before model_final.pth left, so that the next one starts
-    from scratch and its metrics.json and log.txt hold only its own lines."""
+    """Remove what a cut-off training left, so that the next one starts from scratch and its
+    metrics.json and log.txt hold only its own lines."""
     removed = []
     for pattern in _TRAINING_OUTPUTS:
         for path in sorted(glob.glob(os.path.join(run_dir, pattern))):
@@ -149,12 +167,15 @@ def clear_cut_off_training(run_dir: str) -> List[str]:
 def execute(
     runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = None, reevaluate: bool = False
 ) -> Dict[str, int]:
-    """Run every stage not done (stage_done); ``commit``: (sha, dirty) for each run's provenance."""
+    """Run every stage not done (stages_done); ``commit``: (sha, dirty) for the provenance."""
+    commit = commit or ("unknown", False)
     done = {"skipped": 0, "ran": 0, "seeds_run": []}
     for run in runs:
-        for name, marker, argv in run.stages(voc):
+        for (name, marker, argv), finished in zip(
+            run.stages(voc), stages_done(run, voc, reevaluate)
+        ):
             what = f"[compare] {run.method.name} seed {run.seed}: {name}"
-            if stage_done(name, marker, reevaluate):
+            if finished:
                 log(f"{what} already done ({marker})")
                 done["skipped"] += 1
                 continue
@@ -165,16 +186,15 @@ def execute(
                     true_file = os.path.join(REPO, study.true_ranking_file(voc))
                     classes, seed = study.class_names(voc), 1000 + run.seed
                     study.write_shuffled_ranking(run.ranking_file, true_file, classes, seed)
-            if os.path.isfile(marker):
-                log(f"{what}: re-evaluating under protocol {PROTOCOL_VERSION}")
+            if name != "train" and os.path.isfile(marker):
+                log(f"{what}: again, of new weights or under protocol {PROTOCOL_VERSION}")
             log(f"{what}: {shlex.join(argv)}")
             t0 = time.perf_counter()
             subprocess.run(argv, cwd=REPO, check=True, env=stage_env())
             done["ran"] += 1
             if run.seed not in done["seeds_run"]:
                 done["seeds_run"].append(run.seed)
-            if commit is not None:
-                study.record_stage(run.run_dir, name, time.perf_counter() - t0, *commit)
+            study.record_stage(run.run_dir, name, time.perf_counter() - t0, *commit)
     return done
 
 
@@ -259,7 +279,7 @@ def run_study(args):
     if args.dry_run:
         for run in runs:
             stages = run.stages(args.voc)
-            done = [stage_done(n, m, args.reevaluate) for n, m, _ in stages]
+            done = stages_done(run, args.voc, args.reevaluate)
             state = "done" if all(done) else "todo"
             print(f"run {run.method.name} seed {run.seed} [{state}] -> {run.run_dir}")
             for (name, marker, argv_), finished in zip(stages, done):
@@ -268,7 +288,7 @@ def run_study(args):
                 print(f"  {name}{note}: {shlex.join(argv_)}")
         return 0
     if args.report:
-        finished = [r for r in runs if all(stage_done(n, m) for n, m, _ in r.stages(args.voc))]
+        finished = [r for r in runs if all(stages_done(r, args.voc))]
         if not finished:
             raise cli.UsageError(
                 f"--report: no run in {args.runs_dir} has finished every stage yet; run the study"

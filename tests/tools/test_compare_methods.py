@@ -4,6 +4,7 @@ resuming finished stages and re-evaluating reports of an older protocol, each st
 which invocations a resumed study inherits, and the configs and meta.json next to the results.
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -130,6 +131,8 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     partial = runs[1]  # trained, not evaluated
     os.makedirs(partial.run_dir, exist_ok=True)
     open(partial.weights, "w").close()
+    for run in (finished, partial):
+        cm.study.record_stage(run.run_dir, "train", 600.0, "abc123", False)
     calls = []
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
     monkeypatch.setattr(cm.study, "write_shuffled_ranking", lambda *a: None)
@@ -165,8 +168,9 @@ def test_a_cut_off_training_starts_again_from_scratch(tmp_path, monkeypatch):
     os.makedirs(run.run_dir)
     cut_off = ["metrics.json", "log.txt", "last_checkpoint", "model_0000199.pth"]
     cut_off.append("events.out.tfevents.1.vm.2.0")
-    for name in cut_off + ["config.yaml", "provenance.json"]:
+    for name in cut_off + ["config.yaml"]:
         open(os.path.join(run.run_dir, name), "w").close()
+    cm.study.record_stage(run.run_dir, "ood", 30.0, "abc123", False)  # of earlier weights
     seen, logged = [], []
     monkeypatch.setattr(
         cm.subprocess, "run", lambda argv, **kw: seen.append(sorted(os.listdir(run.run_dir)))
@@ -174,6 +178,46 @@ def test_a_cut_off_training_starts_again_from_scratch(tmp_path, monkeypatch):
     cm.execute([run], voc=False, log=logged.append)
     assert seen[0] == ["config.yaml", "provenance.json"]  # when the training stage starts
     assert sum("of a cut-off training" in line for line in logged) == len(cut_off)
+
+
+def test_a_training_cut_off_after_model_final_is_retrained_and_evaluated_again(
+    tmp_path, monkeypatch, capsys
+):
+    """detectron2 writes model_final.pth at the last iteration, before the OOD statistics hook
+    and the final evaluation: a training cut off there has its weights but no record of its end
+    in provenance.json. It is trained again from scratch, and its evaluations, though their
+    reports exist, run again on the new weights."""
+    (run,) = cm.plan(_args(tmp_path, ["rince_in"]))
+    for name, marker, _ in run.stages(False):
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        report = {"scores": {}, "protocol": {"version": PROTOCOL_VERSION}}
+        with open(marker, "w") as f:
+            f.write(json.dumps(report) if name == "ood" else "")
+    open(os.path.join(run.run_dir, "ood_stats_0123_4567_k10_shared.npz"), "w").close()
+    for name in ("ood", "analysis"):
+        cm.study.record_stage(run.run_dir, name, 30.0, "old", False)
+    assert cm.stages_done(run, False) == [False, False, False]
+    argv = ["--methods", "rince_in", "--seeds", "0", "--runs-dir", str(tmp_path), "--dry-run"]
+    assert cm.main(argv) == 0
+    assert f"run rince_in seed 0 [todo] -> {run.run_dir}" in capsys.readouterr().out
+    calls, logged = [], []
+
+    def stage(argv, **kw):
+        calls.append(argv[1])
+        if argv[1] == "tools/train_net.py":
+            assert not os.path.exists(run.weights)  # removed before the training starts
+            assert not glob.glob(os.path.join(run.run_dir, "ood_stats_*.npz"))
+            open(run.weights, "w").close()
+
+    monkeypatch.setattr(cm.subprocess, "run", stage)
+    counts = cm.execute([run], voc=False, log=logged.append, commit=("new", False))
+    assert calls == ["tools/train_net.py", "tools/benchmark_ood.py", "tools/analyze_embeddings.py"]
+    assert counts["ran"] == 3 and counts["skipped"] == 0
+    assert "removed model_final.pth of a cut-off training" in " ".join(logged)
+    assert cm.study.run_provenance(run.run_dir)["commits"] == ["new"]
+    assert cm.stages_done(run, False) == [True, True, True]
+    calls.clear()
+    assert cm.execute([run], voc=False, log=logged.append)["skipped"] == 3 and not calls
 
 
 def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
@@ -188,6 +232,7 @@ def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monk
             )
             with open(marker, "w") as f:
                 f.write(json.dumps(report) if name == "ood" else "")
+        cm.study.record_stage(run.run_dir, "train", 600.0, "abc123", False)
     calls = []
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
     counts = cm.execute([old, current], voc=False, log=lambda *a: None)
@@ -411,6 +456,7 @@ def test_report_with_a_corrupt_meta_json_is_one_clear_error(capsys, tmp_path, mo
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         with open(marker, "w") as f:
             f.write(json.dumps({"protocol": {"version": PROTOCOL_VERSION}}))
+    cm.study.record_stage(run.run_dir, "train", 600.0, "abc123", False)
     argv = ["--seeds", "0", "--methods", "softmax", "--runs-dir", str(tmp_path / "runs")]
     assert cm.main(argv + ["--output", str(out), "--report"]) == 2
     err = capsys.readouterr().err.strip()
