@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-from .evaluation.plots import pyplot
+from .evaluation.plots import pyplot, scatter_classes
 from .ranking import NEGATIVE_RANK
 
 __all__ = [
@@ -133,11 +133,6 @@ def ranking_fidelity(embeddings, labels, rank_matrix: np.ndarray) -> Dict:
     }
 
 
-_MARKERS = "osD^vP*Xhp<>"
-# Held-out classes: black line markers, one per class, unlike any known class's filled marker.
-_HELD_OUT_MARKERS = "x+1234"
-
-
 def plot_tsne(
     points_2d: np.ndarray,
     labels: np.ndarray,
@@ -153,37 +148,11 @@ def plot_tsne(
     line markers.
     """
     plt = pyplot()
-    group_names = sorted(set(groups))
-    cmap = plt.get_cmap("tab20")
     for path, by_group in ((path_class, False), (path_group, True)):
         fig, ax = plt.subplots(figsize=(6.5, 5.5))
-        for c, name in enumerate(class_names):
-            sel = labels == c
-            if not sel.any():
-                continue
-            g = group_names.index(groups[c])
-            color = cmap(g % 20) if by_group else cmap(c % 20)
-            if name in held_out:
-                marker = _HELD_OUT_MARKERS[list(held_out).index(name) % len(_HELD_OUT_MARKERS)]
-                ax.scatter(
-                    points_2d[sel, 0],
-                    points_2d[sel, 1],
-                    s=24,
-                    marker=marker,
-                    c="black",
-                    linewidths=1.0,
-                    label=f"{name} (held out)",
-                )
-            else:
-                ax.scatter(
-                    points_2d[sel, 0],
-                    points_2d[sel, 1],
-                    s=9,
-                    marker=_MARKERS[g % len(_MARKERS)],
-                    color=color,
-                    alpha=0.75,
-                    label=(groups[c] if by_group else f"{name} [{groups[c]}]"),
-                )
+        scatter_classes(
+            ax, points_2d, labels, class_names, groups, held_out, by_group=by_group, alpha=0.75
+        )
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=6, markerscale=1.5, loc="best")

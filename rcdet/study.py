@@ -20,9 +20,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .analysis import _HELD_OUT_MARKERS, _MARKERS
 from .evaluation.bootstrap import paired_bootstrap, paired_bootstrap_family_accuracy
-from .evaluation.plots import plot_roc, pyplot, save_figure
+from .evaluation.plots import roc_figure as roc_panel
+from .evaluation.plots import save_figure, tsne_panel_figure
 from .evaluation.report import (
     ReportError,
     csv_table,
@@ -912,34 +912,18 @@ def roc_figure(runs: Dict[str, str], best: Dict[str, str], seeds: Dict[str, int]
     Object-level ROC of one run per method (``{method: run folder}``, trained with ``seeds``
     [method]), one colour per method: its MSP dotted, its best embedding score (``best``) solid.
     """
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5.5))
-    cmap = plt.get_cmap("tab10")
+    curves, styles = [], []
     for i, (method, run_dir) in enumerate(runs.items()):
         roc = load_roc_set(os.path.join(run_dir, "ood"))
         if roc is None or not roc.defined:
             continue
-        for score, style in (("msp", ":"), (best.get(method), "-")):
+        for score, linestyle in (("msp", ":"), (best.get(method), "-")):
             if score in roc.scores:
-                plot_roc(
-                    ax,
-                    roc.scores[score],
-                    roc.is_id,
-                    f"{method} (seed {seeds[method]}) {score}",
-                    linestyle=style,
-                    color=cmap(i % 10),
-                )
-    ax.plot([0, 1], [0, 1], color="0.8", linewidth=0.8)
-    ax.set_xlabel("FPR (held-out objects accepted)")
-    ax.set_ylabel("TPR (known objects accepted)")
-    ax.set_title(
-        "OOD ROC, one seed of each method (dotted: MSP; solid: best embedding score)",
-        fontsize=8,
-    )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    return fig
+                label = f"{method} (seed {seeds[method]}) {score}"
+                curves.append((label, roc.scores[score], roc.is_id))
+                styles.append({"color": f"C{i % 10}", "linestyle": linestyle})
+    title = "OOD ROC, one seed of each method\n(dotted: MSP; solid: best embedding score)"
+    return roc_panel(curves, title, styles)
 
 
 def _tsne_points(run_dir: str) -> Optional[str]:
@@ -954,62 +938,29 @@ def _tsne_points(run_dir: str) -> Optional[str]:
 def tsne_panel(runs: Dict[str, str]):
     """
     One t-SNE panel per method (``{method: run folder}``) with t-SNE points, sharing one class
-    legend; None when no run has them.
+    legend (plots.tsne_panel_figure); None when no run has them.
     """
-    panels = [(m, d, _tsne_points(d)) for m, d in runs.items() if _tsne_points(d)]
-    if not panels:
-        return None
-    plt = pyplot()
-    cmap = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), squeeze=False)
-    for ax, (method, run_dir, path) in zip(axes[0], panels):
+    panels = []
+    for method, run_dir in runs.items():
+        path = _tsne_points(run_dir)
+        if path is None:
+            continue
         with open(os.path.join(run_dir, "analysis", "analysis.json")) as f:
             analysis = json.load(f)
-        names, held = analysis["class_names"], analysis["held_out_classes"]
+        names = analysis["class_names"]
         groups = analysis["group_levels"][0] if analysis["group_levels"] else names
-        group_names = sorted(set(groups))
         with np.load(path) as z:
-            pts, labels = z["points"], z["labels"]
-        for c, name in enumerate(names):
-            x, y = pts[labels == c, 0], pts[labels == c, 1]
-            if name in held:
-                marker = _HELD_OUT_MARKERS[held.index(name) % len(_HELD_OUT_MARKERS)]
-                ax.scatter(
-                    x, y, s=12, marker=marker, c="black", linewidths=0.7, label=f"{name} (held out)"
-                )
-            else:
-                marker = _MARKERS[group_names.index(groups[c]) % len(_MARKERS)]
-                ax.scatter(
-                    x, y, s=4, color=cmap(c % 10), marker=marker, label=f"{name} [{groups[c]}]"
-                )
+            points, labels = z["points"], z["labels"]
         box = os.path.basename(path) != "tsne_points.npz"
-        ax.set_title(method + (" (box features)" if box else ""), fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    # One class legend for all panels (every panel draws the same classes in the same styles).
-    legend = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    if legend:
-        fig.legend(
-            list(legend.values()),
-            list(legend.keys()),
-            fontsize=6,
-            markerscale=2,
-            loc="lower center",
-            ncol=min(len(legend), 9),
-            frameon=False,
-            title="class [family]",
-            title_fontsize=6,
-        )
-    fig.suptitle(
+        title = method + (" (box features)" if box else "")
+        panels.append((title, points, labels, names, groups, analysis["held_out_classes"]))
+    if not panels:
+        return None
+    title = (
         "t-SNE of GT-box embeddings of the test split "
-        "(colour: class, marker: family, black: held out)",
-        fontsize=8,
+        "(colour: class, marker: family, black: held out)"
     )
-    fig.tight_layout(rect=(0, 0.14 if legend else 0, 1, 1))
-    return fig
+    return tsne_panel_figure(panels, title)
 
 
 @dataclass

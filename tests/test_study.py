@@ -465,7 +465,7 @@ def test_roc_figure_draws_msp_dotted_and_the_best_embedding_score_solid(tmp_path
     curves = {lab.get_label(): lab for lab in ax.get_lines() if not lab.get_label().startswith("_")}
     auc = {(m, s): ood_metrics(v[s], y)["auroc"] for m, (v, y) in raw.items() for s in v}
     assert list(curves) == [
-        f"{m} (seed {seeds[m]}) {s} ({auc[m, s]:.3f})"
+        f"{m} (seed {seeds[m]}) {s} (AUROC {auc[m, s]:.3f})"
         for m, s in (("softmax", "msp"), ("rince_in", "msp"), ("rince_in", "knn"))
     ]
     styles = [lab.get_linestyle() for lab in curves.values()]

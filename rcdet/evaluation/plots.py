@@ -4,7 +4,7 @@ bars, shared by the benchmark, the run comparison, the study (rcdet.study) and t
 analysis (rcdet.analysis).
 """
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -19,6 +19,10 @@ __all__ = [
     "ROC_YLABEL",
     "plot_roc",
     "roc_figure",
+    "GROUP_MARKERS",
+    "HELD_OUT_MARKERS",
+    "scatter_classes",
+    "tsne_panel_figure",
     "histogram_figure",
     "comparison_roc_figure",
     "placement_figure",
@@ -48,20 +52,111 @@ def plot_roc(ax, values, is_id, label: str, auroc_format: str = "({:.3f})", **st
     return auroc
 
 
-def roc_figure(curves: List[tuple], title: str):
-    """One ROC panel: a curve per ``(label, values, is_id)``, AUROC in the legend."""
+def roc_figure(curves: List[tuple], title: str, styles: Optional[Sequence[Dict]] = None):
+    """
+    One ROC panel: a curve per ``(label, values, is_id)``, AUROC in the legend; ``styles``: the
+    line style of each curve (default: one tab10 colour each).
+    """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    cmap = plt.get_cmap("tab10")
-    for i, (label, values, is_id) in enumerate(curves):
-        plot_roc(ax, values, is_id, label, "(AUROC {:.3f})", color=cmap(i % 10))
+    styles = styles or [{"color": f"C{i % 10}"} for i in range(len(curves))]
+    for (label, values, is_id), style in zip(curves, styles):
+        plot_roc(ax, values, is_id, label, "(AUROC {:.3f})", **style)
     ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
     ax.set_xlabel(ROC_XLABEL)
     ax.set_ylabel(ROC_YLABEL)
     ax.set_title(title, fontsize=9)
     if curves:
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=6 if len(curves) > 8 else 7, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+# t-SNE points: a known class has its group's filled marker; a held-out class is black, with a
+# line marker of its own, unlike any known class's.
+GROUP_MARKERS = "osD^vP*Xhp<>"
+HELD_OUT_MARKERS = "x+1234"
+
+
+def scatter_classes(
+    ax,
+    points: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    groups: Sequence[str],
+    held_out: Sequence[str] = (),
+    by_group: bool = False,
+    size: float = 9.0,
+    palette: str = "tab20",
+    alpha: Optional[float] = None,
+):
+    """
+    Scatter the 2-D ``points`` of each class present in ``labels``: a known class in its colour
+    (its group's, ``by_group``) with its group's marker, labelled "name [group]" (the group,
+    ``by_group``); a held-out class in black with its own line marker, labelled "name (held out)".
+    """
+    cmap = pyplot().get_cmap(palette)
+    group_names = sorted(set(groups))
+    held_out = list(held_out)
+    for c, name in enumerate(class_names):
+        sel = labels == c
+        if not sel.any():
+            continue
+        g = group_names.index(groups[c])
+        x, y = points[sel, 0], points[sel, 1]
+        if name in held_out:
+            marker = HELD_OUT_MARKERS[held_out.index(name) % len(HELD_OUT_MARKERS)]
+            ax.scatter(
+                x,
+                y,
+                s=3 * size,
+                marker=marker,
+                c="black",
+                linewidths=0.8,
+                label=f"{name} (held out)",
+            )
+        else:
+            ax.scatter(
+                x,
+                y,
+                s=size,
+                marker=GROUP_MARKERS[g % len(GROUP_MARKERS)],
+                color=cmap((g if by_group else c) % cmap.N),
+                alpha=alpha,
+                label=groups[c] if by_group else f"{name} [{groups[c]}]",
+            )
+
+
+def tsne_panel_figure(panels: Sequence[tuple], title: str):
+    """
+    One t-SNE panel per ``(panel title, points, labels, class names, groups, held-out classes)``,
+    sharing one class legend (every panel draws a class in the same style).
+    """
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.4), squeeze=False)
+    for ax, (name, points, labels, class_names, groups, held_out) in zip(axes[0], panels):
+        scatter_classes(ax, points, labels, class_names, groups, held_out, size=4, palette="tab10")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if legend:
+        fig.legend(
+            list(legend.values()),
+            list(legend.keys()),
+            fontsize=6,
+            markerscale=2,
+            loc="lower center",
+            ncol=min(len(legend), 9),
+            frameon=False,
+            title="class [family]",
+            title_fontsize=6,
+        )
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, 0.14 if legend else 0, 1, 1))
     return fig
 
 

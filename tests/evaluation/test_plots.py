@@ -1,4 +1,5 @@
-"""rcdet.evaluation.plots: the score histogram's labels, the comparison ROC's panels and colours."""
+"""rcdet.evaluation.plots: the score histogram's labels, the ROC figures' panels, colours and
+styles, and the t-SNE scatter's markers."""
 
 import os
 
@@ -8,7 +9,13 @@ matplotlib.use("Agg")
 import matplotlib.colors as mcolors
 import numpy as np
 
-from rcdet.evaluation.plots import comparison_roc_figure, histogram_figure
+from rcdet.evaluation.plots import (
+    comparison_roc_figure,
+    histogram_figure,
+    pyplot,
+    roc_figure,
+    scatter_classes,
+)
 from rcdet.evaluation.report import load_roc_set
 
 
@@ -68,3 +75,39 @@ def test_comparison_roc_one_panel_per_score_and_one_colour_per_run(tmp_path):
     assert (
         all(len(c) == 1 for c in colours.values()) and len(colours) == 3
     )  # a run keeps its colour
+
+
+def test_scatter_classes_marks_held_out_classes_and_colours_by_class_or_group():
+    plt = pyplot()
+    names, groups = ["disc", "bullseye", "square", "ring"], ["round", "round", "box", "round"]
+    points = np.arange(16, dtype=float).reshape(8, 2)
+    labels = np.array([0, 0, 1, 1, 3, 3, 0, 1])  # no square
+    for by_group in (False, True):
+        fig, ax = plt.subplots()
+        scatter_classes(ax, points, labels, names, groups, ["ring"], by_group=by_group, size=5)
+        drawn = {c.get_label(): c for c in ax.collections}
+        known = ["round", "round"] if by_group else ["disc [round]", "bullseye [round]"]
+        assert [c.get_label() for c in ax.collections] == known + ["ring (held out)"]
+        disc, bullseye = ax.collections[0], ax.collections[1]
+        ring = drawn["ring (held out)"]
+        assert mcolors.to_hex(ring.get_facecolor()[0]) == "#000000"
+        assert ring.get_sizes()[0] == 15 and disc.get_sizes()[0] == 5
+        same = mcolors.to_hex(disc.get_facecolor()[0]) == mcolors.to_hex(
+            bullseye.get_facecolor()[0]
+        )
+        assert same == by_group  # one colour per group, or per class
+        assert len(disc.get_offsets()) == 3 and len(ring.get_offsets()) == 2
+        plt.close(fig)
+
+
+def test_roc_figure_takes_a_style_per_curve():
+    is_id = np.array([True, True, False, False])
+    curves = [
+        ("a", np.array([0.9, 0.8, 0.1, 0.2]), is_id),
+        ("b", np.array([0.1, 0.9, 0.8, 0.2]), is_id),
+    ]
+    fig = roc_figure(curves, "t", [{"color": "C3", "linestyle": ":"}, {"color": "C3"}])
+    lines = [line for line in fig.axes[0].get_lines() if not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == ["a (AUROC 1.000)", "b (AUROC 0.500)"]
+    assert [line.get_linestyle() for line in lines] == [":", "-"]
+    assert {mcolors.to_hex(line.get_color()) for line in lines} == {mcolors.to_hex("C3")}
