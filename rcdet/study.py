@@ -355,8 +355,11 @@ def _read_provenance(run_dir: str) -> Dict:
     try:
         with open(path) as f:
             info = json.load(f)
-        if not isinstance(info.get("stages"), dict):
-            raise ValueError("no 'stages' object")
+        stages = info.get("stages")
+        if not isinstance(stages, dict) or not all(
+            isinstance(st, dict) and {"commit", "seconds"} <= set(st) for st in stages.values()
+        ):
+            raise ValueError("no 'stages' object of {commit, seconds} per stage")
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
         raise ReportError(
             f"{path}: not a run's provenance.json ({e}); delete it, and that run is trained and"
@@ -680,16 +683,16 @@ class PairedRuns:
         replicates: int = PAIRED_REPLICATES,
         seed: int = 0,
     ):
-        self.rows = {r["method"]: r for r in rows}
+        self.by_method = {r["method"]: r for r in rows}
         self.replicates, self.seed = replicates, seed
         self.rocs = {
             m: {s: load_roc_set(os.path.join(d, "ood")) for s, d in seeds.items()}
             for m, seeds in run_dirs.items()
         }
         self.families = {
-            m: {s: load_family_set(d, self.rows[m]["placement"]) for s, d in seeds.items()}
+            m: {s: load_family_set(d, self.by_method[m]["placement"]) for s, d in seeds.items()}
             for m, seeds in run_dirs.items()
-            if m in self.rows
+            if m in self.by_method
         }
         every = [rs for seeds in self.rocs.values() for rs in seeds.values()]
         indexed = [rs for rs in every if rs is not None]
@@ -699,7 +702,7 @@ class PairedRuns:
 
     def score_of(self, method: str, what: str) -> str:
         """The method's best embedding score for "best_emb", else ``what`` itself."""
-        return self.rows[method]["best_emb_score"] if what == "best_emb" else what
+        return self.by_method[method]["best_emb_score"] if what == "best_emb" else what
 
     def auroc(self, a: str, a_score: str, b: str, b_score: str) -> Optional[Dict]:
         """AUROC of a's ``a_score`` minus b's ``b_score``; None where a side lacks the score."""
@@ -753,7 +756,7 @@ def attach_paired_tests(
         m = r["method"]
         for key, _, role in PAIRED:
             partner = partners.get(role) if role else m
-            if role and partner not in paired.rows:
+            if not paired.usable or (role and partner not in paired.by_method):
                 r[key] = None
             elif role and partner == m:
                 r[key] = "self"
@@ -767,22 +770,24 @@ def attach_paired_tests(
 
 def contrast_tests(paired: PairedRuns, contrasts: Sequence[Contrast]) -> List[Dict]:
     """
-    The study's contrasts (Contrast), each a paired test of ``paired``: its ``a`` and ``b``,
-    the scores compared (``a_score``, ``b_score``: "family" for family accuracy) and the test
-    (None where a side did not run or lacks the score).
+    The study's contrasts (Contrast), each a paired test of ``paired``: its ``question``, ``a``,
+    ``b`` and ``measure``, the scores compared (``a_score``, ``b_score``: the best embedding
+    scores for "best_emb", "family" for family accuracy) and the test (None where a side did not
+    run or lacks the score).
     """
     out = []
     for c in contrasts:
         if c.measure == "family":
             scores = ("family", "family")
             test = paired.family(c.a, c.b)
-        elif c.a in paired.rows and c.b in paired.rows:
+        elif c.a in paired.by_method and c.b in paired.by_method:
             scores = (paired.score_of(c.a, c.measure), paired.score_of(c.b, c.measure))
             test = paired.auroc(c.a, scores[0], c.b, scores[1])
         else:
             scores, test = (c.measure, c.measure), None
         out.append(
             {
+                "measure": c.measure,
                 "a": c.a,
                 "b": c.b,
                 "question": c.question,
@@ -897,13 +902,15 @@ def table_csv(rows: List[Dict]) -> str:
 
 def contrasts_csv(contrasts: Sequence[Dict]) -> str:
     """The contrasts' numbers (contrast_tests): sides, scores, seeds and the test."""
-    lines = [["a", "b", "a_score", "b_score", "seeds", "difference", "ci_lo", "ci_hi", "p_value"]]
+    header = ["question", "a", "b", "measure", "a_score", "b_score", "seeds"]
+    lines = [header + ["difference", "ci_lo", "ci_hi", "p_value"]]
     for c in contrasts:
         t = c["test"] or {}
         ci = t.get("ci") or [None, None]
         seeds = " ".join(map(str, t.get("seeds", ())))
         tests = [_number(v) for v in (t.get("difference"), ci[0], ci[1], t.get("p_value"))]
-        lines.append([c["a"], c["b"], c["a_score"], c["b_score"], seeds] + tests)
+        sides = [c["question"], c["a"], c["b"], c["measure"], c["a_score"], c["b_score"]]
+        lines.append(sides + [seeds] + tests)
     return csv_table(lines)
 
 

@@ -190,10 +190,13 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     assert lines[3] == "| q4 | rince_in − rince_out_in_vos | msp AUROC | n/a | n/a |"
     assert study.CONTRASTS_TITLE not in study.table_markdown(rows)
     csv_lines = study.contrasts_csv(contrasts).splitlines()
-    assert csv_lines[0] == "a,b,a_score,b_score,seeds,difference,ci_lo,ci_hi,p_value"
+    assert csv_lines[0] == (
+        "question,a,b,measure,a_score,b_score,seeds,difference,ci_lo,ci_hi,p_value"
+    )
+    assert csv_lines[1].startswith("q1,rince_in,supcon,best_emb,knn,knn,0 1,")
     d = msp["test"]["difference"]
-    assert csv_lines[2].startswith(f"rince_in,vos,msp,msp,0 1,{d:.6g},")
-    assert csv_lines[4] == "rince_in,rince_out_in_vos,msp,msp,,,,,"
+    assert csv_lines[2].startswith(f"q2,rince_in,vos,msp,msp,msp,0 1,{d:.6g},")
+    assert csv_lines[4] == "q4,rince_in,rince_out_in_vos,msp,msp,msp,,,,,"
     # Runs evaluated on different test images cannot be paired.
     _fake_run(dirs["rince_in"][0], rng, {"knn": 2.0}, ids[:-1])
     paired = study.PairedRuns(rows, dirs, replicates=20)
@@ -537,7 +540,7 @@ def test_each_run_keeps_the_commits_and_seconds_of_its_stages(tmp_path):
         "commits": ["a" * 40, "c" * 40],
         "stage_seconds": {"train": 7.1, "ood": 5.0},
     }
-    for corrupt in ("", "[]", '{"stages": 3}'):
+    for corrupt in ("", "[]", '{"stages": 3}', '{"stages": {"train": {"seconds": 1.0}}}'):
         (tmp_path / "provenance.json").write_text(corrupt)
         with pytest.raises(ReportError, match="provenance.json: not a run's provenance.json"):
             study.run_provenance(str(tmp_path))

@@ -139,23 +139,32 @@ def stage_env() -> Dict[str, str]:
 
 
 def stages_done(run: Run, voc: bool, reevaluate: bool = False) -> List[bool]:
-    """stage_done of each of the run's stages; none is done after a training that is not (the
-    evaluations read its weights)."""
-    stages = run.stages(voc)
-    assert stages[0][0] == "train"
-    done = [stage_done(name, marker, reevaluate) for name, marker, _ in stages]
+    """stage_done of each of the run's stages (Run.stages: the training first); none is done
+    after a training that is not (the evaluations read its weights)."""
+    done = [stage_done(name, marker, reevaluate) for name, marker, _ in run.stages(voc)]
     return [finished and done[0] for finished in done]
 
 
-# What a training writes into OUTPUT_DIR (detectron2's writers append).
+def redo_note(name: str, marker: str, trained: bool) -> str:
+    """Why a stage not done whose output exists runs again; '' when it has none."""
+    if not os.path.isfile(marker):
+        return ""
+    if name == "train":
+        return "cut off: trained again"
+    return "re-evaluate" if trained else "new weights"
+
+
+# What a training writes into OUTPUT_DIR (detectron2's writers append), and the run's
+# provenance.json, whose stages were of the earlier weights.
 _TRAINING_OUTPUTS = (
     "metrics.json log.txt last_checkpoint events.out.tfevents.* model_*.pth ood_stats_*.npz"
+    " provenance.json"
 ).split()
 
 
 def clear_cut_off_training(run_dir: str) -> List[str]:
-    """Remove what a cut-off training left, so that the next one starts from scratch and its
-    metrics.json and log.txt hold only its own lines."""
+    """Remove what a cut-off training left, so that the next one starts from scratch, its
+    metrics.json and log.txt hold only its own lines, and its provenance only its own stages."""
     removed = []
     for pattern in _TRAINING_OUTPUTS:
         for path in sorted(glob.glob(os.path.join(run_dir, pattern))):
@@ -171,9 +180,8 @@ def execute(
     commit = commit or ("unknown", False)
     done = {"skipped": 0, "ran": 0, "seeds_run": []}
     for run in runs:
-        for (name, marker, argv), finished in zip(
-            run.stages(voc), stages_done(run, voc, reevaluate)
-        ):
+        done_before = stages_done(run, voc, reevaluate)
+        for (name, marker, argv), finished in zip(run.stages(voc), done_before):
             what = f"[compare] {run.method.name} seed {run.seed}: {name}"
             if finished:
                 log(f"{what} already done ({marker})")
@@ -186,9 +194,8 @@ def execute(
                     true_file = os.path.join(REPO, study.true_ranking_file(voc))
                     classes, seed = study.class_names(voc), 1000 + run.seed
                     study.write_shuffled_ranking(run.ranking_file, true_file, classes, seed)
-            if name != "train" and os.path.isfile(marker):
-                log(f"{what}: again, of new weights or under protocol {PROTOCOL_VERSION}")
-            log(f"{what}: {shlex.join(argv)}")
+            note = redo_note(name, marker, done_before[0])
+            log(f"{what}{f' ({note})' if note else ''}: {shlex.join(argv)}")
             t0 = time.perf_counter()
             subprocess.run(argv, cwd=REPO, check=True, env=stage_env())
             done["ran"] += 1
@@ -283,9 +290,8 @@ def run_study(args):
             state = "done" if all(done) else "todo"
             print(f"run {run.method.name} seed {run.seed} [{state}] -> {run.run_dir}")
             for (name, marker, argv_), finished in zip(stages, done):
-                redo = " (re-evaluate)" if os.path.isfile(marker) else ""
-                note = " (done)" if finished else redo
-                print(f"  {name}{note}: {shlex.join(argv_)}")
+                note = "done" if finished else redo_note(name, marker, done[0])
+                print(f"  {name}{f' ({note})' if note else ''}: {shlex.join(argv_)}")
         return 0
     if args.report:
         finished = [r for r in runs if all(stages_done(r, args.voc))]

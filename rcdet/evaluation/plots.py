@@ -60,7 +60,7 @@ def roc_figure(curves: List[tuple], title: str, styles: Optional[Sequence[Dict]]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     styles = styles or [{"color": f"C{i % 10}"} for i in range(len(curves))]
-    for (label, values, is_id), style in zip(curves, styles):
+    for (label, values, is_id), style in zip(curves, styles, strict=True):
         plot_roc(ax, values, is_id, label, "(AUROC {:.3f})", **style)
     ax.plot([0, 1], [0, 1], color="0.7", linestyle=":")
     ax.set_xlabel(ROC_XLABEL)

@@ -176,8 +176,25 @@ def test_a_cut_off_training_starts_again_from_scratch(tmp_path, monkeypatch):
         cm.subprocess, "run", lambda argv, **kw: seen.append(sorted(os.listdir(run.run_dir)))
     )
     cm.execute([run], voc=False, log=logged.append)
-    assert seen[0] == ["config.yaml", "provenance.json"]  # when the training stage starts
-    assert sum("of a cut-off training" in line for line in logged) == len(cut_off)
+    assert seen[0] == ["config.yaml"]  # when the training stage starts
+    assert sum("of a cut-off training" in line for line in logged) == len(cut_off) + 1
+
+
+def test_a_retraining_cut_off_is_not_taken_for_the_earlier_training(tmp_path, monkeypatch):
+    """A finished run trained again (its weights deleted) and cut off after model_final.pth:
+    the earlier training's record must not make the new one count as finished."""
+    (run,) = cm.plan(_args(tmp_path, ["softmax"]))
+    os.makedirs(run.run_dir)
+    cm.study.record_stage(run.run_dir, "train", 600.0, "old", False)
+
+    def cut_off(argv, **kw):
+        open(run.weights, "w").close()
+        raise KeyboardInterrupt  # the session ends during the final evaluation
+
+    monkeypatch.setattr(cm.subprocess, "run", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        cm.execute([run], voc=False, log=lambda *a: None, commit=("new", False))
+    assert os.path.isfile(run.weights) and cm.stages_done(run, False) == [False] * 3
 
 
 def test_a_training_cut_off_after_model_final_is_retrained_and_evaluated_again(
@@ -199,7 +216,9 @@ def test_a_training_cut_off_after_model_final_is_retrained_and_evaluated_again(
     assert cm.stages_done(run, False) == [False, False, False]
     argv = ["--methods", "rince_in", "--seeds", "0", "--runs-dir", str(tmp_path), "--dry-run"]
     assert cm.main(argv) == 0
-    assert f"run rince_in seed 0 [todo] -> {run.run_dir}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"run rince_in seed 0 [todo] -> {run.run_dir}" in out
+    assert "  train (cut off: trained again): " in out and "  ood (new weights): " in out
     calls, logged = [], []
 
     def stage(argv, **kw):
@@ -218,6 +237,13 @@ def test_a_training_cut_off_after_model_final_is_retrained_and_evaluated_again(
     assert cm.stages_done(run, False) == [True, True, True]
     calls.clear()
     assert cm.execute([run], voc=False, log=logged.append)["skipped"] == 3 and not calls
+    # A corrupt provenance.json: one error line naming it, before anything runs.
+    with open(os.path.join(run.run_dir, "provenance.json"), "w") as f:
+        f.write("{")
+    assert cm.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {run.run_dir}/provenance.json: not a run's provenance.json")
+    assert "\n" not in err
 
 
 def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monkeypatch, capsys):
