@@ -137,8 +137,11 @@ def test_readme_summary_table_copies_the_committed_figures_exactly():
     for row in rows:
         study = re.search(r"\(results/([^/]+)/README\.md\)", row[0]).group(1)
         name = row[header.index("method")]
-        # A study's results.md may hold several tables, one row per method in each.
+        # A study's results.md may hold several tables, one row per method in each (and the
+        # contrasts, one row per question).
         for study_header, study_rows in _table_rows(_read("results", study, "results.md")):
+            if study_header[0] != "method":
+                continue
             names = [r[0] for r in study_rows]
             # Study v2's results.md tables predate the rename of the one-rank RINCE-out loss.
             method = name if name in names else RENAMED_METHODS.get(name, name)
