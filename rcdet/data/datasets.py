@@ -16,6 +16,7 @@ import difflib
 import logging
 import os
 import signal
+import sys
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence
 from xml.etree import ElementTree as ET
 
@@ -147,6 +148,27 @@ def _name_voc_box(record, index):
     return f"object {index} of {_voc_annotation(record)}, bndbox {bndbox}"
 
 
+def leave_interrupts_to_the_main_process():
+    """
+    Called once in each DataLoader worker. Ctrl-C reaches the whole process group: the main
+    process handles it (one line, exit 130) and stops its workers, so a worker ignores SIGINT
+    instead of printing a traceback. A worker also stays quiet when the main process stops in the
+    middle of fetching a batch: multiprocessing's file-descriptor sharing thread then loses its
+    connection (ConnectionError, or EOFError if the main process closed it cleanly) and would
+    report it through ``sys.excepthook`` as a traceback.
+    Other exceptions still reach the previous hook (a worker's dataset errors never go through it:
+    torch sends them to the main process).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = sys.excepthook
+
+    def excepthook(kind, value, traceback):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            previous(kind, value, traceback)
+
+    sys.excepthook = excepthook
+
+
 class CheckedDatasetMapper(DatasetMapper):
     """DatasetMapper for which an image that cannot be decoded (zero bytes, truncated, not an
     image) is a DatasetError naming the file, not a PIL error from inside the data loader.
@@ -174,9 +196,7 @@ class CheckedDatasetMapper(DatasetMapper):
 
     def __call__(self, dataset_dict):
         if not self._worker_ignores_sigint and torch.utils.data.get_worker_info() is not None:
-            # Ctrl-C reaches the whole process group: let the main process handle it (one line,
-            # exit 130) and stop its workers, instead of every worker printing a traceback.
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            leave_interrupts_to_the_main_process()
             self._worker_ignores_sigint = True
         if self.exposed_label is not None and dataset_dict.get("exposed_annotations"):
             exposed = [

@@ -4,12 +4,15 @@ VOC folder (unknown class, missing image, corrupt XML, empty or missing split fi
 dataset root are one clear error that names the file, or the folder and its variable. The boxes
 detectron2's training mapper drops are counted as it drops them: some is a warning with the
 counts, all is an error; an image whose size differs from its annotation's is one error line.
+A data loader worker leaves Ctrl-C to the main process and prints no traceback when it stops.
 """
 
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -302,3 +305,43 @@ def test_size_mismatch_names_image_annotation_and_both_sizes(broken_copy, tiny_s
     with Image.open(jpg) as image:
         assert (int(w), int(h)) == image.size
     assert (int(xml_w), int(xml_h)) == (image.size[0] + 7, image.size[1])
+
+
+# A process whose multiprocessing file-descriptor sharing thread (a DataLoader worker sending a
+# batch) loses its peer half-way through the handshake, as when Ctrl-C stops the main process
+# while it fetches a batch: the client waits for the server's challenge and closes without reading
+# it, so that the server's next read is a connection reset.
+_PEER_GOES_AWAY = """
+import os, select, socket, sys
+from multiprocessing import resource_sharer
+from rcdet.data.datasets import leave_interrupts_to_the_main_process
+if sys.argv[1] == "worker":
+    leave_interrupts_to_the_main_process()
+read_end, _ = os.pipe()
+address, _ = resource_sharer.DupFd(read_end)._id
+client = socket.socket(socket.AF_UNIX)
+client.connect(address)
+select.select([client], [], [], 30)
+client.close()
+resource_sharer.stop(timeout=30)
+if sys.argv[1] == "worker":
+    sys.excepthook(ValueError, ValueError("still reported"), None)
+"""
+
+
+@pytest.mark.parametrize("process", ["plain", "worker"])
+def test_worker_is_quiet_when_the_main_process_goes_away(process):
+    result = subprocess.run(
+        [sys.executable, "-c", _PEER_GOES_AWAY, process],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    if process == "plain":  # what the worker would print without it
+        assert "Traceback" in result.stderr and "ConnectionResetError" in result.stderr
+    else:
+        assert "Traceback" not in result.stderr and "Error" not in result.stderr.replace(
+            "ValueError: still reported", ""
+        )
+        assert "ValueError: still reported" in result.stderr
