@@ -441,6 +441,45 @@ def _read_bytes(path: str) -> bytes:
         return f.read()
 
 
+# A finished run's record: everything the tables, figures and meta.json read from the run, without
+# its weights, small enough to keep next to the tables. --report over a folder of records writes
+# the tables again on a machine that no longer has the checkpoints. provenance.json comes last:
+# a record with it is complete.
+RECORD_FILES = (
+    "config.yaml",
+    "shuffled_ranking.yaml",
+    os.path.join("ood", "ood_report.json"),
+    os.path.join("ood", "ood_scores.npz"),
+    os.path.join("analysis", "analysis.json"),
+    os.path.join("analysis", "tsne_points.npz"),
+    os.path.join("analysis", "box_features_tsne_points.npz"),
+    "provenance.json",
+)
+
+
+def save_record(run_dir: str, record_dir: str) -> List[str]:
+    """
+    Copy the RECORD_FILES the run has into ``record_dir`` (same layout, each atomically), and
+    remove the record files it no longer has (of an earlier training of the same run). Returns
+    the copied files, relative to the folders.
+    """
+    if os.path.abspath(run_dir) == os.path.abspath(record_dir):
+        return []
+    copied = []
+    stale = os.path.join(record_dir, "provenance.json")
+    if os.path.isfile(stale):
+        os.remove(stale)  # until the new record is complete
+    for name in RECORD_FILES:
+        source, target = os.path.join(run_dir, name), os.path.join(record_dir, name)
+        if os.path.isfile(source):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            atomic_write(target, _read_bytes(source))
+            copied.append(name)
+        elif os.path.isfile(target):
+            os.remove(target)
+    return copied
+
+
 def machine_description() -> str:
     """The machine the study runs on: architecture, cores, torch version and threads."""
     import torch

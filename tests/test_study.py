@@ -3,6 +3,7 @@ and figures."""
 
 import json
 import os
+import shutil
 
 import matplotlib.colors as mcolors
 import numpy as np
@@ -453,6 +454,36 @@ def test_write_results_reads_current_protocol_reports(tmp_path):
     assert (tmp_path / "out" / "results.csv").is_file() and (tmp_path / "out" / "roc.png").is_file()
     # No run has t-SNE points: no panel, and no temporary file left behind.
     assert sorted(os.listdir(tmp_path / "out")) == ["results.csv", "results.md", "roc.png"]
+    # The same tables from the runs' records once the run folders are gone: the records hold
+    # everything the tables read.
+    records = [(m, s, str(tmp_path / "records" / m)) for m, s, _ in runs]
+    for (_, _, run_dir), (_, _, record) in zip(runs, records):
+        study.save_record(run_dir, record)
+    shutil.rmtree(tmp_path / "runs")
+    assert study.write_results(records, str(tmp_path / "again"))[0] == md
+
+
+def test_a_runs_record_holds_what_the_tables_read_and_not_the_weights(tmp_path, monkeypatch):
+    run_dir, record = tmp_path / "run", tmp_path / "record"
+    kept = [n for n in study.RECORD_FILES if n != "shuffled_ranking.yaml"]
+    for name in kept + ["model_final.pth", "log.txt", "ood/ood_stats_1.npz"]:
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(f"new {name}")
+    # An earlier training's record of the same run: replaced, and its extra file removed.
+    for name in ("provenance.json", "shuffled_ranking.yaml", "config.yaml"):
+        (record / name).parent.mkdir(parents=True, exist_ok=True)
+        (record / name).write_text(f"old {name}")
+    order = []
+    write = study.atomic_write
+    monkeypatch.setattr(
+        study, "atomic_write", lambda path, data: (order.append(path), write(path, data))
+    )
+    assert study.save_record(str(run_dir), str(record)) == kept
+    files = sorted(str(p.relative_to(record)) for p in record.rglob("*") if p.is_file())
+    assert files == sorted(kept)
+    assert all((record / n).read_text() == f"new {n}" for n in kept)
+    assert order[-1] == str(record / "provenance.json")  # a record with it is complete
+    assert study.save_record(str(run_dir), str(run_dir)) == []  # the run is its own record
 
 
 def test_roc_figure_draws_msp_dotted_and_the_best_embedding_score_solid(tmp_path):

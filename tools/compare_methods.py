@@ -7,7 +7,9 @@ seed: train, run the OOD benchmark and the embedding analysis, each a real comma
 that is skipped when its output exists, so that an interrupted study resumes where it stopped.
 A cut-off training starts again from scratch; an OOD report of an older protocol is evaluated
 again from its checkpoint. --report writes the tables of the runs finished so far. Outputs in
---output: results.md / results.csv, roc.png, tsne_panel.png, configs/ and meta.json.
+--output: results.md / results.csv, roc.png, tsne_panel.png, configs/ and meta.json; in
+--records (default OUTPUT/runs) each finished run's record, everything the tables read from it
+but its weights, from which --report writes them again when the run folders are gone.
 Methods, options and outputs: docs/usage.md#tools.
 
     make compare                                  # built-in dataset, 3 seeds, CPU demo schedule
@@ -24,7 +26,7 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
 from rcdet import cli, study
@@ -174,35 +176,56 @@ def clear_cut_off_training(run_dir: str) -> List[str]:
 
 
 def execute(
-    runs: List[Run], voc: bool, log=print, commit: Optional[tuple] = None, reevaluate: bool = False
+    runs: List[Run],
+    voc: bool,
+    log=print,
+    commit: Optional[tuple] = None,
+    reevaluate: bool = False,
+    records: Optional[str] = None,
 ) -> Dict[str, int]:
-    """Run every stage not done (stages_done); ``commit``: (sha, dirty) for the provenance."""
+    """
+    Run every stage not done (stages_done); ``commit``: (sha, dirty) for the provenance. Each
+    run, once evaluated, saves its record (study.save_record) into ``records`` as
+    ``<method>/seed<k>``, so that the tables survive the run folders.
+    """
     commit = commit or ("unknown", False)
     done = {"skipped": 0, "ran": 0, "seeds_run": []}
     for run in runs:
-        done_before = stages_done(run, voc, reevaluate)
-        for (name, marker, argv), finished in zip(run.stages(voc), done_before):
-            what = f"[compare] {run.method.name} seed {run.seed}: {name}"
-            if finished:
-                log(f"{what} already done ({marker})")
-                done["skipped"] += 1
-                continue
-            if name == "train":
-                for leftover in clear_cut_off_training(run.run_dir):
-                    log(f"{what}: removed {leftover} of a cut-off training")
-                if run.ranking_file and not os.path.isfile(run.ranking_file):
-                    true_file = os.path.join(REPO, study.true_ranking_file(voc))
-                    classes, seed = study.class_names(voc), 1000 + run.seed
-                    study.write_shuffled_ranking(run.ranking_file, true_file, classes, seed)
-            note = redo_note(name, marker, done_before[0])
-            log(f"{what}{f' ({note})' if note else ''}: {shlex.join(argv)}")
-            t0 = time.perf_counter()
-            subprocess.run(argv, cwd=REPO, check=True, env=stage_env())
-            done["ran"] += 1
-            if run.seed not in done["seeds_run"]:
-                done["seeds_run"].append(run.seed)
-            study.record_stage(run.run_dir, name, time.perf_counter() - t0, *commit)
+        execute_run(run, voc, log, commit, reevaluate, done)
+        if records and evaluated(run, voc):
+            study.save_record(run.run_dir, record_dir(records, run))
     return done
+
+
+def record_dir(records: str, run: Run) -> str:
+    """The folder of the run's record in ``records``: the run folder's layout."""
+    return os.path.join(records, run.method.name, f"seed{run.seed}")
+
+
+def execute_run(run: Run, voc: bool, log, commit: tuple, reevaluate: bool, done: Dict):
+    """Run the stages of ``run`` that are not done, counting them in ``done``."""
+    done_before = stages_done(run, voc, reevaluate)
+    for (name, marker, argv), finished in zip(run.stages(voc), done_before):
+        what = f"[compare] {run.method.name} seed {run.seed}: {name}"
+        if finished:
+            log(f"{what} already done ({marker})")
+            done["skipped"] += 1
+            continue
+        if name == "train":
+            for leftover in clear_cut_off_training(run.run_dir):
+                log(f"{what}: removed {leftover} of a cut-off training")
+            if run.ranking_file and not os.path.isfile(run.ranking_file):
+                true_file = os.path.join(REPO, study.true_ranking_file(voc))
+                classes, seed = study.class_names(voc), 1000 + run.seed
+                study.write_shuffled_ranking(run.ranking_file, true_file, classes, seed)
+        note = redo_note(name, marker, done_before[0])
+        log(f"{what}{f' ({note})' if note else ''}: {shlex.join(argv)}")
+        t0 = time.perf_counter()
+        subprocess.run(argv, cwd=REPO, check=True, env=stage_env())
+        done["ran"] += 1
+        if run.seed not in done["seeds_run"]:
+            done["seeds_run"].append(run.seed)
+        study.record_stage(run.run_dir, name, time.perf_counter() - t0, *commit)
 
 
 def aggregate(
@@ -229,6 +252,30 @@ def aggregate(
     )
 
 
+def evaluated(run: Run, voc: bool) -> bool:
+    """
+    A run the tables can show: its provenance records the training and both evaluations (a
+    training started again removes it, so they are of the same weights) and its OOD report is of
+    the current protocol. The weights are not needed, so a run's record counts.
+    """
+    stages = study.run_provenance(run.run_dir).get("stage_seconds", {})
+    if not {name for name, _, _ in run.stages(voc)} <= set(stages):
+        return False
+    return all(stage_done(name, marker) for name, marker, _ in run.stages(voc)[1:])
+
+
+def finished_runs(runs: List[Run], records: str, voc: bool) -> List[Run]:
+    """The runs --report tables: each run that is evaluated in the runs folder, else its record."""
+    finished = []
+    for run in runs:
+        if not evaluated(run, voc):
+            run = replace(run, run_dir=record_dir(records, run))
+            if not evaluated(run, voc):
+                continue
+        finished.append(run)
+    return finished
+
+
 def check_options(args):
     """The study's overrides and output folders, checked before a command is listed or run."""
     study.check_method_configs(selected_study(args).methods, args.opts, REPO)
@@ -239,6 +286,7 @@ def check_options(args):
         )
     cli.check_output_dir(args.runs_dir, "--runs-dir")
     cli.check_output_dir(args.output, "--output")
+    cli.check_output_dir(args.records, "--records")
 
 
 def main(argv=None):
@@ -267,6 +315,7 @@ def main(argv=None):
     add("--report", action="store_true", help="the tables of the finished runs; run nothing")
     add("--runs-dir", default="")
     add("--output", default="")
+    add("--records", default="", help="each finished run's record (default: OUTPUT/runs)")
     add("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -277,6 +326,7 @@ def main(argv=None):
     args.runs_dir = args.runs_dir or os.path.join("output", f"compare_{kind}{suffix}")
     results = f"{kind}_comparison_v{study.STUDY_VERSION}{suffix}"
     args.output = args.output or os.path.join("results", results)
+    args.records = args.records or os.path.join(args.output, "runs")
     return report_user_errors(run_study, args)
 
 
@@ -294,11 +344,11 @@ def run_study(args):
                 print(f"  {name}{f' ({note})' if note else ''}: {shlex.join(argv_)}")
         return 0
     if args.report:
-        finished = [r for r in runs if all(stages_done(r, args.voc))]
+        finished = finished_runs(runs, args.records, args.voc)
         if not finished:
             raise cli.UsageError(
-                f"--report: no run in {args.runs_dir} has finished every stage yet; run the study"
-                " first (the same options without --report)."
+                f"--report: no run in {args.runs_dir} or {args.records} has finished every stage"
+                " yet; run the study first (the same options without --report)."
             )
         current = study.git_state(repo=REPO, exclude=args.output)
         md = aggregate(finished, args.output, args, None, study.load_meta(args.output), current)
@@ -307,7 +357,9 @@ def run_study(args):
         return 0
     commit, dirty = study.git_state(repo=REPO, exclude=args.output)
     start = time.perf_counter()
-    counts = execute(runs, args.voc, commit=(commit, dirty), reevaluate=args.reevaluate)
+    counts = execute(
+        runs, args.voc, commit=(commit, dirty), reevaluate=args.reevaluate, records=args.records
+    )
     wall = time.perf_counter() - start
     # Only a resumed study inherits the earlier invocations: a fresh one re-ran all they made.
     previous = study.load_meta(args.output) if counts["skipped"] else None

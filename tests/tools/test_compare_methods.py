@@ -7,6 +7,7 @@ which invocations a resumed study inherits, and the configs and meta.json next t
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -419,7 +420,14 @@ def test_report_writes_the_tables_of_the_finished_runs_only(tmp_path, monkeypatc
             os.makedirs(os.path.dirname(marker), exist_ok=True)
             with open(marker, "w") as f:
                 f.write(json.dumps({"protocol": {"version": PROTOCOL_VERSION}}))
-        cm.study.record_stage(run.run_dir, "train", 60.0, f"{run.seed}" * 40, False)
+        for stage in ("train", "ood", "analysis"):
+            cm.study.record_stage(run.run_dir, stage, 60.0, f"{run.seed}" * 40, False)
+    # Every output there, but no record of the evaluations: not finished.
+    cm.study.record_stage(runs[3].run_dir, "train", 60.0, "1" * 40, False)
+    for name, marker, _ in runs[3].stages(False):
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(json.dumps({"protocol": {"version": PROTOCOL_VERSION}}))
     seen = {}
 
     def aggregate(finished, output, args, invocation, previous, current):
@@ -482,8 +490,64 @@ def test_report_with_a_corrupt_meta_json_is_one_clear_error(capsys, tmp_path, mo
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         with open(marker, "w") as f:
             f.write(json.dumps({"protocol": {"version": PROTOCOL_VERSION}}))
-    cm.study.record_stage(run.run_dir, "train", 600.0, "abc123", False)
+        cm.study.record_stage(run.run_dir, name, 600.0, "abc123", False)
     argv = ["--seeds", "0", "--methods", "softmax", "--runs-dir", str(tmp_path / "runs")]
     assert cm.main(argv + ["--output", str(out), "--report"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {out}/meta.json: not a study's meta.json") and "\n" not in err
+
+
+def _fake_stage(argv, **kw):
+    """A stage's subprocess.run that only writes the outputs marking it done."""
+    if argv[1] == "tools/train_net.py":
+        folder = argv[argv.index("OUTPUT_DIR") + 1]
+        os.makedirs(folder, exist_ok=True)
+        for name in ("model_final.pth", "config.yaml", "log.txt"):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write(name)
+        return
+    folder = argv[argv.index("--output") + 1]
+    os.makedirs(folder, exist_ok=True)
+    name = "ood_report.json" if argv[1] == "tools/benchmark_ood.py" else "analysis.json"
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump({"protocol": {"version": PROTOCOL_VERSION}, "from": folder}, f)
+
+
+def test_report_writes_the_tables_from_the_records_once_the_runs_are_gone(
+    tmp_path, monkeypatch, capsys
+):
+    runs_dir, out = tmp_path / "runs", tmp_path / "out"
+    argv = ["--seeds", "0", "--methods", "softmax", "supcon", "--runs-dir", str(runs_dir)]
+    argv += ["--output", str(out)]
+    monkeypatch.setattr(cm.subprocess, "run", _fake_stage)
+    monkeypatch.setattr(cm.study, "git_state", lambda repo, exclude: ("c" * 40, False))
+    monkeypatch.setattr(cm, "aggregate", lambda finished, *a: "| table |")
+    assert cm.main(argv) == 0
+    records = out / "runs"
+    for method in ("softmax", "supcon"):
+        record, run = records / method / "seed0", runs_dir / method / "seed0"
+        files = sorted(str(p.relative_to(record)) for p in record.rglob("*") if p.is_file())
+        assert files == [
+            "analysis/analysis.json", "config.yaml", "ood/ood_report.json", "provenance.json",
+        ]  # fmt: skip
+        for name in files:
+            assert (record / name).read_bytes() == (run / name).read_bytes()
+    shutil.rmtree(runs_dir)
+    seen = {}
+
+    def aggregate(finished, output, args, invocation, previous, current):
+        seen["runs"] = [r.run_dir for r in finished]
+        return "| table |"
+
+    monkeypatch.setattr(cm, "aggregate", aggregate)
+    monkeypatch.setattr(cm, "execute", lambda *a, **k: pytest.fail("--report ran a stage"))
+    assert cm.main(argv + ["--report"]) == 0
+    assert seen["runs"] == [str(records / m / "seed0") for m in ("softmax", "supcon")]
+    assert "2 of 2 runs finished" in capsys.readouterr().out
+
+
+def test_a_run_that_is_not_evaluated_saves_no_record(tmp_path, monkeypatch):
+    runs = cm.plan(_args(tmp_path / "runs", ["softmax"], quick=False))
+    monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: None)  # no outputs
+    cm.execute(runs, voc=False, log=lambda *a: None, records=str(tmp_path / "records"))
+    assert not (tmp_path / "records").exists()
