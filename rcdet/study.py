@@ -10,6 +10,7 @@ study's results.md, results.csv, roc.png and tsne_panel.png, and records which c
 much time made them.
 """
 
+import io
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from .evaluation.bootstrap import paired_bootstrap, paired_bootstrap_family_accu
 from .evaluation.plots import roc_figure as roc_panel
 from .evaluation.plots import save_figure, tsne_panel_figure
 from .evaluation.report import (
+    ALL_SCORES,
     ReportError,
     csv_table,
     load_report,
@@ -442,9 +444,9 @@ def _read_bytes(path: str) -> bytes:
 
 
 # A finished run's record: everything the tables, figures and meta.json read from the run, without
-# its weights, small enough to keep next to the tables. --report over a folder of records writes
-# the tables again on a machine that no longer has the checkpoints. provenance.json comes last:
-# a record with it is complete.
+# its weights, small enough to keep next to the tables (about 0.1 MB). --report over a folder of
+# records writes the tables again on a machine that no longer has the checkpoints.
+# provenance.json comes last: a record with it is complete.
 RECORD_FILES = (
     "config.yaml",
     "shuffled_ranking.yaml",
@@ -457,11 +459,30 @@ RECORD_FILES = (
 )
 
 
+# The per-detection arrays of ood_scores.npz that the tables read (load_roc_set,
+# load_family_set); the boxes, matches and class columns are left out of a record.
+RECORD_DETECTION_ARRAYS = ("status", "image_index", "image_ids", "ood_class") + ALL_SCORES
+
+
+def _record_npz(path: str) -> bytes:
+    """An .npz of a record, compressed: for ood_scores.npz only RECORD_DETECTION_ARRAYS and the
+    ``placed_*`` placements, for the t-SNE points every array."""
+    with np.load(path) as z:
+        names = z.files
+        if os.path.basename(path) == "ood_scores.npz":
+            names = [n for n in names if n in RECORD_DETECTION_ARRAYS or n.startswith("placed_")]
+        arrays = {n: z[n] for n in names}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
 def save_record(run_dir: str, record_dir: str) -> List[str]:
     """
-    Copy the RECORD_FILES the run has into ``record_dir`` (same layout, each atomically), and
-    remove the record files it no longer has (of an earlier training of the same run). Returns
-    the copied files, relative to the folders.
+    Copy the RECORD_FILES the run has into ``record_dir`` (same layout, each atomically; the .npz
+    files compressed, per-detection arrays only those the tables read: _record_npz), and remove
+    the record files it no longer has (of an earlier training of the same run). Returns the
+    copied files, relative to the folders.
     """
     if os.path.abspath(run_dir) == os.path.abspath(record_dir):
         return []
@@ -473,7 +494,8 @@ def save_record(run_dir: str, record_dir: str) -> List[str]:
         source, target = os.path.join(run_dir, name), os.path.join(record_dir, name)
         if os.path.isfile(source):
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            atomic_write(target, _read_bytes(source))
+            data = _record_npz(source) if name.endswith(".npz") else _read_bytes(source)
+            atomic_write(target, data)
             copied.append(name)
         elif os.path.isfile(target):
             os.remove(target)

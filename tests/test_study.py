@@ -469,6 +469,20 @@ def test_a_runs_record_holds_what_the_tables_read_and_not_the_weights(tmp_path, 
     for name in kept + ["model_final.pth", "log.txt", "ood/ood_stats_1.npz"]:
         (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / name).write_text(f"new {name}")
+    detections = {
+        "status": np.array([1, 0, -2]),
+        "image_index": np.array([0, 0, 1]),
+        "image_ids": np.array(["000001", "000002"]),
+        "ood_class": np.array([-1, 1, -1]),
+        "msp": np.array([0.9, 0.2, 0.5]),
+        "placed_prototype": np.array([-1, 3, -1]),
+        "boxes": np.zeros((3, 4), dtype=np.float32),  # not read by the tables
+        "classes": np.array([0, 2, 1]),
+    }
+    np.savez(run_dir / "ood" / "ood_scores.npz", **detections)
+    tsne = {"points": np.arange(6.0).reshape(3, 2), "labels": np.array([0, 1, 2])}
+    for name in ("tsne_points.npz", "box_features_tsne_points.npz"):
+        np.savez(run_dir / "analysis" / name, **tsne)
     # An earlier training's record of the same run: replaced, and its extra file removed.
     for name in ("provenance.json", "shuffled_ranking.yaml", "config.yaml"):
         (record / name).parent.mkdir(parents=True, exist_ok=True)
@@ -481,7 +495,17 @@ def test_a_runs_record_holds_what_the_tables_read_and_not_the_weights(tmp_path, 
     assert study.save_record(str(run_dir), str(record)) == kept
     files = sorted(str(p.relative_to(record)) for p in record.rglob("*") if p.is_file())
     assert files == sorted(kept)
-    assert all((record / n).read_text() == f"new {n}" for n in kept)
+    assert all((record / n).read_text() == f"new {n}" for n in kept if not n.endswith(".npz"))
+    with np.load(record / "ood" / "ood_scores.npz") as z:
+        assert sorted(z.files) == sorted(set(detections) - {"boxes", "classes"})
+        assert all(np.array_equal(z[k], detections[k]) for k in z.files)
+    for name in ("tsne_points.npz", "box_features_tsne_points.npz"):
+        with np.load(record / "analysis" / name) as z:
+            assert sorted(z.files) == ["labels", "points"]
+            assert all(np.array_equal(z[k], tsne[k]) for k in z.files)
+    assert (record / "ood" / "ood_scores.npz").stat().st_size < (
+        run_dir / "ood" / "ood_scores.npz"
+    ).stat().st_size
     assert order[-1] == str(record / "provenance.json")  # a record with it is complete
     assert study.save_record(str(run_dir), str(run_dir)) == []  # the run is its own record
 
@@ -746,6 +770,14 @@ def test_family_tests_through_the_table_pair_seeds_and_placements(tmp_path):
     (contrast,) = study.contrast_tests(paired, [study.Contrast("rince", "softmax", "family", "q")])
     assert contrast["test"] == r["rince"]["family_vs_softmax"]
     assert study._measure(contrast) == "family acc."
+    # The runs' records give the same family tests.
+    records = {m: {s: f"{d}_record" for s, d in seeds.items()} for m, seeds in dirs.items()}
+    for m, seeds in dirs.items():
+        for s, d in seeds.items():
+            study.save_record(d, records[m][s])
+    again = study.build_table({m: [{"space": space[m]}] * 2 for m in dirs})
+    study.attach_paired_tests(again, study.PairedRuns(again, records, replicates=replicates))
+    assert again == rows
 
 
 def test_a_corrupt_meta_json_is_one_clear_error(tmp_path):

@@ -265,10 +265,15 @@ def evaluated(run: Run, voc: bool) -> bool:
 
 
 def finished_runs(runs: List[Run], records: str, voc: bool) -> List[Run]:
-    """The runs --report tables: each run that is evaluated in the runs folder, else its record."""
+    """
+    The runs --report tables: each run that is evaluated in the runs folder (its record saved
+    again, so that the records are of this checkout's format), else its record.
+    """
     finished = []
     for run in runs:
-        if not evaluated(run, voc):
+        if evaluated(run, voc):
+            study.save_record(run.run_dir, record_dir(records, run))
+        else:
             run = replace(run, run_dir=record_dir(records, run))
             if not evaluated(run, voc):
                 continue

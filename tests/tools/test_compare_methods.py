@@ -532,7 +532,6 @@ def test_report_writes_the_tables_from_the_records_once_the_runs_are_gone(
         ]  # fmt: skip
         for name in files:
             assert (record / name).read_bytes() == (run / name).read_bytes()
-    shutil.rmtree(runs_dir)
     seen = {}
 
     def aggregate(finished, output, args, invocation, previous, current):
@@ -541,6 +540,12 @@ def test_report_writes_the_tables_from_the_records_once_the_runs_are_gone(
 
     monkeypatch.setattr(cm, "aggregate", aggregate)
     monkeypatch.setattr(cm, "execute", lambda *a, **k: pytest.fail("--report ran a stage"))
+    # --report over the run folders saves their records again (of this checkout's format).
+    shutil.rmtree(records)
+    assert cm.main(argv + ["--report"]) == 0
+    assert seen["runs"] == [str(runs_dir / m / "seed0") for m in ("softmax", "supcon")]
+    assert (records / "supcon" / "seed0" / "provenance.json").is_file()
+    shutil.rmtree(runs_dir)
     assert cm.main(argv + ["--report"]) == 0
     assert seen["runs"] == [str(records / m / "seed0") for m in ("softmax", "supcon")]
     assert "2 of 2 runs finished" in capsys.readouterr().out
