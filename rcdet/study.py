@@ -502,13 +502,31 @@ def save_record(run_dir: str, record_dir: str) -> List[str]:
     return copied
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else platform.processor(); '' if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine_description() -> str:
-    """The machine the study runs on: architecture, cores, torch version and threads."""
+    """
+    The machine the study runs on: architecture, CPU model, cores, torch version, threads and the
+    CPU kernels torch picked. A training's seed fixes its result on one machine, not across
+    machines (results/builtin_comparison_v3/README.md), so a reader needs to know which it was.
+    """
     import torch
 
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")()
+    cpu = cpu_model()
     return (
-        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{platform.machine()}{f' {cpu}' if cpu else ''}, {os.cpu_count()} cores, torch"
+        f" {torch.__version__}, {torch.get_num_threads()} threads, {capability} kernels"
     )
 
 

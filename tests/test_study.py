@@ -8,6 +8,7 @@ import shutil
 import matplotlib.colors as mcolors
 import numpy as np
 import pytest
+import torch
 
 from rcdet import study
 from rcdet.evaluation.bootstrap import paired_bootstrap_family_accuracy
@@ -630,6 +631,9 @@ def test_study_meta_names_the_runs_protocols_and_provenance(tmp_path):
     assert meta["methods"] == ["softmax"] and meta["wall_seconds"] == 4.0
     assert meta["stage_seconds_total"] == 3.0
     assert meta["command"] == "python x.py --quick" and " cores, torch " in meta["machine"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert meta["machine"].endswith(f" threads, {capability} kernels")
+    assert study.cpu_model() in meta["machine"]
     assert meta["runs"] == [
         {"method": "softmax", "seed": 1, "commits": ["a" * 40], "stage_seconds": {"train": 3.0}},
         {"method": "softmax", "seed": 0},
