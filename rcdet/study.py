@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import subprocess
+import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -338,14 +339,16 @@ def git_state(repo: str, exclude: Optional[str] = None) -> Tuple[str, bool]:
 
 def record_stage(run_dir: str, stage: str, seconds: float, commit: str, dirty: bool):
     """
-    Add one finished stage (its seconds, commit and uncommitted changes) to the run's
-    provenance.json: each run keeps its own, since a resumed study mixes invocations.
+    Add one finished stage (its seconds, commit, uncommitted changes and machine) to the run's
+    provenance.json: each run keeps its own, since a resumed study mixes invocations (and
+    machines: a seed fixes a training on one machine only).
     """
     info = _read_provenance(run_dir)
     info["stages"][stage] = {
         "seconds": round(seconds, 1),
         "commit": commit,
         "uncommitted_changes": dirty,
+        "machine": machine_description(),
     }
     write_json_atomic(os.path.join(run_dir, "provenance.json"), info)
 
@@ -371,13 +374,17 @@ def _read_provenance(run_dir: str) -> Dict:
 
 
 def run_provenance(run_dir: str) -> Dict:
-    """The commits and stage seconds of one run (record_stage); {} for a run without them."""
+    """
+    The commits, stage seconds and machines of one run (record_stage; a stage recorded before
+    machines were has none); {} for a run without them.
+    """
     stages = _read_provenance(run_dir)["stages"]
     if not stages:
         return {}
     return {
         "commits": sorted({st["commit"] for st in stages.values()}),
         "stage_seconds": {k: st["seconds"] for k, st in stages.items()},
+        "machines": sorted({st["machine"] for st in stages.values() if st.get("machine")}),
     }
 
 
@@ -481,25 +488,35 @@ def save_record(run_dir: str, record_dir: str) -> List[str]:
     """
     Copy the RECORD_FILES the run has into ``record_dir`` (same layout, each atomically; the .npz
     files compressed, per-detection arrays only those the tables read: _record_npz), and remove
-    the record files it no longer has (of an earlier training of the same run). Returns the
-    copied files, relative to the folders.
+    the record files it no longer has (of an earlier training of the same run). Every file is
+    read before anything in the record changes, so an unreadable one (ReportError) leaves the
+    record as it was. Returns the copied files, relative to the folders.
     """
-    if os.path.abspath(run_dir) == os.path.abspath(record_dir):
+    if os.path.isdir(record_dir) and os.path.samefile(run_dir, record_dir):
         return []
-    copied = []
+    contents = {}
+    for name in RECORD_FILES:
+        source = os.path.join(run_dir, name)
+        if not os.path.isfile(source):
+            continue
+        try:
+            contents[name] = _record_npz(source) if name.endswith(".npz") else _read_bytes(source)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ReportError(
+                f"{source}: cannot be read for the run's record ({e}); evaluate the run again"
+                " (compare_methods.py --reevaluate) or delete the run folder."
+            ) from None
     stale = os.path.join(record_dir, "provenance.json")
     if os.path.isfile(stale):
         os.remove(stale)  # until the new record is complete
     for name in RECORD_FILES:
-        source, target = os.path.join(run_dir, name), os.path.join(record_dir, name)
-        if os.path.isfile(source):
+        target = os.path.join(record_dir, name)
+        if name in contents:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            data = _record_npz(source) if name.endswith(".npz") else _read_bytes(source)
-            atomic_write(target, data)
-            copied.append(name)
+            atomic_write(target, contents[name])
         elif os.path.isfile(target):
             os.remove(target)
-    return copied
+    return list(contents)
 
 
 def cpu_model() -> str:

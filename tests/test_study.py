@@ -509,6 +509,15 @@ def test_a_runs_record_holds_what_the_tables_read_and_not_the_weights(tmp_path, 
     ).stat().st_size
     assert order[-1] == str(record / "provenance.json")  # a record with it is complete
     assert study.save_record(str(run_dir), str(run_dir)) == []  # the run is its own record
+    (tmp_path / "link").symlink_to(run_dir)
+    assert study.save_record(str(run_dir), str(tmp_path / "link")) == []
+    assert (run_dir / "provenance.json").read_text() == "new provenance.json"
+    # An unreadable file of the run: one clear error, and the record is left as it was.
+    before = {p: p.read_bytes() for p in record.rglob("*") if p.is_file()}
+    (run_dir / "ood" / "ood_scores.npz").write_bytes(b"not an npz")
+    with pytest.raises(ReportError, match=r"ood_scores.npz: cannot be read for the run's record"):
+        study.save_record(str(run_dir), str(record))
+    assert {p: p.read_bytes() for p in record.rglob("*") if p.is_file()} == before
 
 
 def test_roc_figure_draws_msp_dotted_and_the_best_embedding_score_solid(tmp_path):
@@ -588,14 +597,21 @@ def test_each_run_keeps_the_commits_and_seconds_of_its_stages(tmp_path):
     study.record_stage(str(tmp_path), "train", 7.06, "c" * 40, False)  # a re-run replaces it
     with open(tmp_path / "provenance.json") as f:
         stages = json.load(f)["stages"]
+    machine = study.machine_description()
+    here = {"uncommitted_changes": False, "machine": machine}
     assert stages == {
-        "train": {"seconds": 7.1, "commit": "c" * 40, "uncommitted_changes": False},
-        "ood": {"seconds": 5.0, "commit": "a" * 40, "uncommitted_changes": False},
+        "train": {"seconds": 7.1, "commit": "c" * 40, **here},
+        "ood": {"seconds": 5.0, "commit": "a" * 40, **here},
     }
     assert study.run_provenance(str(tmp_path)) == {
         "commits": ["a" * 40, "c" * 40],
         "stage_seconds": {"train": 7.1, "ood": 5.0},
+        "machines": [machine],
     }
+    # A stage recorded before machines were: no machine named for it.
+    del stages["ood"]["machine"], stages["train"]["machine"]
+    (tmp_path / "provenance.json").write_text(json.dumps({"stages": stages}))
+    assert study.run_provenance(str(tmp_path))["machines"] == []
     for corrupt in ("", "[]", '{"stages": 3}', '{"stages": {"train": {"seconds": 1.0}}}'):
         (tmp_path / "provenance.json").write_text(corrupt)
         with pytest.raises(ReportError, match="provenance.json: not a run's provenance.json"):
@@ -635,7 +651,13 @@ def test_study_meta_names_the_runs_protocols_and_provenance(tmp_path):
     assert meta["machine"].endswith(f" threads, {capability} kernels")
     assert study.cpu_model() in meta["machine"]
     assert meta["runs"] == [
-        {"method": "softmax", "seed": 1, "commits": ["a" * 40], "stage_seconds": {"train": 3.0}},
+        {
+            "method": "softmax",
+            "seed": 1,
+            "commits": ["a" * 40],
+            "stage_seconds": {"train": 3.0},
+            "machines": [study.machine_description()],
+        },
         {"method": "softmax", "seed": 0},
     ]
 

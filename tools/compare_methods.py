@@ -114,17 +114,18 @@ def plan(args) -> List[Run]:
     ]
 
 
-def stage_done(name: str, marker: str, reevaluate: bool = False) -> bool:
+def stage_done(run_dir: str, name: str, marker: str, reevaluate: bool = False) -> bool:
     """
-    A stage is done when its output exists; an OOD report also needs the current protocol, and
-    a training its record in the run's provenance.json (execute writes it when the training
-    exits): detectron2 writes model_final.pth at the last iteration, before the OOD statistics
-    hook and the final evaluation, so a training cut off then has its marker already.
+    A stage is done when its output exists and the run's provenance.json records it (execute
+    writes that when the stage exits; a training started again removes the file, so recorded
+    evaluations are of the current weights); an OOD report also needs the current protocol.
+    detectron2 writes model_final.pth at the last iteration, before the OOD statistics hook and
+    the final evaluation, so a training cut off then has its output already.
     """
     if not os.path.isfile(marker):
         return False
-    if name == "train":
-        return "train" in study.run_provenance(os.path.dirname(marker)).get("stage_seconds", {})
+    if name not in study.run_provenance(run_dir).get("stage_seconds", {}):
+        return False
     if name != "ood":
         return True
     if reevaluate:
@@ -143,7 +144,8 @@ def stage_env() -> Dict[str, str]:
 def stages_done(run: Run, voc: bool, reevaluate: bool = False) -> List[bool]:
     """stage_done of each of the run's stages (Run.stages: the training first); none is done
     after a training that is not (the evaluations read its weights)."""
-    done = [stage_done(name, marker, reevaluate) for name, marker, _ in run.stages(voc)]
+    stages = run.stages(voc)
+    done = [stage_done(run.run_dir, name, marker, reevaluate) for name, marker, _ in stages]
     return [finished and done[0] for finished in done]
 
 
@@ -254,31 +256,65 @@ def aggregate(
 
 def evaluated(run: Run, voc: bool) -> bool:
     """
-    A run the tables can show: its provenance records the training and both evaluations (a
-    training started again removes it, so they are of the same weights) and its OOD report is of
-    the current protocol. The weights are not needed, so a run's record counts.
+    A run the tables can show: its training and both evaluations are done (stage_done), the
+    weights not needed, so that a run's record counts.
     """
-    stages = study.run_provenance(run.run_dir).get("stage_seconds", {})
-    if not {name for name, _, _ in run.stages(voc)} <= set(stages):
-        return False
-    return all(stage_done(name, marker) for name, marker, _ in run.stages(voc)[1:])
+    stages = run.stages(voc)
+    trained = study.run_provenance(run.run_dir).get("stage_seconds", {}).get("train") is not None
+    return trained and all(stage_done(run.run_dir, n, marker) for n, marker, _ in stages[1:])
 
 
 def finished_runs(runs: List[Run], records: str, voc: bool) -> List[Run]:
     """
     The runs --report tables: each run that is evaluated in the runs folder (its record saved
-    again, so that the records are of this checkout's format), else its record.
+    again: refresh_record), else its record if that is.
     """
     finished = []
     for run in runs:
+        recorded = replace(run, run_dir=record_dir(records, run))
         if evaluated(run, voc):
-            study.save_record(run.run_dir, record_dir(records, run))
-        else:
-            run = replace(run, run_dir=record_dir(records, run))
-            if not evaluated(run, voc):
-                continue
-        finished.append(run)
+            refresh_record(run, recorded.run_dir)
+            finished.append(run)
+        elif evaluated(recorded, voc):
+            finished.append(recorded)
     return finished
+
+
+def refresh_record(run: Run, record: str):
+    """
+    Save the run's record where there is none or an incomplete one, or again (in this checkout's
+    format) where it is of the same stages and the run still has each of its files. A record of
+    another training or evaluation is not replaced by --report: a clear error.
+    """
+    if not os.path.isfile(os.path.join(record, "provenance.json")):
+        study.save_record(run.run_dir, record)
+        return
+    if study.run_provenance(record) != study.run_provenance(run.run_dir):
+        raise cli.UsageError(
+            f"{record}: the record of {run.method.name} seed {run.seed} is of another training"
+            f" or evaluation than {run.run_dir} (their provenance.json differ). Delete the record"
+            " to save the run's, or move the run folder away to table the record."
+        )
+    names = [n for n in study.RECORD_FILES if os.path.isfile(os.path.join(record, n))]
+    if all(os.path.isfile(os.path.join(run.run_dir, n)) for n in names):
+        study.save_record(run.run_dir, record)
+
+
+def from_records(runs: List[Run], records: str, voc: bool, log=print) -> Dict[int, Run]:
+    """
+    ``{index in runs: its record}`` for each run whose folder is gone and whose record is
+    evaluated: a study continued on another machine tables those runs from their records
+    instead of training them again.
+    """
+    out = {}
+    for i, run in enumerate(runs):
+        recorded = replace(run, run_dir=record_dir(records, run))
+        if not os.path.isdir(run.run_dir) and evaluated(recorded, voc):
+            log(
+                f"[compare] {run.method.name} seed {run.seed}: from its record ({recorded.run_dir})"
+            )
+            out[i] = recorded
+    return out
 
 
 def check_options(args):
@@ -292,6 +328,18 @@ def check_options(args):
     cli.check_output_dir(args.runs_dir, "--runs-dir")
     cli.check_output_dir(args.output, "--output")
     cli.check_output_dir(args.records, "--records")
+    runs_dir, records = (os.path.realpath(p) for p in (args.runs_dir, args.records))
+    # The same folder is allowed: each run is then its own record (--report over records).
+    if records.startswith(runs_dir + os.sep):
+        raise cli.UsageError(
+            f"--records {args.records} is inside --runs-dir {args.runs_dir}: the records are"
+            " copies of the run folders, kept apart from them (default --records: OUTPUT/runs)."
+        )
+    if runs_dir.startswith(records + os.sep):
+        raise cli.UsageError(
+            f"--runs-dir {args.runs_dir} is inside --records {args.records}: keep the run folders"
+            " apart from their records (default --records: OUTPUT/runs)."
+        )
 
 
 def main(argv=None):
@@ -317,7 +365,11 @@ def main(argv=None):
     add("--ood-dataset", type=datasets, metavar="NAME", help="benchmark_ood.py's OOD images")
     add("--reevaluate", action="store_true", help="re-run every OOD stage from the checkpoints")
     add("--dry-run", action="store_true", help="list the runs and commands only")
-    add("--report", action="store_true", help="the tables of the finished runs; run nothing")
+    add(
+        "--report",
+        action="store_true",
+        help="the tables (and records) of the finished runs; run nothing",
+    )
     add("--runs-dir", default="")
     add("--output", default="")
     add("--records", default="", help="each finished run's record (default: OUTPUT/runs)")
@@ -361,11 +413,15 @@ def run_study(args):
         print(f"[compare] {len(finished)} of {len(runs)} runs finished; results in {args.output}/")
         return 0
     commit, dirty = study.git_state(repo=REPO, exclude=args.output)
+    recorded = from_records(runs, args.records, args.voc)
     start = time.perf_counter()
+    to_run = [run for i, run in enumerate(runs) if i not in recorded]
     counts = execute(
-        runs, args.voc, commit=(commit, dirty), reevaluate=args.reevaluate, records=args.records
+        to_run, args.voc, commit=(commit, dirty), reevaluate=args.reevaluate, records=args.records
     )
     wall = time.perf_counter() - start
+    counts["skipped"] += sum(len(run.stages(args.voc)) for run in recorded.values())
+    runs = [recorded.get(i, run) for i, run in enumerate(runs)]
     # Only a resumed study inherits the earlier invocations: a fresh one re-ran all they made.
     previous = study.load_meta(args.output) if counts["skipped"] else None
     invocation = None

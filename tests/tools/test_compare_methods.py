@@ -132,16 +132,30 @@ def test_resume_skips_finished_stages(tmp_path, monkeypatch):
     partial = runs[1]  # trained, not evaluated
     os.makedirs(partial.run_dir, exist_ok=True)
     open(partial.weights, "w").close()
-    for run in (finished, partial):
-        cm.study.record_stage(run.run_dir, "train", 600.0, "abc123", False)
+    for name, _, _ in finished.stages(False):
+        cm.study.record_stage(finished.run_dir, name, 600.0, "abc123", False)
+    cm.study.record_stage(partial.run_dir, "train", 600.0, "abc123", False)
+    # Trained again and cut off before its evaluations: those of the earlier weights are left
+    # (a training started again removes provenance.json, not them), and run again.
+    retrained = runs[2]
+    for name, marker, _ in retrained.stages(False):
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        with open(marker, "w") as f:
+            f.write(
+                json.dumps({"protocol": {"version": PROTOCOL_VERSION}}) if name == "ood" else ""
+            )
+    cm.study.record_stage(retrained.run_dir, "train", 600.0, "abc123", False)
+    assert cm.stages_done(retrained, False) == [True, False, False]
     calls = []
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
     monkeypatch.setattr(cm.study, "write_shuffled_ranking", lambda *a: None)
     counts = cm.execute(runs, voc=False, log=lambda *a: None)
-    assert counts == {"skipped": 4, "ran": 20, "seeds_run": [0]}  # 8 methods x 3 stages - 4
+    assert counts == {"skipped": 5, "ran": 19, "seeds_run": [0]}  # 8 methods x 3 stages - 5
     ran_dirs = {a[a.index("--output") + 1] if "--output" in a else a[-1] for a in calls}
     assert not any(finished.run_dir in d for d in ran_dirs)
     assert not any(a[1] == "tools/train_net.py" and partial.run_dir in " ".join(a) for a in calls)
+    retrained_calls = [a[1] for a in calls if retrained.run_dir in " ".join(a)]
+    assert retrained_calls == ["tools/benchmark_ood.py", "tools/analyze_embeddings.py"]
 
 
 def test_stages_import_this_checkouts_rcdet(tmp_path, monkeypatch):
@@ -259,7 +273,7 @@ def test_old_protocol_reports_are_re_evaluated_without_retraining(tmp_path, monk
             )
             with open(marker, "w") as f:
                 f.write(json.dumps(report) if name == "ood" else "")
-        cm.study.record_stage(run.run_dir, "train", 600.0, "abc123", False)
+            cm.study.record_stage(run.run_dir, name, 600.0, "abc123", False)
     calls = []
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: calls.append(argv))
     counts = cm.execute([old, current], voc=False, log=lambda *a: None)
@@ -556,3 +570,63 @@ def test_a_run_that_is_not_evaluated_saves_no_record(tmp_path, monkeypatch):
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: None)  # no outputs
     cm.execute(runs, voc=False, log=lambda *a: None, records=str(tmp_path / "records"))
     assert not (tmp_path / "records").exists()
+
+
+def _study_with_records(tmp_path, monkeypatch):
+    """A finished one-seed softmax and supcon study whose records are in OUT/runs."""
+    runs_dir, out = tmp_path / "runs", tmp_path / "out"
+    argv = ["--seeds", "0", "--methods", "softmax", "supcon", "--runs-dir", str(runs_dir)]
+    argv += ["--output", str(out)]
+    monkeypatch.setattr(cm.subprocess, "run", _fake_stage)
+    monkeypatch.setattr(cm.study, "git_state", lambda repo, exclude: ("c" * 40, False))
+    monkeypatch.setattr(cm, "aggregate", lambda finished, *a: "| table |")
+    assert cm.main(argv) == 0
+    return runs_dir, out / "runs", argv
+
+
+def test_a_study_continued_without_the_run_folders_tables_their_records(
+    tmp_path, monkeypatch, capsys
+):
+    runs_dir, records, argv = _study_with_records(tmp_path, monkeypatch)
+    shutil.rmtree(runs_dir / "supcon")
+    seen = {}
+
+    def aggregate(finished, output, args, invocation, previous, current=None):
+        seen.update(runs=[r.run_dir for r in finished], invocation=invocation)
+        return "| table |"
+
+    monkeypatch.setattr(cm, "aggregate", aggregate)
+    monkeypatch.setattr(cm.subprocess, "run", lambda *a, **k: pytest.fail("a stage ran"))
+    assert cm.main(argv) == 0
+    assert seen == {
+        "runs": [str(runs_dir / "softmax" / "seed0"), str(records / "supcon" / "seed0")],
+        "invocation": None,
+    }
+    assert f"supcon seed 0: from its record ({records / 'supcon' / 'seed0'})" in (
+        capsys.readouterr().out
+    )
+
+
+def test_report_never_replaces_a_record_of_another_training(tmp_path, monkeypatch, capsys):
+    runs_dir, records, argv = _study_with_records(tmp_path, monkeypatch)
+    record = records / "softmax" / "seed0"
+    # A pruned run folder of the same training: its record keeps the file the run lost.
+    (record / "ood" / "ood_scores.npz").write_bytes(b"kept")
+    assert cm.main(argv + ["--report"]) == 0
+    assert (record / "ood" / "ood_scores.npz").read_bytes() == b"kept"
+    # The run folder trained again: --report refuses to overwrite the record with it.
+    cm.study.record_stage(str(runs_dir / "softmax" / "seed0"), "train", 1.0, "d" * 40, False)
+    before = (record / "provenance.json").read_text()
+    assert cm.main(argv + ["--report"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {record}: the record of softmax seed 0 is of another training" in err
+    assert (record / "provenance.json").read_text() == before
+
+
+def test_records_inside_the_runs_folder_are_refused(tmp_path, capsys):
+    argv = ["--quick", "--methods", "softmax", "--dry-run", "--runs-dir", str(tmp_path / "runs")]
+    assert cm.main(argv + ["--records", str(tmp_path / "runs" / "records")]) == 2
+    assert "is inside --runs-dir" in capsys.readouterr().err
+    assert cm.main(argv + ["--records", str(tmp_path)]) == 2
+    assert "is inside --records" in capsys.readouterr().err
+    assert cm.main(argv + ["--records", str(tmp_path / "runs")]) == 0  # each run its own record
