@@ -451,7 +451,7 @@ def _read_bytes(path: str) -> bytes:
 
 
 # A finished run's record: everything the tables, figures and meta.json read from the run, without
-# its weights, small enough to keep next to the tables (about 0.1 MB). --report over a folder of
+# its weights, small enough to keep next to the tables (about 0.2 MB). --report over a folder of
 # records writes the tables again on a machine that no longer has the checkpoints.
 # provenance.json comes last: a record with it is complete.
 RECORD_FILES = (
