@@ -904,8 +904,9 @@ def _cell(ms, digits):
 
 def _paired_cell(test) -> str:
     """
-    '+0.012 [-0.010, +0.034], p 0.280' ('p < 0.002' when no replicate of 1000 crossed zero); '—'
-    for a method against itself; n/a when not run.
+    '+0.012 [-0.010, +0.034], p 0.280' ('p < 0.002' when no replicate of 1000 crossed zero), and
+    over several seeds each seed's difference: '…, p 0.280; seeds +0.030 -0.006'; '—' for a
+    method against itself; n/a when not run.
     """
     if test == "self":
         return "—"
@@ -917,6 +918,9 @@ def _paired_cell(test) -> str:
         # No replicate on the other side of zero: p is below the resolution of the replicates.
         shown = f"p < {2 / test['replicates']:.3f}" if p == 0 else f"p {p:.3f}"
         text += f" [{test['ci'][0]:+.3f}, {test['ci'][1]:+.3f}], {shown}"
+    per_seed = test.get("per_run") or []
+    if len(per_seed) > 1:
+        text += "; seeds " + " ".join("n/a" if d is None else f"{d:+.3f}" for d in per_seed)
     return text
 
 

@@ -150,12 +150,20 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     assert r["softmax"]["vs_control"] is None and r["vos"]["vs_control"] is None
     t = r["rince_in"]["vs_supcon"]
     assert t["ci"][0] <= t["difference"] <= t["ci"][1] and 0 <= t["p_value"] <= 1
+    # Each seed's own difference, run against the partner's run of the same seed.
+    per_seed = [
+        ood_metrics(a["knn"], ya)["auroc"] - ood_metrics(b["knn"], yb)["auroc"]
+        for (a, ya), (b, yb) in zip(raw["rince_in"], raw["supcon"])
+    ]
+    assert t["per_run"] == pytest.approx(per_seed) and len(per_seed) == 2
+    assert np.mean(per_seed) == pytest.approx(t["difference"])
     md = study.table_markdown(rows)
     assert PAIRED_TITLE in md.splitlines()[-9]
     assert md.splitlines()[-7].startswith("| method | seeds | best emb. − SupCon best emb. AUROC |")
     paired = _tables(md)[PAIRED_TITLE]
     p = f"p {t['p_value']:.3f}" if t["p_value"] else f"p < {2 / t['replicates']:.3f}"
     cell = f"{t['difference']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}], {p}"
+    cell += f"; seeds {per_seed[0]:+.3f} {per_seed[1]:+.3f}"
     assert cell in paired["rince_in"] and "| — |" in paired["supcon"]
     assert paired["softmax"] == "| softmax | 1 | n/a | n/a | n/a | n/a | n/a | — | argmax |"
     assert (

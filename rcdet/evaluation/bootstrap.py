@@ -262,7 +262,10 @@ def paired_bootstrap_statistic(
 ) -> Dict[str, Optional[float]]:
     """
     The paired bootstrap of :func:`paired_bootstrap` for any ``statistic(run, counts)`` that
-    evaluates one run on each row of (B, num_images) image draw counts.
+    evaluates one run on each row of (B, num_images) image draw counts. ``per_run``: the
+    observed difference of each pair of runs (``runs_a[i]`` against ``runs_b[i]``, the same
+    seed), None where undefined: the interval covers the test images' sampling only, and
+    whether a difference holds seed after seed is what shows the trainings' spread.
     """
     counts = resample_counts(num_images, replicates, seed)
     ones = np.ones((1, num_images), dtype=np.int64)
@@ -270,6 +273,8 @@ def paired_bootstrap_statistic(
     def side(runs, c):
         return np.mean([statistic(run, c) for run in runs], axis=0)
 
+    per_run = [float(statistic(a, ones)[0] - statistic(b, ones)[0]) for a, b in zip(runs_a, runs_b)]
+    per_run = [None if np.isnan(v) else v for v in per_run]
     observed = float(side(runs_a, ones)[0] - side(runs_b, ones)[0])
     d = side(runs_a, counts) - side(runs_b, counts)
     d = d[~np.isnan(d)]
@@ -279,6 +284,7 @@ def paired_bootstrap_statistic(
             "ci": None,
             "p_value": None,
             "replicates": int(d.size),
+            "per_run": per_run,
         }
     lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)])
     p = min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))
@@ -287,4 +293,5 @@ def paired_bootstrap_statistic(
         "ci": [float(lo), float(hi)],
         "p_value": float(p),
         "replicates": int(d.size),
+        "per_run": per_run,
     }
