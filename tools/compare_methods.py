@@ -259,9 +259,9 @@ def evaluated(run: Run, voc: bool) -> bool:
     A run the tables can show: its training and both evaluations are done (stage_done), the
     weights not needed, so that a run's record counts.
     """
-    stages = run.stages(voc)
-    trained = study.run_provenance(run.run_dir).get("stage_seconds", {}).get("train") is not None
-    return trained and all(stage_done(run.run_dir, n, marker) for n, marker, _ in stages[1:])
+    trained = "train" in study.run_provenance(run.run_dir).get("stage_seconds", {})
+    evaluations = run.stages(voc)[1:]
+    return trained and all(stage_done(run.run_dir, n, marker) for n, marker, _ in evaluations)
 
 
 def finished_runs(runs: List[Run], records: str, voc: bool) -> List[Run]:
@@ -328,18 +328,14 @@ def check_options(args):
     cli.check_output_dir(args.runs_dir, "--runs-dir")
     cli.check_output_dir(args.output, "--output")
     cli.check_output_dir(args.records, "--records")
-    runs_dir, records = (os.path.realpath(p) for p in (args.runs_dir, args.records))
     # The same folder is allowed: each run is then its own record (--report over records).
-    if records.startswith(runs_dir + os.sep):
-        raise cli.UsageError(
-            f"--records {args.records} is inside --runs-dir {args.runs_dir}: the records are"
-            " copies of the run folders, kept apart from them (default --records: OUTPUT/runs)."
-        )
-    if runs_dir.startswith(records + os.sep):
-        raise cli.UsageError(
-            f"--runs-dir {args.runs_dir} is inside --records {args.records}: keep the run folders"
-            " apart from their records (default --records: OUTPUT/runs)."
-        )
+    folders = (("--runs-dir", args.runs_dir), ("--records", args.records))
+    for (inner, path), (outer, around) in (folders, folders[::-1]):
+        if os.path.realpath(path).startswith(os.path.realpath(around) + os.sep):
+            raise cli.UsageError(
+                f"{inner} {path} is inside {outer} {around}: keep the run folders and their"
+                " records apart (default --records: OUTPUT/runs)."
+            )
 
 
 def main(argv=None):

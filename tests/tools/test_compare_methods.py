@@ -527,9 +527,8 @@ def _fake_stage(argv, **kw):
         json.dump({"protocol": {"version": PROTOCOL_VERSION}, "from": folder}, f)
 
 
-def test_report_writes_the_tables_from_the_records_once_the_runs_are_gone(
-    tmp_path, monkeypatch, capsys
-):
+def _study_with_records(tmp_path, monkeypatch):
+    """A finished one-seed softmax and supcon study whose records are in OUT/runs."""
     runs_dir, out = tmp_path / "runs", tmp_path / "out"
     argv = ["--seeds", "0", "--methods", "softmax", "supcon", "--runs-dir", str(runs_dir)]
     argv += ["--output", str(out)]
@@ -537,7 +536,13 @@ def test_report_writes_the_tables_from_the_records_once_the_runs_are_gone(
     monkeypatch.setattr(cm.study, "git_state", lambda repo, exclude: ("c" * 40, False))
     monkeypatch.setattr(cm, "aggregate", lambda finished, *a: "| table |")
     assert cm.main(argv) == 0
-    records = out / "runs"
+    return runs_dir, out / "runs", argv
+
+
+def test_report_writes_the_tables_from_the_records_once_the_runs_are_gone(
+    tmp_path, monkeypatch, capsys
+):
+    runs_dir, records, argv = _study_with_records(tmp_path, monkeypatch)
     for method in ("softmax", "supcon"):
         record, run = records / method / "seed0", runs_dir / method / "seed0"
         files = sorted(str(p.relative_to(record)) for p in record.rglob("*") if p.is_file())
@@ -570,18 +575,6 @@ def test_a_run_that_is_not_evaluated_saves_no_record(tmp_path, monkeypatch):
     monkeypatch.setattr(cm.subprocess, "run", lambda argv, **kw: None)  # no outputs
     cm.execute(runs, voc=False, log=lambda *a: None, records=str(tmp_path / "records"))
     assert not (tmp_path / "records").exists()
-
-
-def _study_with_records(tmp_path, monkeypatch):
-    """A finished one-seed softmax and supcon study whose records are in OUT/runs."""
-    runs_dir, out = tmp_path / "runs", tmp_path / "out"
-    argv = ["--seeds", "0", "--methods", "softmax", "supcon", "--runs-dir", str(runs_dir)]
-    argv += ["--output", str(out)]
-    monkeypatch.setattr(cm.subprocess, "run", _fake_stage)
-    monkeypatch.setattr(cm.study, "git_state", lambda repo, exclude: ("c" * 40, False))
-    monkeypatch.setattr(cm, "aggregate", lambda finished, *a: "| table |")
-    assert cm.main(argv) == 0
-    return runs_dir, out / "runs", argv
 
 
 def test_a_study_continued_without_the_run_folders_tables_their_records(
