@@ -979,20 +979,34 @@ def _number(v) -> str:
     return "" if v is None else f"{v:.6g}"
 
 
+TEST_FIELDS = ("difference", "ci_lo", "ci_hi", "p_value", "per_seed")
+
+
+def _test_numbers(test: Dict) -> List[str]:
+    """
+    A paired test's TEST_FIELDS as CSV cells; per_seed is each seed's own difference, in seed
+    order, space-separated ('n/a' for a seed whose difference is undefined).
+    """
+    ci = test.get("ci") or [None, None]
+    per_seed = " ".join("n/a" if d is None else _number(d) for d in test.get("per_run") or ())
+    return [_number(v) for v in (test.get("difference"), ci[0], ci[1], test.get("p_value"))] + [
+        per_seed
+    ]
+
+
 def table_csv(rows: List[Dict]) -> str:
-    """The tables' numbers: mean and std per column; difference, interval and p-value per test."""
+    """
+    The tables' numbers: mean and std per column; difference, interval, p-value and each seed's
+    difference per test.
+    """
     header = ["method", "seeds"] + [f"{k}_{x}" for k, _, _ in COLUMNS for x in ("mean", "std")]
     header += ["best_emb_score", "placement"]
-    header += [
-        f"{k}_{x}" for k, _, _ in PAIRED for x in ("difference", "ci_lo", "ci_hi", "p_value")
-    ]
+    header += [f"{k}_{x}" for k, _, _ in PAIRED for x in TEST_FIELDS]
     lines = [header]
     for r in rows:
         tests = []
         for k, _, _ in PAIRED:
-            t = r[k] if isinstance(r.get(k), dict) else {}
-            ci = t.get("ci") or [None, None]
-            tests += [_number(v) for v in (t.get("difference"), ci[0], ci[1], t.get("p_value"))]
+            tests += _test_numbers(r[k] if isinstance(r.get(k), dict) else {})
         values = [_number(v) for k, _, _ in COLUMNS for v in r[k]]
         lines.append(
             [r["method"], r["seeds"]] + values + [r["best_emb_score"], r["placement"]] + tests
@@ -1001,16 +1015,14 @@ def table_csv(rows: List[Dict]) -> str:
 
 
 def contrasts_csv(contrasts: Sequence[Dict]) -> str:
-    """The contrasts' numbers (contrast_tests): sides, scores, seeds and the test."""
+    """The contrasts' numbers (contrast_tests): sides, scores, seeds and the test (TEST_FIELDS)."""
     header = ["question", "a", "b", "measure", "a_score", "b_score", "seeds"]
-    lines = [header + ["difference", "ci_lo", "ci_hi", "p_value"]]
+    lines = [header + list(TEST_FIELDS)]
     for c in contrasts:
         t = c["test"] or {}
-        ci = t.get("ci") or [None, None]
         seeds = " ".join(map(str, t.get("seeds", ())))
-        tests = [_number(v) for v in (t.get("difference"), ci[0], ci[1], t.get("p_value"))]
         sides = [c["question"], c["a"], c["b"], c["measure"], c["a_score"], c["b_score"]]
-        lines.append(sides + [seeds] + tests)
+        lines.append(sides + [seeds] + _test_numbers(t))
     return csv_table(lines)
 
 

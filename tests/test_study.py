@@ -171,9 +171,15 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
         .splitlines()[0]
         .endswith(
             "family_vs_softmax_difference,family_vs_softmax_ci_lo,family_vs_softmax_ci_hi,"
-            "family_vs_softmax_p_value"
+            "family_vs_softmax_p_value,family_vs_softmax_per_seed"
         )
     )
+    # Each seed's difference, in seed order, in the CSV as in the markdown cell.
+    table = study.table_csv(rows).splitlines()
+    header, rince_in = table[0].split(","), next(x for x in table if x.startswith("rince_in,"))
+    column = header.index("vs_supcon_per_seed")
+    assert rince_in.split(",")[column] == f"{per_seed[0]:.6g} {per_seed[1]:.6g}"
+    assert rince_in.split(",")[column - 4] == f"{t['difference']:.6g}"
     # The study's contrasts: A − B on the named score, each side's best embedding score for
     # best_emb; None where a side did not run or lacks the score.
     contrasts = study.contrast_tests(
@@ -201,12 +207,13 @@ def test_paired_bootstrap_tests_in_the_table(tmp_path):
     assert study.CONTRASTS_TITLE not in study.table_markdown(rows)
     csv_lines = study.contrasts_csv(contrasts).splitlines()
     assert csv_lines[0] == (
-        "question,a,b,measure,a_score,b_score,seeds,difference,ci_lo,ci_hi,p_value"
+        "question,a,b,measure,a_score,b_score,seeds,difference,ci_lo,ci_hi,p_value,per_seed"
     )
     assert csv_lines[1].startswith("q1,rince_in,supcon,best_emb,knn,knn,0 1,")
+    assert csv_lines[1].endswith(f",{per_seed[0]:.6g} {per_seed[1]:.6g}")
     d = msp["test"]["difference"]
     assert csv_lines[2].startswith(f"q2,rince_in,vos,msp,msp,msp,0 1,{d:.6g},")
-    assert csv_lines[4] == "q4,rince_in,rince_out_in_vos,msp,msp,msp,,,,,"
+    assert csv_lines[4] == "q4,rince_in,rince_out_in_vos,msp,msp,msp,,,,,,"
     # Runs evaluated on different test images cannot be paired.
     _fake_run(dirs["rince_in"][0], rng, {"knn": 2.0}, ids[:-1])
     paired = study.PairedRuns(rows, dirs, replicates=20)
