@@ -143,12 +143,20 @@ class Study:
     contrasts: List[Contrast] = field(default_factory=list)
 
 
-# What VOS adds on top of RINCE out-in, and RINCE's two variants against each other.
+# What VOS adds on top of RINCE out-in, RINCE's two variants against each other, and what the
+# true ranking adds to family accuracy over the shuffled one (the paired tests' control column
+# holds the OOD score only).
 MAIN_CONTRASTS = [
     Contrast("rince_out_in_vos", "rince_out_in", "best_emb", "what VOS adds to RINCE out-in"),
     Contrast("rince_out_in_vos", "rince_out_in", "msp", "what VOS adds to RINCE out-in"),
     Contrast("rince_out_in_vos", "rince_out_in", "energy", "what VOS adds to RINCE out-in"),
     Contrast("rince_in", "rince_out_in", "best_emb", "RINCE-in against RINCE out-in"),
+    Contrast(
+        "rince_in", "rince_out_in_shuffled", "family", "the true ranking against the shuffled"
+    ),
+    Contrast(
+        "rince_out_in", "rince_out_in_shuffled", "family", "the true ranking against the shuffled"
+    ),
 ]
 # What exposure adds: the f runs against RINCE on the same images with the exposed objects as
 # background (rince_out_in_oe), and that one against RINCE that never saw them.

@@ -236,6 +236,11 @@ def test_each_study_asks_its_own_contrasts_of_the_methods_it_runs():
     assert study.study_for("main", False, "drop_annotations").contrasts == []
     only = study.study_for("main", False, only=("rince_in", "rince_out_in", "supcon"))
     assert [(c.a, c.b) for c in only.contrasts] == [("rince_in", "rince_out_in")]
+    # The ranking's own family-accuracy test: each RINCE row against its shuffled control.
+    assert {(c.a, c.b) for c in study.MAIN_CONTRASTS if c.measure == "family"} == {
+        ("rince_in", "rince_out_in_shuffled"),
+        ("rince_out_in", "rince_out_in_shuffled"),
+    }
     names = {m.name for m in study.methods_for(False) + study.exposure_methods_for(False)}
     for c in study.MAIN_CONTRASTS + study.EXPOSURE_CONTRASTS:
         assert {c.a, c.b} <= names and c.measure in ("best_emb", "msp", "energy", "family")
