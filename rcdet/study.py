@@ -349,7 +349,7 @@ def record_stage(run_dir: str, stage: str, seconds: float, commit: str, dirty: b
     """
     Add one finished stage (its seconds, commit, uncommitted changes and machine) to the run's
     provenance.json: each run keeps its own, since a resumed study mixes invocations (and
-    machines: a seed fixes a training on one machine only).
+    machines: a seed fixes a training on one kind of CPU only).
     """
     info = _read_provenance(run_dir)
     info["stages"][stage] = {
@@ -542,8 +542,8 @@ def cpu_model() -> str:
 def machine_description() -> str:
     """
     The machine the study runs on: architecture, CPU model, cores, torch version, threads and the
-    CPU kernels torch picked. A training's seed fixes its result on one machine, not across
-    machines (results/builtin_comparison_v3/README.md), so a reader needs to know which it was.
+    CPU kernels torch picked. A training's seed fixes its result on one kind of CPU, not
+    across them (results/builtin_comparison_v3/README.md), so a reader needs to know which it was.
     """
     import torch
 
